@@ -1,0 +1,824 @@
+"""Host-side planning: the FastTree cost model and the vnode decomposition.
+
+A plan turns a forest of KV nodes plus a list of requests (each a root-to-node path)
+into *virtual nodes* (vnodes) that the kernels in :mod:`kernels.tree_decode` execute.
+
+The cost model (FastTree, MLSys'25) walks every tree from its root. For each child edge
+``parent -> child`` it compares
+
+* **split-K**: the child's queries attend the parent's tokens together with the parent's
+  other queries, and the child's tokens separately (one extra partial result to merge);
+* **split-Q**: the child's queries leave the parent's group and attend parent + child
+  tokens in one vnode (the parent's tokens are read once more).
+
+with ``Cmm(nQ, nK) = alpha * padQ * g * nK + beta * padK * nQ * g`` (tile padding of the
+matrix products, ``g`` the GQA group size) and ``Cred(nQ) = gamma * nQ``. Each *group*
+(a node with the queries that attend it) covers the node's tokens plus those of its
+split-Q ancestors; long groups are cut into KV chunks and wide ones into query tiles.
+
+Everything here is O(nodes + requests) Python plus vectorised numpy over tokens: no
+Python loop ever runs per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import attrs
+import numpy as np
+import torch
+
+from kernels import Backend, Phase, select_backend, torch_tree_decode, tree_decode
+from kernels.tree_decode import MAX_BLOCK_M
+
+from .errors import PlanMismatchError, ShapeMismatchError, UnsupportedConfigError
+
+__all__ = [
+    "FastTreeParams",
+    "PlanInput",
+    "DecodePlan",
+    "PlanBuffers",
+    "build_plan",
+    "path_token_indices",
+    "DEFAULT_KV_SPLIT_SIZES",
+    "DEFAULT_PARA_THRESHS1",
+    "DEFAULT_PARA_THRESHS2",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_SPLIT_SIZES = (1024, 128)
+DEFAULT_PARA_THRESHS1 = (132, 528)
+DEFAULT_PARA_THRESHS2 = (132, 132)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _default_tsqs() -> list[int]:
+    return [64, 16]
+
+
+def _default_tsks() -> list[int]:
+    return [32, 128]
+
+
+@attrs.define
+class FastTreeParams:
+    """Cost-model weights and tile sizes of the FastTree planner.
+
+    Attributes
+    ----------
+    alpha : float
+        Weight of query-tile padding in the cost model.
+    beta : float
+        Weight of KV-tile padding.
+    gamma : float
+        Weight of the extra reduction a split-K edge costs (per query).
+    TSQs : list[int]
+        Query tiles (requests per vnode) of phase 0 and phase 1. Groups with more than
+        ``TSQs[1]`` queries run in phase 0. Each plan clamps a tile so that
+        ``tile * group <= 128`` rows fit one program.
+    TSKs : list[int]
+        KV tiles (tokens per inner-loop step) of phase 0 and phase 1.
+    kv_group_num : int
+        Query heads per KV head, as the seed API had it. Plans use the group implied by
+        the head counts they are built for; this field is informational.
+
+    Every instance has its own lists; the planner never modifies a ``FastTreeParams``.
+    """
+
+    alpha: float = 0.66
+    beta: float = 0.33
+    gamma: float = 0.1
+    TSQs: list[int] = attrs.Factory(_default_tsqs)
+    TSKs: list[int] = attrs.Factory(_default_tsks)
+    kv_group_num: int = 1
+
+    def set_values(self, alpha: float, beta: float, gamma: float) -> None:
+        """Set the three cost-model weights."""
+        self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
+
+    def set_kv_group_num(self, kv_group_num: int) -> None:
+        """Set the GQA group size (query heads per KV head)."""
+        self.kv_group_num = int(kv_group_num)
+
+    def set_q_tile_sizes(self, TSQs: Sequence[int]) -> None:
+        """Set the query tiles of phase 0 and phase 1 (a copy of the list is kept)."""
+        self.TSQs = [int(x) for x in TSQs]
+
+    def set_kv_tile_sizes(self, TSKs: Sequence[int]) -> None:
+        """Set the KV tiles of phase 0 and phase 1 (a copy of the list is kept)."""
+        self.TSKs = [int(x) for x in TSKs]
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (a :class:`PlanMismatchError`) on unusable values."""
+        for name in ("TSQs", "TSKs"):
+            val = getattr(self, name)
+            if len(val) != 2 or any(int(x) < 1 for x in val):
+                raise PlanMismatchError(f"params.{name} must be two positive ints, got {val!r}")
+        for name in ("alpha", "beta", "gamma"):
+            val = getattr(self, name)
+            if not (isinstance(val, (int, float)) and math.isfinite(val) and val >= 0):
+                raise PlanMismatchError(f"params.{name} must be a finite number >= 0, got {val!r}")
+
+
+@attrs.frozen
+class PlanInput:
+    """The topology a plan is built from, as flat arrays.
+
+    Attributes
+    ----------
+    parent : int64 ``[n]``
+        Parent of each node, -1 for roots. Nodes are ``0..n-1``.
+    seqlen : int64 ``[n]``
+        Tokens in each node.
+    tok_ptr : int64 ``[n]``
+        Node ``i``'s KV slots are ``node_tokens[tok_ptr[i] : tok_ptr[i] + seqlen[i]]``.
+    node_tokens : int32 ``[T]`` or None
+        Slot table; ``None`` means the identity (node ``i`` holds slots
+        ``tok_ptr[i] ..``), as in the seed's contiguous ``KV_ptrs`` layout.
+    req_end : int64 ``[B]``
+        Node where each request's path ends (request ``b`` is query row ``b``).
+    growable : bool ``[B]`` or None
+        Requests whose end node may grow in place (plan reserves headroom for them).
+    """
+
+    parent: np.ndarray
+    seqlen: np.ndarray
+    tok_ptr: np.ndarray
+    req_end: np.ndarray
+    node_tokens: np.ndarray | None = None
+    growable: np.ndarray | None = None
+
+
+class PlanBuffers:
+    """Fixed-capacity device buffers that plans write into (CUDA-graph friendly).
+
+    All int32 index arrays live in one device tensor at fixed offsets, filled from one
+    host staging tensor with a single copy; ``mid_o``/``mid_lse`` are float32 buffers.
+    Capacities grow (doubling) when a plan needs more; :attr:`generation` counts the
+    reallocations, so a captured CUDA graph is valid while it stays the same.
+    """
+
+    _SMALL = ("vnode_kv_start", "vnode_kv_len", "vnode_q_start", "vnode_q_len",
+              "req_mid_start", "req_mid_len", "mid_q_rows", "req_mid_rows")
+
+    def __init__(self, num_qo_heads: int, head_dim: int, device: torch.device | str,
+                 *, vnodes: int = 256, requests: int = 64, mid_rows: int = 1024,
+                 kv_entries: int = 4096):
+        self.num_qo_heads = int(num_qo_heads)
+        self.head_dim = int(head_dim)
+        self.device = torch.device(device)
+        self.generation = 0
+        #: Incremented by every plan written into these buffers; a plan is valid while
+        #: its own serial is the latest.
+        self.serial = 0
+        self._alloc(vnodes, requests, mid_rows, kv_entries)
+
+    def _alloc(self, vnodes, requests, mid_rows, kv_entries) -> None:
+        self.cap_vnodes = int(vnodes)
+        self.cap_requests = int(requests)
+        self.cap_mid_rows = int(mid_rows)
+        self.cap_kv = int(kv_entries)
+        caps = {
+            "vnode_kv_start": self.cap_vnodes, "vnode_kv_len": self.cap_vnodes,
+            "vnode_q_start": self.cap_vnodes, "vnode_q_len": self.cap_vnodes,
+            "req_mid_start": self.cap_requests, "req_mid_len": self.cap_requests,
+            "mid_q_rows": self.cap_mid_rows, "req_mid_rows": self.cap_mid_rows,
+        }
+        self.offsets: dict[str, int] = {}
+        off = 0
+        for name in self._SMALL:
+            self.offsets[name] = off
+            off += caps[name]
+        self.offsets["kv_indices"] = off
+        self.caps = dict(caps, kv_indices=self.cap_kv)
+        total = off + self.cap_kv
+        pin = self.device.type == "cuda"
+        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=pin)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(total, dtype=torch.int32, device=self.device)
+        self.mid_o = torch.empty(self.cap_mid_rows, self.num_qo_heads, self.head_dim,
+                                 dtype=torch.float32, device=self.device)
+        self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
+                                   dtype=torch.float32, device=self.device)
+        self.generation += 1
+
+    def ensure(self, vnodes: int, requests: int, mid_rows: int, kv_entries: int) -> None:
+        """Grow (to at least double) any capacity that is too small."""
+        need = (vnodes > self.cap_vnodes or requests > self.cap_requests
+                or mid_rows > self.cap_mid_rows or kv_entries > self.cap_kv)
+        if not need:
+            return
+
+        def grow(cap, want):
+            return cap if want <= cap else max(want, 2 * cap)
+
+        logger.debug("plan buffers grow: vnodes %d, requests %d, mid rows %d, kv %d",
+                     vnodes, requests, mid_rows, kv_entries)
+        self._alloc(grow(self.cap_vnodes, vnodes), grow(self.cap_requests, requests),
+                    grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries))
+
+    def host_view(self, name: str, n: int) -> np.ndarray:
+        off = self.offsets[name]
+        return self.host_np[off:off + n]
+
+    def dev_view(self, name: str, n: int | None = None) -> torch.Tensor:
+        off = self.offsets[name]
+        n = self.caps[name] if n is None else n
+        return self.dev[off:off + n]
+
+    def upload(self, kv_used: int) -> None:
+        """Copy the small regions and the first ``kv_used`` kv entries to the device."""
+        end = self.offsets["kv_indices"] + kv_used
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
+
+
+@attrs.define(eq=False)
+class DecodePlan:
+    """A built plan: vnodes, tiles and index tensors, ready for decode.
+
+    The plan carries its own tile sizes and phase layout, so decode can never run with
+    tiles the plan was not built for. Index tensors are views into :class:`PlanBuffers`.
+
+    Attributes
+    ----------
+    num_requests, num_qo_heads, num_kv_heads, head_dim : int
+        The problem the plan was built for (``q`` is ``[num_requests, num_qo_heads, head_dim]``).
+    phases : tuple[kernels.Phase, ...]
+        Vnode ranges launched together, with their query and KV tiles.
+    q_tiles, kv_tiles : tuple[int, int]
+        Effective tiles of phase 0 and 1 (after parallelism adjustment and GQA clamp).
+    requested_q_tiles, requested_kv_tiles : tuple[int, int]
+        The tiles the caller's params asked for.
+    kv_split_sizes : tuple[int, int]
+        KV chunk length used in phase 0 and 1.
+    node_assignments : list[int]
+        0 (split-K) or 1 (split-Q) for each node; roots are 0.
+    parallelism : tuple[int, int]
+        Stage-1 programs per phase (vnodes x kv heads) as the cost model counted them.
+    num_vnodes, num_mid_rows, num_kv_entries : int
+        Sizes of the used parts of the buffers.
+    buffers : PlanBuffers
+        Where the index tensors live.
+    tail_vnode, tail_limit : int64 ``[num_requests]``
+        For requests that may grow in place: the vnode holding their last tokens and the
+        first kv-entry position they may not write; -1 where growth needs a re-plan.
+    vnode_kv_len_host : int64 ``[num_vnodes]``
+        Host copy of the vnode lengths (kept in sync by :meth:`extend_tails`).
+    vnode_kv_start_host : int64 ``[num_vnodes]``
+    """
+
+    num_requests: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    phases: tuple
+    q_tiles: tuple
+    kv_tiles: tuple
+    requested_q_tiles: tuple
+    requested_kv_tiles: tuple
+    kv_split_sizes: tuple
+    node_assignments: list
+    parallelism: tuple
+    num_vnodes: int
+    num_mid_rows: int
+    num_kv_entries: int
+    buffers: PlanBuffers
+    tail_vnode: np.ndarray
+    tail_limit: np.ndarray
+    vnode_kv_start_host: np.ndarray
+    vnode_kv_len_host: np.ndarray
+    generation: int = 0
+    serial: int = 0
+    #: Rows the caller's k/v buffers must have (set by the functional API), or None.
+    total_tokens: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffers.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The index tensors and mid buffers as keyword arguments of the kernels."""
+        b = self.buffers
+        return dict(
+            kv_indices=b.dev_view("kv_indices"),
+            vnode_kv_start=b.dev_view("vnode_kv_start"),
+            vnode_kv_len=b.dev_view("vnode_kv_len"),
+            vnode_q_start=b.dev_view("vnode_q_start"),
+            vnode_q_len=b.dev_view("vnode_q_len"),
+            mid_q_rows=b.dev_view("mid_q_rows"),
+            req_mid_start=b.dev_view("req_mid_start", self.num_requests),
+            req_mid_len=b.dev_view("req_mid_len", self.num_requests),
+            req_mid_rows=b.dev_view("req_mid_rows"),
+            mid_o=b.mid_o,
+            mid_lse=b.mid_lse,
+        )
+
+    def kv_tokens_read(self) -> int:
+        """KV tokens stage 1 reads per KV head (sum of vnode lengths)."""
+        return int(self.vnode_kv_len_host.sum())
+
+    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     o: torch.Tensor, num_slots_min: int | None = None) -> None:
+        """Raise :class:`ShapeMismatchError` unless q, k, v, o fit this plan."""
+        want_q = (self.num_requests, self.num_qo_heads, self.head_dim)
+        for name, t in (("q", q), ("o", o)):
+            if not isinstance(t, torch.Tensor):
+                raise ShapeMismatchError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != want_q:
+                raise ShapeMismatchError(
+                    f"{name} has shape {tuple(t.shape)}, the plan was built for "
+                    f"[num_requests, num_qo_heads, head_dim] = {list(want_q)}")
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ShapeMismatchError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[1] != self.num_kv_heads or t.shape[2] != self.head_dim:
+                raise ShapeMismatchError(
+                    f"{name} has shape {tuple(t.shape)}, expected [num_slots, "
+                    f"{self.num_kv_heads}, {self.head_dim}]")
+        if num_slots_min is not None and k.shape[0] < num_slots_min:
+            raise ShapeMismatchError(
+                f"k has {k.shape[0]} rows, the plan reads slots up to {num_slots_min - 1}")
+        if k.shape[0] != v.shape[0]:
+            raise ShapeMismatchError(f"k has {k.shape[0]} rows but v has {v.shape[0]}")
+        from kernels import SUPPORTED_DTYPES
+        if q.dtype not in SUPPORTED_DTYPES:
+            raise ShapeMismatchError(
+                f"q has dtype {q.dtype}, expected one of float16, bfloat16, float32")
+        for name, t in (("k", k), ("v", v), ("o", o)):
+            if t.dtype != q.dtype:
+                raise ShapeMismatchError(f"{name} has dtype {t.dtype}, q has {q.dtype}")
+        for name, t in (("q", q), ("k", k), ("v", v), ("o", o)):
+            if t.device != self.device:
+                raise ShapeMismatchError(
+                    f"{name} is on {t.device}, the plan's index tensors are on {self.device}")
+            if t.stride(-1) != 1:
+                raise ShapeMismatchError(f"{name} must have a contiguous last dimension")
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, *,
+            sm_scale: float | None = None, logit_cap: float = 0.0,
+            backend: str | Backend = "auto", check: bool = True) -> torch.Tensor:
+        """Compute decode attention into ``o`` (``[B, Hq, D]``) and return it."""
+        if check:
+            self.check_inputs(q, k, v, o)
+            if self.serial != self.buffers.serial:
+                raise PlanMismatchError(
+                    "a newer plan was written into this plan's buffers; use the newest plan")
+        if sm_scale is None:
+            sm_scale = 1.0 / math.sqrt(self.head_dim)
+        be = backend if isinstance(backend, Backend) else select_backend(q.device, backend)
+        fn = torch_tree_decode if be is Backend.TORCH else tree_decode
+        fn(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
+           logit_cap=float(logit_cap or 0.0), check=False, **self.tensors())
+        return o
+
+    def extend_tails(self, rows: np.ndarray, slots: np.ndarray) -> bool:
+        """Append one KV slot to the tail vnode of each request in ``rows`` (in place).
+
+        Returns False (and changes nothing) if some request cannot grow in place; the
+        caller must then rebuild the plan. O(len(rows)) numpy work plus two small copies.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return True
+        tv = self.tail_vnode[rows]
+        if (tv < 0).any():
+            return False
+        pos = self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv]
+        if (pos >= self.tail_limit[rows]).any():
+            return False
+        if np.unique(tv).size != tv.size:
+            return False
+        b = self.buffers
+        kv_off = b.offsets["kv_indices"]
+        len_off = b.offsets["vnode_kv_len"]
+        self.vnode_kv_len_host[tv] += 1
+        b.host_np[kv_off + pos] = slots
+        b.host_np[len_off + tv] = self.vnode_kv_len_host[tv]
+        idx = torch.from_numpy(np.concatenate([kv_off + pos, len_off + tv]))
+        vals = torch.from_numpy(b.host_np[idx.numpy()])
+        if b.device.type == "cpu":
+            b.dev[idx] = vals
+        else:
+            b.dev.index_copy_(0, idx.to(b.device, non_blocking=True),
+                              vals.to(b.device, non_blocking=True))
+        return True
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _depths(parent: np.ndarray) -> np.ndarray:
+    """Depth of every node (roots 0) by pointer jumping: O(depth) numpy passes."""
+    n = parent.size
+    depth = np.zeros(n, dtype=np.int64)
+    anc = parent.copy()
+    live = np.nonzero(anc >= 0)[0]
+    steps = 0
+    while live.size:
+        depth[live] += 1
+        anc[live] = parent[anc[live]]
+        live = live[anc[live] >= 0]
+        steps += 1
+        if steps > n:
+            raise ValueError("parent array has a cycle")
+    return depth
+
+
+def _effective_q_tile(tile: int, group: int) -> int:
+    return max(1, min(int(tile), MAX_BLOCK_M // group))
+
+
+class _Topology:
+    """Per-build derived arrays: depth order, children lists, request counts."""
+
+    def __init__(self, inp: PlanInput):
+        parent = np.asarray(inp.parent, dtype=np.int64)
+        self.n = n = parent.size
+        self.parent = parent
+        self.seqlen = np.asarray(inp.seqlen, dtype=np.int64)
+        self.req_end = np.asarray(inp.req_end, dtype=np.int64)
+        self.depth = _depths(parent) if n else np.zeros(0, np.int64)
+        order = np.argsort(self.depth, kind="stable")
+        self.bfs_order = order
+        maxd = int(self.depth.max()) if n else 0
+        bounds = np.searchsorted(self.depth[order], np.arange(maxd + 2))
+        # Requests through each node: own ends, accumulated bottom-up level by level.
+        cnt = np.bincount(self.req_end, minlength=n).astype(np.int64)
+        for d in range(maxd, 0, -1):
+            nodes = order[bounds[d]:bounds[d + 1]]
+            np.add.at(cnt, parent[nodes], cnt[nodes])
+        self.nq = cnt
+        # Children CSR, children in increasing id order (the seed's edge order).
+        nonroot = np.nonzero(parent >= 0)[0]
+        ch = nonroot[np.argsort(parent[nonroot], kind="stable")]
+        self.ch_ids = ch
+        self.ch_ptr = np.searchsorted(parent[ch], np.arange(n + 1))
+
+
+def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
+    """Greedy split-K / split-Q choice for every edge; returns (assign, chain length)."""
+    n = topo.n
+    L = topo.seqlen.tolist()
+    nq = topo.nq.tolist()
+    ch_ptr = topo.ch_ptr.tolist()
+    ch_ids = topo.ch_ids.tolist()
+    assign = [0] * n
+    tq0, tq1 = q_tiles
+    tk0, tk1 = kv_tiles
+    ag = alpha * group
+    bg = beta * group
+
+    def cmm(nQ, nK):
+        if nQ > tq1:
+            tq, tk = tq0, tk0
+        else:
+            tq, tk = tq1, tk1
+        padq = tq - ((nQ - 1) % tq + 1)
+        padk = tk - nK if nK < tk else 0
+        return ag * padq * nK + bg * padk * nQ
+
+    for x in topo.bfs_order.tolist():
+        nq_cur = nq[x]
+        a, b = ch_ptr[x], ch_ptr[x + 1]
+        if nq_cur == 0 or a == b:
+            continue
+        lenv = L[x]
+        for j in range(a, b):
+            c = ch_ids[j]
+            nql = nq[c]
+            if nql == 0:
+                continue
+            lenl = L[c]
+            split_k = cmm(nq_cur, lenv) + cmm(nql, lenl) + gamma * nql
+            split_q = cmm(nq_cur - nql, lenv) + cmm(nql, lenl + lenv)
+            if split_k > split_q:
+                assign[c] = 1
+                nq_cur -= nql
+                L[c] = lenl + lenv
+    return np.asarray(assign, dtype=np.int8), np.asarray(L, dtype=np.int64)
+
+
+class _Groups:
+    """Groups: nodes with the queries that attend their (chain of) tokens."""
+
+    def __init__(self, topo: _Topology, assign: np.ndarray, chain_len: np.ndarray):
+        parent = topo.parent
+        b = topo.req_end.size
+        # Pairs (request, group node): the end node, plus the parent of every split-K
+        # node on the path (pointer jumping, one numpy pass per level).
+        rs, gs = [np.arange(b, dtype=np.int64)], [topo.req_end.copy()]
+        r, cur = rs[0], gs[0]
+        while r.size:
+            p = parent[cur]
+            up = p >= 0
+            r, cur, p = r[up], cur[up], p[up]
+            k = assign[cur] == 0
+            rs.append(r[k])
+            gs.append(p[k])
+            cur = p
+        pr = np.concatenate(rs)
+        pg = np.concatenate(gs)
+        # Drop groups with no tokens (empty chains): nothing to attend there.
+        keep = chain_len[pg] > 0
+        pr, pg = pr[keep], pg[keep]
+        order = np.lexsort((pr, pg))
+        self.pair_req = pr[order]
+        pg = pg[order]
+        self.node, first, self.nreq = np.unique(pg, return_index=True, return_counts=True)
+        self.req_start = first.astype(np.int64)
+        self.length = chain_len[self.node]
+
+
+def _parallelism(groups: _Groups, q_tiles, splits, num_kv_heads):
+    """Stage-1 programs per phase, as the seed's threshold rule counts them."""
+    nreq, length = groups.nreq, groups.length
+    ph1 = nreq <= q_tiles[1]
+    par = []
+    for phase, sel in ((0, ~ph1), (1, ph1)):
+        if not sel.any():
+            par.append(0)
+            continue
+        kvc = -(-length[sel] // splits[phase])
+        qc = -(-nreq[sel] // q_tiles[phase])
+        par.append(int((kvc * qc).sum()) * num_kv_heads)
+    return par
+
+
+def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarray,
+                       req_end: np.ndarray, node_tokens: np.ndarray | None = None) -> list[np.ndarray]:
+    """KV slots of every request's whole path, root first (vectorised over requests).
+
+    Used by references and baselines: request ``b`` attends exactly these slots.
+    """
+    parent = np.asarray(parent, dtype=np.int64)
+    seqlen = np.asarray(seqlen, dtype=np.int64)
+    tok_ptr = np.asarray(tok_ptr, dtype=np.int64)
+    req_end = np.asarray(req_end, dtype=np.int64)
+    b = req_end.size
+    depth = _depths(parent)
+    rs, ns, ds = [np.arange(b)], [req_end], [depth[req_end]]
+    r, cur = rs[0], req_end
+    while r.size:
+        p = parent[cur]
+        up = p >= 0
+        r, cur = r[up], p[up]
+        rs.append(r)
+        ns.append(cur)
+        ds.append(depth[cur])
+    r, nodes, dd = np.concatenate(rs), np.concatenate(ns), np.concatenate(ds)
+    order = np.lexsort((dd, r))
+    r, nodes = r[order], nodes[order]
+    pos = _expand_ranges(tok_ptr[nodes], seqlen[nodes])
+    toks = pos if node_tokens is None else np.asarray(node_tokens)[pos]
+    per_req = np.bincount(r, weights=seqlen[nodes], minlength=b).astype(np.int64)
+    return np.split(toks, np.cumsum(per_req)[:-1])
+
+
+def _expand_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenate ``arange(s, s + l)`` for every pair, vectorised."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    nz = lens > 0
+    starts, lens = starts[nz], lens[nz]
+    out = np.ones(total, dtype=np.int64)
+    out[0] = starts[0]
+    ends = np.cumsum(lens)[:-1]
+    out[ends] = starts[1:] - (starts[:-1] + lens[:-1]) + 1
+    return np.cumsum(out)
+
+
+def build_plan(
+    inp: PlanInput,
+    *,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    params: FastTreeParams | None = None,
+    kv_split_sizes: Sequence[int] = DEFAULT_KV_SPLIT_SIZES,
+    para_threshs1: Sequence[int] = DEFAULT_PARA_THRESHS1,
+    para_threshs2: Sequence[int] = DEFAULT_PARA_THRESHS2,
+    device: torch.device | str = "cpu",
+    buffers: PlanBuffers | None = None,
+    headroom: int = 0,
+) -> DecodePlan:
+    """Build a :class:`DecodePlan` for ``inp``.
+
+    Parameters
+    ----------
+    inp : PlanInput
+        The forest, the slot table and the requests (one query row each).
+    num_qo_heads, num_kv_heads, head_dim : int
+        Attention shape; ``num_qo_heads`` must be a multiple of ``num_kv_heads``.
+    params : FastTreeParams, optional
+        Cost model and tiles (defaults if omitted). Never modified.
+    kv_split_sizes : (int, int)
+        KV chunk length, and the smaller one used when a phase has too few programs.
+    para_threshs1, para_threshs2 : (int, int)
+        Program-count thresholds per phase that trigger the smaller chunk, then a single
+        tile shape for both phases (the seed's rule).
+    device : torch device of the index tensors.
+    buffers : PlanBuffers, optional
+        Reuse these buffers (grown if needed) instead of allocating new ones.
+    headroom : int
+        Extra kv entries reserved after each growable request's tail vnode, so that
+        append-only steps can extend it without a re-plan.
+    """
+    params = FastTreeParams() if params is None else params
+    params.validate()
+    num_qo_heads, num_kv_heads, head_dim = int(num_qo_heads), int(num_kv_heads), int(head_dim)
+    if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
+        raise UnsupportedConfigError(
+            f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads "
+            f"({num_kv_heads})")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise UnsupportedConfigError(
+            f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    group = num_qo_heads // num_kv_heads
+    if group > MAX_BLOCK_M:
+        raise UnsupportedConfigError(f"GQA group size {group} exceeds {MAX_BLOCK_M}")
+    splits_in = [int(x) for x in kv_split_sizes]
+    if len(splits_in) != 2 or min(splits_in) < 1:
+        raise PlanMismatchError(f"KV_SPLIT_SIZES must be two positive ints, got {kv_split_sizes!r}")
+    th1 = [int(x) for x in para_threshs1]
+    th2 = [int(x) for x in para_threshs2]
+    if len(th1) != 2 or len(th2) != 2:
+        raise PlanMismatchError(
+            f"para_threshs1/2 must have two entries each, got {para_threshs1!r}, {para_threshs2!r}")
+
+    topo = _Topology(inp)
+    req_q = (int(params.TSQs[0]), int(params.TSQs[1]))
+    req_k = (int(params.TSKs[0]), int(params.TSKs[1]))
+    q_tiles = [_effective_q_tile(t, group) for t in req_q]
+    kv_tiles = list(req_k)
+    splits = [splits_in[0], splits_in[0]]
+    alpha, beta, gamma = float(params.alpha), float(params.beta), float(params.gamma)
+
+    # The seed's adjustment loop: smaller KV chunks when a phase has too few programs,
+    # then one tile shape for both phases (re-running the cost model).
+    assign, chain = _tree_heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+    groups = _Groups(topo, assign, chain)
+    par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+    changed = False
+    for phase in range(2):
+        if 0 < par[phase] < th1[phase]:
+            splits[phase] = splits_in[1]
+            changed = True
+    if changed:
+        par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+        retile = None
+        if 0 < par[0] < th2[0]:
+            retile = 1
+        elif 0 < par[1] < th2[1]:
+            retile = 0
+        if retile is not None:
+            q_tiles = [q_tiles[retile]] * 2
+            kv_tiles = [kv_tiles[retile]] * 2
+            assign, chain = _tree_heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+            groups = _Groups(topo, assign, chain)
+            par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+    logger.debug("plan: parallelism %s, q tiles %s, kv tiles %s, kv splits %s",
+                 par, q_tiles, kv_tiles, splits)
+
+    return _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par,
+                        req_q, req_k, num_qo_heads, num_kv_heads, head_dim, device,
+                        buffers, headroom)
+
+
+def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_q, req_k,
+                 hq, hk, d, device, buffers, headroom) -> DecodePlan:
+    parent, seqlen = topo.parent, topo.seqlen
+    b = topo.req_end.size
+    ng = groups.node.size
+    nreq, length = groups.nreq, groups.length
+    phase_g = np.where(nreq > q_tiles[1], 0, 1).astype(np.int64)
+    split_g = np.where(phase_g == 0, splits[0], splits[1])
+    qt_g = np.where(phase_g == 0, q_tiles[0], q_tiles[1])
+    nch = -(-length // split_g)
+    nqt = -(-nreq // qt_g)
+
+    # Growth headroom: a request that ends alone at a leaf owns a group of one query.
+    tail_group = np.full(b, -1, dtype=np.int64)
+    grow_g = np.zeros(ng, dtype=np.int64)
+    if headroom > 0 and inp.growable is not None and ng:
+        growable = np.asarray(inp.growable, dtype=bool)
+        end = topo.req_end
+        alone = growable & (topo.nq[end] == 1)
+        pos = np.searchsorted(groups.node, end)
+        pos = np.minimum(pos, ng - 1)
+        hit = alone & (groups.node[pos] == end)
+        tail_group[hit] = pos[hit]
+        grow_g[pos[hit]] = headroom
+
+    # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom.
+    kv_base = np.zeros(ng, dtype=np.int64)
+    if ng:
+        kv_base[1:] = np.cumsum(length + grow_g)[:-1]
+    kv_total = int((length + grow_g).sum())
+
+    # Chain nodes of each group, top (oldest ancestor) first.
+    gid = np.arange(ng, dtype=np.int64)
+    cg, cn, cd = [gid], [groups.node], [topo.depth[groups.node]]
+    cur_g, cur = gid, groups.node
+    while cur.size:
+        up = assign[cur] == 1
+        cur_g, cur = cur_g[up], parent[cur[up]]
+        cg.append(cur_g)
+        cn.append(cur)
+        cd.append(topo.depth[cur])
+    cg, cn, cd = np.concatenate(cg), np.concatenate(cn), np.concatenate(cd)
+    order = np.lexsort((cd, cg))
+    cg, cn = cg[order], cn[order]
+    seg_len = seqlen[cn]
+    tok_ptr = np.asarray(inp.tok_ptr, dtype=np.int64)
+    positions = _expand_ranges(tok_ptr[cn], seg_len)
+    chain_tokens = positions if inp.node_tokens is None else np.asarray(inp.node_tokens)[positions]
+    # Destination of every chain token: its group's base plus its offset in the chain.
+    dest = _expand_ranges(kv_base, length)
+
+    # Vnodes: (group, kv chunk, q tile), ordered by phase (stable).
+    nv_g = nch * nqt
+    nv = int(nv_g.sum())
+    v_g = np.repeat(gid, nv_g)
+    v_base = np.zeros(ng, dtype=np.int64)
+    if ng:
+        v_base[1:] = np.cumsum(nv_g)[:-1]
+    within = np.arange(nv, dtype=np.int64) - v_base[v_g]
+    v_chunk = within // nqt[v_g]
+    v_tile = within % nqt[v_g]
+    v_kv_start = kv_base[v_g] + v_chunk * split_g[v_g]
+    v_kv_len = np.minimum(split_g[v_g], length[v_g] - v_chunk * split_g[v_g])
+    rows_g = nch * nreq
+    mid_base = np.zeros(ng, dtype=np.int64)
+    if ng:
+        mid_base[1:] = np.cumsum(rows_g)[:-1]
+    nmid = int(rows_g.sum())
+    v_q_start = mid_base[v_g] + v_chunk * nreq[v_g] + v_tile * qt_g[v_g]
+    v_q_len = np.minimum(qt_g[v_g], nreq[v_g] - v_tile * qt_g[v_g])
+    m_g = np.repeat(gid, rows_g)
+    m_off = np.arange(nmid, dtype=np.int64) - mid_base[m_g]
+    mid_q_rows = groups.pair_req[groups.req_start[m_g] + m_off % nreq[m_g]]
+
+    v_phase = phase_g[v_g]
+    perm = np.argsort(v_phase, kind="stable")
+    n0 = int((v_phase == 0).sum())
+    phases = []
+    if n0:
+        phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0]))
+    if nv - n0:
+        phases.append(Phase(n0, nv - n0, q_tiles[1], kv_tiles[1]))
+    v_kv_start, v_kv_len = v_kv_start[perm], v_kv_len[perm]
+    v_q_start, v_q_len = v_q_start[perm], v_q_len[perm]
+
+    # Stage-2 map: each request's mid rows.
+    req_order = np.argsort(mid_q_rows, kind="stable")
+    req_cnt = np.bincount(mid_q_rows, minlength=b)
+    req_start = np.zeros(b, dtype=np.int64)
+    if b:
+        req_start[1:] = np.cumsum(req_cnt)[:-1]
+
+    # Tail vnode of growable requests: the last chunk of their group (one q tile).
+    tail_vnode = np.full(b, -1, dtype=np.int64)
+    tail_limit = np.full(b, -1, dtype=np.int64)
+    has = tail_group >= 0
+    if has.any():
+        tg = tail_group[has]
+        inv = np.empty(nv, dtype=np.int64)
+        inv[perm] = np.arange(nv)
+        last = v_base[tg] + nv_g[tg] - 1
+        tail_vnode[has] = inv[last]
+        tail_limit[has] = kv_base[tg] + length[tg] + grow_g[tg]
+
+    if buffers is None:
+        buffers = PlanBuffers(hq, d, device, vnodes=max(nv, 1), requests=max(b, 1),
+                              mid_rows=max(nmid, 1), kv_entries=max(kv_total, 1))
+    else:
+        buffers.ensure(nv, b, nmid, kv_total)
+    hv = buffers.host_view
+    hv("vnode_kv_start", nv)[:] = v_kv_start
+    hv("vnode_kv_len", nv)[:] = v_kv_len
+    hv("vnode_q_start", nv)[:] = v_q_start
+    hv("vnode_q_len", nv)[:] = v_q_len
+    hv("mid_q_rows", nmid)[:] = mid_q_rows
+    hv("req_mid_rows", nmid)[:] = req_order
+    hv("req_mid_start", b)[:] = req_start
+    hv("req_mid_len", b)[:] = req_cnt
+    kv_host = hv("kv_indices", kv_total)
+    kv_host[dest] = chain_tokens
+    buffers.upload(kv_total)
+    buffers.serial += 1
+
+    return DecodePlan(
+        num_requests=b, num_qo_heads=hq, num_kv_heads=hk, head_dim=d,
+        phases=tuple(phases), q_tiles=tuple(q_tiles), kv_tiles=tuple(kv_tiles),
+        requested_q_tiles=tuple(req_q), requested_kv_tiles=tuple(req_k),
+        kv_split_sizes=tuple(splits), node_assignments=assign.tolist(),
+        parallelism=tuple(par), num_vnodes=nv, num_mid_rows=nmid,
+        num_kv_entries=kv_total, buffers=buffers, tail_vnode=tail_vnode,
+        tail_limit=tail_limit, vnode_kv_start_host=v_kv_start.copy(),
+        vnode_kv_len_host=v_kv_len.copy(), generation=buffers.generation,
+        serial=buffers.serial,
+    )
