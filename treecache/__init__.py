@@ -79,3 +79,8 @@ __all__ = [
     "tree_stats",
     "validate_tree",
 ]
+
+from .cache import TreeKVCache  # noqa: E402
+from .pages import KVPool, PageAllocator  # noqa: E402
+
+__all__ += ["TreeKVCache", "KVPool", "PageAllocator"]

@@ -1,0 +1,884 @@
+"""TreeKVCache: a stateful paged KV cache whose requests form a forest.
+
+Each request is a path from a root to a node; nodes hold runs of tokens in pages of a
+shared :class:`~treecache.pages.KVPool`. ``fork`` shares a request's tokens without
+copying KV, ``prune`` returns pages nobody references, ``attend`` runs the tree-decode
+kernels with a plan that is rebuilt only when the topology changes.
+
+A decode step in a model loop::
+
+    slots = cache.reserve(reqs)                # one new token slot per request, O(requests)
+    for layer in range(num_layers):
+        q, k, v = ...                          # [len(reqs), H, D] each
+        cache.write(layer, slots, k, v)
+        o = cache.attend(q, layer, reqs)       # plan built (if needed) once per step
+
+Node lifecycle (side effects of the public methods):
+
+* ``append``/``reserve`` on a request whose node is an *exclusive leaf* (no children,
+  no other request ends there) grows that node in place: no re-plan; the plan's tail
+  vnode of the request grows by one entry per token.
+* Otherwise the request gets a new leaf child under its node (topology change).
+* ``prune`` removes the request; nodes left with no requests and no children are
+  deleted (their pages freed); a node left with no requests and one child is merged
+  into that child (no KV is copied; tokens keep their slots).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from kernels import Backend, select_backend
+
+from .errors import (
+    OutOfPagesError,
+    ShapeMismatchError,
+    TreeCacheError,
+    UnknownRequestError,
+    UnsupportedConfigError,
+)
+from .pages import KVPool
+from .plan import (
+    DEFAULT_KV_SPLIT_SIZES,
+    DEFAULT_PARA_THRESHS1,
+    DEFAULT_PARA_THRESHS2,
+    SUPPORTED_HEAD_DIMS,
+    DecodePlan,
+    FastTreeParams,
+    PlanBuffers,
+    PlanInput,
+    build_plan,
+)
+from .tree import KVTreeNode
+
+__all__ = ["TreeKVCache"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Node:
+    """A run of tokens. ``slots`` and ``pages`` are lists of int64 arrays (in order)."""
+
+    __slots__ = ("id", "parent", "children", "ends", "slots", "pages")
+
+    def __init__(self, nid: int, parent: "_Node | None"):
+        self.id = nid
+        self.parent = parent
+        self.children: list[_Node] = []
+        self.ends: list[int] = []  # requests whose path ends here (creation order)
+        self.slots: list[np.ndarray] = []
+        self.pages: list[np.ndarray] = []
+
+    def slot_array(self) -> np.ndarray:
+        if not self.slots:
+            return np.zeros(0, dtype=np.int64)
+        if len(self.slots) > 1:
+            self.slots = [np.concatenate(self.slots)]
+        return self.slots[0]
+
+    def page_array(self) -> np.ndarray:
+        if not self.pages:
+            return np.zeros(0, dtype=np.int64)
+        if len(self.pages) > 1:
+            self.pages = [np.concatenate(self.pages)]
+        return self.pages[0]
+
+
+def _grow(a: np.ndarray, n: int, fill) -> np.ndarray:
+    if n <= a.size:
+        return a
+    out = np.full(max(n, 2 * a.size), fill, dtype=a.dtype)
+    out[:a.size] = a
+    return out
+
+
+class TreeKVCache:
+    """Paged KV cache for all layers of a model, organised as a forest of requests.
+
+    Parameters
+    ----------
+    num_layers : int
+        Layers whose K/V the cache stores.
+    num_qo_heads, num_kv_heads : int
+        Query heads and KV heads (``num_qo_heads % num_kv_heads == 0``).
+    head_dim : int
+        One of 16, 32, 64, 128, 256.
+    capacity_tokens : int
+        Token slots in the pool (rounded up to whole pages).
+    page_size : int
+        Slots per page (default 1: no fragmentation when nodes are short, as in beam
+        search). With larger pages each node starts on a fresh page.
+    dtype : torch.dtype
+        float16, bfloat16 or float32.
+    device : torch device, optional
+        Default: CUDA if available, else CPU.
+    params : FastTreeParams, optional
+        Cost model and tiles for planning (never modified).
+    backend : "auto", "triton" or "torch"
+        Kernel implementation (see :func:`kernels.select_backend`).
+    sm_scale : float, optional
+        Softmax scale for :meth:`attend` (default ``1/sqrt(head_dim)``).
+    logit_cap : float
+        Soft cap of the scaled logits, off when ``<= 0``.
+    plan_headroom : int
+        KV entries reserved after each growing request's tail in the plan: this many
+        append-only steps run without a re-plan.
+    kv_split_sizes, para_threshs1, para_threshs2 :
+        Planner chunking and thresholds (see :func:`treecache.plan.build_plan`).
+
+    Examples
+    --------
+    >>> cache = TreeKVCache(2, 8, 2, 64, capacity_tokens=1024, device="cpu", dtype=torch.float32)
+    >>> r = cache.new_request()
+    >>> cache.append(r, torch.randn(2, 10, 2, 64), torch.randn(2, 10, 2, 64))
+    >>> b = cache.fork(r)                       # shares r's 10 tokens
+    >>> o = cache.attend(torch.randn(2, 8, 64), layer=0)   # rows: r, b
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity_tokens: int,
+        *,
+        page_size: int = 1,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        params: FastTreeParams | None = None,
+        backend: str = "auto",
+        sm_scale: float | None = None,
+        logit_cap: float = 0.0,
+        plan_headroom: int = 64,
+        kv_split_sizes: Sequence[int] = DEFAULT_KV_SPLIT_SIZES,
+        para_threshs1: Sequence[int] = DEFAULT_PARA_THRESHS1,
+        para_threshs2: Sequence[int] = DEFAULT_PARA_THRESHS2,
+    ):
+        for name, val in (("num_layers", num_layers), ("num_qo_heads", num_qo_heads),
+                          ("num_kv_heads", num_kv_heads), ("capacity_tokens", capacity_tokens),
+                          ("page_size", page_size)):
+            if not isinstance(val, (int, np.integer)) or val < 1:
+                raise UnsupportedConfigError(f"{name} must be a positive int, got {val!r}")
+        if num_qo_heads % num_kv_heads:
+            raise UnsupportedConfigError(
+                f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise UnsupportedConfigError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise UnsupportedConfigError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if plan_headroom < 0:
+            raise UnsupportedConfigError(f"plan_headroom must be >= 0, got {plan_headroom}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.num_layers = int(num_layers)
+        self.num_qo_heads = int(num_qo_heads)
+        self.num_kv_heads = int(num_kv_heads)
+        self.head_dim = int(head_dim)
+        self.dtype = dtype
+        self.page_size = int(page_size)
+        num_pages = -(-int(capacity_tokens) // self.page_size)
+        self.pool = KVPool(self.num_layers, num_pages, self.page_size, self.num_kv_heads,
+                           self.head_dim, dtype, self.device)
+        self.params = FastTreeParams() if params is None else params
+        self.params.validate()
+        self.backend = select_backend(self.device, backend)
+        logger.info("TreeKVCache: %d layers, %d slots, backend %s", self.num_layers,
+                    self.pool.num_slots, self.backend.value)
+        self.sm_scale = 1.0 / math.sqrt(self.head_dim) if sm_scale is None else float(sm_scale)
+        self.logit_cap = float(logit_cap or 0.0)
+        self.plan_headroom = int(plan_headroom)
+        self._plan_kw = dict(kv_split_sizes=tuple(kv_split_sizes),
+                             para_threshs1=tuple(para_threshs1),
+                             para_threshs2=tuple(para_threshs2))
+
+        self._nodes: dict[int, _Node] = {}
+        self._next_node = 0
+        self._reqs: dict[int, _Node] = {}  # live request -> end node (creation order)
+        self._next_req = 0
+        # Hot-path mirrors, indexed by node id / request id.
+        self._nd_seqlen = np.zeros(64, dtype=np.int64)
+        self._nd_excl = np.zeros(64, dtype=bool)  # leaf, exactly one request ends here
+        self._nd_tailpage = np.full(64, -1, dtype=np.int64)
+        self._nd_tailfree = np.zeros(64, dtype=np.int64)  # free slots left in tail page
+        self._rq_node = np.full(64, -1, dtype=np.int64)
+        self._rq_alive = np.zeros(64, dtype=bool)
+        # Tokens added by the fast path, not yet attached to node objects.
+        self._pending_nodes: list[np.ndarray] = []
+        self._pending_slots: list[np.ndarray] = []
+        self._pending_page_nodes: list[np.ndarray] = []
+        self._pending_pages: list[np.ndarray] = []
+
+        self._live_cache: tuple[list[int], np.ndarray] | None = None
+        self._plan: DecodePlan | None = None
+        self._plan_requests: tuple[int, ...] | None = None
+        self._plan_rows = np.full(64, -1, dtype=np.int64)
+        self._plan_dirty = True
+        self._buffers = PlanBuffers(self.num_qo_heads, self.head_dim, self.device)
+        self.plan_rebuilds = 0
+        self.plan_version = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def requests(self) -> list[int]:
+        """Live request ids in creation order."""
+        return list(self._live()[0])
+
+    @property
+    def k_pool(self) -> torch.Tensor:
+        """K storage ``[num_layers, num_slots, num_kv_heads, head_dim]``."""
+        return self.pool.k
+
+    @property
+    def v_pool(self) -> torch.Tensor:
+        """V storage ``[num_layers, num_slots, num_kv_heads, head_dim]``."""
+        return self.pool.v
+
+    @property
+    def plan(self) -> DecodePlan | None:
+        """The current plan (None before the first :meth:`attend` / :meth:`prepare`)."""
+        return self._plan
+
+    def __len__(self) -> int:
+        return len(self._reqs)
+
+    def __contains__(self, req: int) -> bool:
+        return req in self._reqs
+
+    # ------------------------------------------------------------------ requests
+
+    def new_request(self) -> int:
+        """Start an empty request at a new root; returns its id."""
+        node = self._new_node(None)
+        rid = self._add_request(node)
+        self._refresh(node)
+        return rid
+
+    def fork(self, req: int) -> int:
+        """A new request that shares all of ``req``'s tokens (no KV is copied).
+
+        Both requests end at the same node afterwards; the next token appended to
+        either goes into a new child node (the topology changes, so the plan is rebuilt
+        before the next :meth:`attend`).
+        """
+        node = self._node_of(req)
+        rid = self._add_request(node)
+        self._refresh(node)
+        return rid
+
+    def prune(self, req: int) -> None:
+        """End ``req``. Pages that no node references any more return to the pool."""
+        node = self._node_of(req)
+        self._flush()
+        self._remove_request(req, node)
+        self._collapse(node)
+
+    def accept(self, req: int, draft: int, discard: Iterable[int] = ()) -> None:
+        """Speculative accept: ``req`` takes over the path of ``draft``.
+
+        ``draft`` must descend from ``req`` (its path extends ``req``'s). Afterwards
+        ``req`` ends where ``draft`` ended, ``draft`` is retired, and every request in
+        ``discard`` is pruned (typically the rejected drafts).
+        """
+        node = self._node_of(req)
+        dnode = self._node_of(draft)
+        discard = [int(d) for d in discard]
+        for d in discard:
+            self._node_of(d)
+            if d in (req, draft):
+                raise TreeCacheError(f"discard lists request {d}, which accept keeps")
+        a = dnode
+        while a is not None and a is not node:
+            a = a.parent
+        if a is None:
+            raise TreeCacheError(f"request {draft} does not descend from request {req}")
+        self._flush()
+        # Move req to the draft's node, retire the draft id.
+        node.ends.remove(req)
+        dnode.ends[dnode.ends.index(draft)] = req
+        del self._reqs[draft]
+        self._rq_alive[draft] = False
+        self._rq_node[draft] = -1
+        self._reqs[req] = dnode
+        self._rq_node[req] = dnode.id
+        self._live_cache = None
+        self._dirty()
+        self._refresh(dnode)
+        self._collapse(node)
+        for d in discard:
+            self.prune(d)
+
+    def length(self, req: int) -> int:
+        """Tokens on ``req``'s path."""
+        node = self._node_of(req)
+        total = 0
+        while node is not None:
+            total += int(self._nd_seqlen[node.id])
+            node = node.parent
+        return total
+
+    def slots(self, req: int) -> np.ndarray:
+        """KV slots of ``req``'s whole path, root first (int64)."""
+        node = self._node_of(req)
+        self._flush()
+        parts = []
+        while node is not None:
+            parts.append(node.slot_array())
+            node = node.parent
+        return np.concatenate(parts[::-1]) if parts else np.zeros(0, dtype=np.int64)
+
+    # ------------------------------------------------------------------ tokens
+
+    def reserve(self, requests: int | Sequence[int] | np.ndarray | None = None,
+                num_tokens: int = 1) -> torch.Tensor:
+        """Give requests new token slots; returns the slots (int64, cache device).
+
+        With a list (or None: every live request) each request gets one slot, in list
+        order; this is the per-step path of a model loop and costs O(requests) with no
+        re-plan when every request's node is an exclusive leaf. With a single request
+        id, ``num_tokens`` slots are given to it. Write K/V into the slots with
+        :meth:`write` before attending. Raises :class:`OutOfPagesError` (cache
+        unchanged) when the pool is full.
+        """
+        if requests is None:
+            reqs = self._live()[1]
+        elif isinstance(requests, (int, np.integer)):
+            return self._reserve_one(int(requests), int(num_tokens))
+        else:
+            reqs = np.asarray(requests, dtype=np.int64).reshape(-1)
+        if num_tokens != 1:
+            raise TreeCacheError(
+                f"num_tokens must be 1 when reserving for a list of requests, got {num_tokens}")
+        slots = self._reserve_step(reqs)
+        return self._to_device(slots)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` ``[len(slots), num_kv_heads, head_dim]`` into ``layer``'s slots."""
+        self._check_layer(layer)
+        n = slots.numel()
+        want = (n, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != want:
+                raise ShapeMismatchError(
+                    f"{name} has shape {tuple(t.shape)}, expected [len(slots), num_kv_heads, "
+                    f"head_dim] = {list(want)}")
+            if t.dtype != self.dtype:
+                raise ShapeMismatchError(f"{name} has dtype {t.dtype}, the cache stores {self.dtype}")
+            if t.device != self.device:
+                raise ShapeMismatchError(f"{name} is on {t.device}, the cache is on {self.device}")
+        self.pool.k[layer].index_copy_(0, slots, k)
+        self.pool.v[layer].index_copy_(0, slots, v)
+
+    def append(self, req: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append ``n`` tokens to ``req``; ``k``, ``v`` are ``[num_layers, n, num_kv_heads, head_dim]``.
+
+        Returns the slots used. Raises :class:`OutOfPagesError` (cache unchanged).
+        """
+        self._node_of(req)
+        for name, t in (("k", k), ("v", v)):
+            if (t.dim() != 4 or t.shape[0] != self.num_layers or t.shape[2] != self.num_kv_heads
+                    or t.shape[3] != self.head_dim):
+                raise ShapeMismatchError(
+                    f"{name} has shape {tuple(t.shape)}, expected [num_layers, n, num_kv_heads, "
+                    f"head_dim] = [{self.num_layers}, n, {self.num_kv_heads}, {self.head_dim}]")
+            if t.dtype != self.dtype:
+                raise ShapeMismatchError(f"{name} has dtype {t.dtype}, the cache stores {self.dtype}")
+            if t.device != self.device:
+                raise ShapeMismatchError(f"{name} is on {t.device}, the cache is on {self.device}")
+        if k.shape[1] != v.shape[1]:
+            raise ShapeMismatchError(f"k has {k.shape[1]} tokens but v has {v.shape[1]}")
+        n = int(k.shape[1])
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        slots = self.reserve(req, n)
+        self.pool.k.index_copy_(1, slots, k)
+        self.pool.v.index_copy_(1, slots, v)
+        return slots
+
+    # ------------------------------------------------------------------ attention
+
+    def prepare(self, requests: Sequence[int] | None = None) -> DecodePlan:
+        """Build the plan for ``requests`` now if it is stale (else reuse it).
+
+        :meth:`attend` calls this itself; call it before capturing a CUDA graph so that
+        no planning happens during capture.
+        """
+        key = self._requests_key(requests)
+        if self._plan_dirty or self._plan is None or key != self._plan_requests:
+            self._rebuild(key)
+        return self._plan
+
+    def attend(self, q: torch.Tensor, layer: int = 0, requests: Sequence[int] | None = None,
+               *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode attention of one query per request over its whole path.
+
+        Parameters
+        ----------
+        q : Tensor ``[len(requests), num_qo_heads, head_dim]``, the cache's dtype and device.
+        layer : int
+            Which layer's K/V to read.
+        requests : list of request ids, optional
+            Row order of ``q`` (default :attr:`requests`, the live requests in creation order).
+        out : Tensor like ``q``, optional
+            Output buffer (for CUDA graphs); allocated if omitted.
+
+        Returns
+        -------
+        Tensor like ``q``: row ``i`` attends every token on ``requests[i]``'s path.
+        """
+        self._check_layer(layer)
+        plan = self.prepare(requests)
+        want = (plan.num_requests, self.num_qo_heads, self.head_dim)
+        if not isinstance(q, torch.Tensor) or tuple(q.shape) != want:
+            got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ShapeMismatchError(
+                f"q has shape {got}, expected [len(requests), num_qo_heads, head_dim] = {list(want)}")
+        if q.dtype != self.dtype:
+            raise ShapeMismatchError(f"q has dtype {q.dtype}, the cache stores {self.dtype}")
+        if q.device != self.device:
+            raise ShapeMismatchError(f"q is on {q.device}, the cache is on {self.device}")
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if out is None:
+            out = torch.empty_like(q)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ShapeMismatchError(
+                f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected q's "
+                f"{tuple(q.shape)} {q.dtype} on {q.device}")
+        if plan.num_requests == 0:
+            return out
+        return plan.run(q, self.pool.k[layer], self.pool.v[layer], out,
+                        sm_scale=self.sm_scale, logit_cap=self.logit_cap,
+                        backend=self.backend, check=False)
+
+    # ------------------------------------------------------------------ inspection
+
+    def tree_info(self, requests: Sequence[int] | None = None) -> tuple[list[KVTreeNode], list[int]]:
+        """A snapshot of the forest as seed-style :class:`KVTreeNode` objects.
+
+        Returns ``(nodes, request_ids)``: node ids are ``0..n-1`` (parents before
+        children), ``requests`` lists hold row indices into ``request_ids`` (default:
+        the live requests), so the snapshot feeds :func:`treecache.fasttree_preparation`.
+        Nodes not on any listed request's path are included with empty request lists.
+        """
+        self._flush()
+        reqs = list(self._live()[0]) if requests is None else [int(r) for r in requests]
+        order = self._topo_order()
+        index = {nd.id: i for i, nd in enumerate(order)}
+        out = []
+        for i, nd in enumerate(order):
+            out.append(KVTreeNode(parent=-1 if nd.parent is None else index[nd.parent.id],
+                                  id=i, seqlen=int(self._nd_seqlen[nd.id]),
+                                  num_children=len(nd.children), requests=[]))
+        for row, r in enumerate(reqs):
+            nd = self._node_of(r)
+            while nd is not None:
+                out[index[nd.id]].requests.append(row)
+                nd = nd.parent
+        return out, reqs
+
+    def to_networkx(self):
+        """The forest as a ``networkx.DiGraph``: node attributes ``seqlen``, ``slots``,
+        ``pages``, ``requests`` (ids ending there); edges parent -> child."""
+        import networkx as nx
+
+        self._flush()
+        g = nx.DiGraph()
+        for nd in self._nodes.values():
+            g.add_node(nd.id, seqlen=int(self._nd_seqlen[nd.id]),
+                       slots=nd.slot_array().tolist(), pages=nd.page_array().tolist(),
+                       requests=list(nd.ends))
+        for nd in self._nodes.values():
+            if nd.parent is not None:
+                g.add_edge(nd.parent.id, nd.id)
+        return g
+
+    def stats(self) -> dict:
+        """Pages used/free, unique vs logical tokens, plan rebuilds, nodes, requests."""
+        alloc = self.pool.allocator
+        unique = int(sum(int(self._nd_seqlen[i]) for i in self._nodes))
+        logical = int(sum(self.length(r) for r in self._reqs))
+        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.pool.k.element_size()
+        return {
+            "requests": len(self._reqs),
+            "nodes": len(self._nodes),
+            "pages_used": alloc.num_used,
+            "pages_free": alloc.num_free,
+            "pages_total": alloc.num_pages,
+            "page_size": self.page_size,
+            "unique_tokens": unique,
+            "logical_tokens": logical,
+            "sharing_ratio": (logical / unique) if unique else 1.0,
+            "kv_bytes_used": alloc.num_used * self.page_size * per_token,
+            "kv_bytes_unshared": logical * per_token,
+            "plan_rebuilds": self.plan_rebuilds,
+            "backend": self.backend.value,
+        }
+
+    def check(self) -> None:
+        """Verify every invariant; raise :class:`TreeCacheError` naming the broken one.
+
+        A forest (acyclic, parent/child links agree, networkx agrees); every live
+        request a root-to-node path; node token counts equal their slots; every slot in a
+        page its node holds; no slot in two nodes; page reference counts equal the
+        number of nodes holding each page; free + used pages = pool.
+        """
+        import networkx as nx
+
+        self._flush()
+        alloc = self.pool.allocator
+        alloc.check()
+        seen_slots = []
+        counts = np.zeros(alloc.num_pages, dtype=np.int64)
+        for nd in self._nodes.values():
+            if nd.parent is not None:
+                if nd.parent.id not in self._nodes or self._nodes[nd.parent.id] is not nd.parent:
+                    raise TreeCacheError(f"node {nd.id}'s parent {nd.parent.id} is not in the cache")
+                if sum(c is nd for c in nd.parent.children) != 1:
+                    raise TreeCacheError(f"node {nd.id} is not listed once among its parent's children")
+            for c in nd.children:
+                if c.parent is not nd:
+                    raise TreeCacheError(f"node {c.id} is a child of {nd.id} but points elsewhere")
+            s = nd.slot_array()
+            if s.size != self._nd_seqlen[nd.id]:
+                raise TreeCacheError(
+                    f"node {nd.id} has {s.size} slots but seqlen {int(self._nd_seqlen[nd.id])}")
+            p = nd.page_array()
+            if np.unique(p).size != p.size:
+                raise TreeCacheError(f"node {nd.id} holds a page twice")
+            if s.size and not np.isin(s // self.page_size, p).all():
+                raise TreeCacheError(f"node {nd.id} has a slot outside its pages")
+            counts[p] += 1
+            seen_slots.append(s)
+            if not nd.ends and not nd.children:
+                raise TreeCacheError(f"node {nd.id} has no requests and no children (leaked)")
+            excl = (not nd.children) and len(nd.ends) == 1
+            if bool(self._nd_excl[nd.id]) != excl:
+                raise TreeCacheError(f"node {nd.id}: exclusive flag out of date")
+        allslots = np.concatenate(seen_slots) if seen_slots else np.zeros(0, np.int64)
+        if np.unique(allslots).size != allslots.size:
+            raise TreeCacheError("a KV slot is held by two nodes")
+        if not np.array_equal(counts, alloc.refcount.astype(np.int64)):
+            bad = np.nonzero(counts != alloc.refcount)[0][:5].tolist()
+            raise TreeCacheError(f"page reference counts disagree with node holdings at pages {bad}")
+        if alloc.num_free + alloc.num_used != alloc.num_pages:
+            raise TreeCacheError("free + used pages != pool size")
+        g = self.to_networkx()
+        if g.number_of_nodes() and not nx.is_forest(g.to_undirected()):
+            raise TreeCacheError("the node graph is not a forest")
+        for r, nd in self._reqs.items():
+            if nd.id not in self._nodes or self._nodes[nd.id] is not nd:
+                raise TreeCacheError(f"request {r} ends at a node that is not in the cache")
+            if r not in nd.ends:
+                raise TreeCacheError(f"request {r} is not listed at its end node {nd.id}")
+            root = nd
+            while root.parent is not None:
+                root = root.parent
+            if g.in_degree(root.id) != 0 or not nx.has_path(g, root.id, nd.id):
+                raise TreeCacheError(f"request {r} is not a root-to-node path")
+            if self._rq_node[r] != nd.id or not self._rq_alive[r]:
+                raise TreeCacheError(f"request {r}: fast-path mirror out of date")
+        ends = sum(len(nd.ends) for nd in self._nodes.values())
+        if ends != len(self._reqs):
+            raise TreeCacheError(f"{ends} request ends listed at nodes, {len(self._reqs)} live requests")
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise ShapeMismatchError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+
+    def _node_of(self, req) -> _Node:
+        try:
+            return self._reqs[req]
+        except (KeyError, TypeError):
+            pass
+        if isinstance(req, (int, np.integer)) and 0 <= req < self._next_req:
+            raise UnknownRequestError(f"request {req} was pruned or accepted into another")
+        raise UnknownRequestError(f"unknown request id {req!r}")
+
+    def _live(self) -> tuple[list[int], np.ndarray]:
+        if self._live_cache is None:
+            ids = list(self._reqs.keys())
+            self._live_cache = (ids, np.asarray(ids, dtype=np.int64))
+        return self._live_cache
+
+    def _requests_key(self, requests) -> tuple[int, ...]:
+        if requests is None:
+            return tuple(self._live()[0])
+        if isinstance(requests, torch.Tensor):
+            requests = requests.tolist()
+        elif isinstance(requests, np.ndarray):
+            requests = requests.tolist()
+        key = tuple(int(r) for r in requests)
+        if key == self._plan_requests and not self._plan_dirty:
+            return key
+        for r in key:
+            self._node_of(r)
+        if len(set(key)) != len(key):
+            raise TreeCacheError("requests lists a request twice")
+        return key
+
+    def _new_node(self, parent: _Node | None) -> _Node:
+        nid = self._next_node
+        self._next_node += 1
+        node = _Node(nid, parent)
+        self._nodes[nid] = node
+        if parent is not None:
+            parent.children.append(node)
+            self._refresh(parent)
+        n = nid + 1
+        self._nd_seqlen = _grow(self._nd_seqlen, n, 0)
+        self._nd_excl = _grow(self._nd_excl, n, False)
+        self._nd_tailpage = _grow(self._nd_tailpage, n, -1)
+        self._nd_tailfree = _grow(self._nd_tailfree, n, 0)
+        self._nd_seqlen[nid] = 0
+        self._nd_tailpage[nid] = -1
+        self._nd_tailfree[nid] = 0
+        self._dirty()
+        return node
+
+    def _add_request(self, node: _Node) -> int:
+        rid = self._next_req
+        self._next_req += 1
+        self._rq_node = _grow(self._rq_node, rid + 1, -1)
+        self._rq_alive = _grow(self._rq_alive, rid + 1, False)
+        self._plan_rows = _grow(self._plan_rows, rid + 1, -1)
+        self._reqs[rid] = node
+        node.ends.append(rid)
+        self._rq_node[rid] = node.id
+        self._rq_alive[rid] = True
+        self._live_cache = None
+        self._dirty()
+        return rid
+
+    def _remove_request(self, req: int, node: _Node) -> None:
+        node.ends.remove(req)
+        del self._reqs[req]
+        self._rq_alive[req] = False
+        self._rq_node[req] = -1
+        self._live_cache = None
+        self._dirty()
+        self._refresh(node)
+
+    def _refresh(self, node: _Node) -> None:
+        self._nd_excl[node.id] = (not node.children) and len(node.ends) == 1
+
+    def _dirty(self) -> None:
+        self._plan_dirty = True
+
+    def _collapse(self, node: _Node) -> None:
+        """Delete request-less leaves upwards; merge a request-less single-child node
+        into its child."""
+        alloc = self.pool.allocator
+        while node is not None and not node.ends and not node.children:
+            parent = node.parent
+            alloc.decref(node.page_array())
+            del self._nodes[node.id]
+            self._nd_excl[node.id] = False
+            if parent is not None:
+                parent.children.remove(node)
+                self._refresh(parent)
+            node = parent
+            self._dirty()
+        if node is not None and not node.ends and len(node.children) == 1:
+            child = node.children[0]
+            # The child absorbs the node: tokens keep their slots, requests don't move.
+            child.slots = [node.slot_array(), child.slot_array()]
+            child.pages = [node.page_array(), child.page_array()]
+            self._nd_seqlen[child.id] += self._nd_seqlen[node.id]
+            child.parent = node.parent
+            if node.parent is not None:
+                siblings = node.parent.children
+                siblings[siblings.index(node)] = child
+            del self._nodes[node.id]
+            self._nd_excl[node.id] = False
+            self._dirty()
+
+    def _flush(self) -> None:
+        """Attach tokens and pages added by the fast path to their node objects."""
+        if self._pending_nodes:
+            nodes = np.concatenate(self._pending_nodes)
+            slots = np.concatenate(self._pending_slots)
+            self._pending_nodes.clear()
+            self._pending_slots.clear()
+            self._attach(nodes, slots, "slots")
+        if self._pending_page_nodes:
+            nodes = np.concatenate(self._pending_page_nodes)
+            pages = np.concatenate(self._pending_pages)
+            self._pending_page_nodes.clear()
+            self._pending_pages.clear()
+            self._attach(nodes, pages, "pages")
+
+    def _attach(self, nodes: np.ndarray, values: np.ndarray, field: str) -> None:
+        order = np.argsort(nodes, kind="stable")
+        nodes, values = nodes[order], values[order]
+        uniq, first = np.unique(nodes, return_index=True)
+        for nid, part in zip(uniq.tolist(), np.split(values, first[1:])):
+            getattr(self._nodes[nid], field).append(part)
+
+    def _reserve_step(self, reqs: np.ndarray) -> np.ndarray:
+        """One slot per request; the fast path when every node is an exclusive leaf."""
+        if reqs.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if reqs.min() < 0 or reqs.max() >= self._rq_alive.size or not self._rq_alive[reqs].all():
+            bad = [int(r) for r in reqs if r < 0 or r >= self._rq_alive.size or not self._rq_alive[r]]
+            self._node_of(bad[0])
+        nodes = self._rq_node[reqs]
+        if self._nd_excl[nodes].all():
+            if np.unique(reqs).size != reqs.size:
+                raise TreeCacheError("reserve lists a request twice")
+            return self._extend_exclusive(reqs, nodes)
+        # Slow path: some requests need a new leaf. All-or-nothing on the page count.
+        if np.unique(reqs).size != reqs.size:
+            raise TreeCacheError("reserve lists a request twice")
+        need = 0
+        for r, nid in zip(reqs.tolist(), nodes.tolist()):
+            need += 0 if (self._nd_excl[nid] and self._nd_tailfree[nid] > 0) else 1
+        if need > self.pool.allocator.num_free:
+            raise OutOfPagesError(
+                f"reserve needs up to {need} new pages, {self.pool.allocator.num_free} are free")
+        out = np.empty(reqs.size, dtype=np.int64)
+        for i, r in enumerate(reqs.tolist()):
+            out[i] = self._reserve_slow(r, 1)[0]
+        return out
+
+    def _extend_exclusive(self, reqs: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        p = self.page_size
+        tailfree = self._nd_tailfree[nodes]
+        fresh = tailfree == 0
+        new_pages = self.pool.allocator.allocate(int(fresh.sum()))  # raises before any change
+        slots = np.empty(nodes.size, dtype=np.int64)
+        old = ~fresh
+        slots[old] = self._nd_tailpage[nodes[old]] * p + (p - tailfree[old])
+        slots[fresh] = new_pages * p
+        self._nd_tailfree[nodes[old]] -= 1
+        if fresh.any():
+            fn = nodes[fresh]
+            self._nd_tailpage[fn] = new_pages
+            self._nd_tailfree[fn] = p - 1
+            self._pending_page_nodes.append(fn)
+            self._pending_pages.append(new_pages)
+        self._nd_seqlen[nodes] += 1
+        self._pending_nodes.append(nodes)
+        self._pending_slots.append(slots)
+        # Grow the plan's tail vnodes in place when this plan covers these requests.
+        if not self._plan_dirty and self._plan is not None:
+            rows = self._plan_rows[reqs]
+            if (rows < 0).any() or not self._plan.extend_tails(rows, slots):
+                self._dirty()
+        return slots
+
+    def _reserve_one(self, req: int, n: int) -> torch.Tensor:
+        self._node_of(req)
+        if n < 0:
+            raise TreeCacheError(f"num_tokens must be >= 0, got {n}")
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        nid = int(self._rq_node[req])
+        if n == 1 and self._nd_excl[nid]:
+            return self._to_device(self._reserve_step(np.array([req], dtype=np.int64)))
+        return self._to_device(self._reserve_slow(req, n))
+
+    def _reserve_slow(self, req: int, n: int) -> np.ndarray:
+        node = self._reqs[req]
+        p = self.page_size
+        alloc = self.pool.allocator
+        excl = bool(self._nd_excl[node.id])
+        have = int(self._nd_tailfree[node.id]) if excl else 0
+        need_pages = max(0, -(-(n - have) // p))
+        if need_pages > alloc.num_free:
+            raise OutOfPagesError(
+                f"request {req} needs {need_pages} more pages for {n} tokens, "
+                f"{alloc.num_free} are free")
+        self._flush()
+        if not excl:
+            # A new leaf under the request's node; the request moves there.
+            leaf = self._new_node(node)
+            node.ends.remove(req)
+            leaf.ends.append(req)
+            self._reqs[req] = leaf
+            self._rq_node[req] = leaf.id
+            self._refresh(node)
+            self._refresh(leaf)
+            node = leaf
+            have = 0
+        pages = alloc.allocate(need_pages)
+        nid = node.id
+        parts = []
+        if have:
+            use = min(have, n)
+            start = int(self._nd_tailpage[nid]) * p + (p - have)
+            parts.append(np.arange(start, start + use, dtype=np.int64))
+            self._nd_tailfree[nid] -= use
+        if need_pages:
+            rest = n - sum(x.size for x in parts)
+            parts.append((pages[:, None] * p + np.arange(p)).reshape(-1)[:rest])
+            node.pages.append(pages)
+            self._nd_tailpage[nid] = pages[-1]
+            self._nd_tailfree[nid] = need_pages * p - rest
+        slots = np.concatenate(parts)
+        node.slots.append(slots)
+        self._nd_seqlen[nid] += n
+        self._dirty()
+        return slots
+
+    def _to_device(self, slots: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(slots)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _topo_order(self) -> list[_Node]:
+        roots = [nd for nd in self._nodes.values() if nd.parent is None]
+        order, stack = [], roots[::-1]
+        while stack:
+            nd = stack.pop()
+            order.append(nd)
+            stack.extend(nd.children[::-1])
+        return order
+
+    def _rebuild(self, key: tuple[int, ...]) -> None:
+        self._flush()
+        order = self._topo_order()
+        n = len(order)
+        index = np.full(self._next_node, -1, dtype=np.int64)
+        ids = np.fromiter((nd.id for nd in order), dtype=np.int64, count=n)
+        index[ids] = np.arange(n)
+        parent = np.fromiter((-1 if nd.parent is None else nd.parent.id for nd in order),
+                             dtype=np.int64, count=n)
+        parent = np.where(parent >= 0, index[np.maximum(parent, 0)], -1)
+        seqlen = self._nd_seqlen[ids]
+        slot_parts = [nd.slot_array() for nd in order]
+        node_tokens = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
+        tok_ptr = np.zeros(n, dtype=np.int64)
+        if n:
+            tok_ptr[1:] = np.cumsum(seqlen)[:-1]
+        reqs = np.asarray(key, dtype=np.int64)
+        end_nodes = self._rq_node[reqs] if reqs.size else np.zeros(0, np.int64)
+        req_end = index[end_nodes]
+        growable = self._nd_excl[end_nodes]
+        inp = PlanInput(parent=parent, seqlen=seqlen, tok_ptr=tok_ptr, req_end=req_end,
+                        node_tokens=node_tokens, growable=growable)
+        self._plan = build_plan(
+            inp, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, params=self.params, device=self.device,
+            buffers=self._buffers, headroom=self.plan_headroom, **self._plan_kw)
+        if self._plan_requests is not None and len(self._plan_requests):
+            self._plan_rows[np.asarray(self._plan_requests, dtype=np.int64)] = -1
+        self._plan_rows[reqs] = np.arange(reqs.size)
+        self._plan_requests = key
+        self._plan_dirty = False
+        self.plan_rebuilds += 1
+        self.plan_version += 1
+        logger.debug("plan rebuilt: %d nodes, %d requests, %d vnodes", n, reqs.size,
+                     self._plan.num_vnodes)

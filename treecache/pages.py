@@ -1,0 +1,124 @@
+"""The page pool: K/V storage for every layer, a free list and reference counts.
+
+:class:`PageAllocator` is tensor-free (numpy only) and testable on its own;
+:class:`KVPool` adds the K/V tensors. Slot ``s`` of the pool is token ``s % page_size``
+of page ``s // page_size``; kernels address K/V by slot.
+
+Invariants (checked by :meth:`PageAllocator.check`):
+
+* a page is either free (on the free stack, reference count 0) or used (count >= 1);
+* ``num_free + num_used == num_pages``;
+* the free stack holds no page twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .errors import OutOfPagesError, TreeCacheError
+
+__all__ = ["PageAllocator", "KVPool"]
+
+logger = logging.getLogger(__name__)
+
+
+class PageAllocator:
+    """Free stack and reference counts of ``num_pages`` pages of ``page_size`` slots."""
+
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.num_pages = int(num_pages)
+        self.page_size = int(page_size)
+        # Stack: the next page handed out is _free[_top - 1]; initially 0, 1, 2, ...
+        self._free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int64)
+        self._top = self.num_pages
+        self.refcount = np.zeros(self.num_pages, dtype=np.int32)
+
+    @property
+    def num_free(self) -> int:
+        return self._top
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - self._top
+
+    def allocate(self, n: int) -> np.ndarray:
+        """Take ``n`` pages (reference count 1 each). Raises :class:`OutOfPagesError`
+        and changes nothing if fewer than ``n`` are free."""
+        n = int(n)
+        if n > self._top:
+            raise OutOfPagesError(
+                f"need {n} free pages, only {self._top} of {self.num_pages} are free "
+                f"(page_size {self.page_size})")
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
+        pages = self._free[self._top - n:self._top][::-1].copy()
+        self._top -= n
+        self.refcount[pages] = 1
+        return pages
+
+    def incref(self, pages: np.ndarray) -> None:
+        """Add one reference to each page (a page listed twice gets two)."""
+        pages = np.asarray(pages, dtype=np.int64)
+        if pages.size and (self.refcount[pages] <= 0).any():
+            raise TreeCacheError(f"incref of a free page: {pages[self.refcount[pages] <= 0][:5]}")
+        np.add.at(self.refcount, pages, 1)
+
+    def decref(self, pages: np.ndarray) -> int:
+        """Drop one reference per listed page; pages reaching 0 go back on the free stack.
+        Returns how many pages were freed."""
+        pages = np.asarray(pages, dtype=np.int64)
+        if pages.size == 0:
+            return 0
+        np.subtract.at(self.refcount, pages, 1)
+        if (self.refcount[pages] < 0).any():
+            raise TreeCacheError("page reference count went negative (double free)")
+        freed = np.unique(pages[self.refcount[pages] == 0])
+        k = freed.size
+        # Push in reverse so that the lowest freed page is handed out first.
+        self._free[self._top:self._top + k] = freed[::-1]
+        self._top += k
+        return k
+
+    def free_pages(self) -> np.ndarray:
+        """The free stack (copy), next page to be handed out last."""
+        return self._free[:self._top].copy()
+
+    def check(self) -> None:
+        """Raise :class:`TreeCacheError` if an invariant is broken."""
+        free = self._free[:self._top]
+        if np.unique(free).size != free.size:
+            raise TreeCacheError("a page is on the free stack twice")
+        if (self.refcount[free] != 0).any():
+            raise TreeCacheError("a free page has a non-zero reference count")
+        used = np.ones(self.num_pages, dtype=bool)
+        used[free] = False
+        if (self.refcount[used] < 1).any():
+            bad = np.nonzero(used & (self.refcount < 1))[0][:5]
+            raise TreeCacheError(f"pages {bad.tolist()} are neither free nor referenced")
+
+
+class KVPool:
+    """K/V tensors ``[num_layers, num_pages * page_size, num_kv_heads, head_dim]`` + allocator."""
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.allocator = PageAllocator(num_pages, page_size)
+        slots = num_pages * page_size
+        self.k = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        logger.debug("KV pool: %d layers x %d slots (%.1f MiB)", num_layers, slots,
+                     2 * self.k.numel() * self.k.element_size() / 2**20)
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
