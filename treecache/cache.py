@@ -211,6 +211,7 @@ class TreeKVCache:
         self._nd_tailfree = np.zeros(64, dtype=np.int64)  # free slots left in tail page
         self._rq_node = np.full(64, -1, dtype=np.int64)
         self._rq_alive = np.zeros(64, dtype=bool)
+        self._rq_scratch = np.full(64, -1, dtype=np.int64)
         # Tokens added by the fast path, not yet attached to node objects.
         self._pending_nodes: list[np.ndarray] = []
         self._pending_slots: list[np.ndarray] = []
@@ -734,13 +735,15 @@ class TreeKVCache:
             bad = [int(r) for r in reqs if r < 0 or r >= self._rq_alive.size or not self._rq_alive[r]]
             self._node_of(bad[0])
         nodes = self._rq_node[reqs]
+        # Duplicate check in O(n): scatter positions, read them back.
+        ar = np.arange(reqs.size)
+        self._rq_scratch = _grow(self._rq_scratch, self._rq_alive.size, -1)
+        self._rq_scratch[reqs] = ar
+        if (self._rq_scratch[reqs] != ar).any():
+            raise TreeCacheError("reserve lists a request twice")
         if self._nd_excl[nodes].all():
-            if np.unique(reqs).size != reqs.size:
-                raise TreeCacheError("reserve lists a request twice")
             return self._extend_exclusive(reqs, nodes)
         # Slow path: some requests need a new leaf. All-or-nothing on the page count.
-        if np.unique(reqs).size != reqs.size:
-            raise TreeCacheError("reserve lists a request twice")
         need = 0
         for r, nid in zip(reqs.tolist(), nodes.tolist()):
             need += 0 if (self._nd_excl[nid] and self._nd_tailfree[nid] > 0) else 1

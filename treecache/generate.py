@@ -580,11 +580,12 @@ def speculative_decode(
             node = children[node][predicted[node]]
             accepted.append(tree.tokens[node - 1])
 
-        for i, r in enumerate(node_requests[1:], start=1):
-            if i != node:
-                cache.prune(r)
+        rejected = [r for i, r in enumerate(node_requests) if i not in (0, node)]
         if node != 0:
-            cache.accept(request, node_requests[node])
+            cache.accept(request, node_requests[node], discard=rejected)
+        else:
+            for r in rejected:
+                cache.prune(r)
         accepted_total += len(accepted)
         out.extend(accepted)
         history.extend(accepted)
@@ -689,6 +690,8 @@ def _kv_bytes(cache: Any, requests: Sequence[int], page_size: int, bytes_per_tok
     """(KV bytes the tree holds now, KV bytes a cache with one copy per request would hold)."""
     per_request = sum(cache.length(r) for r in requests)
     stats = cache.stats() if hasattr(cache, "stats") else {}
+    if "kv_bytes_used" in stats:
+        return int(stats["kv_bytes_used"]), per_request * bytes_per_token
     if "pages_used" in stats:
         held = int(stats["pages_used"]) * page_size
     else:

@@ -198,7 +198,9 @@ class PlanBuffers:
         pin = self.device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int32, pin_memory=pin)
         self.host_np = self.host.numpy()
-        self.dev = torch.zeros(total, dtype=torch.int32, device=self.device)
+        # On the CPU the staging tensor is the device tensor: uploads cost nothing.
+        self.dev = (self.host if self.device.type == "cpu"
+                    else torch.zeros(total, dtype=torch.int32, device=self.device))
         self.mid_o = torch.empty(self.cap_mid_rows, self.num_qo_heads, self.head_dim,
                                  dtype=torch.float32, device=self.device)
         self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
@@ -231,6 +233,8 @@ class PlanBuffers:
 
     def upload(self, kv_used: int) -> None:
         """Copy the small regions and the first ``kv_used`` kv entries to the device."""
+        if self.dev is self.host:
+            return
         end = self.offsets["kv_indices"] + kv_used
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
 
@@ -389,21 +393,18 @@ class DecodePlan:
         pos = self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv]
         if (pos >= self.tail_limit[rows]).any():
             return False
-        if np.unique(tv).size != tv.size:
-            return False
+        # Distinct rows have distinct tail vnodes (a tail vnode serves one request).
         b = self.buffers
         kv_off = b.offsets["kv_indices"]
         len_off = b.offsets["vnode_kv_len"]
         self.vnode_kv_len_host[tv] += 1
         b.host_np[kv_off + pos] = slots
         b.host_np[len_off + tv] = self.vnode_kv_len_host[tv]
-        idx = torch.from_numpy(np.concatenate([kv_off + pos, len_off + tv]))
-        vals = torch.from_numpy(b.host_np[idx.numpy()])
-        if b.device.type == "cpu":
-            b.dev[idx] = vals
-        else:
-            b.dev.index_copy_(0, idx.to(b.device, non_blocking=True),
-                              vals.to(b.device, non_blocking=True))
+        if b.dev is not b.host:
+            idx = np.concatenate([kv_off + pos, len_off + tv])
+            packed = torch.from_numpy(np.stack([idx, b.host_np[idx].astype(np.int64)]))
+            packed = packed.pin_memory().to(b.device, non_blocking=True)
+            b.dev.index_copy_(0, packed[0], packed[1].to(torch.int32))
         return True
 
 
@@ -737,7 +738,7 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     positions = _expand_ranges(tok_ptr[cn], seg_len)
     chain_tokens = positions if inp.node_tokens is None else np.asarray(inp.node_tokens)[positions]
     # Destination of every chain token: its group's base plus its offset in the chain.
-    dest = _expand_ranges(kv_base, length)
+    dest = _expand_ranges(kv_base, length) if grow_g.any() else None
 
     # Vnodes: (group, kv chunk, q tile), ordered by phase (stable).
     nv_g = nch * nqt
@@ -807,7 +808,10 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     hv("req_mid_start", b)[:] = req_start
     hv("req_mid_len", b)[:] = req_cnt
     kv_host = hv("kv_indices", kv_total)
-    kv_host[dest] = chain_tokens
+    if grow_g.any():
+        kv_host[dest] = chain_tokens
+    else:  # no headroom gaps: chain tokens are already in layout order
+        kv_host[:] = chain_tokens
     buffers.upload(kv_total)
     buffers.serial += 1
 

@@ -239,7 +239,8 @@ class TreeCacheModel:
     ):
         """A ``TreeKVCache`` shaped for this model (layers, heads, head_dim, dtype, device).
 
-        Extra keyword arguments go to the ``TreeKVCache`` constructor.
+        The cache's softmax scale is the model's attention scale. Extra keyword arguments
+        go to the ``TreeKVCache`` constructor.
         """
         from ..cache import TreeKVCache
 
@@ -253,6 +254,7 @@ class TreeCacheModel:
             dtype=dtype or self.dtype,
             device=device if device is not None else self.device,
             backend=backend,
+            sm_scale=self.sm_scale,
             **kwargs,
         )
 
@@ -353,7 +355,7 @@ class TreeCacheModel:
         self._check_window(max(lengths))
         positions = torch.tensor(lengths, device=self.device) - 1
         cache_dtype = cache.k_pool.dtype
-        attend_kwargs = self._attend_kwargs(cache)
+        self._check_scale(cache)
 
         h = self.embed_tokens(ids)  # [b, hidden]
         cos, sin = self._rope(h, positions)
@@ -361,7 +363,7 @@ class TreeCacheModel:
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # [b, H|KVH, d]
             cache.write(i, slots, k.to(cache_dtype), v.to(cache_dtype))
-            o = cache.attend(q.to(cache_dtype), layer=i, requests=requests, **attend_kwargs)
+            o = cache.attend(q.to(cache_dtype), layer=i, requests=requests)
             h = h + attn.o_proj(o.to(h.dtype).reshape(b, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h)).float()
@@ -393,12 +395,13 @@ class TreeCacheModel:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
-    def _attend_kwargs(self, cache: Any) -> dict[str, float]:
-        # The cache scales by 1/sqrt(head_dim) unless told otherwise; pass the model's
-        # scale only when it differs, so caches without the keyword keep working.
-        if math.isclose(self.sm_scale, self.head_dim**-0.5, rel_tol=1e-9):
-            return {}
-        return {"sm_scale": self.sm_scale}
+    def _check_scale(self, cache: Any) -> None:
+        scale = getattr(cache, "sm_scale", None)
+        if scale is not None and not math.isclose(scale, self.sm_scale, rel_tol=1e-6):
+            raise UnsupportedConfigError(
+                f"the cache's sm_scale is {scale}, the model's attention scale is {self.sm_scale}; "
+                f"build the cache with `new_cache()` or pass sm_scale={self.sm_scale}"
+            )
 
     def _check_window(self, length: int) -> None:
         if self._sliding_window is not None and length > self._sliding_window:

@@ -1,0 +1,118 @@
+"""Host-side cost of planning and of TreeKVCache steps.
+
+``python -m benchmarks.host`` (``--quick`` on CPU) measures, on the largest seed tree
+(1365 nodes, 1024 requests, 278,816 tokens):
+
+* ``build_plan`` from flat arrays (a full plan), and ``fasttree_preparation`` (which
+  also validates the KVTreeNode list);
+* a TreeKVCache append-only step for every request (``reserve`` of one slot each,
+  which also grows the plan's tail vnodes in place) - no re-plan;
+* a TreeKVCache re-plan after a topology change (``prepare`` after a fork and a prune).
+
+Times are host wall-clock medians (``time.perf_counter``), in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from treecache import FastTreeParams, TreeKVCache, fasttree_preparation, kv_ptrs
+from treecache.fasttree import tree_plan_input
+from treecache.plan import build_plan
+from treecache.tree import generate_tree_from_spec
+
+LARGEST = "1,4,16,64,256,1024 256,8,256,64,32,256"
+
+
+def cache_from_tree(cache: TreeKVCache, nodes) -> list[int]:
+    """Fill ``cache`` with ``nodes`` (random K/V); returns one request per leaf."""
+    reqs: dict[int, int] = {}
+    gen = torch.Generator().manual_seed(0)
+    for nd in nodes:  # parents come before children in generated trees
+        r = cache.new_request() if nd.parent < 0 else cache.fork(reqs[nd.parent])
+        shape = (cache.num_layers, nd.seqlen, cache.num_kv_heads, cache.head_dim)
+        k = torch.randn(shape, generator=gen).to(cache.device, cache.dtype)
+        cache.append(r, k, k)
+        reqs[nd.id] = r
+    leaves = []
+    for nd in nodes:
+        if nd.num_children:
+            cache.prune(reqs[nd.id])
+        else:
+            leaves.append(reqs[nd.id])
+    return leaves
+
+
+def _median_us(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e6
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="host-side planning and cache step costs")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="write a JSON file here")
+    args = ap.parse_args(argv)
+    spec = "1,4,16 64,8,32" if args.quick else LARGEST
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hq, hk, d = 32, 8, 128
+    nodes = generate_tree_from_spec(spec)
+    ptrs = kv_ptrs(nodes)
+    b = sum(1 for n in nodes if n.num_children == 0)
+    params = FastTreeParams()
+    res = {"tree": spec, "device": str(device)}
+
+    res["fasttree_preparation_us"] = _median_us(
+        lambda: fasttree_preparation(nodes, ptrs, b, hq, hk, d, params=params, device=device), 10)
+    inp = tree_plan_input(nodes, ptrs, b)
+    meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, d, params=params, device=device)
+    bufs = meta.plan.buffers
+    res["build_plan_us"] = _median_us(
+        lambda: build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, params=params,
+                           device=device, buffers=bufs), 20)
+
+    cache = TreeKVCache(1, hq, hk, d, capacity_tokens=sum(n.seqlen for n in nodes) + 200 * b,
+                        dtype=torch.float16 if device.type == "cuda" else torch.float32,
+                        device=device, plan_headroom=128)
+    leaves = cache_from_tree(cache, nodes)
+    q = torch.randn(len(leaves), hq, d, device=device, dtype=cache.dtype)
+    cache.attend(q, 0)
+    cache.reserve()  # first step moves nothing (leaves are exclusive)
+    cache.attend(q, 0)
+    rebuilds = cache.plan_rebuilds
+    steps = 50
+    res["append_step_us"] = _median_us(lambda: cache.reserve(), steps)
+    res["append_step_rebuilds"] = cache.plan_rebuilds - rebuilds
+    cache.attend(q, 0)
+    res["append_step_rebuilds"] = cache.plan_rebuilds - rebuilds
+
+    def topo_change():
+        r = cache.fork(leaves[0])
+        cache.prune(r)
+        cache.prepare()
+
+    res["replan_us"] = _median_us(topo_change, 5)
+    res["cache_stats"] = cache.stats()
+    for k, v in res.items():
+        if k.endswith("_us"):
+            print(f"{k:28s} {v:10.1f} us")
+    print(f"append-only steps rebuilt the plan {res['append_step_rebuilds']} times")
+    print(f"target 4: full plan {res['build_plan_us'] / 1e3:.2f} ms (<= 2 ms); append-only step "
+          f"{res['append_step_us']:.1f} us for {len(leaves)} requests (<= 100 us)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()

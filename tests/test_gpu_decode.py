@@ -1,0 +1,89 @@
+"""GPU checks of the compiled kernels against the float32 reference (skipped without CUDA).
+
+Random forests (requests ending at leaves and at internal nodes), every supported dtype,
+head_dim, GQA group size and the soft cap, at sizes the interpreter cannot run.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import treecache as tc
+from kernels import reference_decode
+from treecache.plan import PlanInput, build_plan
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+
+
+def _random_forest(rng, n_nodes, roots, max_len):
+    parent = np.full(n_nodes, -1, dtype=np.int64)
+    for i in range(roots, n_nodes):
+        parent[i] = rng.integers(0, i)
+    seqlen = rng.integers(1, max_len, size=n_nodes)
+    is_parent = np.zeros(n_nodes, bool)
+    is_parent[parent[parent >= 0]] = True
+    ends = list(np.nonzero(~is_parent)[0])
+    # Some requests end at internal nodes too.
+    ends += list(rng.choice(np.nonzero(is_parent)[0], size=min(3, int(is_parent.sum())), replace=False))
+    return parent, seqlen, np.asarray(ends, dtype=np.int64)
+
+
+def _paths(parent, seqlen, tok_ptr, ends):
+    out = []
+    for e in ends:
+        chain = []
+        x = int(e)
+        while x >= 0:
+            chain.append(x)
+            x = int(parent[x])
+        out.append(np.concatenate([np.arange(tok_ptr[x], tok_ptr[x] + seqlen[x]) for x in chain[::-1]]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("hq,hk", [(8, 8), (8, 4), (16, 4), (28, 4), (32, 4), (16, 1)])
+@pytest.mark.parametrize("cap", [0.0, 20.0])
+def test_random_forest_gpu(cuda, dtype, head_dim, hq, hk, cap):
+    rng = np.random.default_rng(hash((str(dtype), head_dim, hq, hk, cap)) % 2**32)
+    parent, seqlen, ends = _random_forest(rng, 40, 3, 300)
+    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]])
+    perm = rng.permutation(int(seqlen.sum()))  # scattered slots, like a paged pool
+    inp = PlanInput(parent=parent, seqlen=seqlen, tok_ptr=tok_ptr, req_end=ends, node_tokens=perm)
+    plan = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=head_dim, device=cuda,
+                      kv_split_sizes=(256, 64))
+    b, t = ends.size, int(seqlen.sum())
+    q = torch.randn(b, hq, head_dim, device=cuda, dtype=dtype) * (3.0 if cap else 1.0)
+    k = torch.randn(t, hk, head_dim, device=cuda, dtype=dtype)
+    v = torch.randn(t, hk, head_dim, device=cuda, dtype=dtype)
+    o = torch.full_like(q, float("nan"))
+    plan.buffers.mid_o.fill_(float("nan"))
+    sm = 1 / math.sqrt(head_dim)
+    plan.run(q, k, v, o, sm_scale=sm, logit_cap=cap)
+    slots = [torch.from_numpy(perm[p]).to(cuda) for p in _paths(parent, seqlen, tok_ptr, ends)]
+    ref = reference_decode(q, k, v, slots, sm, cap)
+    assert not torch.isnan(o).any()
+    err = ((o.float() - ref).norm() / ref.norm()).item()
+    assert err <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("spec", ["1,16,64 1024,256,32", "1,4,16,512 1024,256,128,32"])
+@pytest.mark.parametrize("hq,hk", [(32, 32), (32, 8), (16, 1)])
+def test_seed_suite_cases_gpu(cuda, spec, hq, hk):
+    nodes = tc.generate_tree_from_spec(spec)
+    q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, hq, hk, 128, cuda, torch.float16,
+                                                build_cache=False)
+    params = tc.FastTreeParams()
+    meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, [1024, 128],
+                                      [132, 528], [132, 132], params, device=cuda)
+    o = torch.full_like(q, float("nan"))
+    tc.fasttree_decode(q, k, v, o, *meta, params.TSQs, params.TSKs, 1 / math.sqrt(128))
+    inp = tc.fasttree.tree_plan_input(nodes, ptrs, q.shape[0])
+    slots = _paths(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
+    ref = reference_decode(q, k, v, [torch.from_numpy(s).to(cuda) for s in slots], 1 / math.sqrt(128))
+    assert not torch.isnan(o).any()
+    assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3

@@ -1,0 +1,365 @@
+"""Tests of the tree-decode kernels alone (no trees, no planner).
+
+Each case hand-builds the vnode index arrays of ``kernels.tree_decode`` (a vnode is a
+set of query rows and a list of KV slots), runs the Triton kernels (the Triton
+interpreter on a CPU-only machine) and the torch implementation of the same plan, and
+compares both with ``kernels.reference_decode``, the dense float32 oracle, over each
+request's KV slots (the union of the slots of the vnodes it belongs to).
+
+Outputs and mid buffers are poisoned with NaN before every call: a row the kernels
+forget to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import Phase, reference_decode, torch_tree_decode, tree_decode
+from kernels.tree_decode import stage1_block_sizes, tree_decode_stage1, tree_decode_stage2
+
+LOG2E = 1.4426950408889634
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+IMPLS = {"triton": tree_decode, "torch": torch_tree_decode}
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def i32(values) -> torch.Tensor:
+    return torch.as_tensor(list(values), dtype=torch.int32)
+
+
+class Case:
+    """Index arrays for a list of vnodes, plus each request's slots for the oracle.
+
+    ``vnodes`` is a list of ``(query_rows, kv_slots)``; vnode ``v`` owns consecutive mid
+    rows. ``phases`` is a list of ``(first_vnode, num_vnodes, kv_tile)``; each phase's
+    ``q_tile`` is its largest vnode query count. ``spare_mid_rows`` extra rows are
+    allocated past the used ones (they must stay untouched).
+    """
+
+    def __init__(self, vnodes, num_requests, phases=None, kv_tile=16,
+                 shuffle_req_rows=False, spare_mid_rows=2, generator=None):
+        self.num_requests = num_requests
+        kv_indices, kv_start, kv_len = [], [], []
+        q_start, q_len, mid_q_rows = [], [], []
+        for rows, slots in vnodes:
+            kv_start.append(len(kv_indices))
+            kv_len.append(len(slots))
+            kv_indices.extend(slots)
+            q_start.append(len(mid_q_rows))
+            q_len.append(len(rows))
+            mid_q_rows.extend(rows)
+        self.num_mid_rows = len(mid_q_rows)
+        req_rows = [[j for j, r in enumerate(mid_q_rows) if r == b] for b in range(num_requests)]
+        if shuffle_req_rows:
+            g = generator or torch.Generator().manual_seed(0)
+            req_rows = [[rr[i] for i in torch.randperm(len(rr), generator=g).tolist()]
+                        for rr in req_rows]
+        req_start, req_len, req_mid_rows = [], [], []
+        for rr in req_rows:
+            req_start.append(len(req_mid_rows))
+            req_len.append(len(rr))
+            req_mid_rows.extend(rr)
+        self.index = dict(
+            kv_indices=i32(kv_indices or [0]),
+            vnode_kv_start=i32(kv_start), vnode_kv_len=i32(kv_len),
+            vnode_q_start=i32(q_start), vnode_q_len=i32(q_len),
+            mid_q_rows=i32(mid_q_rows or [0]),
+            req_mid_start=i32(req_start), req_mid_len=i32(req_len),
+            req_mid_rows=i32(req_mid_rows or [0]),
+        )
+        if phases is None:
+            phases = [(0, len(vnodes), kv_tile)]
+        self.phases = [
+            Phase(first, count, max([1] + [len(vnodes[v][0]) for v in range(first, first + count)]),
+                  tile)
+            for first, count, tile in phases
+        ]
+        # What the oracle sees: each request attends the slots of all its vnodes.
+        self.request_slots = [[] for _ in range(num_requests)]
+        for rows, slots in vnodes:
+            for r in rows:
+                self.request_slots[r].extend(slots)
+        self.spare = spare_mid_rows
+
+    def run(self, impl, q, k, v, sm_scale, logit_cap=0.0):
+        """Run ``impl`` on poisoned buffers; return (o, mid_o, mid_lse)."""
+        b, hq, d = q.shape
+        rows = self.num_mid_rows + self.spare
+        o = torch.full_like(q, float("nan"))
+        mid_o = torch.full((rows, hq, d), float("nan"), dtype=torch.float32)
+        mid_lse = torch.full((rows, hq), float("nan"), dtype=torch.float32)
+        out = IMPLS[impl](q, k, v, o, mid_o=mid_o, mid_lse=mid_lse, phases=self.phases,
+                          sm_scale=sm_scale, logit_cap=logit_cap, **self.index)
+        assert out is o
+        return o, mid_o, mid_lse
+
+
+def make_qkv(num_requests, num_slots, hq, hk, d, dtype, seed=0, q_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(num_requests, hq, d, generator=g) * q_scale).to(dtype)
+    k = torch.randn(num_slots, hk, d, generator=g).to(dtype)
+    v = torch.randn(num_slots, hk, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def check_output(case, o, mid_o, mid_lse, ref, dtype):
+    n = case.num_mid_rows
+    assert not torch.isnan(o).any(), "output has NaN (a row was not written)"
+    assert not torch.isnan(mid_o[:n]).any(), "mid_o has NaN in a used row"
+    assert not torch.isnan(mid_lse[:n]).any(), "mid_lse has NaN in a used row"
+    # Rows past the used ones are not written.
+    assert torch.isnan(mid_o[n:]).all() and torch.isnan(mid_lse[n:]).all()
+    err = rel_err(o, ref)
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+def shared_prefix_case(prefix_len=37, own_lens=(5, 20, 11), kv_tile=16):
+    """One vnode of every request over a shared prefix, then one vnode per request."""
+    b = len(own_lens)
+    vnodes = [(list(range(b)), list(range(prefix_len)))]
+    start = prefix_len
+    for r, n in enumerate(own_lens):
+        vnodes.append(([r], list(range(start, start + n))))
+        start += n
+    return Case(vnodes, b, kv_tile=kv_tile), start
+
+
+# --------------------------------------------------------- shapes, dtypes, GQA, cap
+
+
+def _shape_cases():
+    """A covering set: (dtype, head_dim, group, num_kv_heads, logit_cap)."""
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for d in (16, 128):
+            cases.append((dtype, d, 2, 1, 0.0))
+    for d in (16, 32, 64, 128, 256):
+        cases.append((torch.float16, d, 1, 2, 0.0))
+    for i, group in enumerate((1, 2, 4, 7, 8, 16)):
+        cases.append((torch.float16, 32, group, 1 + i % 2, 0.0))
+    cases += [
+        (torch.float16, 64, 4, 1, 5.0),
+        (torch.bfloat16, 32, 1, 2, 5.0),
+        (torch.float32, 128, 8, 2, 5.0),
+        (torch.float16, 256, 16, 1, 5.0),
+    ]
+    return cases
+
+
+def _case_id(c):
+    dtype, d, group, hk, cap = c
+    return f"{DTYPE_IDS[dtype]}-d{d}-g{group}-hk{hk}" + (f"-cap{cap:g}" if cap else "")
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("shape", _shape_cases(), ids=_case_id)
+def test_shared_prefix_matches_reference(shape, impl):
+    dtype, d, group, hk, cap = shape
+    hq = group * hk
+    case, num_slots = shared_prefix_case()
+    # With the cap on, scale q up so that logits reach the cap.
+    q, k, v = make_qkv(case.num_requests, num_slots, hq, hk, d, dtype,
+                       seed=d + group, q_scale=4.0 if cap else 1.0)
+    sm_scale = 1.0 / math.sqrt(d)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, sm_scale, cap)
+    ref = reference_decode(q, k, v, case.request_slots, sm_scale, cap)
+    check_output(case, o, mid_o, mid_lse, ref, dtype)
+    if cap:
+        uncapped = reference_decode(q, k, v, case.request_slots, sm_scale, 0.0)
+        assert rel_err(uncapped, ref) > 0.05, "test set-up: the cap does not change the result"
+        assert rel_err(o, uncapped) > 0.05
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("cap", [0.0, -1.0, None], ids=["zero", "negative", "none"])
+def test_non_positive_cap_is_off(impl, cap):
+    case, num_slots = shared_prefix_case()
+    q, k, v = make_qkv(case.num_requests, num_slots, 2, 1, 32, torch.float32, q_scale=4.0)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.2, cap)
+    ref = reference_decode(q, k, v, case.request_slots, 0.2, 0.0)
+    check_output(case, o, mid_o, mid_lse, ref, torch.float32)
+
+
+# ---------------------------------------------------------------- plan layouts
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_request_with_several_mid_rows(impl):
+    # Request 0: a prefix cut into two chunks, a middle node and its own tokens (4 mid
+    # rows, not adjacent); request 1: the two prefix chunks and its own tokens;
+    # request 2: its own tokens only. Stage 2 reads each request's rows in shuffled order.
+    vnodes = [
+        ([0, 1], list(range(0, 20))),
+        ([0, 1], list(range(20, 45))),
+        ([2], list(range(45, 52))),
+        ([0], list(range(52, 61))),
+        ([0], list(range(61, 64))),
+        ([1], list(range(64, 90))),
+    ]
+    case = Case(vnodes, 3, shuffle_req_rows=True)
+    assert case.index["req_mid_len"].tolist() == [4, 3, 1]
+    q, k, v = make_qkv(3, 90, 4, 2, 32, torch.float16, seed=1)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 1 / math.sqrt(32))
+    ref = reference_decode(q, k, v, case.request_slots, 1 / math.sqrt(32))
+    check_output(case, o, mid_o, mid_lse, ref, torch.float16)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_request_with_zero_mid_rows_gets_zeros(impl):
+    # Request 1 is in no vnode (an empty context): its output is exactly zero.
+    vnodes = [([0, 2], list(range(0, 30))), ([2], list(range(30, 40)))]
+    case = Case(vnodes, 3)
+    assert case.index["req_mid_len"].tolist() == [1, 0, 2]
+    q, k, v = make_qkv(3, 40, 2, 1, 16, torch.float16, seed=2)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.25)
+    assert not torch.isnan(o).any()
+    assert torch.count_nonzero(o[1]) == 0
+    ref = reference_decode(q, k, v, case.request_slots, 0.25)
+    assert torch.count_nonzero(ref[1]) == 0
+    check_output(case, o, mid_o, mid_lse, ref, torch.float16)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_empty_vnode(impl):
+    # Vnode 1 has no KV slots: its partial result has lse = -inf and weight 0 in the
+    # merge. Request 1 attends only that empty vnode and gets zeros.
+    vnodes = [([0], list(range(0, 25))), ([0, 1], []), ([0], list(range(25, 30)))]
+    case = Case(vnodes, 2)
+    q, k, v = make_qkv(2, 30, 2, 2, 32, torch.float32, seed=3)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.2)
+    assert not torch.isnan(o).any()
+    assert torch.count_nonzero(o[1]) == 0
+    assert torch.isneginf(mid_lse[1:3]).all()
+    ref = reference_decode(q, k, v, case.request_slots, 0.2)
+    assert rel_err(o[:1], ref[:1]) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_two_phases_permuted_slots(impl):
+    # Phase 0: one vnode of 5 queries over 70 shared slots, KV tile 32; phase 1: one
+    # vnode per request, KV tile 16 (non-zero vnode offset). KV slots are a random
+    # permutation of the storage rows, so no vnode reads contiguous rows.
+    g = torch.Generator().manual_seed(4)
+    perm = torch.randperm(130, generator=g).tolist()
+    vnodes = [(list(range(5)), perm[:70])]
+    start = 70
+    for r, n in enumerate((17, 1, 9, 16, 17)):
+        vnodes.append(([r], perm[start:start + n]))
+        start += n
+    case = Case(vnodes, 5, phases=[(0, 1, 32), (1, 5, 16)])
+    assert [(p.vnode_offset, p.num_vnodes, p.q_tile, p.kv_tile) for p in case.phases] == [
+        (0, 1, 5, 32), (1, 5, 1, 16)]
+    q, k, v = make_qkv(5, 130, 8, 2, 64, torch.float16, seed=4)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.125)
+    ref = reference_decode(q, k, v, case.request_slots, 0.125)
+    check_output(case, o, mid_o, mid_lse, ref, torch.float16)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_query_rows_out_of_order(impl):
+    # A vnode's query rows need not be sorted or adjacent; a vnode may hold a single
+    # query of a large batch.
+    vnodes = [([3, 0, 2], list(range(0, 33))), ([1], list(range(33, 40))),
+              ([2, 1], list(range(40, 41))), ([3], list(range(41, 60)))]
+    case = Case(vnodes, 4, kv_tile=64)
+    q, k, v = make_qkv(4, 60, 4, 1, 16, torch.float32, seed=5)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.25)
+    ref = reference_decode(q, k, v, case.request_slots, 0.25)
+    check_output(case, o, mid_o, mid_lse, ref, torch.float32)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_base2_lse_convention(impl):
+    # One vnode, one request: mid_o is the softmax-weighted value sum and mid_lse is the
+    # base-2 log-sum-exp of the scaled logits, log2(e) * logsumexp(sm_scale * q.k).
+    case = Case([([0], list(range(21)))], 1)
+    q, k, v = make_qkv(1, 21, 4, 2, 32, torch.float32, seed=6)
+    sm_scale = 0.3
+    _, mid_o, mid_lse = case.run(impl, q, k, v, sm_scale)
+    s = torch.einsum("hd,thd->ht", q[0], k.repeat_interleave(2, dim=1)) * sm_scale
+    torch.testing.assert_close(mid_lse[0], LOG2E * torch.logsumexp(s, dim=-1),
+                               rtol=1e-5, atol=1e-5)
+    ref = reference_decode(q, k, v, case.request_slots, sm_scale)
+    torch.testing.assert_close(mid_o[0], ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_stages_launch_separately():
+    # The two launchers compose: stage 1 per phase then stage 2 equals tree_decode.
+    case, num_slots = shared_prefix_case()
+    q, k, v = make_qkv(3, num_slots, 4, 2, 16, torch.float16, seed=7)
+    o_ref, _, _ = case.run("triton", q, k, v, 0.25)
+    rows = case.num_mid_rows
+    mid_o = torch.full((rows, 4, 16), float("nan"))
+    mid_lse = torch.full((rows, 4), float("nan"))
+    ix = case.index
+    for ph in case.phases:
+        tree_decode_stage1(q, k, v, mid_o, mid_lse, ix["kv_indices"], ix["vnode_kv_start"],
+                           ix["vnode_kv_len"], ix["vnode_q_start"], ix["vnode_q_len"],
+                           ix["mid_q_rows"], ph, 0.25)
+    o = torch.full_like(q, float("nan"))
+    tree_decode_stage2(mid_o, mid_lse, o, ix["req_mid_start"], ix["req_mid_len"],
+                       ix["req_mid_rows"])
+    assert torch.equal(o, o_ref)
+
+
+# ------------------------------------------------------------------ launch checks
+
+
+def test_block_sizes():
+    assert stage1_block_sizes(1, 16, 1, 16) == (16, 16, 16)
+    assert stage1_block_sizes(8, 16, 16, 128) == (128, 16, 128)
+    assert stage1_block_sizes(3, 100, 7, 48) == (32, 128, 64)
+    # Wide heads: a K and a V tile of fp16 stay within 64 KiB.
+    assert stage1_block_sizes(1, 256, 1, 256) == (16, 64, 256)
+
+
+def _small_args():
+    case, num_slots = shared_prefix_case()
+    q, k, v = make_qkv(3, num_slots, 2, 1, 16, torch.float16)
+    o = torch.empty_like(q)
+    mid_o = torch.empty(case.num_mid_rows, 2, 16)
+    mid_lse = torch.empty(case.num_mid_rows, 2)
+    return case, q, k, v, o, mid_o, mid_lse
+
+
+def test_rejects_wide_q_tile():
+    # q_tile 16 x group 16 = 256 rows > 128.
+    case, q, k, v, o, mid_o, mid_lse = _small_args()
+    q = q.repeat_interleave(8, dim=1)  # 16 heads on 1 kv head
+    o = torch.empty_like(q)
+    mid_o = torch.empty(case.num_mid_rows, 16, 16)
+    mid_lse = torch.empty(case.num_mid_rows, 16)
+    with pytest.raises(ValueError, match=r"q_tile 16 x group 16 = 256 rows exceeds 128"):
+        tree_decode(q, k, v, o, mid_o=mid_o, mid_lse=mid_lse, phases=[Phase(0, 4, 16, 16)],
+                    sm_scale=0.25, **case.index)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(kv_indices=a["kv_indices"].long()), r"kv_indices must be int32"),
+        (lambda a: a.update(k=a["k"].float()), r"k has dtype torch.float32, q has torch.float16"),
+        (lambda a: a.update(o=a["o"][:2]), r"o has shape \(2, 2, 16\), expected q's \(3, 2, 16\)"),
+        (lambda a: a.update(v=a["v"][:10]), r"k has shape .* but v has"),
+        (lambda a: a.update(mid_o=a["mid_o"].half()), r"mid_o and mid_lse must be float32"),
+        (lambda a: a.update(k=a["k"][..., :8].contiguous(), v=a["v"][..., :8].contiguous()),
+         r"k has head_dim 8, q has 16"),
+    ],
+    ids=["index-dtype", "kv-dtype", "o-shape", "v-rows", "mid-dtype", "head-dim"],
+)
+def test_argument_checks(mutate, message):
+    case, q, k, v, o, mid_o, mid_lse = _small_args()
+    args = dict(q=q, k=k, v=v, o=o, mid_o=mid_o, mid_lse=mid_lse, **case.index)
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        tree_decode(phases=case.phases, sm_scale=0.25, **args)

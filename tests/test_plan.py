@@ -1,0 +1,655 @@
+"""Tests of treecache.plan: the cost model, the vnode decomposition and plan buffers.
+
+Small hand-built trees with exact expectations (assignments, vnode counts, chunk and
+tile layout, phases), structural invariants of every plan (each request attends exactly
+the KV slots of its root-to-node path, computed here independently of the planner), and
+the plan's runtime side: buffer reuse and in-place tail growth.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import reference_decode
+from treecache.errors import PlanMismatchError, TreeCacheError, UnsupportedConfigError
+from treecache.plan import (
+    DecodePlan,
+    FastTreeParams,
+    PlanBuffers,
+    PlanInput,
+    build_plan,
+    path_token_indices,
+)
+
+# Thresholds of 0 switch off the seed's parallelism adjustment (smaller KV chunks, then
+# one tile shape for both phases), so that tiles and chunks are exactly what is asked.
+NO_ADJUST = dict(para_threshs1=(0, 0), para_threshs2=(0, 0))
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def plan_input(parent, seqlen, req_end, node_tokens=None, growable=None) -> PlanInput:
+    """A PlanInput with nodes laid out contiguously in id order."""
+    seqlen = np.asarray(seqlen, dtype=np.int64)
+    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]]).astype(np.int64)
+    return PlanInput(
+        parent=np.asarray(parent, dtype=np.int64), seqlen=seqlen, tok_ptr=tok_ptr,
+        req_end=np.asarray(req_end, dtype=np.int64),
+        node_tokens=None if node_tokens is None else np.asarray(node_tokens, dtype=np.int32),
+        growable=None if growable is None else np.asarray(growable, dtype=bool),
+    )
+
+
+def expected_paths(inp: PlanInput) -> list[list[int]]:
+    """KV slots of every request's path, root first, by walking parent pointers."""
+    out = []
+    for end in inp.req_end.tolist():
+        nodes = []
+        v = end
+        while v != -1:
+            nodes.append(v)
+            v = int(inp.parent[v])
+        slots = []
+        for v in reversed(nodes):
+            pos = range(int(inp.tok_ptr[v]), int(inp.tok_ptr[v] + inp.seqlen[v]))
+            slots += [int(inp.node_tokens[p]) for p in pos] if inp.node_tokens is not None else list(pos)
+        out.append(slots)
+    return out
+
+
+def host(plan: DecodePlan, name: str, n: int) -> list[int]:
+    return plan.buffers.host_view(name, n).tolist()
+
+
+def vnode_table(plan: DecodePlan) -> list[tuple[int, int, int, int]]:
+    """(kv_start, kv_len, q_start, q_len) of every vnode, in launch order."""
+    nv = plan.num_vnodes
+    return list(zip(host(plan, "vnode_kv_start", nv), host(plan, "vnode_kv_len", nv),
+                    host(plan, "vnode_q_start", nv), host(plan, "vnode_q_len", nv)))
+
+
+def plan_slots(plan: DecodePlan) -> list[list[int]]:
+    """Sorted KV slots each request attends through the plan's vnodes."""
+    kv = plan.buffers.host_view("kv_indices", plan.num_kv_entries)
+    mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
+    out = [[] for _ in range(plan.num_requests)]
+    for ks, kl, qs, ql in vnode_table(plan):
+        slots = kv[ks:ks + kl].tolist()
+        for j in range(qs, qs + ql):
+            out[mid_q_rows[j]] += slots
+    return [sorted(s) for s in out]
+
+
+def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
+    """Invariants every plan satisfies, whatever the cost model chose."""
+    nv, nm, b = plan.num_vnodes, plan.num_mid_rows, plan.num_requests
+    assert b == inp.req_end.size
+    assert plan.num_qo_heads == group * plan.num_kv_heads
+    # Phases partition the vnodes, in order; every vnode fits its phase's q tile.
+    table = vnode_table(plan)
+    start = 0
+    for ph in plan.phases:
+        assert ph.vnode_offset == start and ph.num_vnodes > 0
+        assert ph.q_tile * group <= 128
+        for ks, kl, qs, ql in table[start:start + ph.num_vnodes]:
+            assert 1 <= ql <= ph.q_tile
+            assert kl >= 1 and ks + kl <= plan.num_kv_entries
+        start += ph.num_vnodes
+    assert start == nv
+    assert len(plan.phases) <= 2
+    # Vnodes own disjoint mid-row ranges covering 0..nm-1.
+    owned = sorted(r for _, _, qs, ql in table for r in range(qs, qs + ql))
+    assert owned == list(range(nm))
+    # Stage 2 map: request r merges exactly the mid rows whose query row is r.
+    mid_q_rows = host(plan, "mid_q_rows", nm)
+    starts, lens = host(plan, "req_mid_start", b), host(plan, "req_mid_len", b)
+    req_rows = host(plan, "req_mid_rows", nm)
+    for r in range(b):
+        mine = req_rows[starts[r]:starts[r] + lens[r]]
+        assert sorted(mine) == [j for j in range(nm) if mid_q_rows[j] == r]
+    # The device tensors hold what the host staging buffer holds.
+    for name, n in (("vnode_kv_start", nv), ("vnode_kv_len", nv), ("vnode_q_start", nv),
+                    ("vnode_q_len", nv), ("mid_q_rows", nm), ("req_mid_rows", nm),
+                    ("req_mid_start", b), ("req_mid_len", b),
+                    ("kv_indices", plan.num_kv_entries)):
+        assert plan.buffers.dev_view(name, n).cpu().tolist() == host(plan, name, n), name
+    # Each request attends exactly its path's tokens, each once.
+    assert plan_slots(plan) == [sorted(p) for p in expected_paths(inp)]
+    assert len(plan.node_assignments) == inp.parent.size
+    assert set(plan.node_assignments) <= {0, 1}
+    assert all(plan.node_assignments[i] == 0 for i in np.flatnonzero(inp.parent < 0))
+
+
+def build(inp, group=1, hk=1, head_dim=16, **kw) -> DecodePlan:
+    plan = build_plan(inp, num_qo_heads=group * hk, num_kv_heads=hk, head_dim=head_dim, **kw)
+    check_plan(plan, inp, group)
+    return plan
+
+
+def seed_cmm(nq, nk, alpha, beta, group=1, tsq=(64, 16), tsk=(32, 128)):
+    """The documented matmul cost: alpha * Q-tile padding + beta * K-tile padding."""
+    tq, tk = (tsq[0], tsk[0]) if nq > tsq[1] else (tsq[1], tsk[1])
+    padq = (-nq) % tq
+    padk = max(tk - nk, 0)
+    return alpha * group * padq * nk + beta * group * padk * nq
+
+
+# -------------------------------------------------------------------- cost model
+
+
+def test_cost_model_long_shared_prefix_is_split_k():
+    # Root of 100 tokens, three leaves of 20 tokens, one request each (tiles 16 / 128):
+    # first edge, split-K = cmm(3, 100) + cmm(1, 20) + 0.1 = 885.72 + 233.64 + 0.1
+    # = 1119.46; split-Q = cmm(2, 100) + cmm(1, 120) = 942.48 + 1190.64 = 2133.12.
+    assert math.isclose(seed_cmm(3, 100, 0.66, 0.33) + seed_cmm(1, 20, 0.66, 0.33) + 0.1,
+                        1119.46)
+    assert math.isclose(seed_cmm(2, 100, 0.66, 0.33) + seed_cmm(1, 120, 0.66, 0.33), 2133.12)
+    inp = plan_input([-1, 0, 0, 0], [100, 20, 20, 20], [1, 2, 3])
+    plan = build(inp, **NO_ADJUST)
+    assert plan.node_assignments == [0, 0, 0, 0]
+    # One vnode for the root (3 queries) and one per leaf.
+    assert vnode_table(plan) == [(0, 100, 0, 3), (100, 20, 3, 1), (120, 20, 4, 1), (140, 20, 5, 1)]
+    assert plan.num_mid_rows == 6
+
+
+def test_cost_model_short_prefix_is_split_q():
+    # Root of 4 tokens, two leaves of 4 tokens. With beta only (K padding), sharing the
+    # root does not pay: edge 1, split-K = cmm(2,4) + cmm(1,4) + 0.1 = 81.84 + 40.92 + 0.1
+    # = 122.86 > split-Q = cmm(1,4) + cmm(1,8) = 40.92 + 39.6 = 80.52; edge 2 (the root
+    # now has 1 query), split-K = 40.92 + 40.92 + 0.1 = 81.94 > split-Q = 0 + 39.6.
+    inp = plan_input([-1, 0, 0], [4, 4, 4], [1, 2])
+    plan = build(inp, params=FastTreeParams(alpha=0.0, beta=0.33, gamma=0.1), **NO_ADJUST)
+    assert plan.node_assignments == [0, 1, 1]
+    # The root keeps no query: each leaf's vnode reads root + leaf, root first.
+    assert vnode_table(plan) == [(0, 8, 0, 1), (8, 8, 1, 1)]
+    kv = host(plan, "kv_indices", 16)
+    assert kv == [0, 1, 2, 3, 4, 5, 6, 7] + [0, 1, 2, 3, 8, 9, 10, 11]
+    # With alpha only (Q padding), split-K = 36.96 + 39.6 + 0.1 = 76.66 < split-Q =
+    # 39.6 + 79.2 = 118.8 on both edges.
+    plan = build(inp, params=FastTreeParams(alpha=0.66, beta=0.0, gamma=0.1), **NO_ADJUST)
+    assert plan.node_assignments == [0, 0, 0]
+    assert plan.num_vnodes == 3
+
+
+def test_cost_model_mixed_and_greedy():
+    # Root 8 tokens; leaf 1 (8 tokens, 1 request); leaf 2 (200 tokens, 5 requests).
+    # Edge to 1: split-K = cmm(6,8) + cmm(1,8) + 0.1 = 290.4 + 118.8 + 0.1 = 409.3 <
+    #   split-Q = cmm(5,8) + cmm(1,16) = 256.08 + 195.36 = 451.44  -> 0.
+    # Edge to 2: split-K = cmm(6,8) + cmm(5,200) + 0.5 = 290.4 + 1452 + 0.5 = 1742.9 >
+    #   split-Q = cmm(1,8) + cmm(5,208) = 118.8 + 1510.08 = 1628.88  -> 1.
+    c = lambda nq, nk: seed_cmm(nq, nk, 0.66, 0.33)  # noqa: E731
+    assert math.isclose(c(6, 8) + c(1, 8) + 0.1, 409.3)
+    assert math.isclose(c(5, 8) + c(1, 16), 451.44)
+    assert math.isclose(c(6, 8) + c(5, 200) + 0.5, 1742.9)
+    assert math.isclose(c(1, 8) + c(5, 208), 1628.88)
+    inp = plan_input([-1, 0, 0], [8, 8, 200], [1, 2, 2, 2, 2, 2])
+    plan = build(inp, **NO_ADJUST)
+    assert plan.node_assignments == [0, 0, 1]
+    # Groups: root {0} (8 tokens), leaf 1 {0} (8), leaf 2 {1..5} (root + leaf, 208).
+    assert vnode_table(plan) == [(0, 8, 0, 1), (8, 8, 1, 1), (16, 208, 2, 5)]
+    assert host(plan, "mid_q_rows", 7) == [0, 0, 1, 2, 3, 4, 5]
+
+
+def test_split_q_chain_accumulates():
+    # Chain root(4) -> 1(4) -> 2(4), one request at 2, beta only: both edges go split-Q
+    # (root edge 81.94 vs 39.6, next edge cmm(1,8)+cmm(1,4)+0.1 = 80.62 vs cmm(1,12) =
+    # 38.28); one vnode reads the 12 tokens in path order.
+    inp = plan_input([-1, 0, 1], [4, 4, 4], [2])
+    plan = build(inp, params=FastTreeParams(alpha=0.0, beta=0.33, gamma=0.1), **NO_ADJUST)
+    assert plan.node_assignments == [0, 1, 1]
+    assert vnode_table(plan) == [(0, 12, 0, 1)]
+    assert host(plan, "kv_indices", 12) == list(range(12))
+
+
+def test_gamma_penalises_split_k():
+    # Root 4, leaves 4, defaults: the first edge differs by exactly gamma
+    # (split-K 199.32 + gamma vs split-Q 199.32), so gamma = 0 keeps split-K (ties go
+    # to split-K) and gamma = 1 makes both edges split-Q.
+    inp = plan_input([-1, 0, 0], [4, 4, 4], [1, 2])
+    assert build(inp, params=FastTreeParams(gamma=0.0), **NO_ADJUST).node_assignments == [0, 0, 0]
+    assert build(inp, params=FastTreeParams(gamma=1.0), **NO_ADJUST).node_assignments == [0, 1, 1]
+
+
+# --------------------------------------------------------- chunks, tiles, phases
+
+
+@pytest.mark.parametrize("length, split", [(1000, 100), (1000, 128), (37, 5), (8, 8), (8, 100)])
+def test_kv_chunking(length, split):
+    inp = plan_input([-1], [length], [0])
+    plan = build(inp, kv_split_sizes=(split, split), **NO_ADJUST)
+    n = -(-length // split)
+    assert plan.num_vnodes == n
+    assert [kl for _, kl, _, _ in vnode_table(plan)] == [split] * (n - 1) + [length - split * (n - 1)]
+    assert [ks for ks, _, _, _ in vnode_table(plan)] == [i * split for i in range(n)]
+    assert plan.num_mid_rows == n
+
+
+def test_kv_chunk_shared_by_every_query_tile():
+    # 20 requests on one 250-token node, q tiles 8: 3 chunks x 3 tiles = 9 vnodes, and
+    # each chunk has one mid row per request (60 rows).
+    inp = plan_input([-1], [250], [0] * 20)
+    plan = build(inp, params=FastTreeParams(TSQs=[8, 8]), kv_split_sizes=(100, 100), **NO_ADJUST)
+    assert plan.num_vnodes == 9 and plan.num_mid_rows == 60
+    assert [(kl, ql) for _, kl, _, ql in vnode_table(plan)] == [
+        (100, 8), (100, 8), (100, 4), (100, 8), (100, 8), (100, 4), (50, 8), (50, 8), (50, 4)]
+    assert host(plan, "req_mid_len", 20) == [3] * 20
+
+
+def test_smaller_chunks_when_parallelism_is_low():
+    # One 1000-token node: 10 chunks of 100 = 10 programs < para_threshs1[1] = 528, so
+    # phase 1 switches to KV_SPLIT_SIZES[1] = 50 (20 chunks); para_threshs2 = 0 keeps
+    # the tiles.
+    inp = plan_input([-1], [1000], [0])
+    plan = build(inp, kv_split_sizes=(100, 50), para_threshs1=(132, 528), para_threshs2=(0, 0))
+    assert plan.kv_split_sizes == (100, 50)
+    assert plan.num_vnodes == 20
+    assert plan.parallelism == (0, 20)
+    assert plan.q_tiles == (64, 16) and plan.kv_tiles == (32, 128)
+
+
+def test_single_tile_shape_when_parallelism_stays_low():
+    # Still 20 programs < para_threshs2[1]: both phases take phase 0's tiles (the
+    # seed's rule); the plan reports them and what the params asked for.
+    inp = plan_input([-1], [1000], [0])
+    params = FastTreeParams()
+    plan = build(inp, params=params, kv_split_sizes=(100, 50))
+    assert plan.q_tiles == (64, 64) and plan.kv_tiles == (32, 32)
+    assert plan.requested_q_tiles == (64, 16) and plan.requested_kv_tiles == (32, 128)
+    assert [(p.q_tile, p.kv_tile) for p in plan.phases] == [(64, 32)]
+    assert params == FastTreeParams()
+
+
+def test_query_tiling():
+    # 40 requests ending at one node, TSQs [16, 8]: 40 > 8 puts the group in phase 0,
+    # cut into tiles of 16, 16, 8 queries sharing the node's 30 tokens.
+    inp = plan_input([-1], [30], [0] * 40)
+    plan = build(inp, params=FastTreeParams(TSQs=[16, 8], TSKs=[32, 64]), **NO_ADJUST)
+    assert vnode_table(plan) == [(0, 30, 0, 16), (0, 30, 16, 16), (0, 30, 32, 8)]
+    assert [tuple(p) for p in plan.phases] == [(0, 3, 16, 32)]
+    assert plan.num_kv_entries == 30
+    assert host(plan, "mid_q_rows", 40) == list(range(40))
+
+
+def test_phases():
+    # Root (50 tokens) shared by 20 requests, each ending at its own 5-token leaf.
+    # The root's group has 20 > TSQs[1] = 16 requests: phase 0; the leaves: phase 1.
+    inp = plan_input([-1] + [0] * 20, [50] + [5] * 20, list(range(1, 21)))
+    plan = build(inp, **NO_ADJUST)
+    assert plan.node_assignments == [0] * 21
+    assert [tuple(p) for p in plan.phases] == [(0, 1, 64, 32), (1, 20, 16, 128)]
+    table = vnode_table(plan)
+    assert table[0] == (0, 50, 0, 20)
+    assert table[1:] == [(50 + 5 * i, 5, 20 + i, 1) for i in range(20)]
+    # 16 requests or fewer: everything in phase 1.
+    inp = plan_input([-1] + [0] * 16, [50] + [5] * 16, list(range(1, 17)))
+    plan = build(inp, **NO_ADJUST)
+    assert [tuple(p) for p in plan.phases] == [(0, 17, 16, 128)]
+
+
+def test_phase_zero_only():
+    inp = plan_input([-1], [10], [0] * 17)
+    plan = build(inp, **NO_ADJUST)
+    assert [tuple(p) for p in plan.phases] == [(0, 1, 64, 32)]
+
+
+# ----------------------------------------------------------------- tree shapes
+
+
+def test_forest():
+    # Root 0 (30) -> 1 (5), 2 (7); root 3 (12) -> 4 (3); root 5 (9) alone.
+    inp = plan_input([-1, 0, 0, -1, 3, -1], [30, 5, 7, 12, 3, 9], [1, 2, 4, 5])
+    plan = build(inp, **NO_ADJUST)
+    assert plan.node_assignments[0] == plan.node_assignments[3] == plan.node_assignments[5] == 0
+    assert plan_slots(plan) == [
+        list(range(0, 35)), list(range(0, 30)) + list(range(35, 42)),
+        list(range(42, 57)), list(range(57, 66))]
+
+
+def test_requests_ending_at_internal_nodes():
+    # Request 0 ends at the root, request 1 at the internal node 1, requests 2, 3 at
+    # the leaves below 1, request 4 at leaf 2.
+    inp = plan_input([-1, 0, 0, 1, 1], [40, 20, 6, 3, 4], [0, 1, 3, 4, 2])
+    plan = build(inp, **NO_ADJUST)
+    assert plan.node_assignments == [0, 0, 0, 0, 0]
+    # Groups: root {0,1,2,3,4}, node 1 {1,2,3}, node 2 {4}, node 3 {2}, node 4 {3}.
+    assert [(kl, ql) for _, kl, _, ql in vnode_table(plan)] == [
+        (40, 5), (20, 3), (6, 1), (3, 1), (4, 1)]
+    assert host(plan, "req_mid_len", 5) == [1, 2, 3, 3, 2]
+
+
+def test_zero_length_nodes():
+    # Node 1 and node 3 hold no tokens; request 0 ends at node 1 (it attends the root
+    # only); request 2's whole path (root 4, 0 tokens) is empty: no mid row at all.
+    inp = plan_input([-1, 0, 1, 0, -1], [10, 0, 5, 0, 0], [1, 2, 3, 4])
+    plan = build(inp, **NO_ADJUST)
+    assert host(plan, "req_mid_len", 4)[3] == 0
+    assert plan_slots(plan) == [list(range(10)), list(range(15)), list(range(10)), []]
+    assert all(kl > 0 for _, kl, _, _ in vnode_table(plan))
+
+
+def test_all_paths_empty():
+    inp = plan_input([-1, 0], [0, 0], [1, 0])
+    plan = build(inp, **NO_ADJUST)
+    assert plan.num_vnodes == 0 and plan.phases == ()
+    q = torch.randn(2, 1, 16)
+    o = plan.run(q, torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), torch.full_like(q, float("nan")),
+                 backend="torch")
+    assert torch.count_nonzero(o) == 0
+
+
+def test_node_tokens_slot_table():
+    # Nodes point into a slot table instead of contiguous rows.
+    slots = np.array([7, 3, 9, 0, 1, 5, 8, 2, 6, 4], dtype=np.int32)
+    inp = plan_input([-1, 0, 0], [4, 3, 3], [1, 2], node_tokens=slots)
+    plan = build(inp, **NO_ADJUST)
+    assert plan_slots(plan) == [sorted([7, 3, 9, 0, 1, 5, 8]), sorted([7, 3, 9, 0, 2, 6, 4])]
+
+
+# -------------------------------------------------------------- GQA tile clamp
+
+
+@pytest.mark.parametrize("group, tiles", [
+    (1, (64, 16)), (2, (64, 16)), (4, (32, 16)), (7, (18, 16)), (8, (16, 16)),
+    (16, (8, 8)), (128, (1, 1))])
+def test_gqa_clamps_q_tiles(group, tiles):
+    inp = plan_input([-1], [20], [0] * 40)
+    plan = build(inp, group=group, **NO_ADJUST)
+    assert plan.q_tiles == tiles
+    assert plan.requested_q_tiles == (64, 16)
+    assert all(ph.q_tile * group <= 128 for ph in plan.phases)
+    assert plan.num_vnodes == -(-40 // tiles[0 if 40 > tiles[1] else 1])
+
+
+def test_gqa_group_too_large():
+    inp = plan_input([-1], [20], [0])
+    with pytest.raises(UnsupportedConfigError, match=r"GQA group size 256 exceeds 128"):
+        build_plan(inp, num_qo_heads=256, num_kv_heads=1, head_dim=16)
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(num_qo_heads=6, num_kv_heads=4), UnsupportedConfigError,
+     r"num_qo_heads \(6\) must be a positive multiple of num_kv_heads \(4\)"),
+    (dict(head_dim=48), UnsupportedConfigError, r"head_dim must be one of .*, got 48"),
+    (dict(kv_split_sizes=(0, 8)), PlanMismatchError, r"KV_SPLIT_SIZES must be two positive ints"),
+    (dict(para_threshs1=(1,)), PlanMismatchError, r"para_threshs1/2 must have two entries"),
+    (dict(params=FastTreeParams(TSQs=[0, 4])), PlanMismatchError,
+     r"params.TSQs must be two positive ints, got \[0, 4\]"),
+    (dict(params=FastTreeParams(TSKs=[32])), PlanMismatchError, r"params.TSKs must be two"),
+    (dict(params=FastTreeParams(alpha=float("nan"))), PlanMismatchError, r"params.alpha"),
+    (dict(params=FastTreeParams(gamma=-1.0)), PlanMismatchError, r"params.gamma .* got -1.0"),
+])
+def test_bad_configuration(kwargs, exc, message):
+    args = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16)
+    args.update(kwargs)
+    with pytest.raises(exc, match=message):
+        build_plan(plan_input([-1], [10], [0]), **args)
+
+
+# ---------------------------------------------------------------- params
+
+
+def test_build_plan_never_mutates_params():
+    # This tree triggers the whole adjustment (smaller chunks, then one tile shape),
+    # where the seed wrote the new tiles back into params.
+    params = FastTreeParams(alpha=0.5, beta=0.25, gamma=0.2, TSQs=[32, 8], TSKs=[16, 64],
+                            kv_group_num=2)
+    before = copy.deepcopy(params)
+    tsqs, tsks = params.TSQs, params.TSKs
+    inp = plan_input([-1, 0, 0], [300, 20, 20], [1, 2])
+    plan = build(inp, group=2, hk=2, params=params, kv_split_sizes=(64, 16))
+    assert plan.q_tiles != plan.requested_q_tiles  # the adjustment did happen
+    assert params == before
+    assert attrs.asdict(params) == attrs.asdict(before)
+    assert params.TSQs is tsqs and params.TSKs is tsks
+    assert tsqs == [32, 8] and tsks == [16, 64]
+
+
+def test_params_have_their_own_lists():
+    a, b = FastTreeParams(), FastTreeParams()
+    assert a.TSQs is not b.TSQs and a.TSKs is not b.TSKs
+    a.TSQs.append(1)
+    a.TSKs[0] = 7
+    assert b.TSQs == [64, 16] and b.TSKs == [32, 128]
+    assert FastTreeParams().TSQs == [64, 16] and FastTreeParams().TSKs == [32, 128]
+    tiles = [8, 4]
+    a.set_q_tile_sizes(tiles)
+    a.set_kv_tile_sizes(tiles)
+    tiles[0] = 99
+    assert a.TSQs == [8, 4] and a.TSKs == [8, 4] and a.TSQs is not a.TSKs
+
+
+def test_params_setters_and_defaults():
+    p = FastTreeParams()
+    assert (p.alpha, p.beta, p.gamma, p.kv_group_num) == (0.66, 0.33, 0.1, 1)
+    p.set_values(0.7, 0.35, 0.12)
+    p.set_kv_group_num(4)
+    assert (p.alpha, p.beta, p.gamma, p.kv_group_num) == (0.7, 0.35, 0.12, 4)
+
+
+def test_default_params_when_omitted():
+    inp = plan_input([-1, 0, 0], [100, 20, 20], [1, 2])
+    a = build(inp, **NO_ADJUST)
+    b = build(inp, params=FastTreeParams(), **NO_ADJUST)
+    assert vnode_table(a) == vnode_table(b) and a.phases == b.phases
+
+
+# ------------------------------------------------------------ path_token_indices
+
+
+def test_path_token_indices():
+    # Forest: 0 (3) -> 1 (2) -> 3 (1); 0 -> 2 (0 tokens); root 4 (2). Requests end at
+    # 3, 0 (internal), 2 (zero-length leaf), 4, 1.
+    parent = np.array([-1, 0, 0, 1, -1])
+    seqlen = np.array([3, 2, 0, 1, 2])
+    tok_ptr = np.array([0, 3, 5, 5, 6])
+    got = path_token_indices(parent, seqlen, tok_ptr, np.array([3, 0, 2, 4, 1]))
+    assert [g.tolist() for g in got] == [[0, 1, 2, 3, 4, 5], [0, 1, 2], [0, 1, 2], [6, 7], [0, 1, 2, 3, 4]]
+    table = np.array([10, 11, 12, 13, 14, 15, 16, 17]) * 2
+    got = path_token_indices(parent, seqlen, tok_ptr, np.array([3, 4]), node_tokens=table)
+    assert [g.tolist() for g in got] == [[20, 22, 24, 26, 28, 30], [32, 34]]
+
+
+def test_path_token_indices_deep_chain_and_empty():
+    n = 12
+    parent = np.arange(-1, n - 1)
+    seqlen = np.arange(n) % 3
+    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]])
+    got = path_token_indices(parent, seqlen, tok_ptr, np.array([n - 1, 0, 1]))
+    assert got[0].tolist() == list(range(int(seqlen.sum())))
+    assert got[1].tolist() == [] and got[2].tolist() == [0]
+
+
+def test_path_token_indices_no_requests():
+    got = path_token_indices(np.array([-1]), np.array([3]), np.array([0]), np.array([], dtype=np.int64))
+    assert len(got) == 0
+
+
+# ----------------------------------------------------------------- plan buffers
+
+
+def _qkv(plan, num_slots, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(plan.num_requests, plan.num_qo_heads, plan.head_dim, generator=g).to(dtype)
+    k = torch.randn(num_slots, plan.num_kv_heads, plan.head_dim, generator=g).to(dtype)
+    v = torch.randn(num_slots, plan.num_kv_heads, plan.head_dim, generator=g).to(dtype)
+    return q, k, v
+
+
+def _check_run(plan, paths, q, k, v, backend, tol=1e-4):
+    o = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o, backend=backend)
+    assert not torch.isnan(o).any()
+    ref = reference_decode(q, k, v, paths, 1 / math.sqrt(plan.head_dim))
+    assert ((o.float() - ref).norm() / ref.norm()).item() <= tol
+
+
+def test_buffers_reuse_invalidates_older_plan():
+    buffers = PlanBuffers(4, 16, "cpu")
+    inp1 = plan_input([-1, 0, 0], [30, 10, 10], [1, 2])
+    inp2 = plan_input([-1, 0], [20, 25], [1, 0, 1])
+    p1 = build(inp1, group=2, hk=2, buffers=buffers, **NO_ADJUST)
+    q1, k1, v1 = _qkv(p1, 50)
+    _check_run(p1, expected_paths(inp1), q1, k1, v1, "torch")
+    p2 = build(inp2, group=2, hk=2, buffers=buffers, **NO_ADJUST)
+    assert p2.buffers is buffers and p2.serial == p1.serial + 1
+    with pytest.raises(PlanMismatchError, match="newer plan"):
+        p1.run(q1, k1, v1, torch.empty_like(q1))
+    q2, k2, v2 = _qkv(p2, 45, seed=1)
+    _check_run(p2, expected_paths(inp2), q2, k2, v2, "torch")
+    _check_run(p2, expected_paths(inp2), q2, k2, v2, "auto")
+
+
+def test_buffers_grow():
+    buffers = PlanBuffers(1, 16, "cpu", vnodes=1, requests=1, mid_rows=1, kv_entries=1)
+    assert buffers.generation == 1
+    assert (buffers.cap_vnodes, buffers.cap_requests, buffers.cap_mid_rows, buffers.cap_kv) == (1, 1, 1, 1)
+    # 3 vnodes, 2 requests, 4 mid rows, 1020 kv entries: each capacity grows to at
+    # least double.
+    inp = plan_input([-1, 0, 0], [1000, 10, 10], [1, 2])
+    p1 = build(inp, buffers=buffers, **NO_ADJUST)
+    assert (p1.num_vnodes, p1.num_requests, p1.num_mid_rows, p1.num_kv_entries) == (3, 2, 4, 1020)
+    assert (buffers.cap_vnodes, buffers.cap_requests, buffers.cap_mid_rows, buffers.cap_kv) == (3, 2, 4, 1020)
+    assert buffers.generation == 2 and p1.generation == 2
+    assert buffers.mid_o.shape == (4, 1, 16) and buffers.mid_lse.shape == (4, 1)
+    # A plan that fits: no reallocation.
+    p2 = build(plan_input([-1], [50], [0]), buffers=buffers, **NO_ADJUST)
+    assert buffers.generation == 2 and p2.generation == 2
+    # One more vnode than fits: doubled.
+    p3 = build(plan_input([-1, 0, 0, 0], [10, 10, 10, 10], [1, 2, 3]), buffers=buffers, **NO_ADJUST)
+    assert p3.num_vnodes == 4 and buffers.cap_vnodes == 6 and buffers.cap_requests == 4
+    assert buffers.generation == 3
+    q, k, v = _qkv(p3, 40)
+    _check_run(p3, expected_paths(plan_input([-1, 0, 0, 0], [10] * 4, [1, 2, 3])), q, k, v, "torch")
+
+
+def test_buffers_for_other_heads_are_rejected():
+    # Buffers sized for 1 query head of dim 16 cannot hold a 4-head, dim-32 plan's mid
+    # rows; building into them must fail up front instead of running over them.
+    buffers = PlanBuffers(1, 16, "cpu")
+    inp = plan_input([-1, 0, 0], [40, 10, 10], [1, 2])
+    with pytest.raises(TreeCacheError, match=r"(num_qo_heads|heads).*4|head_dim.*32"):
+        build_plan(inp, num_qo_heads=4, num_kv_heads=1, head_dim=32, buffers=buffers)
+
+
+# ---------------------------------------------------------------- extend_tails
+
+
+def test_extend_tails():
+    # Root (40) -> leaves 1 (10), 2 (10), 3 (5); requests 0, 1 end alone at leaves 1
+    # and 2 (growable); request 2 ends at the root; request 3 at leaf 3 (not growable).
+    inp = plan_input([-1, 0, 0, 0], [40, 10, 10, 5], [1, 2, 0, 3],
+                     growable=[True, True, True, False])
+    plan = build(inp, group=2, hk=1, headroom=4, **NO_ADJUST)
+    assert plan.node_assignments == [0, 0, 0, 0]
+    assert plan.tail_vnode[2] == -1 and plan.tail_vnode[3] == -1  # shared end / not growable
+    paths = expected_paths(inp)
+    q, k, v = _qkv(plan, 65 + 8, seed=3)
+    table_before = vnode_table(plan)
+    next_slot = 65
+    for step in range(4):
+        assert plan.extend_tails(np.array([0, 1]), np.array([next_slot, next_slot + 1]))
+        paths[0].append(next_slot)
+        paths[1].append(next_slot + 1)
+        next_slot += 2
+        assert plan_slots(plan) == [sorted(p) for p in paths]
+        for backend in ("torch", "auto"):
+            _check_run(plan, paths, q, k, v, backend)
+    lens = [kl for _, kl, _, _ in vnode_table(plan)]
+    assert lens == [40, 14, 14, 5]
+    assert [t[0] for t in vnode_table(plan)] == [t[0] for t in table_before]
+
+    # Beyond the headroom of 4: False, nothing changes (host, device, results).
+    dev_before = plan.buffers.dev.clone()
+    host_before = plan.buffers.host.clone()
+    lens_host = plan.vnode_kv_len_host.copy()
+    assert not plan.extend_tails(np.array([0]), np.array([0]))
+    assert not plan.extend_tails(np.array([1, 0]), np.array([0, 1]))
+    # Requests that cannot grow in place, and a request named twice.
+    assert not plan.extend_tails(np.array([2]), np.array([0]))
+    assert not plan.extend_tails(np.array([3]), np.array([0]))
+    assert torch.equal(plan.buffers.dev, dev_before)
+    assert torch.equal(plan.buffers.host, host_before)
+    assert np.array_equal(plan.vnode_kv_len_host, lens_host)
+    _check_run(plan, paths, q, k, v, "torch")
+    assert plan.extend_tails(np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+
+
+def test_extend_tails_duplicate_request_changes_nothing():
+    inp = plan_input([-1, 0, 0], [20, 5, 5], [1, 2], growable=[True, True])
+    plan = build(inp, headroom=4, **NO_ADJUST)
+    before = plan.buffers.host.clone()
+    assert not plan.extend_tails(np.array([0, 0]), np.array([30, 31]))
+    assert torch.equal(plan.buffers.host, before)
+
+
+def test_extend_tails_chunked_and_split_q():
+    # The growable request's group is split-Q (root + leaf) and cut into chunks of 8:
+    # the tail is its last chunk.
+    inp = plan_input([-1, 0, 0], [4, 14, 4], [1, 2], growable=[True, True])
+    params = FastTreeParams(alpha=0.0, beta=0.33, gamma=0.1)
+    plan = build(inp, params=params, kv_split_sizes=(8, 8), headroom=2, **NO_ADJUST)
+    assert plan.node_assignments == [0, 1, 1]
+    paths = expected_paths(inp)
+    q, k, v = _qkv(plan, 30, seed=4)
+    for step in range(2):
+        assert plan.extend_tails(np.array([0, 1]), np.array([22 + 2 * step, 23 + 2 * step]))
+        paths[0].append(22 + 2 * step)
+        paths[1].append(23 + 2 * step)
+    assert not plan.extend_tails(np.array([0]), np.array([29]))
+    assert plan_slots(plan) == [sorted(p) for p in paths]
+    _check_run(plan, paths, q, k, v, "torch")
+
+
+def test_no_headroom_without_growable():
+    inp = plan_input([-1, 0], [10, 5], [1])
+    plan = build(inp, headroom=4, **NO_ADJUST)
+    assert (plan.tail_vnode == -1).all()
+    assert not plan.extend_tails(np.array([0]), np.array([15]))
+    plan = build(plan_input([-1, 0], [10, 5], [1], growable=[True]), **NO_ADJUST)
+    assert not plan.extend_tails(np.array([0]), np.array([15]))  # headroom 0
+
+
+# ---------------------------------------------------------- random forests
+
+
+@st.composite
+def forests(draw):
+    """(PlanInput, group, build kwargs): random forest, requests ending anywhere."""
+    n = draw(st.integers(1, 12))
+    parent = [-1] + [draw(st.integers(-1, i - 1)) for i in range(1, n)]
+    seqlen = draw(st.lists(st.integers(0, 60), min_size=n, max_size=n))
+    b = draw(st.integers(1, 24))
+    req_end = draw(st.lists(st.integers(0, n - 1), min_size=b, max_size=b))
+    permute = draw(st.booleans())
+    node_tokens = None
+    if permute:
+        node_tokens = np.random.default_rng(draw(st.integers(0, 99))).permutation(sum(seqlen))
+    inp = plan_input(parent, seqlen, req_end, node_tokens=node_tokens)
+    group = draw(st.sampled_from([1, 2, 4, 7, 8, 16]))
+    tiles = st.integers(1, 32)
+    params = FastTreeParams(
+        alpha=draw(st.sampled_from([0.0, 0.66, 5.0])), beta=draw(st.sampled_from([0.0, 0.33, 2.0])),
+        gamma=draw(st.sampled_from([0.0, 0.1, 10.0])),
+        TSQs=[draw(tiles), draw(tiles)], TSKs=[draw(st.sampled_from([16, 32, 64])), 128])
+    split = draw(st.sampled_from([(1024, 128), (16, 4), (7, 3)]))
+    thresh = draw(st.sampled_from([NO_ADJUST, {}]))
+    return inp, group, dict(params=params, kv_split_sizes=split, **thresh)
+
+
+@settings(max_examples=60, deadline=None)
+@given(forests())
+def test_random_forests_cover_each_path_once(case):
+    inp, group, kwargs = case
+    params = kwargs["params"]
+    before = copy.deepcopy(params)
+    build(inp, group=group, hk=1, **kwargs)
+    assert params == before
