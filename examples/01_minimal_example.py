@@ -112,6 +112,8 @@ def main() -> int:
     print(f"node assignments: {node_assignments}  (0 = split-K, 1 = split-Q)")
     print(f"vnodes          : {plan.num_vnodes} in {len(plan.phases)} phase(s), "
           f"q tiles {list(plan.q_tiles)}, kv tiles {list(plan.kv_tiles)}")
+    print(f"params          : TSQs {params.TSQs}, TSKs {params.TSKs} (as given: planning "
+          f"never changes them)")
     print(f"plan            : {plan_ms:.2f} ms (host)")
     print(f"first decode    : {decode_ms:.2f} ms (first call: includes Triton compilation on a GPU)")
     print(f"output shape    : {tuple(O.shape)}")

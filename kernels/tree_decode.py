@@ -89,6 +89,11 @@ def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int) -> 
     return block_m, block_n, block_d
 
 
+def default_launch(block_m: int, block_n: int, block_d: int) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of a stage-1 launch for these block sizes."""
+    return (4 if block_m * block_d <= 64 * 128 else 8), 2
+
+
 @triton.jit
 def _tanh(x):
     # tanh through exp2, valid for all finite x (saturates to +-1).
@@ -275,6 +280,7 @@ def tree_decode_stage1(
     if phase.num_vnodes == 0:
         return
     hq, d = q.shape[1], q.shape[2]
+    default_launch = globals()["default_launch"]  # looked up per call: tunable
     hk = k.shape[1]
     group = hq // hk
     block_m, block_n, block_d = stage1_block_sizes(phase.q_tile, phase.kv_tile, group, d)
@@ -286,10 +292,10 @@ def tree_decode_stage1(
     use_cap = logit_cap is not None and logit_cap > 0
     qk_scale = sm_scale if use_cap else sm_scale * LOG2E
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    if num_warps is None:
-        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
-    if num_stages is None:
-        num_stages = 2
+    if num_warps is None or num_stages is None:
+        w, st = default_launch(block_m, block_n, block_d)
+        num_warps = w if num_warps is None else num_warps
+        num_stages = st if num_stages is None else num_stages
     grid = (phase.num_vnodes, hk)
     _stage1_kernel[grid](
         q, k, v, mid_o, mid_lse,

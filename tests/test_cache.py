@@ -34,7 +34,7 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -1158,12 +1158,15 @@ class CacheMachine(RuleBasedStateMachine):
         self.model: Model | None = None
         self.out_of_pages = 0
 
-    @initialize(page_size=st.sampled_from([1, 1, 2, 4]), num_pages=st.integers(8, 40),
-                headroom=st.sampled_from([0, 2, 64]), seed=st.integers(0, 2**16))
-    def setup(self, page_size, num_pages, headroom, seed):
+    @initialize(page_size=st.sampled_from([1, 1, 2, 4]), num_pages=st.integers(6, 30),
+                headroom=st.sampled_from([0, 2, 3, 64, 64]), seed=st.integers(0, 2**16),
+                prompts=st.lists(st.integers(0, 8), min_size=1, max_size=3))
+    def setup(self, page_size, num_pages, headroom, seed, prompts):
         self.cache = make_cache(num_pages * page_size, page_size=page_size, dtype=self.DTYPE,
                                 backend=self.BACKEND, plan_headroom=headroom)
         self.model = Model(dtype=self.DTYPE, generator=torch.Generator().manual_seed(seed))
+        for n in prompts:
+            self.new_request(n)
 
     # ------------------------------------------------------------------ helpers
 
@@ -1177,6 +1180,7 @@ class CacheMachine(RuleBasedStateMachine):
             return call(), True
         except OutOfPagesError:
             self.out_of_pages += 1
+            event("out of pages")
             assert_same_state(before, snapshot(self.cache))
             return None, False
 
@@ -1220,9 +1224,10 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.cache.stats()["pages_used"] == pages
         assert ids(self.cache.slots(f)) == ids(self.cache.slots(r))
 
-    @precondition(_has_requests)
+    @precondition(lambda self: self.model is not None and len(self.model.requests) > 1)
     @rule(i=st.integers(0, 1000))
     def prune(self, i):
+        # The last request is pruned by teardown (keeping one live keeps every rule enabled).
         r = _pick(self._live(), i)
         self.cache.prune(r)
         self.model.prune(r)
@@ -1232,12 +1237,29 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(_has_requests)
     @rule(which=st.none() | st.lists(st.integers(0, 1000), min_size=1, max_size=8))
     def decode_step(self, which):
+        """reserve + write every layer, no attend."""
         live = self._live()
         reqs = live if which is None else list(dict.fromkeys(_pick(live, i) for i in which))
         slots, ok = self._guarded(lambda: self.cache.reserve(None if which is None else reqs))
         if ok:
             assert slots.shape == (len(reqs),)
             self._write_tokens(reqs, slots)
+
+    @precondition(_has_requests)
+    @rule(steps=st.integers(1, 4),
+          which=st.none() | st.lists(st.integers(0, 1000), min_size=1, max_size=8))
+    def decode_loop(self, steps, which):
+        """The model loop: per step reserve, then write + attend for every layer."""
+        live = self._live()
+        reqs = live if which is None else list(dict.fromkeys(_pick(live, i) for i in which))
+        key = None if which is None else reqs
+        for _ in range(steps):
+            slots, ok = self._guarded(lambda: self.cache.reserve(key))
+            if not ok:
+                return
+            self._write_tokens(reqs, slots)
+            for layer in range(L):
+                assert_attends(self.cache, self.model, self.model.queries(len(reqs)), layer, key)
 
     @precondition(_has_requests)
     @rule(i=st.integers(0, 1000), widths=st.lists(st.integers(1, 3), min_size=1, max_size=3),

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import treecache
@@ -414,9 +415,15 @@ def configs(draw):
                 th2=th[1], logit_cap=cap)
 
 
+# No shrinking: each example runs the kernels (in the interpreter on a CPU), and the
+# drawn trees are small already.
+RANDOM = settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                  suppress_health_check=[HealthCheck.too_slow])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@RANDOM
 @given(nodes=forests(internal_requests=False), cfg=configs(), seed=st.integers(0, 2**16))
 def test_random_forests(dtype, backend, nodes, cfg, seed):
     run_and_check(nodes, cfg.pop("hq"), cfg.pop("hk"), cfg.pop("d"), dtype, backend=backend,
@@ -424,19 +431,22 @@ def test_random_forests(dtype, backend, nodes, cfg, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(nodes=forests(internal_requests=True), cfg=configs(), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from(DTYPES))
-def test_random_forests_internal_requests(backend, nodes, cfg, seed, dtype):
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@RANDOM
+@given(nodes=forests(internal_requests=True), cfg=configs(), seed=st.integers(0, 2**16))
+def test_random_forests_internal_requests(dtype, backend, nodes, cfg, seed):
     run_and_check(nodes, cfg.pop("hq"), cfg.pop("hk"), cfg.pop("d"), dtype, backend=backend,
                   seed=seed, **cfg)
 
 
 @pytest.mark.slow
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(nodes=forests(internal_requests=True), cfg=configs(), seed=st.integers(0, 2**16),
-       dtype=st.sampled_from(DTYPES), backend=st.sampled_from(BACKENDS))
-def test_random_forests_slow(nodes, cfg, seed, dtype, backend):
+@pytest.mark.skipif(os.environ.get("TREECACHE_SLOW_TESTS") != "1",
+                    reason="larger randomized run; set TREECACHE_SLOW_TESTS=1")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nodes=forests(internal_requests=True), cfg=configs(), seed=st.integers(0, 2**16))
+def test_random_forests_slow(dtype, backend, nodes, cfg, seed):
     run_and_check(nodes, cfg.pop("hq"), cfg.pop("hk"), cfg.pop("d"), dtype, backend=backend,
                   seed=seed, **cfg)
 

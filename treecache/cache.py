@@ -53,6 +53,7 @@ from .plan import (
     PlanBuffers,
     PlanInput,
     build_plan,
+    normalize_device,
 )
 from .tree import KVTreeNode
 
@@ -176,9 +177,7 @@ class TreeKVCache:
             raise UnsupportedConfigError(f"plan_headroom must be >= 0, got {plan_headroom}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = normalize_device(device)
         self.num_layers = int(num_layers)
         self.num_qo_heads = int(num_qo_heads)
         self.num_kv_heads = int(num_kv_heads)

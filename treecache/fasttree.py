@@ -34,6 +34,7 @@ from .plan import (
     FastTreeParams,
     PlanInput,
     build_plan,
+    normalize_device,
     path_token_indices,
 )
 from .tree import KVTreeNode, request_end_nodes, validate_tree
@@ -172,6 +173,7 @@ def fasttree_preparation(
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = normalize_device(device)
     inp = tree_plan_input(tree_info, KV_ptrs, batch_size)
     plan = build_plan(
         inp, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,

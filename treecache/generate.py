@@ -550,7 +550,7 @@ def speculative_decode(
         out.append(root)
         history.append(root)
         budget = max_new_tokens - len(out)  # draft tokens that could still be used
-        if root in eos or budget == 0:
+        if root in eos or budget <= 0:
             break
 
         t0 = time.perf_counter()
@@ -590,7 +590,7 @@ def speculative_decode(
         out.extend(accepted)
         history.extend(accepted)
         logger.debug("speculative step %d: drafted %d, accepted %d", steps, len(tree), len(accepted))
-        if accepted and accepted[-1] in eos:
+        if (accepted and accepted[-1] in eos) or len(out) >= max_new_tokens:
             break
         root = predicted[node]
 

@@ -152,6 +152,15 @@ class PlanInput:
     growable: np.ndarray | None = None
 
 
+def normalize_device(device: torch.device | str) -> torch.device:
+    """``torch.device`` with an explicit index for CUDA (``"cuda"`` -> ``cuda:N``), so
+    that device comparisons with tensors' devices are exact."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class PlanBuffers:
     """Fixed-capacity device buffers that plans write into (CUDA-graph friendly).
 
@@ -169,7 +178,7 @@ class PlanBuffers:
                  kv_entries: int = 4096):
         self.num_qo_heads = int(num_qo_heads)
         self.head_dim = int(head_dim)
-        self.device = torch.device(device)
+        self.device = normalize_device(device)
         self.generation = 0
         #: Incremented by every plan written into these buffers; a plan is valid while
         #: its own serial is the latest.
@@ -298,6 +307,7 @@ class DecodePlan:
     serial: int = 0
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
+    _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -305,8 +315,11 @@ class DecodePlan:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The index tensors and mid buffers as keyword arguments of the kernels."""
+        cached = self._tensor_cache
+        if cached is not None and cached[0] == self.buffers.generation:
+            return cached[1]
         b = self.buffers
-        return dict(
+        t = dict(
             kv_indices=b.dev_view("kv_indices"),
             vnode_kv_start=b.dev_view("vnode_kv_start"),
             vnode_kv_len=b.dev_view("vnode_kv_len"),
@@ -319,6 +332,8 @@ class DecodePlan:
             mid_o=b.mid_o,
             mid_lse=b.mid_lse,
         )
+        self._tensor_cache = (b.generation, t)
+        return t
 
     def kv_tokens_read(self) -> int:
         """KV tokens stage 1 reads per KV head (sum of vnode lengths)."""

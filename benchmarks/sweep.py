@@ -1,0 +1,78 @@
+"""Tile / launch sweep of the stage-1 kernel on a few representative trees (GPU).
+
+``python -m benchmarks.sweep --out FILE`` times CUDA-graph replays of each
+configuration (KV tile, query tile rows, num_warps, num_stages) and prints the best one
+per case next to the defaults. Used to choose the defaults; see benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+
+import torch
+
+import kernels.tree_decode as td
+from treecache import FastTreeParams, fasttree_preparation, qkv_preparation
+from treecache.tree import generate_tree_from_spec
+
+from .kernel import _graph_time
+
+CASES = [
+    ("1,1024 2048,32", 32, 32), ("1,1024 2048,32", 32, 8), ("1,1024 2048,32", 16, 1),
+    ("1,2,4,8,16,32,64,128,1024 16,16,16,16,16,16,16,16,16", 32, 8),
+    ("1,4,16,64,256,1024 256,8,256,64,32,256", 32, 8),
+    ("1,2,64 8,256,32", 16, 1), ("1,10 4000,400", 32, 8),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    orig = td.default_launch
+    rows = []
+    for spec, hq, hk in CASES:
+        nodes = generate_tree_from_spec(spec)
+        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                 build_cache=False)
+        b = q.shape[0]
+        g = hq // hk
+        best = None
+        for tsk, rows0, warps, stages in itertools.product(
+                ([32, 32], [64, 64], [32, 128], [128, 128], [64, 128]),
+                (64, 128), (4, 8), (1, 2, 3)):
+            p = FastTreeParams()
+            p.set_kv_tile_sizes(tsk)
+            p.set_q_tile_sizes([max(1, rows0 // g), max(1, 16 // g)])
+            meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, params=p, device=dev)
+            plan = meta.plan
+            o = torch.empty_like(q)
+            td.default_launch = lambda bm, bn, bd, w=warps, s=stages: (w, s)
+            try:
+                t = _graph_time(lambda: plan.run(q, k, v, o, check=False), dev)
+            except Exception as exc:  # noqa: BLE001 - out of resources etc.
+                t = None
+            td.default_launch = orig
+            row = dict(case=spec, hq=hq, hk=hk, tsk=tsk, rows0=rows0, warps=warps,
+                       stages=stages, us=t)
+            rows.append(row)
+            if t is not None and (best is None or t < best["us"]):
+                best = row
+        p = FastTreeParams()
+        meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, params=p, device=dev)
+        o = torch.empty_like(q)
+        base = _graph_time(lambda: meta.plan.run(q, k, v, o, check=False), dev)
+        print(f"{spec[:40]:40s} {hq}/{hk}: default {base:7.1f} us, best {best['us']:7.1f} us "
+              f"tsk={best['tsk']} rows0={best['rows0']} warps={best['warps']} stages={best['stages']}",
+              flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
