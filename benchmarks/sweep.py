@@ -43,8 +43,8 @@ def main(argv=None):
         g = hq // hk
         best = None
         for tsk, rows0, warps, stages in itertools.product(
-                ([32, 32], [64, 64], [32, 128], [128, 128], [64, 128]),
-                (64, 128), (4, 8), (1, 2, 3)):
+                ([32, 32], [64, 64], [32, 128], [128, 128]),
+                (64, 128), (4, 8), (2, 3)):
             p = FastTreeParams()
             p.set_kv_tile_sizes(tsk)
             p.set_q_tile_sizes([max(1, rows0 // g), max(1, 16 // g)])
