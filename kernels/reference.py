@@ -108,20 +108,26 @@ def torch_tree_decode(
         kv_len = vnode_kv_len[sl].long().cpu()
         q_start = vnode_q_start[sl].long().cpu()
         q_len = vnode_q_len[sl].long().cpu()
+        # Batch vnodes of similar shape together so that padding stays small.
+        order = torch.argsort(kv_len * (q_len.max() + 1) + q_len)
+        kv_start, kv_len = kv_start[order], kv_len[order]
+        q_start, q_len = q_start[order], q_len[order]
+        kv_idx_cpu = kv_indices.cpu().long()
+        q_rows_cpu = mid_q_rows.cpu().long()
+        kl, ql = kv_len.tolist(), q_len.tolist()
         v0 = 0
         while v0 < num_vnodes:
             # Grow the batch while the padded working set fits.
             v1 = v0 + 1
-            max_t = int(kv_len[v0])
-            max_q = int(q_len[v0])
+            max_t, max_q = kl[v0], ql[v0]
             while v1 < num_vnodes:
-                mt = max(max_t, int(kv_len[v1]))
-                mq = max(max_q, int(q_len[v1]))
+                mt = max(max_t, kl[v1])
+                mq = max(max_q, ql[v1])
                 if (v1 + 1 - v0) * mq * max(mt, 1) * hq * d > max_chunk_elems:
                     break
                 max_t, max_q, v1 = mt, mq, v1 + 1
             _torch_stage1_batch(
-                q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
+                q, k, v, mid_o, mid_lse, kv_idx_cpu, q_rows_cpu,
                 kv_start[v0:v1], kv_len[v0:v1], q_start[v0:v1], q_len[v0:v1],
                 max(max_t, 1), max(max_q, 1), group, sm_scale, logit_cap,
             )
@@ -133,31 +139,37 @@ def torch_tree_decode(
 def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
                         kv_start, kv_len, q_start, q_len, max_t, max_q, group,
                         sm_scale, logit_cap):
+    """Stage 1 for a batch of vnodes (index arrays on the CPU), padded to the batch max."""
     dev = q.device
-    nv = kv_start.numel()
+    hk, d = k.shape[1], k.shape[2]
     t_ar = torch.arange(max_t)
     tok_ok = t_ar[None, :] < kv_len[:, None]  # [nv, T]
     pos = (kv_start[:, None] + t_ar[None, :]).clamp(max=max(kv_indices.numel() - 1, 0))
-    slots = kv_indices.cpu().long()[pos]  # [nv, T]
-    slots = torch.where(tok_ok, slots, torch.zeros_like(slots)).to(dev)
-    kk = k[slots].float().repeat_interleave(group, dim=2)  # [nv, T, Hq, D]
-    vv = v[slots].float().repeat_interleave(group, dim=2)
+    slots = torch.where(tok_ok, kv_indices[pos], torch.zeros((), dtype=torch.long)).to(dev)
+    kk = k[slots].float()  # [nv, T, Hk, D]
+    vv = v[slots].float()
     q_ar = torch.arange(max_q)
     q_ok = q_ar[None, :] < q_len[:, None]  # [nv, Qm]
     mid_rows = (q_start[:, None] + q_ar[None, :]).clamp(max=max(mid_q_rows.numel() - 1, 0))
-    q_rows = mid_q_rows.cpu().long()[mid_rows]
-    q_rows = torch.where(q_ok, q_rows, torch.zeros_like(q_rows)).to(dev)
-    qq = q[q_rows].float()  # [nv, Qm, Hq, D]
-    s = torch.einsum("vqhd,vthd->vqht", qq, kk) * sm_scale
+    q_rows = torch.where(q_ok, mid_q_rows[mid_rows], torch.zeros((), dtype=torch.long)).to(dev)
+    nv, qm = q_rows.shape
+    # Query heads grouped by KV head: [nv, Hk, Qm * G, D] against [nv, Hk, T, D].
+    qq = q[q_rows].float().view(nv, qm, hk, group, d).permute(0, 2, 1, 3, 4)
+    qq = qq.reshape(nv, hk, qm * group, d)
+    kk = kk.permute(0, 2, 1, 3)
+    vv = vv.permute(0, 2, 1, 3)
+    s = torch.matmul(qq, kk.transpose(-1, -2)) * sm_scale  # [nv, Hk, Qm*G, T]
     s = softcap_logits(s, logit_cap) * LOG2E
     s = s.masked_fill(~tok_ok.to(dev)[:, None, None, :], float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp2(s - m)
-    l = p.sum(dim=-1)  # [nv, Qm, Hq]
-    out = torch.einsum("vqht,vthd->vqhd", p, vv) / l.clamp_min(1e-30)[..., None]
+    l = p.sum(dim=-1)  # [nv, Hk, Qm*G]
+    out = torch.matmul(p, vv) / l.clamp_min(1e-30)[..., None]
     lse = torch.where(l > 0, m.squeeze(-1) + torch.log2(l.clamp_min(1e-30)),
                       torch.full_like(l, float("-inf")))
+    out = out.view(nv, hk, qm, group, d).permute(0, 2, 1, 3, 4).reshape(nv, qm, hk * group, d)
+    lse = lse.view(nv, hk, qm, group).permute(0, 2, 1, 3).reshape(nv, qm, hk * group)
     sel = q_ok.to(dev)
     rows = mid_rows.to(dev)[sel]
     mid_o[rows] = out[sel]

@@ -347,6 +347,23 @@ def test_default_sm_scale_and_positional_logit_cap():
     assert rel_err(o, reference_decode(q, k, v, request_slots(nodes, ptrs), 0.125, 3.0)) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views(backend):
+    # q, k, v, o may be views with a contiguous last dimension; o's neighbours in the
+    # parent tensor are not written.
+    nodes = example_forest()
+    ptrs = kv_ptrs(nodes)
+    metadata, _ = fasttree_preparation(nodes, ptrs, 7, 4, 2, 16, params=FastTreeParams())
+    q_big, k_big, v_big = rand_qkv(7, ptrs[-1], 8, 4, 16, torch.float32)
+    q, k, v = q_big[:, 2:6], k_big[:, 1:3], v_big[:, ::2]
+    o_big = torch.full((7, 8, 16), float("nan"))
+    o = o_big[:, 4:]
+    fasttree_decode(q, k, v, o, *metadata, sm_scale=0.25, backend=backend)
+    assert torch.isnan(o_big[:, :4]).all() and not torch.isnan(o).any()
+    ref = reference_decode(q, k, v, request_slots(nodes, ptrs), 0.25)
+    assert rel_err(o, ref) <= TOL[torch.float32]
+
+
 def test_empty_request_path_gets_zeros():
     # Request 1 ends at a zero-token root: no context, zero output.
     nodes = with_requests(make_tree([-1, 0, -1], [10, 4, 0]), [1, 2])

@@ -230,6 +230,16 @@ def test_request_with_zero_mid_rows_gets_zeros(impl):
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_no_vnodes_at_all(impl):
+    # Nothing to attend for anyone (every context empty): stage 1 launches nothing and
+    # stage 2 writes zeros.
+    case = Case([], 2)
+    q, k, v = make_qkv(2, 1, 2, 1, 16, torch.float16)
+    o, _, _ = case.run(impl, q, k, v, 0.25)
+    assert torch.count_nonzero(o) == 0 and not torch.isnan(o).any()
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_empty_vnode(impl):
     # Vnode 1 has no KV slots: its partial result has lse = -inf and weight 0 in the
     # merge. Request 1 attends only that empty vnode and gets zeros.

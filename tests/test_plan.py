@@ -341,9 +341,10 @@ def test_all_paths_empty():
     plan = build(inp, **NO_ADJUST)
     assert plan.num_vnodes == 0 and plan.phases == ()
     q = torch.randn(2, 1, 16)
-    o = plan.run(q, torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), torch.full_like(q, float("nan")),
-                 backend="torch")
-    assert torch.count_nonzero(o) == 0
+    for backend in ("torch", "auto"):
+        o = plan.run(q, torch.zeros(1, 1, 16), torch.zeros(1, 1, 16),
+                     torch.full_like(q, float("nan")), backend=backend)
+        assert torch.count_nonzero(o) == 0 and not torch.isnan(o).any()
 
 
 def test_node_tokens_slot_table():
@@ -573,7 +574,7 @@ def test_extend_tails():
     lens_host = plan.vnode_kv_len_host.copy()
     assert not plan.extend_tails(np.array([0]), np.array([0]))
     assert not plan.extend_tails(np.array([1, 0]), np.array([0, 1]))
-    # Requests that cannot grow in place, and a request named twice.
+    # Requests that cannot grow in place.
     assert not plan.extend_tails(np.array([2]), np.array([0]))
     assert not plan.extend_tails(np.array([3]), np.array([0]))
     assert torch.equal(plan.buffers.dev, dev_before)
@@ -583,12 +584,21 @@ def test_extend_tails():
     assert plan.extend_tails(np.array([], dtype=np.int64), np.array([], dtype=np.int64))
 
 
-def test_extend_tails_duplicate_request_changes_nothing():
+def test_extend_tails_duplicate_request_is_refused():
+    # One call appends one slot per request; naming a request twice is a caller bug. It
+    # must not succeed with one of the two slots silently dropped: either refuse (False,
+    # nothing changed) or raise.
     inp = plan_input([-1, 0, 0], [20, 5, 5], [1, 2], growable=[True, True])
     plan = build(inp, headroom=4, **NO_ADJUST)
     before = plan.buffers.host.clone()
-    assert not plan.extend_tails(np.array([0, 0]), np.array([30, 31]))
+    lens = plan.vnode_kv_len_host.copy()
+    try:
+        ok = plan.extend_tails(np.array([0, 0]), np.array([30, 31]))
+    except (TreeCacheError, ValueError):
+        ok = False
+    assert not ok, "extend_tails accepted a request twice (kept one slot of two)"
     assert torch.equal(plan.buffers.host, before)
+    assert np.array_equal(plan.vnode_kv_len_host, lens)
 
 
 def test_extend_tails_chunked_and_split_q():

@@ -33,8 +33,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from kernels import Backend, select_backend
 
+from .fasttree import resolve_backend
 from .errors import (
     OutOfPagesError,
     ShapeMismatchError,
@@ -189,7 +189,7 @@ class TreeKVCache:
                            self.head_dim, dtype, self.device)
         self.params = FastTreeParams() if params is None else params
         self.params.validate()
-        self.backend = select_backend(self.device, backend)
+        self.backend = resolve_backend(self.device, backend)
         logger.info("TreeKVCache: %d layers, %d slots, backend %s", self.num_layers,
                     self.pool.num_slots, self.backend.value)
         self.sm_scale = 1.0 / math.sqrt(self.head_dim) if sm_scale is None else float(sm_scale)

@@ -25,6 +25,8 @@ import torch
 
 from kernels import Backend, select_backend
 
+from .errors import UnsupportedConfigError
+
 from .errors import PlanMismatchError, ShapeMismatchError
 from .plan import (
     DEFAULT_KV_SPLIT_SIZES,
@@ -184,6 +186,14 @@ def fasttree_preparation(
     return FastTreeMetadata(plan), list(plan.node_assignments)
 
 
+def resolve_backend(device, backend) -> Backend:
+    """:func:`kernels.select_backend`, raising :class:`UnsupportedConfigError` on a bad choice."""
+    try:
+        return select_backend(device, backend)
+    except ValueError as exc:
+        raise UnsupportedConfigError(str(exc)) from None
+
+
 def _plan_of(metadata_first) -> DecodePlan:
     plan = getattr(metadata_first, "_treecache_plan", None)
     if plan is None:
@@ -252,7 +262,7 @@ def fasttree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
         sm_scale = 1.0 / math.sqrt(plan.head_dim)
     if not math.isfinite(float(sm_scale)) or float(sm_scale) <= 0:
         raise PlanMismatchError(f"sm_scale must be a positive finite number, got {sm_scale!r}")
-    be = select_backend(q.device, backend)
+    be = resolve_backend(q.device, backend)
     _announce(be)
     return plan.run(q, k_buffer, v_buffer, o, sm_scale=float(sm_scale),
                     logit_cap=float(logit_cap if logit_cap is not None else -1),
@@ -278,13 +288,15 @@ def qkv_preparation(
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    device: torch.device | str = "cuda",
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float16,
     *,
     generator: torch.Generator | None = None,
     build_cache: bool = True,
 ):
     """Random Q/K/V for a tree, in the tree layout and in a per-request padded layout.
+
+    ``device`` defaults to CUDA when available, else the CPU.
 
     Returns
     -------
@@ -298,6 +310,8 @@ def qkv_preparation(
     """
     from .tree import kv_ptrs as _kv_ptrs
 
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     validate_tree(tree_info)
     ptrs = _kv_ptrs(tree_info)
     req_end = request_end_nodes(tree_info)

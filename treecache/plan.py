@@ -91,8 +91,8 @@ class FastTreeParams:
     alpha: float = 0.66
     beta: float = 0.33
     gamma: float = 0.1
-    TSQs: list[int] = attrs.Factory(_default_tsqs)
-    TSKs: list[int] = attrs.Factory(_default_tsks)
+    TSQs: list[int] = attrs.field(factory=_default_tsqs, converter=list)
+    TSKs: list[int] = attrs.field(factory=_default_tsks, converter=list)
     kv_group_num: int = 1
 
     def set_values(self, alpha: float, beta: float, gamma: float) -> None:
@@ -654,6 +654,9 @@ def build_plan(
         raise UnsupportedConfigError(
             f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
     group = num_qo_heads // num_kv_heads
+    if params.kv_group_num not in (1, group):
+        logger.debug("params.kv_group_num = %s ignored: the heads give group %d",
+                     params.kv_group_num, group)
     if group > MAX_BLOCK_M:
         raise UnsupportedConfigError(f"GQA group size {group} exceeds {MAX_BLOCK_M}")
     splits_in = [int(x) for x in kv_split_sizes]
