@@ -8,17 +8,19 @@ per case next to the defaults. Used to choose the defaults; see benchmarks/RESUL
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
-import math
 
 import torch
 
-import kernels.tree_decode as td
 from treecache import FastTreeParams, fasttree_preparation, qkv_preparation
 from treecache.tree import generate_tree_from_spec
 
 from .kernel import _graph_time
+
+# The package re-exports a function named tree_decode; fetch the module itself.
+td = importlib.import_module("kernels.tree_decode")
 
 CASES = [
     ("1,1024 2048,32", 32, 32), ("1,1024 2048,32", 32, 8), ("1,1024 2048,32", 16, 1),
