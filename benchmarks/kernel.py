@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kernels import reference_decode, select_backend
-from treecache import FastTreeParams, fasttree_preparation, qkv_preparation, tree_stats
+from treecache import fasttree_preparation, qkv_preparation, tree_stats
 from treecache.fasttree import tree_plan_input
 from treecache.plan import PlanInput, build_plan, path_token_indices
 
@@ -124,7 +124,7 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True):
     gen = torch.Generator(device="cpu").manual_seed(1234)
     q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, HEAD_DIM, device, dtype,
                                              generator=gen, build_cache=False)
-    params = FastTreeParams()
+    params = None  # the project's default: FastTreeParams.for_heads (tuned tiles)
     t0 = time.perf_counter()
     meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, HEAD_DIM, params=params, device=device)
     prep_ms = (time.perf_counter() - t0) * 1e3

@@ -74,7 +74,8 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int) -> tuple[int, int, int]:
+def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int,
+                       elem_bytes: int = 2) -> tuple[int, int, int]:
     """Return ``(BLOCK_M, BLOCK_N, BLOCK_D)`` that stage 1 uses for a phase.
 
     ``BLOCK_M`` covers ``q_tile * group`` rows (at least 16, the smallest ``tl.dot``
@@ -84,14 +85,14 @@ def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int) -> 
     block_m = max(16, _next_pow2(q_tile * group))
     block_d = max(16, _next_pow2(head_dim))
     block_n = min(256, max(16, _next_pow2(kv_tile)))
-    while block_n > 16 and 2 * block_n * block_d * 2 > 64 * 1024:
+    while block_n > 16 and 2 * block_n * block_d * elem_bytes > 64 * 1024:
         block_n //= 2
     return block_m, block_n, block_d
 
 
 def default_launch(block_m: int, block_n: int, block_d: int) -> tuple[int, int]:
     """``(num_warps, num_stages)`` of a stage-1 launch for these block sizes."""
-    return (4 if block_m * block_d <= 64 * 128 else 8), 2
+    return 4, 2
 
 
 @triton.jit
@@ -283,7 +284,8 @@ def tree_decode_stage1(
     default_launch = globals()["default_launch"]  # looked up per call: tunable
     hk = k.shape[1]
     group = hq // hk
-    block_m, block_n, block_d = stage1_block_sizes(phase.q_tile, phase.kv_tile, group, d)
+    block_m, block_n, block_d = stage1_block_sizes(phase.q_tile, phase.kv_tile, group, d,
+                                                   q.element_size())
     if block_m > MAX_BLOCK_M and phase.q_tile > 1:
         raise ValueError(
             f"q_tile {phase.q_tile} x group {group} = {phase.q_tile * group} rows exceeds "
@@ -296,6 +298,10 @@ def tree_decode_stage1(
         w, st = default_launch(block_m, block_n, block_d)
         num_warps = w if num_warps is None else num_warps
         num_stages = st if num_stages is None else num_stages
+    # Shared memory: the q tile plus num_stages K and V tiles must fit (fp32 heads of 256).
+    esz = q.element_size()
+    while num_stages > 1 and (block_m * block_d + 2 * num_stages * block_n * block_d) * esz > 200 * 1024:
+        num_stages -= 1
     grid = (phase.num_vnodes, hk)
     _stage1_kernel[grid](
         q, k, v, mid_o, mid_lse,

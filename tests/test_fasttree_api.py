@@ -270,18 +270,16 @@ def test_single_node_several_requests(backend):
     assert metadata.plan.num_vnodes == 1
 
 
-def _tiny_tiles_params():
-    return FastTreeParams(TSQs=[4, 2], TSKs=[16, 16])
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("params, splits, label", [
-    (FastTreeParams(), SEED_SPLITS, "defaults"),
-    (FastTreeParams(alpha=0.01, beta=5.0, gamma=1.0), SEED_SPLITS, "split-Q"),
-    (FastTreeParams(alpha=0.0, beta=0.0, gamma=0.0), SEED_SPLITS, "free"),
-    (_tiny_tiles_params(), [8, 3], "tiny-chunks"),
-    (FastTreeParams(TSQs=[2, 1], TSKs=[16, 32], alpha=0.1, beta=5.0, gamma=0.0), [5, 5], "q-tiles"),
-], ids=lambda x: x if isinstance(x, str) else "")
+    pytest.param(FastTreeParams(), SEED_SPLITS, "defaults", id="defaults"),
+    # Cheap Q padding, dear K padding: short nodes leave their parent's group.
+    pytest.param(FastTreeParams(alpha=0.01, beta=5.0, gamma=1.0), SEED_SPLITS, "split-Q", id="split-Q"),
+    pytest.param(FastTreeParams(alpha=0.0, beta=0.0, gamma=0.0), SEED_SPLITS, "free", id="free"),
+    pytest.param(FastTreeParams(TSQs=[4, 2], TSKs=[16, 16]), [8, 3], "tiny-chunks", id="tiny-chunks"),
+    pytest.param(FastTreeParams(TSQs=[2, 1], TSKs=[16, 32], alpha=0.1, beta=5.0, gamma=0.0),
+                 [5, 5], "q-tiles", id="q-tiles"),
+])
 def test_params_and_chunking(params, splits, label, backend):
     nodes = example_forest()
     metadata, assignments, _, _ = run_and_check(
@@ -290,9 +288,11 @@ def test_params_and_chunking(params, splits, label, backend):
     plan = metadata.plan
     if label == "split-Q":
         assert 1 in assignments
-    if label == "tiny-chunks":
-        lens = plan.vnode_kv_len_host
-        assert lens.max() <= 8 and plan.num_vnodes > len(nodes)
+    if label in ("tiny-chunks", "q-tiles"):
+        assert plan.vnode_kv_len_host.max() <= splits[0]
+        assert plan.num_vnodes > len(nodes)
+    if label == "q-tiles":
+        assert max(ph.q_tile for ph in plan.phases) <= 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -498,6 +498,21 @@ def test_metadata_layout():
     assert int(r_lens.sum()) == nm and (r_lens > 0).all()
 
 
+@pytest.mark.parametrize("parents, seqlens, ends, nums, offs", [
+    # Every group has <= TSQs[1] = 16 queries: phase 1 only.
+    ([-1, 0, 0], [30, 10, 7], [1, 2, 0], [0, 3], [0, 0]),
+    # One group of 20 queries: phase 0 only.
+    ([-1], [30], [0] * 20, [1, 0], [0, 0]),
+    # A root shared by 20 requests (phase 0) and their 20 leaves (phase 1).
+    ([-1] + [0] * 20, [50] + [5] * 20, list(range(1, 21)), [1, 20], [0, 1]),
+])
+def test_metadata_phase_layout(parents, seqlens, ends, nums, offs):
+    nodes = with_requests(make_tree(parents, seqlens), ends)
+    metadata, _ = fasttree_preparation(nodes, kv_ptrs(nodes), len(ends), 2, 1, 16, SEED_SPLITS,
+                                       [0, 0], [0, 0], FastTreeParams())
+    assert metadata[11] == nums and metadata[12] == offs
+
+
 def test_preparation_does_not_modify_inputs(capsys):
     nodes = example_forest()
     nodes_before = copy.deepcopy(nodes)
@@ -539,6 +554,15 @@ def test_qkv_preparation(build_cache):
         assert torch.equal(V_cache[r, :len(s)], V[s])
         assert torch.count_nonzero(K_cache[r, len(s):]) == 0
         assert torch.count_nonzero(V_cache[r, len(s):]) == 0
+
+
+def test_qkv_preparation_default_device():
+    nodes = example_forest()
+    Q, K_cache, _, seqlens, K, _, _ = qkv_preparation(nodes, 4, 2, 16)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    for t in (Q, K_cache, seqlens, K):
+        assert t.device.type == want
+    assert Q.dtype == torch.float16
 
 
 def test_errors_are_treecache_errors():
@@ -587,6 +611,8 @@ def _decode(p, **over):
      r"k(_buffer)? has dtype torch.float32, q has torch.float16"),
     (lambda p: dict(q=p["q"].float(), o=p["o"].float()), ShapeMismatchError,
      r"k(_buffer)? has dtype torch.float16, q has torch.float32"),
+    (lambda p: dict(q=p["q"].double(), k=p["k"].double(), v=p["v"].double(), o=p["o"].double()),
+     ShapeMismatchError, r"q has dtype torch.float64, expected one of float16, bfloat16, float32"),
     (lambda p: dict(o=p["o"].bfloat16()), ShapeMismatchError,
      r"o has dtype torch.bfloat16, q has torch.float16"),
     (lambda p: dict(k=p["k"][:-3], v=p["v"][:-3]), ShapeMismatchError,
@@ -594,7 +620,7 @@ def _decode(p, **over):
     (lambda p: dict(k=torch.cat([p["k"], p["k"][:2]]), v=torch.cat([p["v"], p["v"][:2]])),
      ShapeMismatchError, r"k_buffer has 93 tokens, KV_ptrs\[-1\] was 91"),
 ], ids=["q-batch", "q-heads", "q-head-dim", "o-shape", "k-kv-heads", "v-kv-heads",
-        "k-dtype", "q-dtype", "o-dtype", "k-rows-fewer", "k-rows-more"])
+        "k-dtype", "q-dtype", "fp64", "o-dtype", "k-rows-fewer", "k-rows-more"])
 def test_bad_decode_inputs(prepared, change, exc, pattern):
     with pytest.raises(exc, match=pattern):
         _decode(prepared, **change(prepared))
@@ -679,7 +705,7 @@ def test_batch_size_disagrees_with_tree():
         _prepare(nodes, kv_ptrs(nodes), b=6)
 
 
-def test_unknown_backend_is_a_treecache_error(prepared):
+def test_unknown_backend(prepared):
     p = prepared
-    with pytest.raises(TreeCacheError, match=r"backend.*'cuda'"):
+    with pytest.raises(UnsupportedConfigError, match=r"backend must be .*got 'cuda'"):
         fasttree_decode(p["q"], p["k"], p["v"], p["o"], *p["metadata"], backend="cuda")

@@ -424,8 +424,10 @@ def test_params_have_their_own_lists():
     tiles = [8, 4]
     a.set_q_tile_sizes(tiles)
     a.set_kv_tile_sizes(tiles)
+    c = FastTreeParams(TSQs=tiles, TSKs=tiles)
     tiles[0] = 99
     assert a.TSQs == [8, 4] and a.TSKs == [8, 4] and a.TSQs is not a.TSKs
+    assert c.TSQs == [8, 4] and c.TSKs == [8, 4] and c.TSQs is not c.TSKs
 
 
 def test_params_setters_and_defaults():
@@ -655,7 +657,7 @@ def forests(draw):
     return inp, group, dict(params=params, kv_split_sizes=split, **thresh)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(forests())
 def test_random_forests_cover_each_path_once(case):
     inp, group, kwargs = case

@@ -119,7 +119,8 @@ class TreeKVCache:
     device : torch device, optional
         Default: CUDA if available, else CPU.
     params : FastTreeParams, optional
-        Cost model and tiles for planning (never modified).
+        Cost model and tiles for planning (never modified); default
+        :meth:`FastTreeParams.for_heads` (tiles tuned on an H100).
     backend : "auto", "triton" or "torch"
         Kernel implementation (see :func:`kernels.select_backend`).
     sm_scale : float, optional
@@ -187,7 +188,8 @@ class TreeKVCache:
         num_pages = -(-int(capacity_tokens) // self.page_size)
         self.pool = KVPool(self.num_layers, num_pages, self.page_size, self.num_kv_heads,
                            self.head_dim, dtype, self.device)
-        self.params = FastTreeParams() if params is None else params
+        self.params = (FastTreeParams.for_heads(self.num_qo_heads, self.num_kv_heads)
+                       if params is None else params)
         self.params.validate()
         self.backend = resolve_backend(self.device, backend)
         logger.info("TreeKVCache: %d layers, %d slots, backend %s", self.num_layers,

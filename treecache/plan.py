@@ -95,6 +95,18 @@ class FastTreeParams:
     TSKs: list[int] = attrs.field(factory=_default_tsks, converter=list)
     kv_group_num: int = 1
 
+    @classmethod
+    def for_heads(cls, num_qo_heads: int, num_kv_heads: int) -> "FastTreeParams":
+        """Tiles measured to run well on an H100 for this head layout (fp16, head_dim 128).
+
+        KV tile 32; query tiles of 64 and 16 rows of the GQA-expanded tile
+        (``q_tile = rows // group``). See benchmarks/RESULTS.md for the sweep behind it.
+        Used whenever a planner is given ``params=None``.
+        """
+        group = max(1, int(num_qo_heads) // max(1, int(num_kv_heads)))
+        return cls(TSQs=[max(1, 64 // group), max(1, 16 // group)], TSKs=[32, 32],
+                   kv_group_num=group)
+
     def set_values(self, alpha: float, beta: float, gamma: float) -> None:
         """Set the three cost-model weights."""
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
@@ -643,9 +655,10 @@ def build_plan(
         Extra kv entries reserved after each growable request's tail vnode, so that
         append-only steps can extend it without a re-plan.
     """
-    params = FastTreeParams() if params is None else params
-    params.validate()
     num_qo_heads, num_kv_heads, head_dim = int(num_qo_heads), int(num_kv_heads), int(head_dim)
+    if params is None:
+        params = FastTreeParams.for_heads(num_qo_heads, max(1, num_kv_heads))
+    params.validate()
     if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
         raise UnsupportedConfigError(
             f"num_qo_heads ({num_qo_heads}) must be a positive multiple of num_kv_heads "

@@ -1,0 +1,372 @@
+"""GPU tests of TreeKVCache: real sizes, compiled Triton kernels, CUDA graphs.
+
+Skipped on a machine without a CUDA GPU (the ``cuda`` fixture of conftest.py).
+
+* Random operation sequences (new request, append, fork, prune, decode steps, speculative
+  draft trees, accept) at model-like sizes: several layers, 32/8 and 32/32 heads,
+  head_dim 128, fp16 and bf16, dozens of requests with a few hundred tokens each.
+  ``check()`` after every operation; ``attend`` on every layer (and on a shuffled subset
+  of requests) against ``kernels.reference_decode`` over a plain per-request model.
+* CUDA graphs: one decode step (``attend`` for every layer into preallocated outputs,
+  q from static buffers) is captured once after ``prepare()``; append-only steps
+  (``reserve`` + ``write`` outside the graph) then only replay it. ``plan_version`` must
+  not change while the steps stay within ``plan_headroom``; past it, the test
+  re-captures whenever ``plan_version`` changes and the outputs stay exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import reference_decode
+from treecache import OutOfPagesError, TreeKVCache
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+HEAD_DIM = 128
+
+
+class Model:
+    """Each live request's own K and V ``[num_layers, n, Hk, D]`` on the GPU, no sharing."""
+
+    def __init__(self, num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, device, seed):
+        self.shape = (num_layers, num_qo_heads, num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.gen, device=self.device).to(self.dtype)
+
+    def tokens(self, n):
+        nl, _, hk, d = self.shape
+        return self.randn(nl, n, hk, d), self.randn(nl, n, hk, d)
+
+    def queries(self, b):
+        _, hq, _, d = self.shape
+        return self.randn(b, hq, d)
+
+    def new(self, r):
+        nl, _, hk, d = self.shape
+        self.k[r] = torch.zeros(nl, 0, hk, d, dtype=self.dtype, device=self.device)
+        self.v[r] = self.k[r]
+
+    def append(self, r, k, v):
+        self.k[r] = torch.cat([self.k[r], k], dim=1)
+        self.v[r] = torch.cat([self.v[r], v], dim=1)
+
+    def fork(self, src, dst):
+        self.k[dst], self.v[dst] = self.k[src], self.v[src]
+
+    def prune(self, r):
+        del self.k[r], self.v[r]
+
+    def reference(self, q, layer, requests, sm_scale):
+        ks = [self.k[r][layer] for r in requests]
+        vs = [self.v[r][layer] for r in requests]
+        lens = [t.shape[0] for t in ks]
+        pad = torch.zeros(1, *ks[0].shape[1:], dtype=self.dtype, device=self.device)
+        offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        slots = [torch.arange(int(offs[i]), int(offs[i + 1]), device=self.device)
+                 for i in range(len(lens))]
+        return reference_decode(q, torch.cat(ks + [pad]), torch.cat(vs + [pad]), slots, sm_scale)
+
+
+def assert_attends(cache, model, q, layer, requests=None, out=None):
+    reqs = cache.requests if requests is None else list(requests)
+    got = cache.attend(q, layer, requests, out=out)
+    ref = model.reference(q, layer, reqs, cache.sm_scale)
+    tol = TOL[cache.dtype]
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+def write_step(cache, model, reqs, slots):
+    k, v = model.tokens(len(reqs))
+    for layer in range(cache.num_layers):
+        cache.write(layer, slots, k[layer], v[layer])
+    for i, r in enumerate(reqs):
+        model.append(r, k[:, i:i + 1], v[:, i:i + 1])
+
+
+# ============================================================================ random operations
+
+
+class Driver:
+    """Seeded random operations on a cache and its model (OutOfPagesError is checked)."""
+
+    def __init__(self, cache, model, seed, max_requests):
+        self.cache, self.model = cache, model
+        self.rng = np.random.default_rng(seed)
+        self.max_requests = max_requests
+        self.out_of_pages = 0
+
+    def live(self):
+        return list(self.model.k)
+
+    def pick(self):
+        live = self.live()
+        return live[int(self.rng.integers(len(live)))]
+
+    def guarded(self, call):
+        state = (self.cache.requests, self.cache.stats(),
+                 {r: self.cache.slots(r).tolist() for r in self.cache.requests})
+        try:
+            return call(), True
+        except OutOfPagesError:
+            self.out_of_pages += 1
+            after = (self.cache.requests, self.cache.stats(),
+                     {r: self.cache.slots(r).tolist() for r in self.cache.requests})
+            assert after == state
+            return None, False
+
+    def new_request(self, n):
+        r = self.cache.new_request()
+        self.model.new(r)
+        self.append(r, n)
+        return r
+
+    def append(self, r, n):
+        k, v = self.model.tokens(n)
+        _, ok = self.guarded(lambda: self.cache.append(r, k, v))
+        if ok:
+            self.model.append(r, k, v)
+
+    def fork(self, r):
+        f = self.cache.fork(r)
+        self.model.fork(r, f)
+        return f
+
+    def prune(self, r):
+        self.cache.prune(r)
+        self.model.prune(r)
+
+    def decode_steps(self, steps, attend):
+        reqs = self.live()
+        for _ in range(steps):
+            slots, ok = self.guarded(lambda: self.cache.reserve(reqs))
+            if not ok:
+                return
+            write_step(self.cache, self.model, reqs, slots)
+            if attend:
+                for layer in range(self.cache.num_layers):
+                    assert_attends(self.cache, self.model, self.model.queries(len(reqs)), layer)
+
+    def speculate(self, req, widths):
+        drafts, frontier = [], [req]
+        for width in widths:
+            nxt = []
+            for parent in frontier:
+                for _ in range(width):
+                    d = self.fork(parent)
+                    drafts.append(d)
+                    slots, ok = self.guarded(lambda: self.cache.reserve(d, 1))
+                    if not ok:
+                        for x in drafts:
+                            self.prune(x)
+                        return
+                    write_step(self.cache, self.model, [d], slots)
+                    nxt.append(d)
+            frontier = nxt
+        layer = int(self.rng.integers(self.cache.num_layers))
+        assert_attends(self.cache, self.model, self.model.queries(len(drafts)), layer, drafts)
+        chosen = drafts[int(self.rng.integers(len(drafts)))]
+        rest = [d for d in drafts if d != chosen]
+        self.cache.accept(req, chosen, discard=rest)
+        self.model.k[req] = self.model.k.pop(chosen)
+        self.model.v[req] = self.model.v.pop(chosen)
+        for d in rest:
+            self.model.prune(d)
+
+    def attend_all(self):
+        for layer in range(self.cache.num_layers):
+            assert_attends(self.cache, self.model, self.model.queries(len(self.live())), layer)
+        live = self.live()
+        sub = [live[i] for i in self.rng.permutation(len(live))[: max(1, len(live) // 2)]]
+        assert_attends(self.cache, self.model, self.model.queries(len(sub)), 0, sub)
+
+    def random_op(self):
+        op = self.rng.choice(["append", "fork", "prune", "decode", "speculate", "new"],
+                             p=[0.2, 0.25, 0.15, 0.2, 0.1, 0.1])
+        n_live = len(self.live())
+        if op == "new" and n_live < self.max_requests:
+            self.new_request(int(self.rng.integers(1, 300)))
+        elif op == "fork" and n_live < self.max_requests:
+            self.fork(self.pick())
+        elif op == "prune" and n_live > 1:
+            self.prune(self.pick())
+        elif op == "append":
+            self.append(self.pick(), int(self.rng.integers(1, 40)))
+        elif op == "decode":
+            self.decode_steps(int(self.rng.integers(1, 4)), attend=bool(self.rng.random() < 0.3))
+        elif op == "speculate":
+            self.speculate(self.pick(), [int(x) for x in self.rng.integers(1, 3, size=3)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(32, 8), (32, 32)], ids=["gqa4", "mha"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_random_operations_at_real_sizes(cuda, dtype, num_qo_heads, num_kv_heads, page_size):
+    num_layers = 4
+    seed = num_kv_heads + page_size
+    cache = TreeKVCache(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, 12_000,
+                        page_size=page_size, dtype=dtype, device=cuda)
+    model = Model(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, dtype, cuda, seed)
+    drv = Driver(cache, model, seed, max_requests=48)
+    # A forest: three prompts of a few hundred tokens, each forked into a dozen requests.
+    for n in (200, 300, 250):
+        root = drv.new_request(n)
+        for _ in range(11):
+            f = drv.fork(root)
+            drv.append(f, int(drv.rng.integers(1, 60)))
+    cache.check()
+    drv.attend_all()
+    for i in range(60):
+        drv.random_op()
+        cache.check()
+        if i % 10 == 9:
+            drv.attend_all()
+    drv.decode_steps(3, attend=True)
+    s = cache.stats()
+    assert s["requests"] >= 12 and s["sharing_ratio"] > 1
+    assert min(cache.length(r) for r in cache.requests) > 0
+    for r in drv.live():
+        drv.prune(r)
+    cache.check()
+    assert cache.stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_out_of_pages_at_real_sizes(cuda, dtype):
+    cache = TreeKVCache(2, 32, 8, HEAD_DIM, 2048, page_size=16, dtype=dtype, device=cuda)
+    model = Model(2, 32, 8, HEAD_DIM, dtype, cuda, 7)
+    drv = Driver(cache, model, 7, max_requests=64)
+    root = drv.new_request(1000)
+    for _ in range(40):
+        drv.append(drv.fork(root), 30)
+    assert drv.out_of_pages > 0
+    cache.check()
+    drv.attend_all()
+    drv.decode_steps(2, attend=True)
+    cache.check()
+
+
+# ============================================================================ CUDA graphs
+
+
+def _beam_like_cache(device, dtype, num_layers, plan_headroom, num_qo_heads=32, num_kv_heads=8):
+    """Three prompts, each forked into 8 requests, one decode step: 24 exclusive leaves."""
+    cache = TreeKVCache(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, 16_384, dtype=dtype,
+                        device=device, plan_headroom=plan_headroom)
+    model = Model(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, dtype, device, 0)
+    for n in (256, 384, 128):
+        r = cache.new_request()
+        model.new(r)
+        k, v = model.tokens(n)
+        cache.append(r, k, v)
+        model.append(r, k, v)
+        for _ in range(7):
+            f = cache.fork(r)
+            model.fork(r, f)
+    reqs = cache.requests
+    write_step(cache, model, reqs, cache.reserve(reqs))
+    return cache, model, reqs
+
+
+class GraphStep:
+    """One captured decode step: attend of every layer, q from static buffers, into outs."""
+
+    def __init__(self, cache, num_requests):
+        nl, hq, d = cache.num_layers, cache.num_qo_heads, cache.head_dim
+        dev, dt = cache.device, cache.dtype
+        self.cache = cache
+        self.q = [torch.zeros(num_requests, hq, d, dtype=dt, device=dev) for _ in range(nl)]
+        self.out = [torch.zeros(num_requests, hq, d, dtype=dt, device=dev) for _ in range(nl)]
+        self.captures = 0
+        self.capture()
+
+    def _run(self):
+        for layer in range(self.cache.num_layers):
+            self.cache.attend(self.q[layer], layer, out=self.out[layer])
+
+    def capture(self):
+        self.cache.prepare()
+        # Warm up (compiles the kernels) on a side stream, as torch.cuda.graphs asks.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.version = self.cache.plan_version
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._run()
+        torch.cuda.synchronize()
+        assert self.cache.plan_version == self.version, "planning happened during capture"
+        self.captures += 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_cuda_graph_replay_of_append_only_steps(cuda, dtype):
+    num_layers = 4
+    cache, model, reqs = _beam_like_cache(cuda, dtype, num_layers, plan_headroom=64)
+    step = GraphStep(cache, len(reqs))
+    version = cache.plan_version
+    rebuilds = cache.stats()["plan_rebuilds"]
+    for i in range(20):
+        slots = cache.reserve(reqs)          # outside the graph: slots for the new token
+        write_step(cache, model, reqs, slots)
+        qs = [model.queries(len(reqs)) for _ in range(num_layers)]
+        for layer in range(num_layers):
+            step.q[layer].copy_(qs[layer])
+            step.out[layer].fill_(float("nan"))
+        step.graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(num_layers):
+            ref = model.reference(qs[layer], layer, reqs, cache.sm_scale)
+            torch.testing.assert_close(step.out[layer].float(), ref, atol=TOL[dtype],
+                                       rtol=TOL[dtype], msg=lambda m: f"step {i} layer {layer}: {m}")
+        assert cache.plan_version == version, f"the plan was rebuilt at append-only step {i}"
+    cache.prepare()
+    assert cache.plan_version == version and cache.stats()["plan_rebuilds"] == rebuilds
+    assert step.captures == 1
+    # The eager path agrees with the replayed one.
+    for layer in range(num_layers):
+        assert_attends(cache, model, model.queries(len(reqs)), layer)
+    assert cache.plan_version == version
+
+
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(32, 8), (32, 32)], ids=["gqa4", "mha"])
+def test_cuda_graph_recaptured_past_plan_headroom(cuda, num_qo_heads, num_kv_heads):
+    num_layers, headroom, steps = 3, 6, 24
+    cache, model, reqs = _beam_like_cache(cuda, torch.float16, num_layers, headroom,
+                                          num_qo_heads, num_kv_heads)
+    step = GraphStep(cache, len(reqs))
+    recaptured_at = []
+    for i in range(steps):
+        slots = cache.reserve(reqs)
+        write_step(cache, model, reqs, slots)
+        cache.prepare()                      # re-plans here if the headroom ran out
+        if cache.plan_version != step.version:
+            step.capture()
+            recaptured_at.append(i)
+        qs = [model.queries(len(reqs)) for _ in range(num_layers)]
+        for layer in range(num_layers):
+            step.q[layer].copy_(qs[layer])
+            step.out[layer].fill_(float("nan"))
+        step.graph.replay()
+        torch.cuda.synchronize()
+        for layer in range(num_layers):
+            ref = model.reference(qs[layer], layer, reqs, cache.sm_scale)
+            torch.testing.assert_close(step.out[layer].float(), ref, atol=TOL[torch.float16],
+                                       rtol=TOL[torch.float16],
+                                       msg=lambda m: f"step {i} layer {layer}: {m}")
+    # The plan captured first had room for `headroom` tokens per request; each re-plan
+    # gives the same room again.
+    assert recaptured_at == list(range(headroom, steps, headroom + 1))
+    assert step.captures == 1 + len(recaptured_at)
