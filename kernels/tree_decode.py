@@ -121,6 +121,7 @@ def _stage1_kernel(
     BLOCK_N: tl.constexpr,
     USE_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     vid = tl.program_id(0) + vnode_offset
     kv_head = tl.program_id(1)
@@ -144,6 +145,8 @@ def _stage1_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )  # [BLOCK_M, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -158,6 +161,8 @@ def _stage1_kernel(
             mask=n_ok[None, :] & d_ok[:, None],
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
+        if UPCAST:
+            kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], fp32
         if USE_CAP:
             s = logit_cap * _tanh(s * qk_scale / logit_cap) * 1.4426950408889634
@@ -173,6 +178,8 @@ def _stage1_kernel(
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            vt = vt.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -293,7 +300,10 @@ def tree_decode_stage1(
         )
     use_cap = logit_cap is not None and logit_cap > 0
     qk_scale = sm_scale if use_cap else sm_scale * LOG2E
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (upstream issue
+    # #11584): there, bf16 operands are upcast to fp32 first.
+    upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     if num_warps is None or num_stages is None:
         w, st = default_launch(block_m, block_n, block_d)
         num_warps = w if num_warps is None else num_warps
@@ -321,6 +331,7 @@ def tree_decode_stage1(
         BLOCK_N=block_n,
         USE_CAP=use_cap,
         DOT_PRECISION=precision,
+        UPCAST=upcast,
         num_warps=num_warps,
         num_stages=num_stages,
     )

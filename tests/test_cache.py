@@ -506,6 +506,20 @@ def test_append_only_decode_loop_never_replans(backend, attend_every_step):
     cache.check()
 
 
+def test_one_token_appends_are_append_only_steps():
+    """append(req, k, v) with one token per request is the same fast path as reserve."""
+    cache, model, reqs = _decode_loop_setup("torch", plan_headroom=64, num_layers=2)
+    decode_step(cache, model, reqs)
+    assert_all_layers(cache, model, reqs)
+    version = cache.plan_version
+    for _ in range(10):
+        for r in reqs:
+            append(cache, model, r, 1)
+        assert_all_layers(cache, model, reqs)
+    assert cache.plan_version == version
+    cache.check()
+
+
 def test_append_only_loop_replans_only_when_headroom_runs_out():
     headroom = 8
     cache, model, reqs = _decode_loop_setup("torch", plan_headroom=headroom, num_layers=2)

@@ -13,7 +13,6 @@ import copy
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -189,8 +188,8 @@ def test_seed_quick_start(backend, capsys):
         fasttree_decode(Q, K, V, O, *metadata, params.TSQs, params.TSKs, sm_scale, backend=backend)
 
     assert O.shape == (2, 32, 128)
-    ref = reference_decode(Q, K, V, [list(range(0, 192)), list(range(0, 128)) + list(range(192, 256))],
-                           sm_scale)
+    paths = [list(range(0, 192)), list(range(0, 128)) + list(range(192, 256))]
+    ref = reference_decode(Q, K, V, paths, sm_scale)
     assert not torch.isnan(O).any()
     assert rel_err(O, ref) <= TOL[dtype]
     assert capsys.readouterr() == ("", "")
@@ -274,9 +273,11 @@ def test_single_node_several_requests(backend):
 @pytest.mark.parametrize("params, splits, label", [
     pytest.param(FastTreeParams(), SEED_SPLITS, "defaults", id="defaults"),
     # Cheap Q padding, dear K padding: short nodes leave their parent's group.
-    pytest.param(FastTreeParams(alpha=0.01, beta=5.0, gamma=1.0), SEED_SPLITS, "split-Q", id="split-Q"),
+    pytest.param(FastTreeParams(alpha=0.01, beta=5.0, gamma=1.0), SEED_SPLITS, "split-Q",
+                 id="split-Q"),
     pytest.param(FastTreeParams(alpha=0.0, beta=0.0, gamma=0.0), SEED_SPLITS, "free", id="free"),
-    pytest.param(FastTreeParams(TSQs=[4, 2], TSKs=[16, 16]), [8, 3], "tiny-chunks", id="tiny-chunks"),
+    pytest.param(FastTreeParams(TSQs=[4, 2], TSKs=[16, 16]), [8, 3], "tiny-chunks",
+                 id="tiny-chunks"),
     pytest.param(FastTreeParams(TSQs=[2, 1], TSKs=[16, 32], alpha=0.1, beta=5.0, gamma=0.0),
                  [5, 5], "q-tiles", id="q-tiles"),
 ])
@@ -434,7 +435,8 @@ def configs(draw):
 
 # No shrinking: each example runs the kernels (in the interpreter on a CPU), and the
 # drawn trees are small already.
-RANDOM = settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+RANDOM = settings(max_examples=10, deadline=None,
+                  phases=[Phase.explicit, Phase.reuse, Phase.generate],
                   suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -654,7 +656,8 @@ def test_metadata_not_from_preparation(prepared):
 
 
 def test_bad_sm_scale(prepared):
-    with pytest.raises(PlanMismatchError, match=r"sm_scale must be a positive finite number, got -1"):
+    with pytest.raises(PlanMismatchError,
+                       match=r"sm_scale must be a positive finite number, got -1"):
         fasttree_decode(prepared["q"], prepared["k"], prepared["v"], prepared["o"],
                         *prepared["metadata"], sm_scale=-1.0)
 
@@ -673,13 +676,15 @@ def test_unsupported_head_dim():
 def test_heads_not_a_multiple():
     nodes = example_forest()
     with pytest.raises(UnsupportedConfigError,
-                       match=r"num_qo_heads \(6\) must be a positive multiple of num_kv_heads \(4\)"):
+                       match=r"num_qo_heads \(6\) must be a positive multiple of "
+                             r"num_kv_heads \(4\)"):
         _prepare(nodes, kv_ptrs(nodes), hq=6, hk=4)
 
 
 def test_kv_ptrs_wrong_length():
     nodes = example_forest()
-    with pytest.raises(PlanMismatchError, match=r"KV_ptrs must have len\(tree_info\) \+ 1 = 8 entries, got 7"):
+    with pytest.raises(PlanMismatchError,
+                       match=r"KV_ptrs must have len\(tree_info\) \+ 1 = 8 entries, got 7"):
         _prepare(nodes, kv_ptrs(nodes)[:-1])
 
 
@@ -687,7 +692,8 @@ def test_kv_ptrs_inconsistent_with_seqlens():
     nodes = example_forest()
     ptrs = kv_ptrs(nodes)
     ptrs[2] -= 1  # node 1 one token short, node 2 one token long
-    with pytest.raises(PlanMismatchError, match=r"KV_ptrs\[2\] - KV_ptrs\[1\] = 11 but node 1 has seqlen 12"):
+    with pytest.raises(PlanMismatchError,
+                       match=r"KV_ptrs\[2\] - KV_ptrs\[1\] = 11 but node 1 has seqlen 12"):
         _prepare(nodes, ptrs)
 
 

@@ -199,7 +199,8 @@ def test_tree_verification_logits_match_4d_mask_forward(hf, prompts, backend):
         ).logits[0, n_prompt:].float()
 
     diff = (tree_logits - ref).abs().max().item()
-    print(f"tree verification vs 4D-mask forward ({backend}): max abs logit diff {diff:.3e}")
+    ran = cache.stats()["backend"]
+    print(f"tree verification vs 4D-mask forward ({ran} backend): max abs logit diff {diff:.3e}")
     assert diff < 2e-3
     assert torch.equal(tree_logits.argmax(-1), ref.argmax(-1))
 

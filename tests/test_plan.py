@@ -61,7 +61,10 @@ def expected_paths(inp: PlanInput) -> list[list[int]]:
         slots = []
         for v in reversed(nodes):
             pos = range(int(inp.tok_ptr[v]), int(inp.tok_ptr[v] + inp.seqlen[v]))
-            slots += [int(inp.node_tokens[p]) for p in pos] if inp.node_tokens is not None else list(pos)
+            if inp.node_tokens is None:
+                slots += list(pos)
+            else:
+                slots += [int(inp.node_tokens[p]) for p in pos]
         out.append(slots)
     return out
 
@@ -130,6 +133,8 @@ def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
 
 
 def build(inp, group=1, hk=1, head_dim=16, **kw) -> DecodePlan:
+    """build_plan + check_plan; params default to the seed's FastTreeParams()."""
+    kw.setdefault("params", FastTreeParams())
     plan = build_plan(inp, num_qo_heads=group * hk, num_kv_heads=hk, head_dim=head_dim, **kw)
     check_plan(plan, inp, group)
     return plan
@@ -228,7 +233,8 @@ def test_kv_chunking(length, split):
     plan = build(inp, kv_split_sizes=(split, split), **NO_ADJUST)
     n = -(-length // split)
     assert plan.num_vnodes == n
-    assert [kl for _, kl, _, _ in vnode_table(plan)] == [split] * (n - 1) + [length - split * (n - 1)]
+    last = length - split * (n - 1)
+    assert [kl for _, kl, _, _ in vnode_table(plan)] == [split] * (n - 1) + [last]
     assert [ks for ks, _, _, _ in vnode_table(plan)] == [i * split for i in range(n)]
     assert plan.num_mid_rows == n
 
@@ -439,10 +445,13 @@ def test_params_setters_and_defaults():
 
 
 def test_default_params_when_omitted():
-    inp = plan_input([-1, 0, 0], [100, 20, 20], [1, 2])
-    a = build(inp, **NO_ADJUST)
-    b = build(inp, params=FastTreeParams(), **NO_ADJUST)
+    # Without params the planner uses the tiles tuned for the head layout.
+    inp = plan_input([-1, 0, 0], [100, 20, 20], [1, 2, 2, 2])
+    a = build_plan(inp, num_qo_heads=8, num_kv_heads=2, head_dim=16, **NO_ADJUST)
+    b = build(inp, group=4, hk=2, params=FastTreeParams.for_heads(8, 2), **NO_ADJUST)
+    check_plan(a, inp, 4)
     assert vnode_table(a) == vnode_table(b) and a.phases == b.phases
+    assert a.requested_q_tiles == tuple(FastTreeParams.for_heads(8, 2).TSQs)
 
 
 # ------------------------------------------------------------ path_token_indices
@@ -455,7 +464,8 @@ def test_path_token_indices():
     seqlen = np.array([3, 2, 0, 1, 2])
     tok_ptr = np.array([0, 3, 5, 5, 6])
     got = path_token_indices(parent, seqlen, tok_ptr, np.array([3, 0, 2, 4, 1]))
-    assert [g.tolist() for g in got] == [[0, 1, 2, 3, 4, 5], [0, 1, 2], [0, 1, 2], [6, 7], [0, 1, 2, 3, 4]]
+    assert [g.tolist() for g in got] == [
+        [0, 1, 2, 3, 4, 5], [0, 1, 2], [0, 1, 2], [6, 7], [0, 1, 2, 3, 4]]
     table = np.array([10, 11, 12, 13, 14, 15, 16, 17]) * 2
     got = path_token_indices(parent, seqlen, tok_ptr, np.array([3, 4]), node_tokens=table)
     assert [g.tolist() for g in got] == [[20, 22, 24, 26, 28, 30], [32, 34]]
@@ -472,7 +482,8 @@ def test_path_token_indices_deep_chain_and_empty():
 
 
 def test_path_token_indices_no_requests():
-    got = path_token_indices(np.array([-1]), np.array([3]), np.array([0]), np.array([], dtype=np.int64))
+    got = path_token_indices(np.array([-1]), np.array([3]), np.array([0]),
+                             np.array([], dtype=np.int64))
     assert len(got) == 0
 
 
@@ -514,13 +525,15 @@ def test_buffers_reuse_invalidates_older_plan():
 def test_buffers_grow():
     buffers = PlanBuffers(1, 16, "cpu", vnodes=1, requests=1, mid_rows=1, kv_entries=1)
     assert buffers.generation == 1
-    assert (buffers.cap_vnodes, buffers.cap_requests, buffers.cap_mid_rows, buffers.cap_kv) == (1, 1, 1, 1)
+    caps = lambda: (buffers.cap_vnodes, buffers.cap_requests, buffers.cap_mid_rows,  # noqa: E731
+                    buffers.cap_kv)
+    assert caps() == (1, 1, 1, 1)
     # 3 vnodes, 2 requests, 4 mid rows, 1020 kv entries: each capacity grows to at
     # least double.
     inp = plan_input([-1, 0, 0], [1000, 10, 10], [1, 2])
     p1 = build(inp, buffers=buffers, **NO_ADJUST)
     assert (p1.num_vnodes, p1.num_requests, p1.num_mid_rows, p1.num_kv_entries) == (3, 2, 4, 1020)
-    assert (buffers.cap_vnodes, buffers.cap_requests, buffers.cap_mid_rows, buffers.cap_kv) == (3, 2, 4, 1020)
+    assert caps() == (3, 2, 4, 1020)
     assert buffers.generation == 2 and p1.generation == 2
     assert buffers.mid_o.shape == (4, 1, 16) and buffers.mid_lse.shape == (4, 1)
     # A plan that fits: no reallocation.

@@ -778,7 +778,7 @@ class TreeKVCache:
         # Grow the plan's tail vnodes in place when this plan covers these requests.
         if not self._plan_dirty and self._plan is not None:
             rows = self._plan_rows[reqs]
-            if (rows < 0).any() or not self._plan.extend_tails(rows, slots):
+            if (rows < 0).any() or not self._plan.extend_tails(rows, slots, assume_unique=True):
                 self._dirty()
         return slots
 

@@ -65,7 +65,9 @@ class TreeModel(Protocol):
 
     def prefill(self, cache: Any, input_ids: Any) -> tuple[int, torch.Tensor]: ...
 
-    def decode(self, cache: Any, requests: Sequence[int], token_ids: Any, *, slots: Any = None) -> torch.Tensor: ...
+    def decode(
+        self, cache: Any, requests: Sequence[int], token_ids: Any, *, slots: Any = None
+    ) -> torch.Tensor: ...
 
     def kv_bytes_per_token(self) -> int: ...
 
@@ -296,11 +298,13 @@ def beam_search(
         logits = tm.decode(cache, [b.request for b in running], tokens)
         decode_seconds += time.perf_counter() - t0
         steps += 1
-        tree_bytes, per_beam_bytes = _kv_bytes(cache, [b.request for b in running], page_size, bytes_per_token)
+        requests = [b.request for b in running]
+        tree_bytes, per_beam_bytes = _kv_bytes(cache, requests, page_size, bytes_per_token)
         peak_tree = max(peak_tree, tree_bytes)
         peak_per_beam = max(peak_per_beam, per_beam_bytes)
         logger.debug(
-            "beam step %d: forks=%d prunes=%d tree=%d B per-beam=%d B", steps, forks, prunes, tree_bytes, per_beam_bytes
+            "beam step %d: forks=%d prunes=%d tree=%d B per-beam=%d B",
+            steps, forks, prunes, tree_bytes, per_beam_bytes,
         )
 
     sequences = fin_tokens[:num_return_sequences]

@@ -405,7 +405,8 @@ class DecodePlan:
            logit_cap=float(logit_cap or 0.0), check=False, **self.tensors())
         return o
 
-    def extend_tails(self, rows: np.ndarray, slots: np.ndarray) -> bool:
+    def extend_tails(self, rows: np.ndarray, slots: np.ndarray, *,
+                     assume_unique: bool = False) -> bool:
         """Append one KV slot to the tail vnode of each request in ``rows`` (in place).
 
         Returns False (and changes nothing) if some request cannot grow in place; the
@@ -421,6 +422,8 @@ class DecodePlan:
         if (pos >= self.tail_limit[rows]).any():
             return False
         # Distinct rows have distinct tail vnodes (a tail vnode serves one request).
+        if not assume_unique and np.unique(rows).size != rows.size:
+            return False
         b = self.buffers
         kv_off = b.offsets["kv_indices"]
         len_off = b.offsets["vnode_kv_len"]
@@ -586,6 +589,8 @@ def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarr
     tok_ptr = np.asarray(tok_ptr, dtype=np.int64)
     req_end = np.asarray(req_end, dtype=np.int64)
     b = req_end.size
+    if b == 0:
+        return []
     depth = _depths(parent)
     rs, ns, ds = [np.arange(b)], [req_end], [depth[req_end]]
     r, cur = rs[0], req_end
@@ -828,6 +833,13 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
         buffers = PlanBuffers(hq, d, device, vnodes=max(nv, 1), requests=max(b, 1),
                               mid_rows=max(nmid, 1), kv_entries=max(kv_total, 1))
     else:
+        if (buffers.num_qo_heads, buffers.head_dim) != (hq, d):
+            raise PlanMismatchError(
+                f"buffers were made for num_qo_heads={buffers.num_qo_heads}, "
+                f"head_dim={buffers.head_dim}; this plan needs {hq}, {d}")
+        if buffers.device != normalize_device(device):
+            raise PlanMismatchError(
+                f"buffers are on {buffers.device}, the plan was asked for {device}")
         buffers.ensure(nv, b, nmid, kv_total)
     hv = buffers.host_view
     hv("vnode_kv_start", nv)[:] = v_kv_start
