@@ -30,10 +30,53 @@ CASES = [
 ]
 
 
+def phase0(out_path=None):
+    """Stage-1 phase 0 alone: query-tile rows x warps x stages on root-heavy trees."""
+    dev = torch.device("cuda")
+    import triton.testing
+
+    rows_out = []
+    for spec, hq, hk in [("1,1024 2048,32", 32, 32), ("1,1024 2048,32", 32, 8),
+                         ("1,4,16,512 1024,256,128,32", 32, 8), ("1,1024 2048,32", 16, 1)]:
+        nodes = generate_tree_from_spec(spec)
+        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                 build_cache=False)
+        g = hq // hk
+        res = []
+        for rows0, warps, stages in itertools.product((64, 128, 256), (4, 8), (1, 2, 3)):
+            if rows0 // g < 1:
+                continue
+            p = FastTreeParams(TSQs=[rows0 // g, max(1, 16 // g)], TSKs=[32, 32])
+            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, params=p,
+                                           device=dev)
+            plan = meta.plan
+            t = plan.tensors()
+            ph = plan.phases[0]
+            try:
+                us = triton.testing.do_bench(lambda: td.tree_decode_stage1(
+                    q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"], t["vnode_kv_start"],
+                    t["vnode_kv_len"], t["vnode_q_start"], t["vnode_q_len"], t["mid_q_rows"],
+                    ph, 0.088, num_warps=warps, num_stages=stages), return_mode="median") * 1e3
+            except Exception:  # noqa: BLE001 - out of resources
+                us = None
+            res.append((us or 1e9, rows0, warps, stages))
+            rows_out.append(dict(case=spec, hq=hq, hk=hk, rows0=rows0, warps=warps,
+                                 stages=stages, phase0_us=us))
+        res.sort()
+        print(f"phase 0 {spec[:30]} {hq}/{hk}: " + "; ".join(
+            f"rows {r} w{w} s{st}: {u:.1f}" for u, r, w, st in res[:6]), flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows_out, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--phase0", action="store_true", help="phase-0 tile sweep only")
     args = ap.parse_args(argv)
+    if args.phase0:
+        return phase0(args.out)
     dev = torch.device("cuda")
     orig = td.default_launch
     rows = []

@@ -27,7 +27,9 @@ replaced by ``logit_cap * tanh(s / logit_cap)`` before the softmax.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -42,6 +44,8 @@ __all__ = [
     "tree_decode",
     "stage1_block_sizes",
 ]
+
+logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -92,7 +96,7 @@ def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int,
 
 def default_launch(block_m: int, block_n: int, block_d: int) -> tuple[int, int]:
     """``(num_warps, num_stages)`` of a stage-1 launch for these block sizes."""
-    return 4, 2
+    return (8 if block_m >= 128 else 4), 2
 
 
 @triton.jit
@@ -206,34 +210,41 @@ def _stage2_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     req = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_heads
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    offs_p = tl.arange(0, BLOCK_P)
     start = tl.load(ReqMidStart + req)
     count = tl.load(ReqMidLen + req)
 
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for i in range(0, count):
-        row = tl.load(ReqMidRows + start + i).to(tl.int64)
-        lse = tl.load(MidLSE + row * stride_ml_r + heads, mask=h_ok, other=float("-inf"))
+    # BLOCK_P partials per step, loaded together (independent loads in flight).
+    for p0 in range(0, count, BLOCK_P):
+        p_ok = p0 + offs_p < count
+        rows = tl.load(ReqMidRows + start + p0 + offs_p, mask=p_ok, other=0).to(tl.int64)
+        ph_ok = p_ok[:, None] & h_ok[None, :]
+        lse = tl.load(MidLSE + rows[:, None] * stride_ml_r + heads[None, :], mask=ph_ok,
+                      other=float("-inf"))  # [P, H]
         part = tl.load(
-            MidO + row * stride_mo_r + heads[:, None] * stride_mo_h + offs_d[None, :],
-            mask=h_ok[:, None] & d_ok[None, :],
+            MidO + rows[:, None, None] * stride_mo_r + heads[None, :, None] * stride_mo_h
+            + offs_d[None, None, :],
+            mask=ph_ok[:, :, None] & d_ok[None, None, :],
             other=0.0,
-        )
-        m_new = tl.maximum(m, lse)
+        )  # [P, H, D]
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
         # A head whose partials so far are all empty (lse = -inf) keeps weight 0.
         finite = m_new > float("-inf")
         m_ref = tl.where(finite, m_new, 0.0)
         alpha = tl.where(finite, tl.exp2(m - m_ref), 0.0)
-        w = tl.where(finite, tl.exp2(lse - m_ref), 0.0)
-        acc = acc * alpha[:, None] + part * w[:, None]
-        l = l * alpha + w
+        w = tl.where(finite[None, :], tl.exp2(lse - m_ref[None, :]), 0.0)  # [P, H]
+        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], axis=0)
+        l = l * alpha + tl.sum(w, axis=0)
         m = m_new
     out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
     tl.store(
@@ -241,6 +252,60 @@ def _stage2_kernel(
         out.to(O.dtype.element_ty),
         mask=h_ok[:, None] & d_ok[None, :],
     )
+
+
+# ----------------------------------------------------------------------------- launching
+#
+# Triton's generic launch path (argument binding and specialisation in Python) costs tens
+# of microseconds per launch, more than the kernels themselves on small trees. After the
+# first launch of a configuration, the compiled kernel is called directly with the same
+# argument list. The cache key covers everything Triton specialises on: tensor dtypes
+# and 16-byte alignment, integers equal to 1 / divisible by 16 / beyond 32 bits, the
+# constexprs and the launch options. Set TREECACHE_FAST_LAUNCH=0 to always use Triton's
+# own path (it is also used whenever a launch hook, e.g. a profiler, is installed).
+
+FAST_LAUNCH = os.environ.get("TREECACHE_FAST_LAUNCH", "1") != "0"
+_compiled: dict = {}
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return ("i", a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
+    return type(a)
+
+
+def _hooks_installed() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    rt = getattr(knobs, "runtime", None)
+    return bool(getattr(rt, "launch_enter_hook", None) or getattr(rt, "launch_exit_hook", None))
+
+
+def _launch(fn, grid, args, constexprs, *, num_warps, num_stages, device):
+    global FAST_LAUNCH
+    if not FAST_LAUNCH or device.type != "cuda" or _hooks_installed():
+        fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    key = (fn, tuple(constexprs.values()), num_warps, num_stages, device.index,
+           tuple(_arg_key(a) for a in args))
+    kernel = _compiled.get(key)
+    if kernel is None:
+        kernel = fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if kernel is not None:
+            _compiled[key] = kernel
+        return
+    stream = torch.cuda.current_stream(device).cuda_stream
+    try:
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                   stream, kernel.function, kernel.packed_metadata, None, None, None,
+                   *args, *constexprs.values())
+    except (AttributeError, TypeError) as exc:  # a Triton whose launcher differs
+        logger.warning("direct kernel launch unavailable (%s); using Triton's launch path", exc)
+        FAST_LAUNCH = False
+        fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -313,27 +378,21 @@ def tree_decode_stage1(
     while num_stages > 1 and (block_m * block_d + 2 * num_stages * block_n * block_d) * esz > 200 * 1024:
         num_stages -= 1
     grid = (phase.num_vnodes, hk)
-    _stage1_kernel[grid](
-        q, k, v, mid_o, mid_lse,
-        kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1),
-        mid_o.stride(0), mid_o.stride(1),
-        mid_lse.stride(0),
-        phase.vnode_offset,
-        float(qk_scale),
-        float(logit_cap if use_cap else 0.0),
-        GROUP=group,
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        USE_CAP=use_cap,
-        DOT_PRECISION=precision,
-        UPCAST=upcast,
-        num_warps=num_warps,
-        num_stages=num_stages,
+    _launch(
+        _stage1_kernel, grid,
+        (q, k, v, mid_o, mid_lse,
+         kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows,
+         q.stride(0), q.stride(1),
+         k.stride(0), k.stride(1),
+         v.stride(0), v.stride(1),
+         mid_o.stride(0), mid_o.stride(1),
+         mid_lse.stride(0),
+         phase.vnode_offset,
+         float(qk_scale),
+         float(logit_cap if use_cap else 0.0)),
+        dict(GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+             USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast),
+        num_warps=num_warps, num_stages=num_stages, device=q.device,
     )
 
 
@@ -353,19 +412,19 @@ def tree_decode_stage2(
     if b == 0:
         return
     block_d = max(16, _next_pow2(d))
-    block_h = max(1, min(_next_pow2(hq), max(1, 4096 // block_d)))
+    block_h = max(1, min(_next_pow2(hq), max(1, 2048 // block_d)))
+    block_p = max(1, min(8, 8192 // (block_h * block_d)))
     grid = (b, triton.cdiv(hq, block_h))
-    _stage2_kernel[grid](
-        mid_o, mid_lse, o,
-        req_mid_start, req_mid_len, req_mid_rows,
-        mid_o.stride(0), mid_o.stride(1),
-        mid_lse.stride(0),
-        o.stride(0), o.stride(1),
-        hq,
-        HEAD_DIM=d,
-        BLOCK_D=block_d,
-        BLOCK_H=block_h,
-        num_warps=4,
+    _launch(
+        _stage2_kernel, grid,
+        (mid_o, mid_lse, o,
+         req_mid_start, req_mid_len, req_mid_rows,
+         mid_o.stride(0), mid_o.stride(1),
+         mid_lse.stride(0),
+         o.stride(0), o.stride(1),
+         hq),
+        dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_P=block_p),
+        num_warps=4, num_stages=2, device=o.device,
     )
 
 

@@ -94,3 +94,23 @@ def test_seed_suite_cases_gpu(cuda, spec, hq, hk):
     ref = reference_decode(q, k, v, [torch.from_numpy(s).to(cuda) for s in slots], 1 / math.sqrt(128))
     assert not torch.isnan(o).any()
     assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
+
+
+def test_repeated_calls_use_fast_launch_correctly(cuda):
+    """The second and later calls take the cached direct launch; results must still match."""
+    rng = np.random.default_rng(7)
+    parent, seqlen, ends = _random_forest(rng, 30, 2, 200)
+    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]])
+    inp = PlanInput(parent=parent, seqlen=seqlen, tok_ptr=tok_ptr, req_end=ends)
+    plan = build_plan(inp, num_qo_heads=32, num_kv_heads=8, head_dim=128, device=cuda)
+    t = int(seqlen.sum())
+    slots = [torch.from_numpy(p).to(cuda) for p in _paths(parent, seqlen, tok_ptr, ends)]
+    for _ in range(4):  # fresh inputs each time, same tensors' shapes
+        q = torch.randn(ends.size, 32, 128, device=cuda, dtype=torch.float16)
+        k = torch.randn(t, 8, 128, device=cuda, dtype=torch.float16)
+        v = torch.randn(t, 8, 128, device=cuda, dtype=torch.float16)
+        o = torch.full_like(q, float("nan"))
+        plan.run(q, k, v, o)
+        ref = reference_decode(q, k, v, slots, 1 / math.sqrt(128))
+        assert not torch.isnan(o).any()
+        assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
