@@ -117,7 +117,7 @@ class Model:
     def requests(self) -> list[int]:
         return list(self.k)
 
-    def reference(self, q, layer, requests, sm_scale) -> torch.Tensor:
+    def reference(self, q, layer, requests, sm_scale, logit_cap=0.0) -> torch.Tensor:
         """Float32 attention of row i of q over requests[i]'s own tokens."""
         ks = [self.k[r][layer] for r in requests]
         vs = [self.v[r][layer] for r in requests]
@@ -126,14 +126,14 @@ class Model:
         vbuf = torch.cat(vs + [torch.zeros(1, HK, D, dtype=self.dtype)])
         offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         slots = [torch.arange(int(offs[i]), int(offs[i + 1])) for i in range(len(lens))]
-        return reference_decode(q, kbuf, vbuf, slots, sm_scale)
+        return reference_decode(q, kbuf, vbuf, slots, sm_scale, logit_cap)
 
 
 def assert_attends(cache, model, q, layer=0, requests=None, out=None):
     """cache.attend(q, layer, requests) equals the model's reference (row order of requests)."""
     reqs = cache.requests if requests is None else list(requests)
     got = cache.attend(q, layer, requests, out=out)
-    ref = model.reference(q, layer, reqs, cache.sm_scale)
+    ref = model.reference(q, layer, reqs, cache.sm_scale, cache.logit_cap)
     tol = TOL[cache.dtype]
     torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
     return got
@@ -594,6 +594,21 @@ def test_subset_attend_replans_only_when_the_request_list_changes():
     assert cache.plan_version == v + 1
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_sm_scale_and_logit_cap(backend):
+    cache = make_cache(64, backend=backend, sm_scale=0.7, logit_cap=2.0)
+    assert cache.sm_scale == 0.7 and cache.logit_cap == 2.0
+    model = Model()
+    r0 = new_with(cache, model, 9)
+    r1 = fork(cache, model, r0)
+    append(cache, model, r1, 4)
+    for layer in range(L):
+        q = model.queries(2) * 4  # large logits: the cap matters
+        assert_attends(cache, model, q, layer)
+        uncapped = model.reference(q, layer, cache.requests, 0.7)
+        assert (cache.attend(q, layer) - uncapped).abs().max() > 1e-2
+
+
 # ============================================================================ exports
 
 
@@ -1046,6 +1061,18 @@ def test_write_wrong_shape_dtype_device(which):
     _expect_shape_error(cache, call(torch.zeros(2, HK, D, dtype=torch.bfloat16)),
                         which, "torch.bfloat16", "torch.float32")
     _expect_shape_error(cache, call(torch.zeros(2, HK, D, device=META)), which, "meta", "cpu")
+
+
+def test_write_rejects_bad_slots():
+    """slots of write() is a tensor argument like k and v: wrong dtype or shape is a
+    ShapeMismatchError naming it, and nothing is written."""
+    cache, model = _shape_cache()
+    slots = cache.reserve(cache.requests)
+    kv = torch.zeros(2, HK, D)
+    _expect_shape_error(cache, lambda: cache.write(0, slots.int(), kv, kv),
+                        "slots", "torch.int32", "torch.int64")
+    _expect_shape_error(cache, lambda: cache.write(0, slots.view(2, 1), kv, kv), "slots", "(2, 1)")
+    _expect_shape_error(cache, lambda: cache.write(0, slots.numpy(), kv, kv), "slots", "ndarray")
 
 
 def test_every_error_is_a_treecache_error():

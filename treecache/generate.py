@@ -211,21 +211,24 @@ def beam_search(
     capacity_tokens = -(-capacity_tokens // page_size) * page_size
     cache = tm.new_cache(capacity_tokens, page_size=page_size, backend=backend)
     bytes_per_token = tm.kv_bytes_per_token()
-    eos_t = torch.tensor(eos, dtype=torch.long)
-    in_top_width = torch.arange(keep) < width
 
     t0 = time.perf_counter()
     root, logits = tm.prefill(cache, prompt)
     logits = logits[None]
     prefill_seconds = time.perf_counter() - t0
+    # Selection runs where the logits are (as in transformers); Python sees a few scalars.
+    dev = logits.device
+    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+    in_top_width = torch.arange(keep, device=dev) < width
+    neg = torch.tensor(_NEG, device=dev)
 
     # Running beams. transformers starts with W copies of the prompt, all but the first at
     # a score of -1e9 so that they never reach the top-K; one beam is the same search.
     running = [_Beam(root, [])]
-    running_scores = torch.zeros(1)
+    running_scores = torch.zeros(1, device=dev)
     # Finished hypotheses: W slots, -1e9 while empty, kept sorted best first.
-    fin_scores = torch.full((width,), _NEG)
-    fin_done = torch.zeros(width, dtype=torch.bool)
+    fin_scores = torch.full((width,), _NEG, device=dev)
+    fin_done = torch.zeros(width, dtype=torch.bool, device=dev)
     fin_tokens: list[list[int]] = [[] for _ in range(width)]
     improvable = True
     cur_len = n_prompt
@@ -235,7 +238,7 @@ def beam_search(
 
     while True:
         vocab = logits.shape[-1]
-        log_probs = torch.log_softmax(logits.float().cpu(), dim=-1)  # [beams, V]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [beams, V]
         totals = (log_probs + running_scores[:, None]).reshape(-1)
         top_scores, top_index = torch.topk(totals, keep)
         top_beam = top_index // vocab
@@ -268,7 +271,7 @@ def beam_search(
         else:
             best_len = cur_len - n_prompt
         best_possible = running_scores[0] / (best_len**length_penalty)
-        worst_finished = torch.where(fin_done, fin_scores.min(), torch.tensor(_NEG))
+        worst_finished = torch.where(fin_done, fin_scores.min(), neg)
         improvable = improvable and bool((best_possible > worst_finished).any())
         open_beam = not (bool(fin_done.all()) and early_stopping is True)
         if not (improvable and open_beam and not bool(stops.all())):

@@ -243,6 +243,13 @@ class PlanBuffers:
         self._alloc(grow(self.cap_vnodes, vnodes), grow(self.cap_requests, requests),
                     grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries))
 
+    def scratch(self, n: int, which: int = 0) -> np.ndarray:
+        """A reusable int64 host work array of length ``n`` (two independent ones)."""
+        pool = self.__dict__.setdefault("_scratch", [np.empty(0, np.int64), np.empty(0, np.int64)])
+        if pool[which].size < n:
+            pool[which] = np.empty(max(n, 2 * pool[which].size), dtype=np.int64)
+        return pool[which][:n]
+
     def host_view(self, name: str, n: int) -> np.ndarray:
         off = self.offsets[name]
         return self.host_np[off:off + n]
@@ -532,6 +539,108 @@ def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamm
     return np.asarray(assign, dtype=np.int8), np.asarray(L, dtype=np.int64)
 
 
+def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
+    """:func:`_tree_heuristic`, vectorised across the parents of each level.
+
+    Siblings are decided in id order because each split-Q child lowers its parent's
+    query count: step ``j`` decides the ``j``-th child of every parent of the level at
+    once. Parents with a long tail of children (few parents, many children) finish with
+    the scalar loop. The float expressions are evaluated in the same order as in the
+    scalar version, so both make identical decisions.
+    """
+    n = topo.n
+    parent = topo.parent
+    L = topo.seqlen.copy()
+    nq = topo.nq
+    nq_cur = nq.copy()
+    assign = np.zeros(n, dtype=np.int8)
+    tq0, tq1 = q_tiles
+    tk0, tk1 = kv_tiles
+    ag = alpha * group
+    bg = beta * group
+    if n == 0 or topo.ch_ids.size == 0:
+        return assign, L
+
+    def cmm(nQ, nK):
+        ph0 = nQ > tq1
+        tq = np.where(ph0, tq0, tq1)
+        tk = np.where(ph0, tk0, tk1)
+        padq = tq - ((nQ - 1) % tq + 1)
+        padk = np.where(nK < tk, tk - nK, 0)
+        return ag * padq * nK + bg * padk * nQ
+
+    ch = topo.ch_ids
+    rank = np.empty(n, dtype=np.int64)
+    rank[ch] = np.arange(ch.size) - topo.ch_ptr[parent[ch]]
+    depth = topo.depth
+    order = np.lexsort((rank[ch], depth[ch]))  # children by level, then sibling rank
+    ch_sorted = ch[order]
+    lvl = depth[ch_sorted]
+    lvl_bounds = np.searchsorted(lvl, np.arange(int(lvl.max()) + 2))
+    for d in range(1, int(lvl.max()) + 1):
+        level = ch_sorted[lvl_bounds[d]:lvl_bounds[d + 1]]
+        if level.size == 0:
+            continue
+        rk = rank[level]
+        rk_bounds = np.searchsorted(rk, np.arange(int(rk.max()) + 2))
+        for j in range(int(rk.max()) + 1):
+            cj = level[rk_bounds[j]:rk_bounds[j + 1]]
+            if cj.size < 16 and j > 0:
+                # Few parents left with more children: finish them in the scalar loop.
+                _scalar_children(np.unique(parent[cj]).tolist(), j, topo, nq, nq_cur, L,
+                                 assign, q_tiles, kv_tiles, ag, bg, gamma)
+                break
+            p = parent[cj]
+            nql = nq[cj]
+            cur = nq_cur[p]
+            lenv = L[p]
+            lenl = L[cj]
+            split_k = cmm(cur, lenv) + cmm(nql, lenl) + gamma * nql
+            split_q = cmm(cur - nql, lenv) + cmm(nql, lenl + lenv)
+            pick = (cur > 0) & (nql > 0) & (split_k > split_q)
+            if pick.any():
+                cp = cj[pick]
+                assign[cp] = 1
+                nq_cur[p[pick]] -= nql[pick]
+                L[cp] = lenl[pick] + lenv[pick]
+    return assign, L
+
+
+def _scalar_children(parents, start, topo, nq, nq_cur, L, assign, q_tiles, kv_tiles,
+                     ag, bg, gamma):
+    """Decide the children of rank >= ``start`` of each of ``parents``, in id order."""
+    tq0, tq1 = q_tiles
+    tk0, tk1 = kv_tiles
+
+    def cmm(nQ, nK):
+        if nQ > tq1:
+            tq, tk = tq0, tk0
+        else:
+            tq, tk = tq1, tk1
+        padq = tq - ((nQ - 1) % tq + 1)
+        padk = tk - nK if nK < tk else 0
+        return ag * padq * nK + bg * padk * nQ
+
+    ch_ptr, ch_ids = topo.ch_ptr, topo.ch_ids
+    for x in parents:
+        a, b = int(ch_ptr[x]), int(ch_ptr[x + 1])
+        kids = ch_ids[a:b].tolist()
+        cur = int(nq_cur[x])
+        lenv = int(L[x])
+        for c in kids[start:]:
+            nql = int(nq[c])
+            if cur == 0 or nql == 0:
+                continue
+            lenl = int(L[c])
+            split_k = cmm(cur, lenv) + cmm(nql, lenl) + gamma * nql
+            split_q = cmm(cur - nql, lenv) + cmm(nql, lenl + lenv)
+            if split_k > split_q:
+                assign[c] = 1
+                cur -= nql
+                L[c] = lenl + lenv
+        nq_cur[x] = cur
+
+
 class _Groups:
     """Groups: nodes with the queries that attend their (chain of) tokens."""
 
@@ -610,18 +719,25 @@ def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarr
     return np.split(toks, np.cumsum(per_req)[:-1])
 
 
-def _expand_ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenate ``arange(s, s + l)`` for every pair, vectorised."""
+def _expand_ranges(starts: np.ndarray, lens: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Concatenate ``arange(s, s + l)`` for every pair, vectorised.
+
+    Written into ``out`` (any integer dtype, length ``lens.sum()``) when given: a reused
+    buffer avoids the page faults of a fresh multi-megabyte array.
+    """
     total = int(lens.sum())
+    if out is None:
+        out = np.empty(total, dtype=np.int64)
     if total == 0:
-        return np.zeros(0, dtype=np.int64)
+        return out[:0]
     nz = lens > 0
     starts, lens = starts[nz], lens[nz]
-    out = np.ones(total, dtype=np.int64)
+    out.fill(1)
     out[0] = starts[0]
     ends = np.cumsum(lens)[:-1]
     out[ends] = starts[1:] - (starts[:-1] + lens[:-1]) + 1
-    return np.cumsum(out)
+    np.cumsum(out, dtype=out.dtype, out=out)
+    return out
 
 
 def build_plan(
@@ -696,7 +812,7 @@ def build_plan(
 
     # The seed's adjustment loop: smaller KV chunks when a phase has too few programs,
     # then one tile shape for both phases (re-running the cost model).
-    assign, chain = _tree_heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+    assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
     groups = _Groups(topo, assign, chain)
     par = _parallelism(groups, q_tiles, splits, num_kv_heads)
     changed = False
@@ -714,7 +830,7 @@ def build_plan(
         if retile is not None:
             q_tiles = [q_tiles[retile]] * 2
             kv_tiles = [kv_tiles[retile]] * 2
-            assign, chain = _tree_heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+            assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
             groups = _Groups(topo, assign, chain)
             par = _parallelism(groups, q_tiles, splits, num_kv_heads)
     logger.debug("plan: parallelism %s, q tiles %s, kv tiles %s, kv splits %s",
@@ -771,10 +887,7 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     cg, cn = cg[order], cn[order]
     seg_len = seqlen[cn]
     tok_ptr = np.asarray(inp.tok_ptr, dtype=np.int64)
-    positions = _expand_ranges(tok_ptr[cn], seg_len)
-    chain_tokens = positions if inp.node_tokens is None else np.asarray(inp.node_tokens)[positions]
-    # Destination of every chain token: its group's base plus its offset in the chain.
-    dest = _expand_ranges(kv_base, length) if grow_g.any() else None
+    seg_start = tok_ptr[cn]
 
     # Vnodes: (group, kv chunk, q tile), ordered by phase (stable).
     nv_g = nch * nqt
@@ -851,10 +964,20 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     hv("req_mid_start", b)[:] = req_start
     hv("req_mid_len", b)[:] = req_cnt
     kv_host = hv("kv_indices", kv_total)
-    if grow_g.any():
-        kv_host[dest] = chain_tokens
-    else:  # no headroom gaps: chain tokens are already in layout order
-        kv_host[:] = chain_tokens
+    if not grow_g.any() and inp.node_tokens is None:
+        # Contiguous layout, no headroom gaps: the positions are the slots; build them
+        # in place in the staging buffer.
+        _expand_ranges(seg_start, seg_len, out=kv_host)
+    else:
+        positions = _expand_ranges(seg_start, seg_len, out=buffers.scratch(int(seg_len.sum())))
+        chain_tokens = (positions if inp.node_tokens is None
+                        else np.asarray(inp.node_tokens)[positions])
+        if grow_g.any():
+            # Destination of every chain token: its group's base plus its chain offset.
+            dest = _expand_ranges(kv_base, length, out=buffers.scratch(int(length.sum()), 1))
+            kv_host[dest] = chain_tokens
+        else:
+            kv_host[:] = chain_tokens
     buffers.upload(kv_total)
     buffers.serial += 1
 
