@@ -70,11 +70,51 @@ def phase0(out_path=None):
             json.dump(rows_out, f, indent=1)
 
 
+def kv_tiles(out_path=None):
+    """Whole decode (graph replay) for per-phase KV tiles and KV split sizes."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    rt = getattr(knobs, "runtime", None)
+    print("launch hooks:", getattr(rt, "launch_enter_hook", "n/a"), getattr(rt, "launch_exit_hook", "n/a"),
+          "fast launch:", td.FAST_LAUNCH, flush=True)
+    dev = torch.device("cuda")
+    rows_out = []
+    for spec, hq, hk in CASES:
+        nodes = generate_tree_from_spec(spec)
+        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                 build_cache=False)
+        res = []
+        for tsk, split in itertools.product(([32, 32], [64, 32], [128, 32], [64, 64], [128, 64]),
+                                            ((1024, 128), (512, 128), (256, 64))):
+            p = FastTreeParams.for_heads(hq, hk)
+            p.set_kv_tile_sizes(tsk)
+            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, split,
+                                           params=p, device=dev)
+            o = torch.empty_like(q)
+            try:
+                us = _graph_time(lambda: meta.plan.run(q, k, v, o, check=False), dev)
+            except Exception:  # noqa: BLE001
+                us = None
+            res.append((us or 1e9, tsk, split))
+            rows_out.append(dict(case=spec, hq=hq, hk=hk, tsk=tsk, split=split, us=us))
+        res.sort()
+        base = [r for r in res if r[1] == [32, 32] and r[2] == (1024, 128)][0][0]
+        print(f"{spec[:34]} {hq}/{hk}: default {base:.1f}; " + "; ".join(
+            f"{t} {sp}: {u:.1f}" for u, t, sp in res[:4]), flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows_out, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--phase0", action="store_true", help="phase-0 tile sweep only")
+    ap.add_argument("--kv-tiles", action="store_true", help="per-phase KV tile / split sweep")
     args = ap.parse_args(argv)
+    if args.kv_tiles:
+        return kv_tiles(args.out)
     if args.phase0:
         return phase0(args.out)
     dev = torch.device("cuda")

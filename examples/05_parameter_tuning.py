@@ -244,10 +244,11 @@ def main() -> int:
     ptrs = kv_ptrs(nodes)
     inp = tree_plan_input(nodes, ptrs)
     b = st["num_requests"]
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(b, hq, d, generator=gen).to(device, dtype)
-    k = torch.randn(ptrs[-1], hk, d, generator=gen).to(device, dtype)
-    v = torch.randn(ptrs[-1], hk, d, generator=gen).to(device, dtype)
+    rnd = dict(generator=torch.Generator(device=device).manual_seed(0), device=device,
+               dtype=dtype)
+    q = torch.randn(b, hq, d, **rnd)
+    k = torch.randn(ptrs[-1], hk, d, **rnd)
+    v = torch.randn(ptrs[-1], hk, d, **rnd)
     slots = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
     ref = kernels.reference_decode(q, k, v, [torch.from_numpy(s).to(device) for s in slots],
                                    1.0 / math.sqrt(d))

@@ -215,6 +215,7 @@ def beam_search(
     t0 = time.perf_counter()
     root, logits = tm.prefill(cache, prompt)
     logits = logits[None]
+    _synchronize(logits.device)
     prefill_seconds = time.perf_counter() - t0
     # Selection runs where the logits are (as in transformers); Python sees a few scalars.
     dev = logits.device
@@ -297,11 +298,12 @@ def beam_search(
             next_running.append(_Beam(request, running[p].tokens + [t]))
         running = next_running
 
+        requests = [b.request for b in running]
         t0 = time.perf_counter()
-        logits = tm.decode(cache, [b.request for b in running], tokens)
+        logits = tm.decode(cache, requests, tokens)
+        _synchronize(logits.device)
         decode_seconds += time.perf_counter() - t0
         steps += 1
-        requests = [b.request for b in running]
         tree_bytes, per_beam_bytes = _kv_bytes(cache, requests, page_size, bytes_per_token)
         peak_tree = max(peak_tree, tree_bytes)
         peak_per_beam = max(peak_per_beam, per_beam_bytes)
@@ -545,6 +547,7 @@ def speculative_decode(
 
     t0 = time.perf_counter()
     request, logits = tm.prefill(cache, prompt)
+    _synchronize(logits.device)
     prefill_seconds = time.perf_counter() - t0
 
     history = list(prompt)
@@ -570,6 +573,7 @@ def speculative_decode(
         t0 = time.perf_counter()
         node_requests, slots = _lay_out_draft(cache, request, tree)
         logits = tm.decode(cache, node_requests, [root, *tree.tokens], slots=slots)
+        _synchronize(logits.device)
         verify_seconds += time.perf_counter() - t0
         steps += 1
         drafted += len(tree)
@@ -686,6 +690,12 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that host timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _cache_stat(cache: Any, key: str) -> Any:
