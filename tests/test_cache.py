@@ -27,7 +27,6 @@ Example: ``TREECACHE_HYPOTHESIS_EXAMPLES=500 python -m pytest tests/test_cache.p
 
 from __future__ import annotations
 
-import math
 import os
 
 import networkx as nx
@@ -912,7 +911,7 @@ def test_out_of_pages_from_fork_then_append():
 def _unknown_id_cases():
     """(name, fn(cache, bad, good, child, q1)) for every public method taking request ids."""
     return [
-        ("append", lambda c, x, g, ch, q: c.append(x, torch.zeros(L, 1, HK, D), torch.zeros(L, 1, HK, D))),
+        ("append", lambda c, x, g, ch, q: c.append(x, *(torch.zeros(L, 1, HK, D),) * 2)),
         ("fork", lambda c, x, g, ch, q: c.fork(x)),
         ("prune", lambda c, x, g, ch, q: c.prune(x)),
         ("accept-req", lambda c, x, g, ch, q: c.accept(x, ch)),
@@ -1025,7 +1024,8 @@ def test_attend_out_buffer_mismatch():
     q = model.queries(2)
     _expect_shape_error(cache, lambda: cache.attend(q, 0, out=torch.zeros(3, HQ, D)),
                         "out", "(3, 4, 16)", "(2, 4, 16)")
-    _expect_shape_error(cache, lambda: cache.attend(q, 0, out=torch.zeros(2, HQ, D, dtype=torch.float64)),
+    out64 = torch.zeros(2, HQ, D, dtype=torch.float64)
+    _expect_shape_error(cache, lambda: cache.attend(q, 0, out=out64),
                         "out", "torch.float64", "torch.float32")
 
 
@@ -1158,7 +1158,8 @@ def test_beam_search_memory_without_pruning_is_prompt_plus_beams():
 def test_beam_search_memory_with_fork_and_prune(seed):
     P, W, G = 64, 4, 24
     rng = np.random.default_rng(seed)
-    cache = _beam_search(P, W, G, lambda step: np.sort(rng.choice(W, size=W, p=[0.4, 0.3, 0.2, 0.1])))
+    probs = [0.4, 0.3, 0.2, 0.1]
+    cache = _beam_search(P, W, G, lambda step: np.sort(rng.choice(W, size=W, p=probs)))
     s = cache.stats()
     assert P + G <= s["pages_used"] <= P + W * G
     assert s["pages_used"] < W * (P + G) / 2

@@ -330,7 +330,8 @@ def test_cuda_graph_replay_of_append_only_steps(cuda, dtype):
         for layer in range(num_layers):
             ref = model.reference(qs[layer], layer, reqs, cache.sm_scale)
             torch.testing.assert_close(step.out[layer].float(), ref, atol=TOL[dtype],
-                                       rtol=TOL[dtype], msg=lambda m: f"step {i} layer {layer}: {m}")
+                                       rtol=TOL[dtype],
+                                       msg=lambda m: f"step {i} layer {layer}: {m}")
         assert cache.plan_version == version, f"the plan was rebuilt at append-only step {i}"
     cache.prepare()
     assert cache.plan_version == version and cache.stats()["plan_rebuilds"] == rebuilds
