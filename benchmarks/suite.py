@@ -43,6 +43,15 @@ SEED_US = {
 }
 
 
+def _fill_num_children(nodes: list[KVTreeNode]) -> None:
+    counts = [0] * len(nodes)
+    for nd in nodes:
+        if nd.parent >= 0:
+            counts[nd.parent] += 1
+    for nd, c in zip(nodes, counts):
+        nd.num_children = c
+
+
 def forest_tree(num_roots: int, prompt: int, children: int, suffix: int) -> list[KVTreeNode]:
     """``num_roots`` unrelated prompts, each with ``children`` continuations."""
     nodes = []
@@ -67,12 +76,7 @@ def beam_tree(prompt: int, width: int, steps: int, seg: int) -> list[KVTreeNode]
                 nodes.append(KVTreeNode(parent=p, id=len(nodes), seqlen=seg))
                 nxt.append(len(nodes) - 1)
         frontier = nxt
-    counts = [0] * len(nodes)
-    for nd in nodes:
-        if nd.parent >= 0:
-            counts[nd.parent] += 1
-    for nd, c in zip(nodes, counts):
-        nd.num_children = c
+    _fill_num_children(nodes)
     return assign_requests(nodes)
 
 
@@ -92,12 +96,7 @@ def spec_tree(context: int, batch: int, branching: tuple[int, ...]) -> list[KVTr
                     nodes.append(KVTreeNode(parent=p, id=len(nodes), seqlen=1))
                     nxt.append(len(nodes) - 1)
             level = nxt
-    counts = [0] * len(nodes)
-    for nd in nodes:
-        if nd.parent >= 0:
-            counts[nd.parent] += 1
-    for nd, c in zip(nodes, counts):
-        nd.num_children = c
+    _fill_num_children(nodes)
     # One request per draft token: each draft node is the end of its own request.
     req = 0
     parent = [nd.parent for nd in nodes]

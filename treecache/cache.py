@@ -219,7 +219,7 @@ class TreeKVCache:
         self._pending_page_nodes: list[np.ndarray] = []
         self._pending_pages: list[np.ndarray] = []
 
-        self._live_cache: tuple[list[int], np.ndarray] | None = None
+        self._live_cache: tuple[tuple[int, ...], np.ndarray] | None = None
         self._plan: DecodePlan | None = None
         self._plan_requests: tuple[int, ...] | None = None
         self._plan_rows = np.full(64, -1, dtype=np.int64)
@@ -293,6 +293,8 @@ class TreeKVCache:
         """
         node = self._node_of(req)
         dnode = self._node_of(draft)
+        if draft == req:
+            raise TreeCacheError(f"accept needs a draft other than the request itself ({req})")
         discard = [int(d) for d in discard]
         for d in discard:
             self._node_of(d)
@@ -366,6 +368,18 @@ class TreeKVCache:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` ``[len(slots), num_kv_heads, head_dim]`` into ``layer``'s slots."""
         self._check_layer(layer)
+        if not isinstance(slots, torch.Tensor):
+            raise ShapeMismatchError(
+                f"slots must be the tensor reserve() returned, got {type(slots).__name__}")
+        if slots.dtype != torch.int64 or slots.dim() != 1 or slots.device != self.device:
+            raise ShapeMismatchError(
+                f"slots must be a 1-D torch.int64 tensor on {self.device}, got shape "
+                f"{tuple(slots.shape)}, {slots.dtype} on {slots.device}")
+        if slots.device.type == "cpu" and slots.numel() and (
+                int(slots.min()) < 0 or int(slots.max()) >= self.pool.num_slots):
+            raise ShapeMismatchError(
+                f"slots must lie in [0, {self.pool.num_slots}), got values in "
+                f"[{int(slots.min())}, {int(slots.max())}]")
         n = slots.numel()
         want = (n, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
@@ -608,15 +622,15 @@ class TreeKVCache:
             raise UnknownRequestError(f"request {req} was pruned or accepted into another")
         raise UnknownRequestError(f"unknown request id {req!r}")
 
-    def _live(self) -> tuple[list[int], np.ndarray]:
+    def _live(self) -> tuple[tuple[int, ...], np.ndarray]:
         if self._live_cache is None:
-            ids = list(self._reqs.keys())
+            ids = tuple(self._reqs.keys())
             self._live_cache = (ids, np.asarray(ids, dtype=np.int64))
         return self._live_cache
 
     def _requests_key(self, requests) -> tuple[int, ...]:
         if requests is None:
-            return tuple(self._live()[0])
+            return self._live()[0]
         if isinstance(requests, torch.Tensor):
             requests = requests.tolist()
         elif isinstance(requests, np.ndarray):

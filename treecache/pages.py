@@ -76,9 +76,17 @@ class PageAllocator:
         pages = np.asarray(pages, dtype=np.int64)
         if pages.size == 0:
             return 0
+        # Check before changing anything: a double free must leave the pool intact.
+        uniq, times = np.unique(pages, return_counts=True)
+        if uniq[0] < 0 or uniq[-1] >= self.num_pages:
+            raise TreeCacheError(f"decref of page ids outside [0, {self.num_pages})")
+        short = self.refcount[uniq] < times
+        if short.any():
+            p = int(uniq[short][0])
+            raise TreeCacheError(
+                f"double free: page {p} has {int(self.refcount[p])} references, "
+                f"{int(times[short][0])} released")
         np.subtract.at(self.refcount, pages, 1)
-        if (self.refcount[pages] < 0).any():
-            raise TreeCacheError("page reference count went negative (double free)")
         freed = np.unique(pages[self.refcount[pages] == 0])
         k = freed.size
         # Push in reverse so that the lowest freed page is handed out first.

@@ -496,18 +496,10 @@ class _Topology:
         self.ch_ptr = np.searchsorted(parent[ch], np.arange(n + 1))
 
 
-def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
-    """Greedy split-K / split-Q choice for every edge; returns (assign, chain length)."""
-    n = topo.n
-    L = topo.seqlen.tolist()
-    nq = topo.nq.tolist()
-    ch_ptr = topo.ch_ptr.tolist()
-    ch_ids = topo.ch_ids.tolist()
-    assign = [0] * n
+def _scalar_cmm(q_tiles, kv_tiles, ag, bg):
+    """``Cmm(nQ, nK)`` of the cost model for Python ints (``ag = alpha*g``, ``bg = beta*g``)."""
     tq0, tq1 = q_tiles
     tk0, tk1 = kv_tiles
-    ag = alpha * group
-    bg = beta * group
 
     def cmm(nQ, nK):
         if nQ > tq1:
@@ -518,6 +510,22 @@ def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamm
         padk = tk - nK if nK < tk else 0
         return ag * padq * nK + bg * padk * nQ
 
+    return cmm
+
+
+def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
+    """Greedy split-K / split-Q choice for every edge; returns (assign, chain length).
+
+    The reference (scalar) form of the FastTree heuristic; :func:`_tree_heuristic_vec`
+    is the one plans use, and tests check that both decide identically.
+    """
+    n = topo.n
+    L = topo.seqlen.tolist()
+    nq = topo.nq.tolist()
+    ch_ptr = topo.ch_ptr.tolist()
+    ch_ids = topo.ch_ids.tolist()
+    assign = [0] * n
+    cmm = _scalar_cmm(q_tiles, kv_tiles, alpha * group, beta * group)
     for x in topo.bfs_order.tolist():
         nq_cur = nq[x]
         a, b = ch_ptr[x], ch_ptr[x + 1]
@@ -609,22 +617,10 @@ def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, 
 def _scalar_children(parents, start, topo, nq, nq_cur, L, assign, q_tiles, kv_tiles,
                      ag, bg, gamma):
     """Decide the children of rank >= ``start`` of each of ``parents``, in id order."""
-    tq0, tq1 = q_tiles
-    tk0, tk1 = kv_tiles
-
-    def cmm(nQ, nK):
-        if nQ > tq1:
-            tq, tk = tq0, tk0
-        else:
-            tq, tk = tq1, tk1
-        padq = tq - ((nQ - 1) % tq + 1)
-        padk = tk - nK if nK < tk else 0
-        return ag * padq * nK + bg * padk * nQ
-
+    cmm = _scalar_cmm(q_tiles, kv_tiles, ag, bg)
     ch_ptr, ch_ids = topo.ch_ptr, topo.ch_ids
     for x in parents:
-        a, b = int(ch_ptr[x]), int(ch_ptr[x + 1])
-        kids = ch_ids[a:b].tolist()
+        kids = ch_ids[int(ch_ptr[x]):int(ch_ptr[x + 1])].tolist()
         cur = int(nq_cur[x])
         lenv = int(L[x])
         for c in kids[start:]:
