@@ -847,7 +847,11 @@ class TreeKVCache:
         slots = np.concatenate(parts)
         node.slots.append(slots)
         self._nd_seqlen[nid] += n
-        self._dirty()
+        # A request growing its own leaf keeps the plan: its tail vnode grows in place.
+        row = int(self._plan_rows[req])
+        if not (excl and not self._plan_dirty and self._plan is not None and row >= 0
+                and self._plan.extend_tail(row, slots)):
+            self._dirty()
         return slots
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:

@@ -412,6 +412,29 @@ class DecodePlan:
            logit_cap=float(logit_cap or 0.0), check=False, **self.tensors())
         return o
 
+    def extend_tail(self, row: int, slots: np.ndarray) -> bool:
+        """Append several KV slots to the tail vnode of one request (in place).
+
+        Returns False (and changes nothing) if the request cannot grow by that much.
+        """
+        slots = np.asarray(slots, dtype=np.int64)
+        tv = int(self.tail_vnode[row])
+        if tv < 0:
+            return False
+        pos = int(self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv])
+        if pos + slots.size > self.tail_limit[row]:
+            return False
+        b = self.buffers
+        kv_off = b.offsets["kv_indices"] + pos
+        len_off = b.offsets["vnode_kv_len"] + tv
+        self.vnode_kv_len_host[tv] += slots.size
+        b.host_np[kv_off:kv_off + slots.size] = slots
+        b.host_np[len_off] = self.vnode_kv_len_host[tv]
+        if b.dev is not b.host:
+            b.dev[kv_off:kv_off + slots.size].copy_(b.host[kv_off:kv_off + slots.size], non_blocking=True)
+            b.dev[len_off:len_off + 1].copy_(b.host[len_off:len_off + 1], non_blocking=True)
+        return True
+
     def extend_tails(self, rows: np.ndarray, slots: np.ndarray, *,
                      assume_unique: bool = False) -> bool:
         """Append one KV slot to the tail vnode of each request in ``rows`` (in place).
