@@ -597,7 +597,7 @@ def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, 
         tq = np.where(ph0, tq0, tq1)
         tk = np.where(ph0, tk0, tk1)
         padq = tq - ((nQ - 1) % tq + 1)
-        padk = np.where(nK < tk, tk - nK, 0)
+        padk = np.maximum(tk - nK, 0)
         return ag * padq * nK + bg * padk * nQ
 
     ch = topo.ch_ids
@@ -626,8 +626,12 @@ def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, 
             cur = nq_cur[p]
             lenv = L[p]
             lenl = L[cj]
-            split_k = cmm(cur, lenv) + cmm(nql, lenl) + gamma * nql
-            split_q = cmm(cur - nql, lenv) + cmm(nql, lenl + lenv)
+            # The four Cmm terms in one vectorised call.
+            k = cj.size
+            c4 = cmm(np.concatenate([cur, nql, cur - nql, nql]),
+                     np.concatenate([lenv, lenl, lenv, lenl + lenv]))
+            split_k = c4[:k] + c4[k:2 * k] + gamma * nql
+            split_q = c4[2 * k:3 * k] + c4[3 * k:]
             pick = (cur > 0) & (nql > 0) & (split_k > split_q)
             if pick.any():
                 cp = cj[pick]
@@ -683,10 +687,16 @@ class _Groups:
         # Drop groups with no tokens (empty chains): nothing to attend there.
         keep = chain_len[pg] > 0
         pr, pg = pr[keep], pg[keep]
-        order = np.lexsort((pr, pg))
+        # Sort pairs by (group node, request) with one argsort on a combined key.
+        order = np.argsort(pg * max(b, 1) + pr, kind="stable")
         self.pair_req = pr[order]
         pg = pg[order]
-        self.node, first, self.nreq = np.unique(pg, return_index=True, return_counts=True)
+        if pg.size:
+            first = np.flatnonzero(np.concatenate(([True], pg[1:] != pg[:-1])))
+        else:
+            first = np.zeros(0, dtype=np.int64)
+        self.node = pg[first]
+        self.nreq = np.diff(np.append(first, pg.size)).astype(np.int64)
         self.req_start = first.astype(np.int64)
         self.length = chain_len[self.node]
 
