@@ -18,7 +18,18 @@ import pytest
 import torch
 
 from kernels import Phase, reference_decode, torch_tree_decode, tree_decode
+from kernels.backend import interpreter_enabled
 from kernels.tree_decode import stage1_block_sizes, tree_decode_stage1, tree_decode_stage2
+
+# The Triton kernels run in the interpreter on CPU tensors, or compiled on a GPU when the
+# interpreter is off (a GPU machine): then every tensor of these tests lives on the GPU.
+DEV = torch.device("cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_test_device():
+    with torch.device(DEV):
+        yield
 
 LOG2E = 1.4426950408889634
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
@@ -58,7 +69,7 @@ class Case:
         req_rows = [[j for j, r in enumerate(mid_q_rows) if r == b] for b in range(num_requests)]
         if shuffle_req_rows:
             g = generator or torch.Generator().manual_seed(0)
-            req_rows = [[rr[i] for i in torch.randperm(len(rr), generator=g).tolist()]
+            req_rows = [[rr[i] for i in torch.randperm(len(rr), generator=g, device="cpu").tolist()]
                         for rr in req_rows]
         req_start, req_len, req_mid_rows = [], [], []
         for rr in req_rows:
@@ -102,9 +113,9 @@ class Case:
 
 def make_qkv(num_requests, num_slots, hq, hk, d, dtype, seed=0, q_scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(num_requests, hq, d, generator=g) * q_scale).to(dtype)
-    k = torch.randn(num_slots, hk, d, generator=g).to(dtype)
-    v = torch.randn(num_slots, hk, d, generator=g).to(dtype)
+    q = (torch.randn(num_requests, hq, d, generator=g, device="cpu") * q_scale).to(DEV, dtype)
+    k = torch.randn(num_slots, hk, d, generator=g, device="cpu").to(DEV, dtype)
+    v = torch.randn(num_slots, hk, d, generator=g, device="cpu").to(DEV, dtype)
     return q, k, v
 
 
@@ -260,7 +271,7 @@ def test_two_phases_permuted_slots(impl):
     # vnode per request, KV tile 16 (non-zero vnode offset). KV slots are a random
     # permutation of the storage rows, so no vnode reads contiguous rows.
     g = torch.Generator().manual_seed(4)
-    perm = torch.randperm(130, generator=g).tolist()
+    perm = torch.randperm(130, generator=g, device="cpu").tolist()
     vnodes = [(list(range(5)), perm[:70])]
     start = 70
     for r, n in enumerate((17, 1, 9, 16, 17)):
