@@ -152,7 +152,8 @@ def example_forest():
 def test_seed_quick_start(backend, capsys):
     # The seed README's quick start, as written there (device and dtype aside).
     num_qo_heads, num_kv_heads, head_dim = 32, 32, 128
-    device, dtype = "cpu", torch.float16
+    # fasttree_preparation's default device is CUDA when there is one: follow it.
+    device, dtype = ("cuda" if torch.cuda.is_available() else "cpu"), torch.float16
 
     tree_info = []
     root = KVTreeNode()

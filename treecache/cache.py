@@ -50,7 +50,6 @@ from .plan import (
     SUPPORTED_HEAD_DIMS,
     DecodePlan,
     FastTreeParams,
-    PinnedRing,
     PlanBuffers,
     PlanInput,
     build_plan,
@@ -226,7 +225,6 @@ class TreeKVCache:
         self._plan_rows = np.full(64, -1, dtype=np.int64)
         self._plan_dirty = True
         self._buffers = PlanBuffers(self.num_qo_heads, self.head_dim, self.device)
-        self._ring = PinnedRing(self.device) if self.device.type == "cuda" else None
         self.plan_rebuilds = 0
         self.plan_version = 0
 
@@ -859,7 +857,7 @@ class TreeKVCache:
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
         if self.device.type == "cpu":
             return torch.from_numpy(slots)
-        return self._ring.to_device(slots)
+        return torch.from_numpy(slots).pin_memory().to(self.device, non_blocking=True)
 
     def _topo_order(self) -> list[_Node]:
         roots = [nd for nd in self._nodes.values() if nd.parent is None]

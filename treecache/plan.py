@@ -40,7 +40,6 @@ __all__ = [
     "PlanInput",
     "DecodePlan",
     "PlanBuffers",
-    "PinnedRing",
     "build_plan",
     "path_token_indices",
     "DEFAULT_KV_SPLIT_SIZES",
@@ -174,41 +173,6 @@ def normalize_device(device: torch.device | str) -> torch.device:
     return device
 
 
-class PinnedRing:
-    """Reusable pinned host staging buffers for small, frequent host-to-device copies.
-
-    Pinning fresh memory for every copy costs far more than the copy; reusing one buffer
-    would race with a copy still queued. ``K`` buffers are used in turn, and a buffer is
-    reused only after the copy issued from it has completed (a CUDA event).
-    """
-
-    def __init__(self, device: torch.device, slots: int = 4):
-        self.device = device
-        self._bufs: list[torch.Tensor | None] = [None] * slots
-        self._events: list = [None] * slots
-        self._i = 0
-
-    def to_device(self, arr: np.ndarray) -> torch.Tensor:
-        """Copy the int64 array ``arr`` to a new device tensor (asynchronously)."""
-        n = arr.size
-        i = self._i
-        self._i = (i + 1) % len(self._bufs)
-        ev = self._events[i]
-        if ev is not None:
-            ev.synchronize()
-        buf = self._bufs[i]
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 256, 0 if buf is None else 2 * buf.numel()),
-                              dtype=torch.int64, pin_memory=True)
-            self._bufs[i] = buf
-        buf.numpy()[:n] = arr.reshape(-1)
-        out = buf[:n].to(self.device, non_blocking=True)
-        if ev is None:
-            ev = self._events[i] = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        return out.view(arr.shape)
-
-
 class PlanBuffers:
     """Fixed-capacity device buffers that plans write into (CUDA-graph friendly).
 
@@ -228,7 +192,6 @@ class PlanBuffers:
         self.head_dim = int(head_dim)
         self.device = normalize_device(device)
         self.generation = 0
-        self.ring = PinnedRing(self.device) if self.device.type == "cuda" else None
         #: Incremented by every plan written into these buffers; a plan is valid while
         #: its own serial is the latest.
         self.serial = 0
@@ -499,7 +462,8 @@ class DecodePlan:
         b.host_np[len_off + tv] = self.vnode_kv_len_host[tv]
         if b.dev is not b.host:
             idx = np.concatenate([kv_off + pos, len_off + tv])
-            packed = b.ring.to_device(np.stack([idx, b.host_np[idx].astype(np.int64)]))
+            packed = torch.from_numpy(np.stack([idx, b.host_np[idx].astype(np.int64)]))
+            packed = packed.pin_memory().to(b.device, non_blocking=True)
             b.dev.index_copy_(0, packed[0], packed[1].to(torch.int32))
         return True
 
