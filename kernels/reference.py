@@ -142,16 +142,16 @@ def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
     """Stage 1 for a batch of vnodes (index arrays on the CPU), padded to the batch max."""
     dev = q.device
     hk, d = k.shape[1], k.shape[2]
-    t_ar = torch.arange(max_t)
+    t_ar = torch.arange(max_t, device="cpu")
     tok_ok = t_ar[None, :] < kv_len[:, None]  # [nv, T]
     pos = (kv_start[:, None] + t_ar[None, :]).clamp(max=max(kv_indices.numel() - 1, 0))
-    slots = torch.where(tok_ok, kv_indices[pos], torch.zeros((), dtype=torch.long)).to(dev)
+    slots = torch.where(tok_ok, kv_indices[pos], torch.zeros((), dtype=torch.long, device="cpu")).to(dev)
     kk = k[slots].float()  # [nv, T, Hk, D]
     vv = v[slots].float()
-    q_ar = torch.arange(max_q)
+    q_ar = torch.arange(max_q, device="cpu")
     q_ok = q_ar[None, :] < q_len[:, None]  # [nv, Qm]
     mid_rows = (q_start[:, None] + q_ar[None, :]).clamp(max=max(mid_q_rows.numel() - 1, 0))
-    q_rows = torch.where(q_ok, mid_q_rows[mid_rows], torch.zeros((), dtype=torch.long)).to(dev)
+    q_rows = torch.where(q_ok, mid_q_rows[mid_rows], torch.zeros((), dtype=torch.long, device="cpu")).to(dev)
     nv, qm = q_rows.shape
     # Query heads grouped by KV head: [nv, Hk, Qm * G, D] against [nv, Hk, T, D].
     qq = q[q_rows].float().view(nv, qm, hk, group, d).permute(0, 2, 1, 3, 4)

@@ -331,7 +331,7 @@ def qkv_preparation(
     k_cache = v_cache = None
     if build_cache:
         max_len = int(seqlens.max()) if b else 0
-        idx = torch.zeros(b, max_len, dtype=torch.long)
+        idx = torch.zeros(b, max_len, dtype=torch.long, device="cpu")
         for i, s in enumerate(slots):
             idx[i, :s.size] = torch.from_numpy(s)
         idx = idx.to(dev)

@@ -217,7 +217,7 @@ class PlanBuffers:
         self.caps = dict(caps, kv_indices=self.cap_kv)
         total = off + self.cap_kv
         pin = self.device.type == "cuda"
-        self.host = torch.zeros(total, dtype=torch.int32, pin_memory=pin)
+        self.host = torch.zeros(total, dtype=torch.int32, device="cpu", pin_memory=pin)
         self.host_np = self.host.numpy()
         # On the CPU the staging tensor is the device tensor: uploads cost nothing.
         self.dev = (self.host if self.device.type == "cpu"
