@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -112,9 +111,6 @@ def _flash_varlen(q, k_tree, v_tree, slots, device):
     except Exception as exc:  # noqa: BLE001 - report and continue
         print(f"flash attention baseline failed: {exc}", file=sys.stderr)
         return None, None
-    finally:
-        pass
-    del k, v
     return t, out
 
 

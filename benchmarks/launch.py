@@ -57,7 +57,6 @@ def main():
 
 def compare_paths():
     """Host time per call with and without the direct launch path."""
-    import kernels.tree_decode  # noqa: F401
     import importlib
 
     td = importlib.import_module("kernels.tree_decode")

@@ -139,7 +139,7 @@ def main(argv=None):
             td.default_launch = lambda bm, bn, bd, w=warps, s=stages: (w, s)
             try:
                 t = _graph_time(lambda: plan.run(q, k, v, o, check=False), dev)
-            except Exception as exc:  # noqa: BLE001 - out of resources etc.
+            except Exception:  # noqa: BLE001 - out of resources etc.
                 t = None
             td.default_launch = orig
             row = dict(case=spec, hq=hq, hk=hk, tsk=tsk, rows0=rows0, warps=warps,

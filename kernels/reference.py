@@ -11,7 +11,6 @@ Two functions with different jobs:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

@@ -28,7 +28,6 @@ replaced by ``logit_cap * tanh(s / logit_cap)`` before the softmax.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import NamedTuple, Sequence
 
