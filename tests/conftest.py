@@ -17,6 +17,17 @@ if "TRITON_INTERPRET" not in os.environ and not _has_cuda_device():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # hypothesis is in the test extra; without it those tests are skipped
+    _hypothesis_settings = None
+else:
+    # In CI (CI=true) property tests draw a fixed sequence of examples, so that a run is
+    # reproducible; locally they draw fresh examples every run.
+    _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        _hypothesis_settings.load_profile("ci")
+
 
 def pytest_report_header(config):
     gpu = torch.cuda.is_available()
