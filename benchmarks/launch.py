@@ -53,31 +53,5 @@ def main():
         print(s.getvalue()[:3000])
 
 
-
-
-def compare_paths():
-    """Host time per call with and without the direct launch path."""
-    import importlib
-
-    td = importlib.import_module("kernels.tree_decode")
-    dev = torch.device("cuda")
-    nodes = generate_tree_from_spec("1,2,64 8,256,32")
-    q, _, _, _, k, v, ptrs = qkv_preparation(nodes, 32, 8, 128, dev, torch.float16, build_cache=False)
-    meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], 32, 8, 128, device=dev)
-    o = torch.empty_like(q)
-    for fast in (False, True):
-        td.FAST_LAUNCH = fast
-        for _ in range(20):
-            meta.plan.run(q, k, v, o, check=False)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(300):
-            meta.plan.run(q, k, v, o, check=False)
-        host = (time.perf_counter() - t) / 300 * 1e6
-        torch.cuda.synchronize()
-        print(f"FAST_LAUNCH={fast}: host {host:.1f} us per call, cached kernels {len(td._compiled)}")
-
-
 if __name__ == "__main__":
     main()
-    compare_paths()

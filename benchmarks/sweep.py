@@ -77,7 +77,7 @@ def kv_tiles(out_path=None):
     knobs = getattr(triton, "knobs", None)
     rt = getattr(knobs, "runtime", None)
     print("launch hooks:", getattr(rt, "launch_enter_hook", "n/a"), getattr(rt, "launch_exit_hook", "n/a"),
-          "fast launch:", td.FAST_LAUNCH, flush=True)
+          flush=True)
     dev = torch.device("cuda")
     rows_out = []
     for spec, hq, hk in CASES:

@@ -27,8 +27,6 @@ replaced by ``logit_cap * tanh(s / logit_cap)`` before the softmax.
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -43,8 +41,6 @@ __all__ = [
     "tree_decode",
     "stage1_block_sizes",
 ]
-
-logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -243,68 +239,6 @@ def _stage2_kernel(
     tl.store(O + req * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-# ----------------------------------------------------------------------------- launching
-#
-# Triton's generic launch path (argument binding and specialisation in Python) costs tens
-# of microseconds per launch, more than the kernels themselves on small trees. After the
-# first launch of a configuration, the compiled kernel is called directly with the same
-# argument list. The cache key covers everything Triton specialises on: tensor dtypes
-# and 16-byte alignment, integers equal to 1 / divisible by 16 / beyond 32 bits, the
-# constexprs and the launch options. Set TREECACHE_FAST_LAUNCH=0 to always use Triton's
-# own path (it is also used whenever a launch hook, e.g. a profiler, is installed).
-
-FAST_LAUNCH = os.environ.get("TREECACHE_FAST_LAUNCH", "1") != "0"
-_compiled: dict = {}
-
-
-def _arg_key(a):
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool):
-        return ("b", a)
-    if isinstance(a, int):
-        return ("i", a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
-    return type(a)
-
-
-def _hook_active(hook) -> bool:
-    if hook is None:
-        return False
-    calls = getattr(hook, "calls", None)  # triton.knobs.HookChain
-    return True if calls is None else bool(calls)
-
-
-def _hooks_installed() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    rt = getattr(knobs, "runtime", None)
-    return (_hook_active(getattr(rt, "launch_enter_hook", None))
-            or _hook_active(getattr(rt, "launch_exit_hook", None)))
-
-
-def _launch(fn, grid, args, constexprs, *, num_warps, num_stages, device):
-    global FAST_LAUNCH
-    if not FAST_LAUNCH or device.type != "cuda" or _hooks_installed():
-        fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        return
-    key = (fn, tuple(constexprs.values()), num_warps, num_stages, device.index,
-           tuple(_arg_key(a) for a in args))
-    kernel = _compiled.get(key)
-    if kernel is None:
-        kernel = fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        if kernel is not None:
-            _compiled[key] = kernel
-        return
-    stream = torch.cuda.current_stream(device).cuda_stream
-    try:
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                   stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   *args, *constexprs.values())
-    except (AttributeError, TypeError) as exc:  # a Triton whose launcher differs
-        logger.warning("direct kernel launch unavailable (%s); using Triton's launch path", exc)
-        FAST_LAUNCH = False
-        fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-
-
 def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.dtype != torch.int32:
         raise ValueError(f"{name} must be int32, got {t.dtype}")
@@ -350,7 +284,6 @@ def tree_decode_stage1(
     if phase.num_vnodes == 0:
         return
     hq, d = q.shape[1], q.shape[2]
-    default_launch = globals()["default_launch"]  # looked up per call: tunable
     hk = k.shape[1]
     group = hq // hk
     block_m, block_n, block_d = stage1_block_sizes(phase.q_tile, phase.kv_tile, group, d,
@@ -375,21 +308,20 @@ def tree_decode_stage1(
     while num_stages > 1 and (block_m * block_d + 2 * num_stages * block_n * block_d) * esz > 200 * 1024:
         num_stages -= 1
     grid = (phase.num_vnodes, hk)
-    _launch(
-        _stage1_kernel, grid,
-        (q, k, v, mid_o, mid_lse,
-         kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows,
-         q.stride(0), q.stride(1),
-         k.stride(0), k.stride(1),
-         v.stride(0), v.stride(1),
-         mid_o.stride(0), mid_o.stride(1),
-         mid_lse.stride(0),
-         phase.vnode_offset,
-         float(qk_scale),
-         float(logit_cap if use_cap else 0.0)),
-        dict(GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-             USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast),
-        num_warps=num_warps, num_stages=num_stages, device=q.device,
+    _stage1_kernel[grid](
+        q, k, v, mid_o, mid_lse,
+        kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1),
+        mid_o.stride(0), mid_o.stride(1),
+        mid_lse.stride(0),
+        phase.vnode_offset,
+        float(qk_scale),
+        float(logit_cap if use_cap else 0.0),
+        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -411,15 +343,14 @@ def tree_decode_stage2(
     block_d = max(16, _next_pow2(d))
     block_p = 8 if block_d <= 128 else 4
     grid = (b, hq)
-    _launch(
-        _stage2_kernel, grid,
-        (mid_o, mid_lse, o,
-         req_mid_start, req_mid_len, req_mid_rows,
-         mid_o.stride(0), mid_o.stride(1),
-         mid_lse.stride(0),
-         o.stride(0), o.stride(1)),
-        dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p),
-        num_warps=1 if block_d <= 128 else 2, num_stages=2, device=o.device,
+    _stage2_kernel[grid](
+        mid_o, mid_lse, o,
+        req_mid_start, req_mid_len, req_mid_rows,
+        mid_o.stride(0), mid_o.stride(1),
+        mid_lse.stride(0),
+        o.stride(0), o.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p,
+        num_warps=1 if block_d <= 128 else 2, num_stages=2,
     )
 
 
