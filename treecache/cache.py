@@ -387,10 +387,7 @@ class TreeKVCache:
                 raise ShapeMismatchError(
                     f"{name} has shape {tuple(t.shape)}, expected [len(slots), num_kv_heads, "
                     f"head_dim] = {list(want)}")
-            if t.dtype != self.dtype:
-                raise ShapeMismatchError(f"{name} has dtype {t.dtype}, the cache stores {self.dtype}")
-            if t.device != self.device:
-                raise ShapeMismatchError(f"{name} is on {t.device}, the cache is on {self.device}")
+            self._check_dtype_device(name, t)
         self.pool.k[layer].index_copy_(0, slots, k)
         self.pool.v[layer].index_copy_(0, slots, v)
 
@@ -406,10 +403,7 @@ class TreeKVCache:
                 raise ShapeMismatchError(
                     f"{name} has shape {tuple(t.shape)}, expected [num_layers, n, num_kv_heads, "
                     f"head_dim] = [{self.num_layers}, n, {self.num_kv_heads}, {self.head_dim}]")
-            if t.dtype != self.dtype:
-                raise ShapeMismatchError(f"{name} has dtype {t.dtype}, the cache stores {self.dtype}")
-            if t.device != self.device:
-                raise ShapeMismatchError(f"{name} is on {t.device}, the cache is on {self.device}")
+            self._check_dtype_device(name, t)
         if k.shape[1] != v.shape[1]:
             raise ShapeMismatchError(f"k has {k.shape[1]} tokens but v has {v.shape[1]}")
         n = int(k.shape[1])
@@ -458,10 +452,7 @@ class TreeKVCache:
             got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
             raise ShapeMismatchError(
                 f"q has shape {got}, expected [len(requests), num_qo_heads, head_dim] = {list(want)}")
-        if q.dtype != self.dtype:
-            raise ShapeMismatchError(f"q has dtype {q.dtype}, the cache stores {self.dtype}")
-        if q.device != self.device:
-            raise ShapeMismatchError(f"q is on {q.device}, the cache is on {self.device}")
+        self._check_dtype_device("q", q)
         if q.stride(-1) != 1:
             q = q.contiguous()
         if out is None:
@@ -608,6 +599,12 @@ class TreeKVCache:
             raise TreeCacheError(f"{ends} request ends listed at nodes, {len(self._reqs)} live requests")
 
     # ------------------------------------------------------------------ internals
+
+    def _check_dtype_device(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype != self.dtype:
+            raise ShapeMismatchError(f"{name} has dtype {t.dtype}, the cache stores {self.dtype}")
+        if t.device != self.device:
+            raise ShapeMismatchError(f"{name} is on {t.device}, the cache is on {self.device}")
 
     def _check_layer(self, layer: int) -> None:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:

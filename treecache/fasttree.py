@@ -88,12 +88,9 @@ class FastTreeMetadata(tuple):
         offs = [0, 0]
         for i, ph in enumerate(plan.phases):
             # A plan with one phase reports it in the slot its tiles belong to.
-            slot = i if len(plan.phases) == 2 else (0 if ph.vnode_offset == 0 and
-                                                    ph.q_tile == plan.q_tiles[0] else 1)
+            slot = i if len(plan.phases) == 2 else (0 if ph.q_tile == plan.q_tiles[0] else 1)
             nums[slot] = ph.num_vnodes
             offs[slot] = ph.vnode_offset
-        if len(plan.phases) == 1 and nums[0] == 0:
-            offs[1] = 0
         items = (
             t["kv_indices"], t["vnode_kv_start"], t["vnode_kv_len"],
             t["mid_q_rows"], t["vnode_q_start"], t["vnode_q_len"],

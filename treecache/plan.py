@@ -30,7 +30,14 @@ import attrs
 import numpy as np
 import torch
 
-from kernels import Backend, Phase, select_backend, torch_tree_decode, tree_decode
+from kernels import (
+    SUPPORTED_DTYPES,
+    Backend,
+    Phase,
+    select_backend,
+    torch_tree_decode,
+    tree_decode,
+)
 from kernels.tree_decode import MAX_BLOCK_M
 
 from .errors import PlanMismatchError, ShapeMismatchError, UnsupportedConfigError
@@ -381,7 +388,6 @@ class DecodePlan:
                 f"k has {k.shape[0]} rows, the plan reads slots up to {num_slots_min - 1}")
         if k.shape[0] != v.shape[0]:
             raise ShapeMismatchError(f"k has {k.shape[0]} rows but v has {v.shape[0]}")
-        from kernels import SUPPORTED_DTYPES
         if q.dtype not in SUPPORTED_DTYPES:
             raise ShapeMismatchError(
                 f"q has dtype {q.dtype}, expected one of float16, bfloat16, float32")
