@@ -114,7 +114,38 @@ def _flash_varlen(q, k_tree, v_tree, slots, device):
     return t, out
 
 
-def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True):
+def _ablations(plan, q, k, v, sm, device):
+    """Graph times of the same plan without one optimisation each (same run, same data):
+    no contiguity hint (every vnode gathers its slot indices), float32 partials, and
+    one stage-1 launch per phase."""
+    from kernels import tree_decode
+
+    t_half = plan.tensors(q.dtype)
+    t_f32 = plan.tensors(torch.float32)
+    no_hint = {kk: vv for kk, vv in t_half.items() if kk != "vnode_slot0"}
+    o = torch.empty_like(q)
+    res = {}
+    res["graph_no_hint_us"] = _graph_time(lambda: tree_decode(
+        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **no_hint), device)
+    res["graph_fp32_mid_us"] = _graph_time(lambda: tree_decode(
+        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **t_f32), device)
+
+    def per_phase():
+        from kernels.tree_decode import tree_decode_stage1, tree_decode_stage2
+        t = t_half
+        for ph in plan.phases:
+            tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
+                               t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
+                               t["vnode_q_len"], t["mid_q_rows"], ph, sm,
+                               vnode_slot0=t["vnode_slot0"])
+        tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"], t["req_mid_len"],
+                           t["req_mid_rows"])
+
+    res["graph_per_phase_us"] = _graph_time(per_phase, device)
+    return res
+
+
+def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=False):
     st = tree_stats(nodes)
     b = st["num_requests"]
     gen = torch.Generator(device="cpu").manual_seed(1234)
@@ -155,6 +186,8 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True):
                vnodes=plan.num_vnodes, phases=[list(p) for p in plan.phases],
                ours_us=t_ours, ours_graph_us=t_graph, rel_err=err, prep_ms=prep_ms,
                plan_ms=statistics.median(plan_times))
+    if ablations and device.type == "cuda":
+        res.update(_ablations(plan, q, k, v, sm, device))
     bytes_ = 2 * st["unique_tokens"] * hk * HEAD_DIM * 2 + 2 * b * hq * HEAD_DIM * 2
     res["roofline_us"] = bytes_ / COPY_BW * 1e6
     res["seed_us"] = SEED_US.get((name, (hq, hk)))
@@ -190,6 +223,12 @@ def summarize(results):
         slower = [r for r in seed if r["ours_us"] > r["seed_us"]]
         lines.append(f"target 1: geomean speedup over seed = {_geomean(speed):.2f}x over "
                      f"{len(seed)} cases (>= 2.0); cases slower than seed: {len(slower)}")
+        gr = [r for r in seed if r.get("ours_graph_us")]
+        if gr:
+            gspeed = [r["seed_us"] / r["ours_graph_us"] for r in gr]
+            gslow = [r for r in gr if r["ours_graph_us"] > r["seed_us"]]
+            lines.append(f"target 1 (CUDA-graph replay): geomean speedup over seed = "
+                         f"{_geomean(gspeed):.2f}x; cases slower than seed: {len(gslow)}")
         big = [r for r in seed if r["roofline_us"] >= 50]
         if big:
             worst = max(r["ours_us"] / r["roofline_us"] for r in big)
@@ -201,6 +240,14 @@ def summarize(results):
             worst = max(r["ours_graph_us"] for r in small)
             lines.append(f"target 3: worst CUDA-graph time on {len(small)} cases with roofline "
                          f"< 5 us = {worst:.1f} us (<= 10)")
+    abl = [r for r in results if r.get("graph_no_hint_us")]
+    if abl:
+        for key, what in (("graph_no_hint_us", "without the contiguity hint"),
+                          ("graph_fp32_mid_us", "with float32 partials"),
+                          ("graph_per_phase_us", "with one stage-1 launch per phase")):
+            ratio = _geomean([r[key] / r["ours_graph_us"] for r in abl])
+            lines.append(f"ablation: graph time {what} / with = {ratio:.3f} (geomean of "
+                         f"{len(abl)} cases)")
     errs = [r["rel_err"] for r in results]
     bad = [r for r in results if not (r["rel_err"] <= 2e-3)]
     lines.append(f"target 5: max relative error = {max(errs):.2e} over {len(results)} cases "
@@ -262,6 +309,9 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring filter on case names")
     ap.add_argument("--no-baselines", action="store_true", help="skip FA2 and the flat plan")
     ap.add_argument("--no-extra", action="store_true", help="seed suite only")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also time the plan without the contiguity hint, with float32 "
+                         "partials, and with one launch per phase (graph replay)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -281,7 +331,8 @@ def main(argv=None):
     results = []
     for case, nodes, (hq, hk) in _progress(cases, len(cases), "cases"):
         results.append(run_case(case, nodes, hq, hk, device, dtype,
-                                with_baselines=not args.no_baselines))
+                                with_baselines=not args.no_baselines,
+                                ablations=args.ablations))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out = Path(args.out)

@@ -107,12 +107,44 @@ def kv_tiles(out_path=None):
             json.dump(rows_out, f, indent=1)
 
 
+def gamma(out_path=None):
+    """Whole decode (graph replay) against the cost model's split-K weight gamma."""
+    dev = torch.device("cuda")
+    rows_out = []
+    cases = CASES + [("1,2,4,8,16,32,64,128,1024 16,16,16,16,16,16,16,16,16", 32, 32),
+                     ("1,2,4,8,16,32,64,128,1024 16,16,16,16,16,16,16,16,16", 16, 1),
+                     ("1,4,16,512 1024,256,128,32", 16, 1), ("1,4,256 8,256,32", 32, 32)]
+    for spec, hq, hk in cases:
+        nodes = generate_tree_from_spec(spec)
+        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                 build_cache=False)
+        res = []
+        for gam in (0.0, 0.1, 0.5, 2.0, 8.0, 32.0, 128.0):
+            p = FastTreeParams.for_heads(hq, hk)
+            p.gamma = gam
+            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, params=p,
+                                           device=dev)
+            o = torch.empty_like(q)
+            us = _graph_time(lambda: meta.plan.run(q, k, v, o, check=False), dev)
+            res.append((us, gam, meta.plan.num_mid_rows))
+            rows_out.append(dict(case=spec, hq=hq, hk=hk, gamma=gam, us=us,
+                                 mid_rows=meta.plan.num_mid_rows, vnodes=meta.plan.num_vnodes))
+        print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
+            f"g={g:g} {u:.1f}us ({m} rows)" for u, g, m in res), flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows_out, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--phase0", action="store_true", help="phase-0 tile sweep only")
     ap.add_argument("--kv-tiles", action="store_true", help="per-phase KV tile / split sweep")
+    ap.add_argument("--gamma", action="store_true", help="cost-model gamma sweep")
     args = ap.parse_args(argv)
+    if args.gamma:
+        return gamma(args.out)
     if args.kv_tiles:
         return kv_tiles(args.out)
     if args.phase0:

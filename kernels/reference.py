@@ -89,9 +89,13 @@ def torch_tree_decode(
     sm_scale: float,
     logit_cap: float = 0.0,
     check: bool = True,
+    vnode_slot0: torch.Tensor | None = None,
     max_chunk_elems: int = 1 << 24,
 ) -> torch.Tensor:
     """Torch implementation of :func:`kernels.tree_decode.tree_decode` (same arguments).
+
+    ``vnode_slot0`` (a contiguity hint) is accepted and not needed: ``kv_indices`` holds
+    every vnode's slots.
 
     Vnodes are processed in batches whose padded ``[rows, tokens, heads, dim]`` working
     set stays under ``max_chunk_elems`` elements, so memory stays bounded on large plans.
@@ -171,7 +175,7 @@ def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
     lse = lse.view(nv, hk, qm, group).permute(0, 2, 1, 3).reshape(nv, qm, hk * group)
     sel = q_ok.to(dev)
     rows = mid_rows.to(dev)[sel]
-    mid_o[rows] = out[sel]
+    mid_o[rows] = out[sel].to(mid_o.dtype)
     mid_lse[rows] = lse[sel]
 
 
@@ -194,7 +198,7 @@ def _torch_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows):
     m = lse.amax(dim=1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp2(lse - m)  # [B, N, Hq]
-    parts = mid_o[rows].masked_fill(~ok[..., None, None], 0.0)  # [B, N, Hq, D]
+    parts = mid_o[rows].float().masked_fill(~ok[..., None, None], 0.0)  # [B, N, Hq, D]
     num = (parts * w[..., None]).sum(dim=1)
     den = w.sum(dim=1)
     o.copy_((num / torch.where(den > 0, den, torch.ones_like(den))[..., None]).to(o.dtype))

@@ -5,7 +5,8 @@ a set of query rows and a range of KV slots. Stage 1 runs one program per
 (vnode, kv head): it loads every query of the vnode for all query heads of the GQA
 group at once (so ``tl.dot`` sees ``q_tile * group`` rows), streams the vnode's KV once
 and writes one partial output and one log-sum-exp per (query, head) into a *mid row*.
-Stage 2 runs one program per (request, block of heads) and merges the request's mid
+Both phases of a plan (two tile shapes) run in one stage-1 launch. Stage 2 runs one
+program per (request, head) and merges the request's mid
 rows with the log-sum-exp trick.
 
 Index arrays (all int32, on the device of ``q``):
@@ -16,6 +17,12 @@ Index arrays (all int32, on the device of ``q``):
   ``[q_start, q_start + q_len)``; ``mid_q_rows[j]`` is the row of ``q`` of mid row ``j``.
 * ``req_mid_start[r]``, ``req_mid_len[r]``: request ``r`` merges mid rows
   ``req_mid_rows[req_mid_start[r] : req_mid_start[r] + req_mid_len[r]]``.
+* ``vnode_slot0[v]`` (optional hint): ``>= 0`` when vnode ``v``'s slots are the contiguous
+  run ``vnode_slot0[v] + [0, kv_len[v])``; stage 1 then computes the slots instead of
+  loading them. ``kv_indices`` must hold the same slots either way.
+
+Partial outputs (``mid_o``) are float32 or the dtype of ``q`` (half the traffic in fp16);
+their log-sum-exps (``mid_lse``) are always float32.
 
 Log-sum-exp convention: **base 2**. Logits are scaled by ``sm_scale * log2(e)`` and
 exponentiated with ``exp2``; ``mid_lse`` holds ``log2(sum(exp2(s)))`` of those scaled
@@ -102,51 +109,17 @@ def _tanh(x):
 
 
 @triton.jit
-def _stage1_kernel(
-    Q, K, V, MidO, MidLSE,
-    KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows,
-    stride_qb, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_mo_r, stride_mo_h,
-    stride_ml_r,
-    vnode_offset,
-    qk_scale,  # sm_scale * log2(e) without cap; sm_scale with cap
-    logit_cap,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    USE_CAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    vid = tl.program_id(0) + vnode_offset
-    kv_head = tl.program_id(1)
+def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
+             stride_kt, stride_kh, stride_vt, stride_vh,
+             qk_scale, logit_cap, offs_d, d_ok,
+             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr, USE_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr, CONTIG: tl.constexpr):
+    """Online softmax of one tile of rows over ``kv_len`` KV slots.
 
-    q_start = tl.load(VQStart + vid)
-    q_len = tl.load(VQLen + vid)
-    kv_start = tl.load(VKvStart + vid)
-    kv_len = tl.load(VKvLen + vid)
-
-    # Row r of the tile is query r // GROUP of the vnode, head kv_head * GROUP + r % GROUP.
-    rows = tl.arange(0, BLOCK_M)
-    q_in_vnode = rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_ok = q_in_vnode < q_len
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-
-    q_row = tl.load(MidQRows + q_start + q_in_vnode, mask=row_ok, other=0)
-    q = tl.load(
-        Q + q_row[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )  # [BLOCK_M, BLOCK_D]
-    if UPCAST:
-        q = q.to(tl.float32)
-
+    ``CONTIG``: the slots are ``slot0, slot0 + 1, ...`` (no index loads); otherwise they
+    are ``KvIdx[kv_start:kv_start + kv_len]``.
+    """
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -154,7 +127,10 @@ def _stage1_kernel(
     for n0 in range(0, kv_len, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < kv_len
-        slot = tl.load(KvIdx + kv_start + n, mask=n_ok, other=0).to(tl.int64)
+        if CONTIG:
+            slot = slot0.to(tl.int64) + n
+        else:
+            slot = tl.load(KvIdx + kv_start + n, mask=n_ok, other=0).to(tl.int64)
         kt = tl.load(
             K + slot[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
             mask=n_ok[None, :] & d_ok[:, None],
@@ -181,6 +157,58 @@ def _stage1_kernel(
             vt = vt.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _stage1_vnode(
+    vid, kv_head,
+    Q, K, V, MidO, MidLSE,
+    KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_mo_r, stride_mo_h, stride_ml_r,
+    qk_scale, logit_cap,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr,
+):
+    """Stage 1 for vnode ``vid`` and one KV head (one tile shape)."""
+    q_start = tl.load(VQStart + vid)
+    q_len = tl.load(VQLen + vid)
+    kv_start = tl.load(VKvStart + vid)
+    kv_len = tl.load(VKvLen + vid)
+
+    # Row r of the tile is query r // GROUP of the vnode, head kv_head * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    q_in_vnode = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = q_in_vnode < q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_row = tl.load(MidQRows + q_start + q_in_vnode, mask=row_ok, other=0)
+    q = tl.load(
+        Q + q_row[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    if HAS_SLOT0:
+        slot0 = tl.load(VSlot0 + vid)
+    else:
+        slot0 = -1
+    if slot0 >= 0:
+        acc, m_i, l_i = _kv_loop(
+            q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, logit_cap, offs_d, d_ok,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, True)
+    else:
+        acc, m_i, l_i = _kv_loop(
+            q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, logit_cap, offs_d, d_ok,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, False)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -188,10 +216,68 @@ def _stage1_kernel(
     mid_row = q_start + q_in_vnode
     tl.store(
         MidO + mid_row[:, None] * stride_mo_r + head[:, None] * stride_mo_h + offs_d[None, :],
-        out,
+        out.to(MidO.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
     tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _stage1_kernel(
+    Q, K, V, MidO, MidLSE,
+    KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+    stride_qb, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_mo_r, stride_mo_h,
+    stride_ml_r,
+    vnode_offset,
+    num_first,  # programs (vnodes) of the first tile shape; the rest use the second
+    qk_scale,  # sm_scale * log2(e) without cap; sm_scale with cap
+    logit_cap,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M0: tl.constexpr,
+    BLOCK_N0: tl.constexpr,
+    BLOCK_M1: tl.constexpr,
+    BLOCK_N1: tl.constexpr,
+    TWO_SHAPES: tl.constexpr,
+    USE_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    HAS_SLOT0: tl.constexpr,
+):
+    # Both phases of a plan in one launch: programs [0, num_first) run the first tile
+    # shape (the long, shared vnodes, scheduled first), the rest the second.
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    vid = pid + vnode_offset
+    if TWO_SHAPES:
+        if pid < num_first:
+            _stage1_vnode(
+                vid, kv_head, Q, K, V, MidO, MidLSE,
+                KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+                stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_mo_r, stride_mo_h, stride_ml_r, qk_scale, logit_cap,
+                GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
+                HAS_SLOT0)
+        else:
+            _stage1_vnode(
+                vid, kv_head, Q, K, V, MidO, MidLSE,
+                KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+                stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_mo_r, stride_mo_h, stride_ml_r, qk_scale, logit_cap,
+                GROUP, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, USE_CAP, DOT_PRECISION, UPCAST,
+                HAS_SLOT0)
+    else:
+        _stage1_vnode(
+            vid, kv_head, Q, K, V, MidO, MidLSE,
+            KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+            stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_mo_r, stride_mo_h, stride_ml_r, qk_scale, logit_cap,
+            GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
+            HAS_SLOT0)
 
 
 @triton.jit
@@ -225,7 +311,7 @@ def _stage2_kernel(
             MidO + rows[:, None] * stride_mo_r + head * stride_mo_h + offs_d[None, :],
             mask=p_ok[:, None] & d_ok[None, :],
             other=0.0,
-        )  # [BLOCK_P, BLOCK_D]
+        ).to(tl.float32)  # [BLOCK_P, BLOCK_D]
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         # While every partial so far is empty (lse = -inf) the weights stay 0.
         finite = m_new > float("-inf")
@@ -246,6 +332,19 @@ def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device}, q is on {device}")
 
 
+def _phase_list(phase) -> list[Phase]:
+    phases = [phase] if isinstance(phase, Phase) else [p for p in phase]
+    phases = [p for p in phases if p.num_vnodes > 0]
+    if len(phases) > 2:
+        raise ValueError(f"one stage-1 launch runs at most 2 phases, got {len(phases)}")
+    if len(phases) == 2 and phases[1].vnode_offset != phases[0].vnode_offset + phases[0].num_vnodes:
+        raise ValueError(
+            f"the phases of one launch must be adjacent, got vnodes "
+            f"[{phases[0].vnode_offset}, +{phases[0].num_vnodes}) and "
+            f"[{phases[1].vnode_offset}, +{phases[1].num_vnodes})")
+    return phases
+
+
 def tree_decode_stage1(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -258,69 +357,90 @@ def tree_decode_stage1(
     vnode_q_start: torch.Tensor,
     vnode_q_len: torch.Tensor,
     mid_q_rows: torch.Tensor,
-    phase: Phase,
+    phase: Phase | Sequence[Phase],
     sm_scale: float,
     logit_cap: float = 0.0,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    vnode_slot0: torch.Tensor | None = None,
 ) -> None:
-    """Launch stage 1 for one phase.
+    """Launch stage 1 for one phase, or for two adjacent phases in one launch.
 
     Parameters
     ----------
     q : Tensor ``[B, Hq, D]`` (fp16 / bf16 / fp32), last dim contiguous.
     k, v : Tensor ``[S, Hk, D]``, same dtype as ``q``; rows are KV slots.
-    mid_o : Tensor ``[R, Hq, D]`` float32, partial outputs (``R`` mid rows).
+    mid_o : Tensor ``[R, Hq, D]``, float32 or ``q``'s dtype: partial outputs (``R`` mid
+        rows), stored normalised (divided by their softmax sum).
     mid_lse : Tensor ``[R, Hq]`` float32, base-2 log-sum-exp of each partial output.
     kv_indices, vnode_* , mid_q_rows : int32 index arrays (see the module docstring).
-    phase : Phase
-        Which vnodes to run and their tile sizes; every vnode of the phase must have
-        ``q_len <= phase.q_tile``.
+    phase : Phase or a sequence of at most two adjacent phases
+        Which vnodes to run and their tile sizes; every vnode of a phase must have
+        ``q_len <= phase.q_tile``. Two phases run in one launch, the first phase's
+        programs first.
     sm_scale : float
         Softmax scale (usually ``1 / sqrt(D)``).
     logit_cap : float
         Soft cap of the scaled logits; ``<= 0`` disables it.
+    vnode_slot0 : int32 Tensor ``[num_vnodes]``, optional
+        ``vnode_slot0[v] >= 0`` promises that vnode ``v``'s slots are the contiguous run
+        ``vnode_slot0[v] + [0, kv_len)``: its loop then computes slots instead of loading
+        them. ``-1`` (or no tensor) reads ``kv_indices``.
     """
-    if phase.num_vnodes == 0:
+    phases = _phase_list(phase)
+    if not phases:
         return
     hq, d = q.shape[1], q.shape[2]
     hk = k.shape[1]
     group = hq // hk
-    block_m, block_n, block_d = stage1_block_sizes(phase.q_tile, phase.kv_tile, group, d,
-                                                   q.element_size())
-    if block_m > MAX_BLOCK_M and phase.q_tile > 1:
-        raise ValueError(
-            f"q_tile {phase.q_tile} x group {group} = {phase.q_tile * group} rows exceeds "
-            f"{MAX_BLOCK_M}; use a smaller q tile"
-        )
+    esz = q.element_size()
+    blocks = []
+    for ph in phases:
+        bm, bn, bd = stage1_block_sizes(ph.q_tile, ph.kv_tile, group, d, esz)
+        if bm > MAX_BLOCK_M and ph.q_tile > 1:
+            raise ValueError(
+                f"q_tile {ph.q_tile} x group {group} = {ph.q_tile * group} rows exceeds "
+                f"{MAX_BLOCK_M}; use a smaller q tile")
+        blocks.append((bm, bn, bd))
+    two = len(phases) == 2 and blocks[0] != blocks[1]
     use_cap = logit_cap is not None and logit_cap > 0
     qk_scale = sm_scale if use_cap else sm_scale * LOG2E
     # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (upstream issue
     # #11584): there, bf16 operands are upcast to fp32 first.
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
-    if num_warps is None or num_stages is None:
-        w, st = default_launch(block_m, block_n, block_d)
-        num_warps = w if num_warps is None else num_warps
-        num_stages = st if num_stages is None else num_stages
+    launches = [default_launch(*blk) for blk in blocks]
+    if num_warps is None:
+        num_warps = max(w for w, _ in launches)
+    if num_stages is None:
+        num_stages = min(st for _, st in launches)
     # Shared memory: the q tile plus num_stages K and V tiles must fit (fp32 heads of 256).
-    esz = q.element_size()
-    while num_stages > 1 and (block_m * block_d + 2 * num_stages * block_n * block_d) * esz > 200 * 1024:
+    bm_max = max(bm for bm, _, _ in blocks)
+    bn_max = max(bn for _, bn, _ in blocks)
+    block_d = blocks[0][2]
+    while num_stages > 1 and (bm_max * block_d + 2 * num_stages * bn_max * block_d) * esz > 200 * 1024:
         num_stages -= 1
-    grid = (phase.num_vnodes, hk)
+    first = phases[0]
+    total = sum(ph.num_vnodes for ph in phases)
+    grid = (total, hk)
+    slot0 = vnode_slot0 if vnode_slot0 is not None else vnode_kv_start
     _stage1_kernel[grid](
         q, k, v, mid_o, mid_lse,
-        kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows,
+        kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, slot0,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1),
         v.stride(0), v.stride(1),
         mid_o.stride(0), mid_o.stride(1),
         mid_lse.stride(0),
-        phase.vnode_offset,
+        first.vnode_offset,
+        first.num_vnodes,
         float(qk_scale),
         float(logit_cap if use_cap else 0.0),
-        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=d, BLOCK_D=block_d,
+        BLOCK_M0=blocks[0][0], BLOCK_N0=blocks[0][1],
+        BLOCK_M1=blocks[-1][0], BLOCK_N1=blocks[-1][1], TWO_SHAPES=two,
         USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast,
+        HAS_SLOT0=vnode_slot0 is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -375,8 +495,12 @@ def tree_decode(
     sm_scale: float,
     logit_cap: float = 0.0,
     check: bool = True,
+    vnode_slot0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Tree decode attention: stage 1 for every phase, then stage 2. Writes ``o``.
+    """Tree decode attention: stage 1 (both phases in one launch), then stage 2.
+
+    Writes ``o``. ``vnode_slot0`` is the optional contiguity hint of
+    :func:`tree_decode_stage1`; ``mid_o`` may be float32 or ``q``'s dtype.
 
     Shapes: ``q``, ``o`` ``[B, Hq, D]``; ``k``, ``v`` ``[S, Hk, D]`` with ``Hq % Hk == 0``;
     ``mid_o`` ``[R, Hq, D]`` float32; ``mid_lse`` ``[R, Hq]`` float32, where ``R`` is at
@@ -390,12 +514,16 @@ def tree_decode(
             ("vnode_q_len", vnode_q_len), ("mid_q_rows", mid_q_rows),
             ("req_mid_start", req_mid_start), ("req_mid_len", req_mid_len),
             ("req_mid_rows", req_mid_rows),
-        ):
+        ) + ((("vnode_slot0", vnode_slot0),) if vnode_slot0 is not None else ()):
             _check_index(name, t, q.device)
-    for ph in phases:
+    live = [ph for ph in phases if ph.num_vnodes > 0]
+    adjacent = all(b.vnode_offset == a.vnode_offset + a.num_vnodes for a, b in zip(live, live[1:]))
+    groups = [live[i:i + 2] for i in range(0, len(live), 2)] if adjacent else [[ph] for ph in live]
+    for grp in groups:
         tree_decode_stage1(
             q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
-            vnode_q_start, vnode_q_len, mid_q_rows, ph, sm_scale, logit_cap,
+            vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
+            vnode_slot0=vnode_slot0,
         )
     tree_decode_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows)
     return o
@@ -425,8 +553,10 @@ def _check_args(q, k, v, o, mid_o, mid_lse) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("o", o)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension")
-    if mid_o.dtype != torch.float32 or mid_lse.dtype != torch.float32:
-        raise ValueError("mid_o and mid_lse must be float32")
+    if mid_o.dtype not in (torch.float32, q.dtype) or mid_lse.dtype != torch.float32:
+        raise ValueError(
+            f"mid_o must be float32 or q's dtype {q.dtype} (got {mid_o.dtype}) and mid_lse "
+            f"float32 (got {mid_lse.dtype})")
     if mid_o.shape[1:] != q.shape[1:] or mid_lse.shape[1] != q.shape[1]:
         raise ValueError(
             f"mid_o {tuple(mid_o.shape)} / mid_lse {tuple(mid_lse.shape)} do not match "

@@ -98,15 +98,17 @@ class Case:
                 self.request_slots[r].extend(slots)
         self.spare = spare_mid_rows
 
-    def run(self, impl, q, k, v, sm_scale, logit_cap=0.0):
+    def run(self, impl, q, k, v, sm_scale, logit_cap=0.0, mid_dtype=torch.float32,
+            vnode_slot0=None):
         """Run ``impl`` on poisoned buffers; return (o, mid_o, mid_lse)."""
         b, hq, d = q.shape
         rows = self.num_mid_rows + self.spare
         o = torch.full_like(q, float("nan"))
-        mid_o = torch.full((rows, hq, d), float("nan"), dtype=torch.float32)
+        mid_o = torch.full((rows, hq, d), float("nan"), dtype=mid_dtype)
         mid_lse = torch.full((rows, hq), float("nan"), dtype=torch.float32)
+        extra = {} if vnode_slot0 is None else {"vnode_slot0": vnode_slot0}
         out = IMPLS[impl](q, k, v, o, mid_o=mid_o, mid_lse=mid_lse, phases=self.phases,
-                          sm_scale=sm_scale, logit_cap=logit_cap, **self.index)
+                          sm_scale=sm_scale, logit_cap=logit_cap, **self.index, **extra)
         assert out is o
         return o, mid_o, mid_lse
 
@@ -333,6 +335,88 @@ def test_stages_launch_separately():
     assert torch.equal(o, o_ref)
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_contiguous_slot_hint(impl, dtype):
+    # Two phases with different tile shapes; some vnodes read contiguous slot runs and
+    # carry the hint (their first slot), others are gathered (-1), one contiguous run is
+    # left unhinted. The result must match the reference and the unhinted run.
+    g = torch.Generator().manual_seed(11)
+    perm = torch.randperm(60, generator=g, device="cpu").tolist()
+    vnodes = [
+        (list(range(6)), list(range(100, 171))),          # contiguous, hinted
+        (list(range(6)), [p + 300 for p in perm[:37]]),   # gathered
+        ([0], list(range(5, 23))), ([1], list(range(23, 24))),   # contiguous, hinted
+        ([2], [p + 400 for p in perm[37:60]]),            # gathered
+        ([3], list(range(40, 73))),                       # contiguous, not hinted
+        ([4], list(range(80, 97))), ([5], list(range(200, 203))),  # contiguous, hinted
+    ]
+    hint = [100, -1, 5, 23, -1, -1, 80, 200]
+    case = Case(vnodes, 6, phases=[(0, 2, 32), (2, 6, 16)])
+    q, k, v = make_qkv(6, 460, 8, 2, 32, dtype, seed=12)
+    slot0 = i32(hint)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.2, vnode_slot0=slot0)
+    ref = reference_decode(q, k, v, case.request_slots, 0.2)
+    check_output(case, o, mid_o, mid_lse, ref, dtype)
+    o_plain, _, _ = case.run(impl, q, k, v, 0.2)
+    assert rel_err(o, o_plain.float()) <= 1e-6
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_half_precision_partials(impl):
+    # fp16 inputs may keep partial outputs in fp16: same result within the fp16 bound,
+    # and the partials differ from float32 ones only by fp16 rounding.
+    case, num_slots = shared_prefix_case(prefix_len=90, own_lens=(31, 2, 47, 16))
+    q, k, v = make_qkv(case.num_requests, num_slots, 8, 2, 64, torch.float16, seed=13)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.125, mid_dtype=torch.float16)
+    assert mid_o.dtype == torch.float16
+    ref = reference_decode(q, k, v, case.request_slots, 0.125)
+    check_output(case, o, mid_o, mid_lse, ref, torch.float16)
+    _, mid32, lse32 = case.run(impl, q, k, v, 0.125)
+    n = case.num_mid_rows
+    torch.testing.assert_close(mid_o[:n].float(), mid32[:n], rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(mid_lse[:n], lse32[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_two_phases_in_one_launch_equal_separate_launches():
+    # One stage-1 launch over both phases writes the same partials as one launch each.
+    g = torch.Generator().manual_seed(14)
+    perm = torch.randperm(120, generator=g, device="cpu").tolist()
+    vnodes = [(list(range(4)), perm[:50]), (list(range(4)), perm[50:75])]
+    start = 75
+    for r, n in enumerate((12, 3, 20, 10)):
+        vnodes.append(([r], perm[start:start + n]))
+        start += n
+    case = Case(vnodes, 4, phases=[(0, 2, 32), (2, 4, 16)])
+    q, k, v = make_qkv(4, 120, 8, 1, 32, torch.float16, seed=15)
+    ix = case.index
+    rows = case.num_mid_rows
+    outs = []
+    for grouped in (True, False):
+        mid_o = torch.full((rows, 8, 32), float("nan"))
+        mid_lse = torch.full((rows, 8), float("nan"))
+        launches = [case.phases] if grouped else [[ph] for ph in case.phases]
+        for phs in launches:
+            tree_decode_stage1(q, k, v, mid_o, mid_lse, ix["kv_indices"], ix["vnode_kv_start"],
+                               ix["vnode_kv_len"], ix["vnode_q_start"], ix["vnode_q_len"],
+                               ix["mid_q_rows"], phs, 0.25)
+        assert not torch.isnan(mid_o).any() and not torch.isnan(mid_lse).any()
+        outs.append((mid_o, mid_lse))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_one_launch_rejects_non_adjacent_phases():
+    case, num_slots = shared_prefix_case()
+    q, k, v = make_qkv(3, num_slots, 4, 2, 16, torch.float16)
+    ix = case.index
+    mid_o = torch.empty(case.num_mid_rows, 4, 16)
+    mid_lse = torch.empty(case.num_mid_rows, 4)
+    with pytest.raises(ValueError, match=r"phases of one launch must be adjacent"):
+        tree_decode_stage1(q, k, v, mid_o, mid_lse, ix["kv_indices"], ix["vnode_kv_start"],
+                           ix["vnode_kv_len"], ix["vnode_q_start"], ix["vnode_q_len"],
+                           ix["mid_q_rows"], [Phase(0, 1, 3, 16), Phase(2, 2, 1, 16)], 0.25)
+
+
 # ------------------------------------------------------------------ launch checks
 
 
@@ -372,7 +456,8 @@ def test_rejects_wide_q_tile():
         (lambda a: a.update(k=a["k"].float()), r"k has dtype torch.float32, q has torch.float16"),
         (lambda a: a.update(o=a["o"][:2]), r"o has shape \(2, 2, 16\), expected q's \(3, 2, 16\)"),
         (lambda a: a.update(v=a["v"][:10]), r"k has shape .* but v has"),
-        (lambda a: a.update(mid_o=a["mid_o"].half()), r"mid_o and mid_lse must be float32"),
+        (lambda a: a.update(mid_o=a["mid_o"].bfloat16()),
+         r"mid_o must be float32 or q's dtype torch.float16 \(got torch.bfloat16\)"),
         (lambda a: a.update(k=a["k"][..., :8].contiguous(), v=a["v"][..., :8].contiguous()),
          r"k has head_dim 8, q has 16"),
     ],

@@ -121,10 +121,17 @@ def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
         assert sorted(mine) == [j for j in range(nm) if mid_q_rows[j] == r]
     # The device tensors hold what the host staging buffer holds.
     for name, n in (("vnode_kv_start", nv), ("vnode_kv_len", nv), ("vnode_q_start", nv),
-                    ("vnode_q_len", nv), ("mid_q_rows", nm), ("req_mid_rows", nm),
+                    ("vnode_q_len", nv), ("vnode_slot0", nv), ("mid_q_rows", nm), ("req_mid_rows", nm),
                     ("req_mid_start", b), ("req_mid_len", b),
                     ("kv_indices", plan.num_kv_entries)):
         assert plan.buffers.dev_view(name, n).cpu().tolist() == host(plan, name, n), name
+    # A contiguity hint is a promise: the vnode's slots are slot0, slot0 + 1, ...
+    kv = plan.buffers.host_view("kv_indices", plan.num_kv_entries)
+    for (ks, kl, _, _), s0 in zip(table, host(plan, "vnode_slot0", nv)):
+        if s0 >= 0:
+            assert kv[ks:ks + kl].tolist() == list(range(s0, s0 + kl))
+        else:
+            assert s0 == -1
     # Each request attends exactly its path's tokens, each once.
     assert plan_slots(plan) == [sorted(p) for p in expected_paths(inp)]
     assert len(plan.node_assignments) == inp.parent.size
@@ -359,6 +366,54 @@ def test_node_tokens_slot_table():
     inp = plan_input([-1, 0, 0], [4, 3, 3], [1, 2], node_tokens=slots)
     plan = build(inp, **NO_ADJUST)
     assert plan_slots(plan) == [sorted([7, 3, 9, 0, 1, 5, 8]), sorted([7, 3, 9, 0, 2, 6, 4])]
+
+
+def hints(plan: DecodePlan) -> list[int]:
+    return host(plan, "vnode_slot0", plan.num_vnodes)
+
+
+def hinted_runs(plan: DecodePlan) -> dict[tuple[int, ...], int]:
+    """Each vnode's slots (as a tuple) -> its contiguity hint."""
+    kv = plan.buffers.host_view("kv_indices", plan.num_kv_entries)
+    return {tuple(kv[ks:ks + kl].tolist()): s0
+            for (ks, kl, _, _), s0 in zip(vnode_table(plan), host(plan, "vnode_slot0", plan.num_vnodes))}
+
+
+def test_contiguity_hint_seed_layout():
+    # Seed layout: every node is a run of rows. A split-Q chain (child merged with its
+    # parent) is one run only where the parent's rows end where the child's begin.
+    inp = plan_input([-1, 0, 0], [40, 3, 5], [1, 2])
+    p = build(inp, params=FastTreeParams(gamma=1000.0), **NO_ADJUST)  # split-Q children
+    assert p.node_assignments == [0, 1, 1]
+    # Node 1's chain is 0..39 then 40..42: one run. Node 2's is 0..39 then 43..47: not.
+    assert hinted_runs(p) == {tuple(range(43)): 0,
+                              tuple(range(40)) + tuple(range(43, 48)): -1}
+    # Split-K everywhere: every vnode is a single node, so every vnode is hinted.
+    p = build(inp, params=FastTreeParams(gamma=0.0), **NO_ADJUST)
+    assert p.node_assignments == [0, 0, 0]
+    assert hinted_runs(p) == {tuple(range(40)): 0, (40, 41, 42): 40, (43, 44, 45, 46, 47): 43}
+
+
+def test_contiguity_hint_slot_table():
+    # A slot table: node 0 is a run (20..29), node 1 is not, node 2 is a run that
+    # continues node 0 (30..33).
+    table = list(range(20, 30)) + [5, 3, 4] + [30, 31, 32, 33]
+    inp = plan_input([-1, 0, 0], [10, 3, 4], [1, 2], node_tokens=table)
+    p = build(inp, params=FastTreeParams(gamma=0.0), **NO_ADJUST)
+    assert hinted_runs(p) == {tuple(range(20, 30)): 20, (5, 3, 4): -1, (30, 31, 32, 33): 30}
+    p = build(inp, params=FastTreeParams(gamma=1000.0), **NO_ADJUST)
+    assert hinted_runs(p) == {tuple(range(20, 34)): 20, tuple(range(20, 30)) + (5, 3, 4): -1}
+
+
+def test_contiguity_hint_not_on_growable_tails():
+    # A request that may grow in place gets arbitrary slots appended: its tail vnode is
+    # never hinted, and stays correct after growing.
+    inp = plan_input([-1, 0, 0], [40, 3, 5], [1, 2], growable=[True, False])
+    p = build(inp, params=FastTreeParams(gamma=0.0), headroom=8, **NO_ADJUST)
+    tail = int(p.tail_vnode[0])
+    assert tail >= 0 and hints(p)[tail] == -1
+    assert p.extend_tails(np.array([0]), np.array([999]))
+    assert hinted_runs(p)[(40, 41, 42, 999)] == -1
 
 
 # -------------------------------------------------------------- GQA tile clamp

@@ -49,6 +49,7 @@ from .plan import (
     DEFAULT_PARA_THRESHS2,
     SUPPORTED_HEAD_DIMS,
     DecodePlan,
+    HostUploader,
     FastTreeParams,
     PlanBuffers,
     PlanInput,
@@ -225,6 +226,8 @@ class TreeKVCache:
         self._plan_rows = np.full(64, -1, dtype=np.int64)
         self._plan_dirty = True
         self._buffers = PlanBuffers(self.num_qo_heads, self.head_dim, self.device)
+        self._uploader = (HostUploader(self.device, torch.int64)
+                          if self.device.type == "cuda" else None)
         self.plan_rebuilds = 0
         self.plan_version = 0
 
@@ -354,8 +357,10 @@ class TreeKVCache:
         unchanged) when the pool is full.
         """
         if requests is None:
+            # Every live request, each once: no validation needed.
             reqs = self._live()[1]
-        elif isinstance(requests, (int, np.integer)):
+            return self._to_device(self._reserve_step(reqs, trusted=True))
+        if isinstance(requests, (int, np.integer)):
             return self._reserve_one(int(requests), int(num_tokens))
         else:
             reqs = np.asarray(requests, dtype=np.int64).reshape(-1)
@@ -739,22 +744,28 @@ class TreeKVCache:
         for nid, part in zip(uniq.tolist(), np.split(values, first[1:])):
             getattr(self._nodes[nid], field).append(part)
 
-    def _reserve_step(self, reqs: np.ndarray) -> np.ndarray:
-        """One slot per request; the fast path when every node is an exclusive leaf."""
+    def _reserve_step(self, reqs: np.ndarray, trusted: bool = False) -> np.ndarray:
+        """One slot per request; the fast path when every node is an exclusive leaf.
+
+        ``trusted``: ``reqs`` are live and distinct (the live list itself).
+        """
         if reqs.size == 0:
             return np.zeros(0, dtype=np.int64)
-        if reqs.min() < 0 or reqs.max() >= self._rq_alive.size or not self._rq_alive[reqs].all():
-            bad = [int(r) for r in reqs if r < 0 or r >= self._rq_alive.size or not self._rq_alive[r]]
-            self._node_of(bad[0])
+        if not trusted:
+            if (reqs.min() < 0 or reqs.max() >= self._rq_alive.size
+                    or not self._rq_alive[reqs].all()):
+                bad = [int(r) for r in reqs
+                       if r < 0 or r >= self._rq_alive.size or not self._rq_alive[r]]
+                self._node_of(bad[0])
+            # Duplicate check in O(n): scatter positions, read them back.
+            ar = np.arange(reqs.size)
+            self._rq_scratch = _grow(self._rq_scratch, self._rq_alive.size, -1)
+            self._rq_scratch[reqs] = ar
+            if (self._rq_scratch[reqs] != ar).any():
+                raise TreeCacheError("reserve lists a request twice")
         nodes = self._rq_node[reqs]
-        # Duplicate check in O(n): scatter positions, read them back.
-        ar = np.arange(reqs.size)
-        self._rq_scratch = _grow(self._rq_scratch, self._rq_alive.size, -1)
-        self._rq_scratch[reqs] = ar
-        if (self._rq_scratch[reqs] != ar).any():
-            raise TreeCacheError("reserve lists a request twice")
         if self._nd_excl[nodes].all():
-            return self._extend_exclusive(reqs, nodes)
+            return self._extend_exclusive(reqs, nodes, trusted)
         # Slow path: some requests need a new leaf. All-or-nothing on the page count.
         need = 0
         for r, nid in zip(reqs.tolist(), nodes.tolist()):
@@ -767,29 +778,45 @@ class TreeKVCache:
             out[i] = self._reserve_slow(r, 1)[0]
         return out
 
-    def _extend_exclusive(self, reqs: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    def _extend_exclusive(self, reqs: np.ndarray, nodes: np.ndarray,
+                          trusted: bool = False) -> np.ndarray:
         p = self.page_size
         tailfree = self._nd_tailfree[nodes]
         fresh = tailfree == 0
-        new_pages = self.pool.allocator.allocate(int(fresh.sum()))  # raises before any change
-        slots = np.empty(nodes.size, dtype=np.int64)
-        old = ~fresh
-        slots[old] = self._nd_tailpage[nodes[old]] * p + (p - tailfree[old])
-        slots[fresh] = new_pages * p
-        self._nd_tailfree[nodes[old]] -= 1
-        if fresh.any():
-            fn = nodes[fresh]
-            self._nd_tailpage[fn] = new_pages
-            self._nd_tailfree[fn] = p - 1
-            self._pending_page_nodes.append(fn)
+        n_fresh = int(np.count_nonzero(fresh))
+        new_pages = self.pool.allocator.allocate(n_fresh)  # raises before any change
+        if n_fresh == nodes.size:  # every tail page is full (always so with page_size 1)
+            slots = new_pages * p if p != 1 else new_pages
+            self._nd_tailpage[nodes] = new_pages
+            if p != 1:
+                self._nd_tailfree[nodes] = p - 1
+            self._pending_page_nodes.append(nodes)
             self._pending_pages.append(new_pages)
+        else:
+            slots = np.empty(nodes.size, dtype=np.int64)
+            old = ~fresh
+            slots[old] = self._nd_tailpage[nodes[old]] * p + (p - tailfree[old])
+            slots[fresh] = new_pages * p
+            self._nd_tailfree[nodes[old]] -= 1
+            if n_fresh:
+                fn = nodes[fresh]
+                self._nd_tailpage[fn] = new_pages
+                self._nd_tailfree[fn] = p - 1
+                self._pending_page_nodes.append(fn)
+                self._pending_pages.append(new_pages)
         self._nd_seqlen[nodes] += 1
         self._pending_nodes.append(nodes)
         self._pending_slots.append(slots)
         # Grow the plan's tail vnodes in place when this plan covers these requests.
         if not self._plan_dirty and self._plan is not None:
-            rows = self._plan_rows[reqs]
-            if (rows < 0).any() or not self._plan.extend_tails(rows, slots, assume_unique=True):
+            if trusted and reqs is self._live()[1] and self._plan_requests == self._live()[0]:
+                # The plan's rows are the live requests in order.
+                ok = self._plan.extend_tails(None, slots)
+            else:
+                rows = self._plan_rows[reqs]
+                ok = not (rows < 0).any() and self._plan.extend_tails(rows, slots,
+                                                                     assume_unique=True)
+            if not ok:
                 self._dirty()
         return slots
 
@@ -854,7 +881,7 @@ class TreeKVCache:
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
         if self.device.type == "cpu":
             return torch.from_numpy(slots)
-        return torch.from_numpy(slots).pin_memory().to(self.device, non_blocking=True)
+        return self._uploader(slots)
 
     def _topo_order(self) -> list[_Node]:
         roots = [nd for nd in self._nodes.values() if nd.parent is None]

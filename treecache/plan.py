@@ -180,6 +180,46 @@ def normalize_device(device: torch.device | str) -> torch.device:
     return device
 
 
+class HostUploader:
+    """Small host-to-device copies through a ring of reusable pinned buffers.
+
+    Pinning a fresh host tensor for every small copy costs more than the copy; this
+    keeps ``slots`` pinned buffers (grown on demand) and an event per buffer, so a
+    buffer is rewritten only after its previous copy has finished.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, slots: int = 4):
+        self.device = device
+        self.dtype = dtype
+        self._host: list[torch.Tensor | None] = [None] * slots
+        self._np: list[np.ndarray | None] = [None] * slots
+        self._events: list = [None] * slots
+        self._next = 0
+
+    def __call__(self, *parts: np.ndarray) -> torch.Tensor:
+        """Copy the concatenation of ``parts`` to the device (asynchronously)."""
+        n = sum(int(p.size) for p in parts)
+        i = self._next
+        self._next = (i + 1) % len(self._host)
+        ev = self._events[i]
+        if ev is not None:
+            ev.synchronize()
+        buf = self._host[i]
+        if buf is None or buf.numel() < n:
+            cap = max(n, 256, 2 * (buf.numel() if buf is not None else 0))
+            buf = torch.empty(cap, dtype=self.dtype, pin_memory=True)
+            self._host[i], self._np[i] = buf, buf.numpy()
+        arr, off = self._np[i], 0
+        for p in parts:
+            arr[off:off + p.size] = p
+            off += p.size
+        out = buf[:n].to(self.device, non_blocking=True)
+        if ev is None:
+            ev = self._events[i] = torch.cuda.Event()
+        ev.record()
+        return out
+
+
 class PlanBuffers:
     """Fixed-capacity device buffers that plans write into (CUDA-graph friendly).
 
@@ -190,7 +230,7 @@ class PlanBuffers:
     """
 
     _SMALL = ("vnode_kv_start", "vnode_kv_len", "vnode_q_start", "vnode_q_len",
-              "req_mid_start", "req_mid_len", "mid_q_rows", "req_mid_rows")
+              "vnode_slot0", "req_mid_start", "req_mid_len", "mid_q_rows", "req_mid_rows")
 
     def __init__(self, num_qo_heads: int, head_dim: int, device: torch.device | str,
                  *, vnodes: int = 256, requests: int = 64, mid_rows: int = 1024,
@@ -202,6 +242,9 @@ class PlanBuffers:
         #: Incremented by every plan written into these buffers; a plan is valid while
         #: its own serial is the latest.
         self.serial = 0
+        self._upload = (HostUploader(self.device, torch.int32)
+                        if self.device.type == "cuda" else None)
+        self._uploaded = None  # event after the last staging-buffer upload
         self._alloc(vnodes, requests, mid_rows, kv_entries)
 
     def _alloc(self, vnodes, requests, mid_rows, kv_entries) -> None:
@@ -212,7 +255,7 @@ class PlanBuffers:
         caps = {
             "vnode_kv_start": self.cap_vnodes, "vnode_kv_len": self.cap_vnodes,
             "vnode_q_start": self.cap_vnodes, "vnode_q_len": self.cap_vnodes,
-            "req_mid_start": self.cap_requests, "req_mid_len": self.cap_requests,
+            "vnode_slot0": self.cap_vnodes, "req_mid_start": self.cap_requests, "req_mid_len": self.cap_requests,
             "mid_q_rows": self.cap_mid_rows, "req_mid_rows": self.cap_mid_rows,
         }
         self.offsets: dict[str, int] = {}
@@ -233,7 +276,22 @@ class PlanBuffers:
                                  dtype=torch.float32, device=self.device)
         self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
                                    dtype=torch.float32, device=self.device)
+        self._mid_half = None
         self.generation += 1
+
+    def mid_out(self, dtype: torch.dtype) -> torch.Tensor:
+        """The partial-output buffer decode uses for inputs of ``dtype``.
+
+        float16 inputs keep their partials in float16 (half the stage-1 stores and
+        stage-2 loads; the relative error stays within the fp16 bound); other dtypes use
+        the float32 :attr:`mid_o`. The float16 twin is allocated on first use.
+        """
+        if dtype != torch.float16:
+            return self.mid_o
+        if self._mid_half is None:
+            self._mid_half = torch.empty(self.cap_mid_rows, self.num_qo_heads, self.head_dim,
+                                         dtype=torch.float16, device=self.device)
+        return self._mid_half
 
     def ensure(self, vnodes: int, requests: int, mid_rows: int, kv_entries: int) -> None:
         """Grow (to at least double) any capacity that is too small."""
@@ -266,12 +324,34 @@ class PlanBuffers:
         n = self.caps[name] if n is None else n
         return self.dev[off:off + n]
 
+    def scatter(self, positions: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values`` at ``positions`` of the staging and the device buffer."""
+        self.host_writable()
+        self.host_np[positions] = values
+        if self.dev is self.host:
+            return
+        if self._upload is None:
+            self._upload = HostUploader(self.device, torch.int32)
+        packed = self._upload(positions, values)
+        n = positions.size
+        self.dev.index_put_((packed[:n],), packed[n:])
+
     def upload(self, kv_used: int) -> None:
         """Copy the small regions and the first ``kv_used`` kv entries to the device."""
         if self.dev is self.host:
             return
         end = self.offsets["kv_indices"] + kv_used
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        if self._uploaded is None:
+            self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+
+    def host_writable(self) -> None:
+        """Wait until the last :meth:`upload` has read the staging buffer (it copies
+        asynchronously from pinned memory, so the next plan must not overwrite it
+        earlier)."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
 
 
 @attrs.define(eq=False)
@@ -333,17 +413,22 @@ class DecodePlan:
     serial: int = 0
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
-    _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
+    _tensor_cache: list | None = attrs.field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.buffers.device
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The index tensors and mid buffers as keyword arguments of the kernels."""
+    def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The index tensors and mid buffers as keyword arguments of the kernels.
+
+        With ``dtype`` (the dtype of ``q``), ``mid_o`` is the partial buffer decode uses
+        for it (:meth:`PlanBuffers.mid_out`); without, the float32 one.
+        """
+        half = dtype == torch.float16
         cached = self._tensor_cache
-        if cached is not None and cached[0] == self.buffers.generation:
-            return cached[1]
+        if cached is not None and cached[0] == self.buffers.generation and cached[1 + half] is not None:
+            return cached[1 + half]
         b = self.buffers
         t = dict(
             kv_indices=b.dev_view("kv_indices"),
@@ -351,14 +436,18 @@ class DecodePlan:
             vnode_kv_len=b.dev_view("vnode_kv_len"),
             vnode_q_start=b.dev_view("vnode_q_start"),
             vnode_q_len=b.dev_view("vnode_q_len"),
+            vnode_slot0=b.dev_view("vnode_slot0"),
             mid_q_rows=b.dev_view("mid_q_rows"),
             req_mid_start=b.dev_view("req_mid_start", self.num_requests),
             req_mid_len=b.dev_view("req_mid_len", self.num_requests),
             req_mid_rows=b.dev_view("req_mid_rows"),
-            mid_o=b.mid_o,
+            mid_o=b.mid_out(torch.float16) if half else b.mid_o,
             mid_lse=b.mid_lse,
         )
-        self._tensor_cache = (b.generation, t)
+        if cached is None or cached[0] != self.buffers.generation:
+            cached = [self.buffers.generation, None, None]
+        cached[1 + half] = t
+        self._tensor_cache = cached
         return t
 
     def kv_tokens_read(self) -> int:
@@ -415,7 +504,7 @@ class DecodePlan:
         be = backend if isinstance(backend, Backend) else select_backend(q.device, backend)
         fn = torch_tree_decode if be is Backend.TORCH else tree_decode
         fn(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
-           logit_cap=float(logit_cap or 0.0), check=False, **self.tensors())
+           logit_cap=float(logit_cap or 0.0), check=False, **self.tensors(q.dtype))
         return o
 
     def extend_tail(self, row: int, slots: np.ndarray) -> bool:
@@ -434,28 +523,34 @@ class DecodePlan:
         kv_off = b.offsets["kv_indices"] + pos
         len_off = b.offsets["vnode_kv_len"] + tv
         self.vnode_kv_len_host[tv] += slots.size
-        b.host_np[kv_off:kv_off + slots.size] = slots
-        b.host_np[len_off] = self.vnode_kv_len_host[tv]
-        if b.dev is not b.host:
-            b.dev[kv_off:kv_off + slots.size].copy_(b.host[kv_off:kv_off + slots.size], non_blocking=True)
-            b.dev[len_off:len_off + 1].copy_(b.host[len_off:len_off + 1], non_blocking=True)
+        b.scatter(np.append(np.arange(kv_off, kv_off + slots.size), len_off),
+                  np.append(slots, self.vnode_kv_len_host[tv]))
         return True
 
-    def extend_tails(self, rows: np.ndarray, slots: np.ndarray, *,
+    def extend_tails(self, rows: np.ndarray | None, slots: np.ndarray, *,
                      assume_unique: bool = False) -> bool:
         """Append one KV slot to the tail vnode of each request in ``rows`` (in place).
 
-        Returns False (and changes nothing) if some request cannot grow in place; the
-        caller must then rebuild the plan. O(len(rows)) numpy work plus two small copies.
+        ``rows=None`` means every request of the plan, in order (``slots`` has one
+        entry per request). Returns False (and changes nothing) if some request cannot
+        grow in place; the caller must then rebuild the plan. O(len(rows)) numpy work
+        plus one small copy and one scatter on the device.
         """
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
+        if rows is None:
+            if np.size(slots) != self.num_requests:
+                raise ValueError(f"extend_tails(None, slots) needs {self.num_requests} slots, "
+                                 f"got {np.size(slots)}")
+            tv, limit = self.tail_vnode, self.tail_limit
+            assume_unique = True
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            tv, limit = self.tail_vnode[rows], self.tail_limit[rows]
+        if tv.size == 0:
             return True
-        tv = self.tail_vnode[rows]
-        if (tv < 0).any():
+        if tv.min() < 0:
             return False
         pos = self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv]
-        if (pos >= self.tail_limit[rows]).any():
+        if (pos >= limit).any():
             return False
         # Distinct rows have distinct tail vnodes (a tail vnode serves one request).
         if not assume_unique and np.unique(rows).size != rows.size:
@@ -464,13 +559,8 @@ class DecodePlan:
         kv_off = b.offsets["kv_indices"]
         len_off = b.offsets["vnode_kv_len"]
         self.vnode_kv_len_host[tv] += 1
-        b.host_np[kv_off + pos] = slots
-        b.host_np[len_off + tv] = self.vnode_kv_len_host[tv]
-        if b.dev is not b.host:
-            idx = np.concatenate([kv_off + pos, len_off + tv])
-            packed = torch.from_numpy(np.stack([idx, b.host_np[idx].astype(np.int64)]))
-            packed = packed.pin_memory().to(b.device, non_blocking=True)
-            b.dev.index_copy_(0, packed[0], packed[1].to(torch.int32))
+        b.scatter(np.concatenate([kv_off + pos, len_off + tv]),
+                  np.concatenate([slots, self.vnode_kv_len_host[tv]]))
         return True
 
 
@@ -598,76 +688,56 @@ def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, 
     if n == 0 or topo.ch_ids.size == 0:
         return assign, L
 
+    pow2 = (tq0 & (tq0 - 1)) == 0 and (tq1 & (tq1 - 1)) == 0
+
     def cmm(nQ, nK):
-        ph0 = nQ > tq1
-        tq = np.where(ph0, tq0, tq1)
-        tk = np.where(ph0, tk0, tk1)
-        padq = tq - ((nQ - 1) % tq + 1)
+        # padq == tq - ((nQ - 1) % tq + 1) for nQ >= 1, and 0 for nQ = 0.
+        if tq0 == tq1:
+            padq = (-nQ) & (tq0 - 1) if pow2 else (-nQ) % tq0
+        elif pow2:
+            padq = (-nQ) & np.where(nQ > tq1, tq0 - 1, tq1 - 1)
+        else:
+            padq = (-nQ) % np.where(nQ > tq1, tq0, tq1)
+        tk = tk0 if tk0 == tk1 else np.where(nQ > tq1, tk0, tk1)
         padk = np.maximum(tk - nK, 0)
         return ag * padq * nK + bg * padk * nQ
 
-    ch = topo.ch_ids
-    rank = np.empty(n, dtype=np.int64)
-    rank[ch] = np.arange(ch.size) - topo.ch_ptr[parent[ch]]
-    depth = topo.depth
-    order = np.lexsort((rank[ch], depth[ch]))  # children by level, then sibling rank
-    ch_sorted = ch[order]
-    lvl = depth[ch_sorted]
-    lvl_bounds = np.searchsorted(lvl, np.arange(int(lvl.max()) + 2))
-    for d in range(1, int(lvl.max()) + 1):
-        level = ch_sorted[lvl_bounds[d]:lvl_bounds[d + 1]]
-        if level.size == 0:
-            continue
-        rk = rank[level]
-        rk_bounds = np.searchsorted(rk, np.arange(int(rk.max()) + 2))
-        for j in range(int(rk.max()) + 1):
-            cj = level[rk_bounds[j]:rk_bounds[j + 1]]
-            if cj.size < 16 and j > 0:
-                # Few parents left with more children: finish them in the scalar loop.
-                _scalar_children(np.unique(parent[cj]).tolist(), j, topo, nq, nq_cur, L,
-                                 assign, q_tiles, kv_tiles, ag, bg, gamma)
-                break
-            p = parent[cj]
-            nql = nq[cj]
-            cur = nq_cur[p]
-            lenv = L[p]
-            lenl = L[cj]
-            # The four Cmm terms in one vectorised call.
-            k = cj.size
-            c4 = cmm(np.concatenate([cur, nql, cur - nql, nql]),
-                     np.concatenate([lenv, lenl, lenv, lenl + lenv]))
-            split_k = c4[:k] + c4[k:2 * k] + gamma * nql
-            split_q = c4[2 * k:3 * k] + c4[3 * k:]
-            pick = (cur > 0) & (nql > 0) & (split_k > split_q)
-            if pick.any():
-                cp = cj[pick]
-                assign[cp] = 1
-                nq_cur[p[pick]] -= nql[pick]
-                L[cp] = lenl[pick] + lenv[pick]
-    return assign, L
-
-
-def _scalar_children(parents, start, topo, nq, nq_cur, L, assign, q_tiles, kv_tiles,
-                     ag, bg, gamma):
-    """Decide the children of rank >= ``start`` of each of ``parents``, in id order."""
-    cmm = _scalar_cmm(q_tiles, kv_tiles, ag, bg)
-    ch_ptr, ch_ids = topo.ch_ptr, topo.ch_ids
-    for x in parents:
-        kids = ch_ids[int(ch_ptr[x]):int(ch_ptr[x + 1])].tolist()
-        cur = int(nq_cur[x])
-        lenv = int(L[x])
-        for c in kids[start:]:
-            nql = int(nq[c])
-            if cur == 0 or nql == 0:
-                continue
-            lenl = int(L[c])
-            split_k = cmm(cur, lenv) + cmm(nql, lenl) + gamma * nql
-            split_q = cmm(cur - nql, lenv) + cmm(nql, lenl + lenv)
-            if split_k > split_q:
-                assign[c] = 1
-                cur -= nql
-                L[c] = lenl + lenv
-        nq_cur[x] = cur
+    # Every child's decision depends on its parent's chain length (set when the parent
+    # was decided) and on its parent's query count after the split-Q choices of its
+    # earlier siblings. Those dependencies form a DAG (parents first, then siblings in
+    # id order), so iterating all decisions at once to their fixed point (each round
+    # recomputes every child from the previous round's choices and chain lengths) ends
+    # with exactly the sequential decisions; it usually takes a few rounds.
+    c = topo.ch_ids  # grouped by parent, siblings in id order
+    k = c.size
+    p = parent[c]
+    nql = nq[c]
+    own = L[c]
+    cur0 = nq[p]
+    gstart = np.flatnonzero(np.concatenate(([True], p[1:] != p[:-1])))
+    gs = np.repeat(gstart, np.diff(np.append(gstart, k)))
+    c_own = cmm(nql, own)
+    g_nql = gamma * nql
+    live = (cur0 > 0) & (nql > 0)
+    pick = np.zeros(k, dtype=bool)
+    chain = L.copy()
+    for _ in range(k + 1):
+        w = nql * pick
+        excl = np.cumsum(w) - w
+        cur = cur0 - (excl - excl[gs])
+        lenv = chain[p]
+        c3 = cmm(np.concatenate([cur, cur - nql, nql]),
+                 np.concatenate([lenv, lenv, own + lenv]))
+        split_k = c3[:k] + c_own + g_nql
+        split_q = c3[k:2 * k] + c3[2 * k:]
+        new = live & (cur > 0) & (split_k > split_q)
+        new_chain = L.copy()
+        new_chain[c] = own + np.where(new, lenv, 0)
+        if np.array_equal(new, pick) and np.array_equal(new_chain, chain):
+            break
+        pick, chain = new, new_chain
+    assign[c[pick]] = 1
+    return assign, chain
 
 
 class _Groups:
@@ -876,6 +946,61 @@ def build_plan(
                         buffers, headroom)
 
 
+def _contiguous_slot0(inp, cg, seg_start, seg_len, kv_base, grow_g, v_g, v_kv_start,
+                      v_kv_len) -> np.ndarray:
+    """First slot of every vnode whose slots form one contiguous run, else -1.
+
+    A group's chain is a list of node segments; in the seed layout (no slot table) each
+    segment is a run ``tok_ptr[n] + [0, seqlen[n])``. A vnode (a range of its group's
+    chain) is contiguous when every segment it overlaps is a run and each segment
+    boundary inside it continues the previous segment's run. With a slot table the
+    per-node runs are checked once over the table (O(tokens)). Vnodes of groups with
+    growth headroom stay -1: their tail grows by arbitrary slots.
+    """
+    nv = v_g.size
+    out = np.full(nv, -1, dtype=np.int64)
+    if nv == 0 or cg.size == 0:
+        return out
+    seg_len = np.asarray(seg_len, dtype=np.int64)
+    if inp.node_tokens is None:
+        first = np.asarray(seg_start, dtype=np.int64)
+        run_ok = np.ones(cg.size, dtype=bool)
+    else:
+        tokens = np.asarray(inp.node_tokens, dtype=np.int64)
+        # Per node: is node_tokens[tok_ptr : tok_ptr + seqlen] a +1 run? Count the steps
+        # that are not +1 with a prefix sum over the table.
+        steps_bad = np.zeros(tokens.size + 1, dtype=np.int64)
+        if tokens.size > 1:
+            np.cumsum(tokens[1:] != tokens[:-1] + 1, out=steps_bad[2:])
+        last = max(tokens.size - 1, 0)
+        # Empty segments may start past the table's end: clamp (their flags are unused).
+        a = np.minimum(np.asarray(seg_start, dtype=np.int64), last)
+        e = np.minimum(a + np.maximum(seg_len, 1) - 1, last)  # last token of each segment
+        run_ok = (seg_len == 0) | (steps_bad[e + 1] - steps_bad[a + 1] == 0)
+        first = tokens[a] if tokens.size else np.zeros(a.size, dtype=np.int64)
+    # Global kv position of each segment (entries are sorted by group, then depth).
+    ex = np.cumsum(seg_len) - seg_len
+    grp_first = np.minimum(np.searchsorted(cg, np.arange(kv_base.size)), cg.size - 1)
+    glob = kv_base[cg] + ex - ex[grp_first[cg]]
+    # Empty segments hold no positions: drop them.
+    nz = np.flatnonzero(seg_len > 0)
+    if nz.size == 0:
+        return out
+    cg, first, seg_len, run_ok, glob = cg[nz], first[nz], seg_len[nz], run_ok[nz], glob[nz]
+    # A boundary breaks the run unless the segment continues its predecessor's slots.
+    cont = np.zeros(cg.size, dtype=bool)
+    cont[1:] = (cg[1:] == cg[:-1]) & (first[1:] == first[:-1] + seg_len[:-1])
+    brk = np.cumsum(~cont | ~run_ok)  # breaks among entries 0..i
+    # Entries holding the vnode's first and last positions.
+    S = v_kv_start
+    E = v_kv_start + np.maximum(v_kv_len, 1) - 1
+    lo = np.clip(np.searchsorted(glob, S, "right") - 1, 0, cg.size - 1)
+    hi = np.clip(np.searchsorted(glob, E, "right") - 1, 0, cg.size - 1)
+    ok = (brk[hi] == brk[lo]) & run_ok[lo] & (v_kv_len > 0) & (grow_g[v_g] == 0)
+    out[ok] = first[lo[ok]] + (S[ok] - glob[lo[ok]])
+    return out
+
+
 def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_q, req_k,
                  hq, hk, d, device, buffers, headroom) -> DecodePlan:
     parent, seqlen = topo.parent, topo.seqlen
@@ -947,6 +1072,9 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     m_off = np.arange(nmid, dtype=np.int64) - mid_base[m_g]
     mid_q_rows = groups.pair_req[groups.req_start[m_g] + m_off % nreq[m_g]]
 
+    v_slot0 = _contiguous_slot0(inp, cg, seg_start, seg_len, kv_base, grow_g, v_g,
+                                v_kv_start, v_kv_len)
+
     v_phase = phase_g[v_g]
     perm = np.argsort(v_phase, kind="stable")
     n0 = int((v_phase == 0).sum())
@@ -957,6 +1085,7 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
         phases.append(Phase(n0, nv - n0, q_tiles[1], kv_tiles[1]))
     v_kv_start, v_kv_len = v_kv_start[perm], v_kv_len[perm]
     v_q_start, v_q_len = v_q_start[perm], v_q_len[perm]
+    v_slot0 = v_slot0[perm]
 
     # Stage-2 map: each request's mid rows.
     req_order = np.argsort(mid_q_rows, kind="stable")
@@ -989,11 +1118,13 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
             raise PlanMismatchError(
                 f"buffers are on {buffers.device}, the plan was asked for {device}")
         buffers.ensure(nv, b, nmid, kv_total)
+    buffers.host_writable()
     hv = buffers.host_view
     hv("vnode_kv_start", nv)[:] = v_kv_start
     hv("vnode_kv_len", nv)[:] = v_kv_len
     hv("vnode_q_start", nv)[:] = v_q_start
     hv("vnode_q_len", nv)[:] = v_q_len
+    hv("vnode_slot0", nv)[:] = v_slot0
     hv("mid_q_rows", nmid)[:] = mid_q_rows
     hv("req_mid_rows", nmid)[:] = req_order
     hv("req_mid_start", b)[:] = req_start
