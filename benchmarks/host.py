@@ -62,6 +62,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="host-side planning and cache step costs")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="write a JSON file here")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a cProfile summary of the append-only step")
     args = ap.parse_args(argv)
     spec = "1,4,16 64,8,32" if args.quick else LARGEST
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,6 +95,19 @@ def main(argv=None):
     steps = 50
     res["append_step_us"] = _median_us(lambda: cache.reserve(), steps)
     res["append_step_rebuilds"] = cache.plan_rebuilds - rebuilds
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(steps):
+            cache.reserve()
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(15)
+        print(s.getvalue())
     cache.attend(q, 0)
     res["append_step_rebuilds"] = cache.plan_rebuilds - rebuilds
 

@@ -5,7 +5,8 @@ a set of query rows and a range of KV slots. Stage 1 runs one program per
 (vnode, kv head): it loads every query of the vnode for all query heads of the GQA
 group at once (so ``tl.dot`` sees ``q_tile * group`` rows), streams the vnode's KV once
 and writes one partial output and one log-sum-exp per (query, head) into a *mid row*.
-Both phases of a plan (two tile shapes) run in one stage-1 launch. Stage 2 runs one
+Both phases of a plan (two tile shapes) run in one stage-1 launch when the second is
+small (:func:`merge_phases`). Stage 2 runs one
 program per (request, head) and merges the request's mid
 rows with the log-sum-exp trick.
 
@@ -21,7 +22,7 @@ Index arrays (all int32, on the device of ``q``):
   run ``vnode_slot0[v] + [0, kv_len[v])``; stage 1 then computes the slots instead of
   loading them. ``kv_indices`` must hold the same slots either way.
 
-Partial outputs (``mid_o``) are float32 or the dtype of ``q`` (half the traffic in fp16);
+Partial outputs (``mid_o``) are float32 (what plans use) or the dtype of ``q``;
 their log-sum-exps (``mid_lse``) are always float32.
 
 Log-sum-exp convention: **base 2**. Logits are scaled by ``sm_scale * log2(e)`` and
@@ -53,6 +54,9 @@ LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest number of (query, head) rows one stage-1 program holds in registers.
 MAX_BLOCK_M = 128
+# Shared-memory estimate a stage-1 launch may use (the H100 allows 227 KiB per block;
+# the estimate leaves room for layout conversions).
+SMEM_BUDGET = 160 * 1024
 
 
 class Phase(NamedTuple):
@@ -114,11 +118,12 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
              qk_scale, logit_cap, offs_d, d_ok,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, USE_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr, CONTIG: tl.constexpr):
+             UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr):
     """Online softmax of one tile of rows over ``kv_len`` KV slots.
 
-    ``CONTIG``: the slots are ``slot0, slot0 + 1, ...`` (no index loads); otherwise they
-    are ``KvIdx[kv_start:kv_start + kv_len]``.
+    The slots are ``slot0, slot0 + 1, ...`` when ``slot0 >= 0`` (the index loads are
+    masked off), else ``KvIdx[kv_start:kv_start + kv_len]``. One loop serves both, so
+    the kernel holds one set of pipeline buffers.
     """
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -127,8 +132,10 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
     for n0 in range(0, kv_len, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < kv_len
-        if CONTIG:
-            slot = slot0.to(tl.int64) + n
+        if HAS_SLOT0:
+            gather = (n * 0 + slot0) < 0  # a block (the interpreter wants a block mask)
+            idx = tl.load(KvIdx + kv_start + n, mask=n_ok & gather, other=0)
+            slot = tl.where(slot0 >= 0, slot0 + n, idx).to(tl.int64)
         else:
             slot = tl.load(KvIdx + kv_start + n, mask=n_ok, other=0).to(tl.int64)
         kt = tl.load(
@@ -199,16 +206,10 @@ def _stage1_vnode(
         slot0 = tl.load(VSlot0 + vid)
     else:
         slot0 = -1
-    if slot0 >= 0:
-        acc, m_i, l_i = _kv_loop(
-            q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, logit_cap, offs_d, d_ok,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, True)
-    else:
-        acc, m_i, l_i = _kv_loop(
-            q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, logit_cap, offs_d, d_ok,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, False)
+    acc, m_i, l_i = _kv_loop(
+        q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
+        stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, logit_cap, offs_d, d_ok,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, HAS_SLOT0)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -332,6 +333,27 @@ def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device}, q is on {device}")
 
 
+# One launch for both phases when the second has at most this many programs (vnodes x
+# KV heads); see merge_phases.
+MERGE_MAX_PROGRAMS = 4096
+
+
+def merge_phases(phases: Sequence[Phase], group: int, num_kv_heads: int) -> bool:
+    """Whether :func:`tree_decode` runs these two phases in one stage-1 launch.
+
+    One launch saves a kernel launch and lets the second phase's programs fill the SMs
+    while the first phase's long vnodes finish; but the kernel then holds the registers
+    and shared memory of both tile shapes, which costs the many small programs of a
+    large second phase occupancy. Measured on an H100 (benchmarks/RESULTS.md, v4): one
+    launch was faster on every seed-suite case whose second phase had <= 3,200 programs
+    and slower on every case with >= 8,192.
+    """
+    live = [ph for ph in phases if ph.num_vnodes > 0]
+    if len(live) != 2 or live[1].vnode_offset != live[0].vnode_offset + live[0].num_vnodes:
+        return False
+    return live[1].num_vnodes * num_kv_heads <= MERGE_MAX_PROGRAMS
+
+
 def _phase_list(phase) -> list[Phase]:
     phases = [phase] if isinstance(phase, Phase) else [p for p in phase]
     phases = [p for p in phases if p.num_vnodes > 0]
@@ -409,17 +431,29 @@ def tree_decode_stage1(
     # #11584): there, bf16 operands are upcast to fp32 first.
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
+    warps_arg, stages_arg = num_warps, num_stages
     launches = [default_launch(*blk) for blk in blocks]
     if num_warps is None:
         num_warps = max(w for w, _ in launches)
     if num_stages is None:
         num_stages = min(st for _, st in launches)
-    # Shared memory: the q tile plus num_stages K and V tiles must fit (fp32 heads of 256).
-    bm_max = max(bm for bm, _, _ in blocks)
-    bn_max = max(bn for _, bn, _ in blocks)
+    # Shared memory: the compiled kernel holds the buffers of the KV loop of each tile
+    # shape it contains side by side; keep their estimate under
+    # the limit with fewer pipeline stages, else launch the phases separately.
     block_d = blocks[0][2]
-    while num_stages > 1 and (bm_max * block_d + 2 * num_stages * bn_max * block_d) * esz > 200 * 1024:
+    shapes = set(blocks) if two else {blocks[0]}
+
+    def smem(stages):
+        return sum((bm * bd + 2 * stages * bn * bd) * esz for bm, bn, bd in shapes)
+
+    while num_stages > 1 and smem(num_stages) > SMEM_BUDGET:
         num_stages -= 1
+    if two and smem(num_stages) > SMEM_BUDGET:
+        for ph in phases:
+            tree_decode_stage1(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start,
+                               vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, ph,
+                               sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0)
+        return
     first = phases[0]
     total = sum(ph.num_vnodes for ph in phases)
     grid = (total, hk)
@@ -497,7 +531,8 @@ def tree_decode(
     check: bool = True,
     vnode_slot0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Tree decode attention: stage 1 (both phases in one launch), then stage 2.
+    """Tree decode attention: stage 1 (one launch, or one per phase: see
+    :func:`merge_phases`), then stage 2.
 
     Writes ``o``. ``vnode_slot0`` is the optional contiguity hint of
     :func:`tree_decode_stage1`; ``mid_o`` may be float32 or ``q``'s dtype.
@@ -517,8 +552,10 @@ def tree_decode(
         ) + ((("vnode_slot0", vnode_slot0),) if vnode_slot0 is not None else ()):
             _check_index(name, t, q.device)
     live = [ph for ph in phases if ph.num_vnodes > 0]
-    adjacent = all(b.vnode_offset == a.vnode_offset + a.num_vnodes for a, b in zip(live, live[1:]))
-    groups = [live[i:i + 2] for i in range(0, len(live), 2)] if adjacent else [[ph] for ph in live]
+    if merge_phases(live, q.shape[1] // k.shape[1], k.shape[1]):
+        groups = [live]
+    else:
+        groups = [[ph] for ph in live]
     for grp in groups:
         tree_decode_stage1(
             q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,

@@ -405,6 +405,20 @@ def test_two_phases_in_one_launch_equal_separate_launches():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+def test_merge_phases_rule():
+    from kernels.tree_decode import MERGE_MAX_PROGRAMS, merge_phases
+
+    small = [Phase(0, 10, 16, 32), Phase(10, 100, 4, 32)]
+    assert merge_phases(small, group=4, num_kv_heads=8)  # 800 second-phase programs
+    limit = MERGE_MAX_PROGRAMS // 8
+    assert merge_phases([Phase(0, 3, 16, 32), Phase(3, limit, 4, 32)], 4, 8)
+    assert not merge_phases([Phase(0, 3, 16, 32), Phase(3, limit + 1, 4, 32)], 4, 8)
+    assert not merge_phases([Phase(0, 10, 16, 32)], 4, 8)  # one phase: nothing to merge
+    assert not merge_phases([Phase(0, 10, 16, 32), Phase(11, 5, 4, 32)], 4, 8)  # gap
+    # An empty phase does not count.
+    assert not merge_phases([Phase(0, 10, 16, 32), Phase(10, 0, 4, 32)], 4, 8)
+
+
 def test_one_launch_rejects_non_adjacent_phases():
     case, num_slots = shared_prefix_case()
     q, k, v = make_qkv(3, num_slots, 4, 2, 16, torch.float16)

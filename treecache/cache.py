@@ -49,7 +49,7 @@ from .plan import (
     DEFAULT_PARA_THRESHS2,
     SUPPORTED_HEAD_DIMS,
     DecodePlan,
-    HostUploader,
+    to_device_async,
     FastTreeParams,
     PlanBuffers,
     PlanInput,
@@ -226,8 +226,8 @@ class TreeKVCache:
         self._plan_rows = np.full(64, -1, dtype=np.int64)
         self._plan_dirty = True
         self._buffers = PlanBuffers(self.num_qo_heads, self.head_dim, self.device)
-        self._uploader = (HostUploader(self.device, torch.int64)
-                          if self.device.type == "cuda" else None)
+        # Device half of a plan tail update, sent with the next slots (see _to_device).
+        self._pending_plan_update = None
         self.plan_rebuilds = 0
         self.plan_version = 0
 
@@ -808,16 +808,19 @@ class TreeKVCache:
         self._pending_nodes.append(nodes)
         self._pending_slots.append(slots)
         # Grow the plan's tail vnodes in place when this plan covers these requests.
+        # Its device half travels with the slots (see _to_device).
         if not self._plan_dirty and self._plan is not None:
             if trusted and reqs is self._live()[1] and self._plan_requests == self._live()[0]:
                 # The plan's rows are the live requests in order.
-                ok = self._plan.extend_tails(None, slots)
+                upd = self._plan.prepare_tails(None, slots)
             else:
                 rows = self._plan_rows[reqs]
-                ok = not (rows < 0).any() and self._plan.extend_tails(rows, slots,
-                                                                     assume_unique=True)
-            if not ok:
+                upd = (None if (rows < 0).any()
+                       else self._plan.prepare_tails(rows, slots, assume_unique=True))
+            if upd is None:
                 self._dirty()
+            else:
+                self._pending_plan_update = upd
         return slots
 
     def _reserve_one(self, req: int, n: int) -> torch.Tensor:
@@ -879,9 +882,14 @@ class TreeKVCache:
         return slots
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return torch.from_numpy(slots)
-        return self._uploader(slots)
+        upd, self._pending_plan_update = self._pending_plan_update, None
+        if self.device.type == "cpu" or upd is None:
+            return to_device_async(slots, self.device)
+        # One copy for the slots and the plan's tail update.
+        n, m = slots.size, upd[0].size
+        packed = to_device_async(np.concatenate([slots, upd[0], upd[1]]), self.device)
+        self._buffers.apply(packed[n:n + m], packed[n + m:])
+        return packed[:n]
 
     def _topo_order(self) -> list[_Node]:
         roots = [nd for nd in self._nodes.values() if nd.parent is None]
