@@ -73,6 +73,14 @@ def main(argv=None):
     b = sum(1 for n in nodes if n.num_children == 0)
     params = FastTreeParams()
     res = {"tree": spec, "device": str(device)}
+    # Host speed calibration: the same small Python and numpy work on every machine, so
+    # that host times from different machines can be compared.
+    import numpy as np
+
+    small = np.arange(1024)
+    res["calib_python_loop_us"] = _median_us(lambda: sum(i * i for i in range(10000)), 20)
+    res["calib_numpy_ops_us"] = _median_us(
+        lambda: [np.cumsum(small[small > j]) for j in range(100)], 20)
 
     res["fasttree_preparation_us"] = _median_us(
         lambda: fasttree_preparation(nodes, ptrs, b, hq, hk, d, params=params, device=device), 10)

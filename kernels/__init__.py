@@ -14,6 +14,7 @@ from .reference import reference_decode, softcap_logits, torch_tree_decode
 from .tree_decode import (
     SUPPORTED_DTYPES,
     Phase,
+    merge_phases,
     stage1_block_sizes,
     tree_decode,
     tree_decode_stage1,
@@ -24,6 +25,7 @@ __all__ = [
     "Backend",
     "Phase",
     "SUPPORTED_DTYPES",
+    "merge_phases",
     "reference_decode",
     "select_backend",
     "softcap_logits",

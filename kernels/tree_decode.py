@@ -44,6 +44,7 @@ import triton.language as tl
 __all__ = [
     "Phase",
     "SUPPORTED_DTYPES",
+    "merge_phases",
     "tree_decode_stage1",
     "tree_decode_stage2",
     "tree_decode",

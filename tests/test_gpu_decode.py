@@ -114,3 +114,78 @@ def test_repeated_calls_use_fast_launch_correctly(cuda):
         ref = reference_decode(q, k, v, slots, 1 / math.sqrt(128))
         assert not torch.isnan(o).any()
         assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
+
+
+def _rel(o, ref):
+    return ((o.float() - ref).norm() / ref.norm()).item()
+
+
+def test_graph_cached_run_replays_current_contents(cuda):
+    """run(graph=True): the first call computes and captures, later calls replay; replays
+    see new contents of q, k, v and of the plan buffers (tails grown in place)."""
+    rng = np.random.default_rng(11)
+    parent, seqlen, ends = _random_forest(rng, 25, 2, 150)
+    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]])
+    t = int(seqlen.sum())
+    inp = PlanInput(parent=parent, seqlen=seqlen, tok_ptr=tok_ptr, req_end=ends,
+                    growable=np.ones(ends.size, bool))
+    plan = build_plan(inp, num_qo_heads=16, num_kv_heads=4, head_dim=64, device=cuda,
+                      headroom=4)
+    spare = ends.size  # room for one new slot per request
+    q = torch.randn(ends.size, 16, 64, device=cuda, dtype=torch.float16)
+    k = torch.randn(t + spare, 4, 64, device=cuda, dtype=torch.float16)
+    v = torch.randn(t + spare, 4, 64, device=cuda, dtype=torch.float16)
+    o = torch.empty_like(q)
+    paths = _paths(parent, seqlen, tok_ptr, ends)
+    sm = 1 / math.sqrt(64)
+    for step in range(3):
+        q.copy_(torch.randn_like(q))
+        k.copy_(torch.randn_like(k))
+        o.fill_(float("nan"))
+        plan.run(q, k, v, o, sm_scale=sm, graph=True)
+        ref = reference_decode(q, k, v, [torch.from_numpy(p).to(cuda) for p in paths], sm)
+        assert not torch.isnan(o).any()
+        assert _rel(o, ref) <= 2e-3, step
+    assert len(plan._graphs[1]) == 1  # one capture, then replays
+    # Grow the tails of the requests that can grow; the captured graph sees it.
+    grow = np.flatnonzero(plan.tail_vnode >= 0)
+    assert grow.size > 0
+    new = np.arange(t, t + grow.size)
+    assert plan.extend_tails(grow, new)
+    for r, s in zip(grow, new):
+        paths[r] = np.append(paths[r], s)
+    o.fill_(float("nan"))
+    plan.run(q, k, v, o, sm_scale=sm, graph=True)
+    ref = reference_decode(q, k, v, [torch.from_numpy(p).to(cuda) for p in paths], sm)
+    assert _rel(o, ref) <= 2e-3
+    # Other tensors: a second graph; the first stays cached.
+    o2 = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o2, sm_scale=sm, graph=True)
+    assert torch.equal(o2, o)
+    assert len(plan._graphs[1]) == 2
+
+
+def test_graph_cached_run_inside_callers_capture(cuda):
+    """Inside a caller's own CUDA-graph capture, run(graph=True) launches normally."""
+    rng = np.random.default_rng(12)
+    parent, seqlen, ends = _random_forest(rng, 12, 1, 100)
+    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]])
+    t = int(seqlen.sum())
+    plan = build_plan(PlanInput(parent=parent, seqlen=seqlen, tok_ptr=tok_ptr, req_end=ends),
+                      num_qo_heads=8, num_kv_heads=8, head_dim=128, device=cuda)
+    q = torch.randn(ends.size, 8, 128, device=cuda, dtype=torch.float16)
+    k = torch.randn(t, 8, 128, device=cuda, dtype=torch.float16)
+    v = torch.randn(t, 8, 128, device=cuda, dtype=torch.float16)
+    o = torch.empty_like(q)
+    plan.run(q, k, v, o)  # compile
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        plan.run(q, k, v, o, graph=True)
+    assert plan._graphs is None  # nothing captured by the plan itself
+    q.copy_(torch.randn_like(q))
+    o.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = reference_decode(q, k, v, [torch.from_numpy(p).to(cuda)
+                                     for p in _paths(parent, seqlen, tok_ptr, ends)], 1 / math.sqrt(128))
+    assert _rel(o, ref) <= 2e-3

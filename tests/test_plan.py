@@ -360,6 +360,20 @@ def test_all_paths_empty():
         assert torch.count_nonzero(o) == 0 and not torch.isnan(o).any()
 
 
+def test_graph_flag_off_cuda_runs_normally():
+    # graph=True needs CUDA and the compiled kernels; elsewhere run() launches as usual.
+    inp = plan_input([-1, 0, 0], [20, 5, 7], [1, 2])
+    plan = build(inp, group=2, hk=1)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 16, generator=g)
+    k = torch.randn(32, 1, 16, generator=g)
+    v = torch.randn(32, 1, 16, generator=g)
+    a = plan.run(q, k, v, torch.full_like(q, float("nan")), backend="torch")
+    b = plan.run(q, k, v, torch.full_like(q, float("nan")), backend="torch", graph=True)
+    assert torch.equal(a, b) and not torch.isnan(a).any()
+    assert plan._graphs is None
+
+
 def test_node_tokens_slot_table():
     # Nodes point into a slot table instead of contiguous rows.
     slots = np.array([7, 3, 9, 0, 1, 5, 8, 2, 6, 4], dtype=np.int32)

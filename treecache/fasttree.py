@@ -203,7 +203,7 @@ def _plan_of(metadata_first) -> DecodePlan:
 def fasttree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                     o: torch.Tensor, *args, phase_q_tile_sizes=None, phase_kv_tile_sizes=None,
                     sm_scale: float | None = None, logit_cap: float = -1,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", graph: bool = False) -> torch.Tensor:
     """Decode attention over the planned tree; writes ``o`` in place and returns it.
 
     Called as in the seed: ``fasttree_decode(q, k, v, o, *metadata, phase_q_tile_sizes,
@@ -227,6 +227,10 @@ def fasttree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
     backend : "auto", "triton" or "torch"
         "auto" runs Triton on CUDA, the Triton interpreter on CPU when
         ``TRITON_INTERPRET=1``, else torch (a log line says which).
+    graph : bool
+        Replay the launches from a CUDA graph captured on the first call with these
+        tensors (see :meth:`treecache.plan.DecodePlan.run`); saves the host time of the
+        kernel launches on repeated calls with the same buffers.
     """
     if len(args) < 13:
         raise PlanMismatchError(
@@ -263,7 +267,7 @@ def fasttree_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
     _announce(be)
     return plan.run(q, k_buffer, v_buffer, o, sm_scale=float(sm_scale),
                     logit_cap=float(logit_cap if logit_cap is not None else -1),
-                    backend=be, check=True)
+                    backend=be, check=True, graph=bool(graph))
 
 
 def _check_tiles(plan, given, name, effective, requested) -> None:

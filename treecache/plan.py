@@ -378,6 +378,7 @@ class DecodePlan:
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
+    _graphs: tuple | None = attrs.field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -448,8 +449,18 @@ class DecodePlan:
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, *,
             sm_scale: float | None = None, logit_cap: float = 0.0,
-            backend: str | Backend = "auto", check: bool = True) -> torch.Tensor:
-        """Compute decode attention into ``o`` (``[B, Hq, D]``) and return it."""
+            backend: str | Backend = "auto", check: bool = True,
+            graph: bool = False) -> torch.Tensor:
+        """Compute decode attention into ``o`` (``[B, Hq, D]``) and return it.
+
+        ``graph=True`` (CUDA, Triton backend): the first call with a given set of
+        tensors (the same storage, shapes and strides) runs normally and then captures
+        its launches in a CUDA graph; later calls with the same tensors replay it, which
+        costs one graph launch of host time instead of two or three kernel launches.
+        Replays read the current contents of ``q``, ``k``, ``v`` and of the plan's
+        buffers (append-only steps grow the plan in place and stay valid). Inside a
+        caller's own graph capture the kernels are launched as usual.
+        """
         if check:
             self.check_inputs(q, k, v, o)
             if self.serial != self.buffers.serial:
@@ -458,9 +469,46 @@ class DecodePlan:
         if sm_scale is None:
             sm_scale = 1.0 / math.sqrt(self.head_dim)
         be = backend if isinstance(backend, Backend) else select_backend(q.device, backend)
+        if graph and be is Backend.TRITON and q.device.type == "cuda":
+            return self._run_graphed(q, k, v, o, float(sm_scale), float(logit_cap or 0.0))
         fn = torch_tree_decode if be is Backend.TORCH else tree_decode
         fn(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
            logit_cap=float(logit_cap or 0.0), check=False, **self.tensors())
+        return o
+
+    #: CUDA graphs a plan keeps for different tensor sets (least recently used dropped).
+    MAX_GRAPHS = 8
+
+    def _run_graphed(self, q, k, v, o, sm_scale, logit_cap):
+        def launch():
+            tree_decode(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
+                        logit_cap=logit_cap, check=False, **self.tensors())
+
+        if torch.cuda.is_current_stream_capturing():
+            launch()
+            return o
+        key = (self.buffers.generation, sm_scale, logit_cap) + tuple(
+            (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in (q, k, v, o))
+        graphs = self._graphs
+        if graphs is None or graphs[0] != self.buffers.generation:
+            # Buffers were reallocated: graphs of the old ones must not be replayed.
+            graphs = self._graphs = (self.buffers.generation, {})
+        cache = graphs[1]
+        g = cache.pop(key, None)
+        if g is None:
+            launch()  # compiles the kernels (if needed) and computes this call's result
+            g = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream(device=q.device)
+            stream.wait_stream(torch.cuda.current_stream(q.device))
+            with torch.cuda.graph(g, stream=stream):
+                launch()
+            torch.cuda.current_stream(q.device).wait_stream(stream)
+            while len(cache) >= self.MAX_GRAPHS:
+                cache.pop(next(iter(cache)))
+            cache[key] = g
+            return o
+        cache[key] = g  # most recently used last
+        g.replay()
         return o
 
     def extend_tail(self, row: int, slots: np.ndarray) -> bool:
