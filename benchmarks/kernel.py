@@ -242,23 +242,16 @@ def summarize(results):
     seed = [r for r in results if r.get("seed_us")]
     lines = []
     if seed:
-        speed = [r["seed_us"] / r["ours_us"] for r in seed]
-        slower = [r for r in seed if r["ours_us"] > r["seed_us"]]
-        lines.append(f"target 1: geomean speedup over seed = {_geomean(speed):.2f}x over "
-                     f"{len(seed)} cases (>= 2.0); cases slower than seed: {len(slower)}")
-        ca = [r for r in seed if r.get("ours_cached_us")]
-        if ca:
-            cspeed = [r["seed_us"] / r["ours_cached_us"] for r in ca]
-            cslow = [r for r in ca if r["ours_cached_us"] > r["seed_us"]]
-            lines.append(f"target 1 (graph-cached call, timed like the seed): geomean speedup "
-                         f"over seed = {_geomean(cspeed):.2f}x; cases slower than seed: "
-                         f"{len(cslow)}")
-        gr = [r for r in seed if r.get("ours_graph_us")]
-        if gr:
-            gspeed = [r["seed_us"] / r["ours_graph_us"] for r in gr]
-            gslow = [r for r in gr if r["ours_graph_us"] > r["seed_us"]]
-            lines.append(f"target 1 (CUDA-graph replay): geomean speedup over seed = "
-                         f"{_geomean(gspeed):.2f}x; cases slower than seed: {len(gslow)}")
+        for key, label in (("ours_us", "target 1"),
+                           ("ours_cached_us", "target 1 (graph-cached call, timed like the seed)"),
+                           ("ours_graph_us", "target 1 (CUDA-graph replay)")):
+            rs = [r for r in seed if r.get(key)]
+            if not rs:
+                continue
+            speed = _geomean([r["seed_us"] / r[key] for r in rs])
+            slower = sum(r[key] > r["seed_us"] for r in rs)
+            lines.append(f"{label}: geomean speedup over seed = {speed:.2f}x over {len(rs)} "
+                         f"cases (>= 2.0); cases slower than seed: {slower}")
         big = [r for r in seed if r["roofline_us"] >= 50]
         if big:
             worst = max(r["ours_us"] / r["roofline_us"] for r in big)
