@@ -1,0 +1,54 @@
+"""The benchmark's summary lines and its CPU smoke run."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks.kernel import main, summarize
+
+
+def _case(name, seed, ours, cached, graph, roofline, hq=32, hk=8, logical=1000, err=1e-4):
+    return dict(case=name, hq=hq, hk=hk, seed_us=seed, ours_us=ours, ours_cached_us=cached,
+                ours_graph_us=graph, roofline_us=roofline, logical_tokens=logical,
+                rel_err=err)
+
+
+def test_summary_lines_report_each_target():
+    results = [
+        _case("a", seed=100.0, ours=50.0, cached=40.0, graph=25.0, roofline=60.0),
+        _case("b", seed=10.0, ours=20.0, cached=10.0, graph=5.0, roofline=2.0),
+        _case("extra", seed=None, ours=30.0, cached=30.0, graph=30.0, roofline=20.0, err=3e-3),
+    ]
+    lines = summarize(results)
+    text = "\n".join(lines)
+    # Eager: speedups 2.0 and 0.5 -> geomean 1.0, one case slower than the seed.
+    assert "target 1: geomean speedup over seed = 1.00x over 2 cases (>= 2.0); cases slower than seed: 1" in text
+    # Graph-cached: 2.5 and 1.0 -> sqrt(2.5); replay: 4 and 2 -> sqrt(8).
+    assert f"graph-cached call, timed like the seed): geomean speedup over seed = {math.sqrt(2.5):.2f}x" in text
+    assert f"(CUDA-graph replay): geomean speedup over seed = {math.sqrt(8):.2f}x" in text
+    # Target 2 only on case a (roofline >= 50): 50 / 60.
+    assert "target 2: worst time/roofline on 1 cases with roofline >= 50 us = 0.83x" in text
+    # Target 3 only on case b (roofline < 5): its graph time.
+    assert "target 3: worst CUDA-graph time on 1 cases with roofline < 5 us = 5.0 us" in text
+    # Target 5 over every case, the extra one included (it fails the bound).
+    assert "target 5: max relative error = 3.00e-03 over 3 cases (<= 2e-3 fp16); failing: 1" in text
+
+
+def test_quick_run_writes_results(tmp_path):
+    results = main(["--quick", "--out", str(tmp_path)])
+    assert len(results) == 4
+    for r in results:
+        assert r["rel_err"] <= 2e-3 and math.isfinite(r["rel_err"])
+        assert r["ours_us"] > 0 and r["roofline_us"] > 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["case"] for r in data["results"]] == [r["case"] for r in results]
+    assert "target 5: max relative error" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("module", ["benchmarks.host", "benchmarks.sweep", "benchmarks.launch",
+                                    "benchmarks.beam_memory"])
+def test_benchmark_modules_import(module):
+    import importlib
+
+    assert hasattr(importlib.import_module(module), "main")
