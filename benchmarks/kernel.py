@@ -150,6 +150,22 @@ def _ablations(plan, q, k, v, sm, device):
     return res
 
 
+def _flat_ablation(nodes, ptrs, b, hq, hk, q, k, v, sm, ref, device):
+    """Graph time and error of the flat plan (one group per request end node, whole
+    paths, stage 1 writing single-partial outputs directly)."""
+    from treecache.fasttree import tree_plan_input
+
+    inp = tree_plan_input(nodes, ptrs, b)
+    plan = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=HEAD_DIM, device=device,
+                      flat=True)
+    o = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o, sm_scale=sm, check=False)
+    err = ((o.float() - ref).norm() / ref.norm()).item()
+    t = _graph_time(lambda: plan.run(q, k, v, o, sm_scale=sm, check=False), device)
+    return {"graph_flat_us": t, "flat_rel_err": err if not torch.isnan(o).any() else float("nan"),
+            "flat_needs_stage2": plan.needs_stage2}
+
+
 def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=False):
     st = tree_stats(nodes)
     b = st["num_requests"]
@@ -207,6 +223,7 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
                plan_ms=statistics.median(plan_times))
     if ablations and device.type == "cuda":
         res.update(_ablations(plan, q, k, v, sm, device))
+        res.update(_flat_ablation(nodes, ptrs, b, hq, hk, q, k, v, sm, ref, device))
     bytes_ = 2 * st["unique_tokens"] * hk * HEAD_DIM * 2 + 2 * b * hq * HEAD_DIM * 2
     res["roofline_us"] = bytes_ / COPY_BW * 1e6
     # Attention FLOPs (q.k and p.v over every request's whole path, 2 FLOPs a MAC).
@@ -275,7 +292,8 @@ def summarize(results):
     if abl:
         for key, what in (("graph_no_hint_us", "without the contiguity hint"),
                           ("graph_half_mid_us", "with fp16 partials"),
-                          ("graph_other_grouping_us", "with the other phase grouping")):
+                          ("graph_other_grouping_us", "with the other phase grouping"),
+                          ("graph_flat_us", "with the flat plan")):
             ratio = _geomean([r[key] / r["ours_graph_us"] for r in abl])
             lines.append(f"ablation: graph time {what} / with = {ratio:.3f} (geomean of "
                          f"{len(abl)} cases)")

@@ -90,12 +90,15 @@ def torch_tree_decode(
     logit_cap: float = 0.0,
     check: bool = True,
     vnode_slot0: torch.Tensor | None = None,
+    direct: bool = False,
+    needs_stage2: bool = True,
     max_chunk_elems: int = 1 << 24,
 ) -> torch.Tensor:
     """Torch implementation of :func:`kernels.tree_decode.tree_decode` (same arguments).
 
-    ``vnode_slot0`` (a contiguity hint) is accepted and not needed: ``kv_indices`` holds
-    every vnode's slots.
+    ``vnode_slot0`` (a contiguity hint), ``direct`` and ``needs_stage2`` (where the Triton
+    kernels write single-partial outputs) are accepted and change nothing here: every
+    partial goes through the mid buffers and the merge, with the same result.
 
     Vnodes are processed in batches whose padded ``[rows, tokens, heads, dim]`` working
     set stays under ``max_chunk_elems`` elements, so memory stays bounded on large plans.

@@ -171,14 +171,15 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
 @triton.jit
 def _stage1_vnode(
     vid, kv_head,
-    Q, K, V, MidO, MidLSE,
+    Q, K, V, MidO, MidLSE, O, ReqMidLen,
     KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_mo_r, stride_mo_h, stride_ml_r,
+    stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
     qk_scale, logit_cap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     """Stage 1 for vnode ``vid`` and one KV head (one tile shape)."""
     q_start = tl.load(VQStart + vid)
@@ -216,23 +217,35 @@ def _stage1_vnode(
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
     mid_row = q_start + q_in_vnode
+    keep = row_ok
+    if DIRECT:
+        # A request whose only partial this is gets its output here (stage 2 skips it).
+        cnt = tl.load(ReqMidLen + q_row, mask=row_ok, other=0)
+        single = row_ok & (cnt == 1)
+        tl.store(
+            O + q_row[:, None] * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(O.dtype.element_ty),
+            mask=single[:, None] & d_ok[None, :],
+        )
+        keep = row_ok & (cnt != 1)
     tl.store(
         MidO + mid_row[:, None] * stride_mo_r + head[:, None] * stride_mo_h + offs_d[None, :],
         out.to(MidO.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=keep[:, None] & d_ok[None, :],
     )
-    tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=row_ok)
+    tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=keep)
 
 
 @triton.jit
 def _stage1_kernel(
-    Q, K, V, MidO, MidLSE,
+    Q, K, V, MidO, MidLSE, O, ReqMidLen,
     KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
     stride_mo_r, stride_mo_h,
     stride_ml_r,
+    stride_ob, stride_oh,
     vnode_offset,
     num_first,  # programs (vnodes) of the first tile shape; the rest use the second
     qk_scale,  # sm_scale * log2(e) without cap; sm_scale with cap
@@ -249,6 +262,7 @@ def _stage1_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     HAS_SLOT0: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     # Both phases of a plan in one launch: programs [0, num_first) run the first tile
     # shape (the long, shared vnodes, scheduled first), the rest the second.
@@ -258,28 +272,28 @@ def _stage1_kernel(
     if TWO_SHAPES:
         if pid < num_first:
             _stage1_vnode(
-                vid, kv_head, Q, K, V, MidO, MidLSE,
+                vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
                 KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_mo_r, stride_mo_h, stride_ml_r, qk_scale, logit_cap,
+                stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0)
+                HAS_SLOT0, DIRECT)
         else:
             _stage1_vnode(
-                vid, kv_head, Q, K, V, MidO, MidLSE,
+                vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
                 KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                stride_mo_r, stride_mo_h, stride_ml_r, qk_scale, logit_cap,
+                stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0)
+                HAS_SLOT0, DIRECT)
     else:
         _stage1_vnode(
-            vid, kv_head, Q, K, V, MidO, MidLSE,
+            vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
             KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
             stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-            stride_mo_r, stride_mo_h, stride_ml_r, qk_scale, logit_cap,
+            stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-            HAS_SLOT0)
+            HAS_SLOT0, DIRECT)
 
 
 @triton.jit
@@ -292,8 +306,10 @@ def _stage2_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
     # One program per (request, query head); BLOCK_P partials are loaded per step.
+    # SKIP_SINGLE: stage 1 already wrote the output of requests with one partial.
     req = tl.program_id(0)
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -301,12 +317,15 @@ def _stage2_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     start = tl.load(ReqMidStart + req)
     count = tl.load(ReqMidLen + req)
+    n_parts = count
+    if SKIP_SINGLE:
+        n_parts = tl.where(count == 1, 0, count)  # nothing to merge (and no store)
 
     m = tl.full([1], float("-inf"), dtype=tl.float32)
     l = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for p0 in range(0, count, BLOCK_P):
-        p_ok = p0 + offs_p < count
+    for p0 in range(0, n_parts, BLOCK_P):
+        p_ok = p0 + offs_p < n_parts
         rows = tl.load(ReqMidRows + start + p0 + offs_p, mask=p_ok, other=0).to(tl.int64)
         lse = tl.load(MidLSE + rows * stride_ml_r + head, mask=p_ok, other=float("-inf"))
         part = tl.load(
@@ -324,7 +343,10 @@ def _stage2_kernel(
         l = l * alpha + tl.sum(w, axis=0)
         m = m_new
     out = acc / tl.where(l > 0.0, l, 1.0)
-    tl.store(O + req * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    write = d_ok
+    if SKIP_SINGLE:
+        write = d_ok & ((offs_d * 0 + count) != 1)  # a block mask (interpreter)
+    tl.store(O + req * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=write)
 
 
 def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -386,6 +408,8 @@ def tree_decode_stage1(
     num_warps: int | None = None,
     num_stages: int | None = None,
     vnode_slot0: torch.Tensor | None = None,
+    o: torch.Tensor | None = None,
+    req_mid_len: torch.Tensor | None = None,
 ) -> None:
     """Launch stage 1 for one phase, or for two adjacent phases in one launch.
 
@@ -409,7 +433,13 @@ def tree_decode_stage1(
         ``vnode_slot0[v] >= 0`` promises that vnode ``v``'s slots are the contiguous run
         ``vnode_slot0[v] + [0, kv_len)``: its loop then computes slots instead of loading
         them. ``-1`` (or no tensor) reads ``kv_indices``.
+    o, req_mid_len : optional, together
+        *Direct* mode: a query row whose request has exactly one partial
+        (``req_mid_len[r] == 1``) is written to ``o`` instead of the mid buffers (run
+        stage 2 with ``skip_single=True``, or not at all when every request has one).
     """
+    if (o is None) != (req_mid_len is None):
+        raise ValueError("o and req_mid_len go together (direct mode)")
     phases = _phase_list(phase)
     if not phases:
         return
@@ -453,20 +483,24 @@ def tree_decode_stage1(
         for ph in phases:
             tree_decode_stage1(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start,
                                vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, ph,
-                               sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0)
+                               sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0, o,
+                               req_mid_len)
         return
     first = phases[0]
     total = sum(ph.num_vnodes for ph in phases)
     grid = (total, hk)
     slot0 = vnode_slot0 if vnode_slot0 is not None else vnode_kv_start
+    direct = o is not None
+    out = o if direct else q
     _stage1_kernel[grid](
-        q, k, v, mid_o, mid_lse,
+        q, k, v, mid_o, mid_lse, out, req_mid_len if direct else vnode_q_len,
         kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, slot0,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1),
         v.stride(0), v.stride(1),
         mid_o.stride(0), mid_o.stride(1),
         mid_lse.stride(0),
+        out.stride(0), out.stride(1),
         first.vnode_offset,
         first.num_vnodes,
         float(qk_scale),
@@ -475,7 +509,7 @@ def tree_decode_stage1(
         BLOCK_M0=blocks[0][0], BLOCK_N0=blocks[0][1],
         BLOCK_M1=blocks[-1][0], BLOCK_N1=blocks[-1][1], TWO_SHAPES=two,
         USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast,
-        HAS_SLOT0=vnode_slot0 is not None,
+        HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -487,10 +521,12 @@ def tree_decode_stage2(
     req_mid_start: torch.Tensor,
     req_mid_len: torch.Tensor,
     req_mid_rows: torch.Tensor,
+    skip_single: bool = False,
 ) -> None:
     """Merge each request's partial outputs into ``o`` ``[B, Hq, D]`` (in place).
 
-    A request with no mid rows (an empty context) gets zeros.
+    A request with no mid rows (an empty context) gets zeros. ``skip_single``: leave the
+    rows of requests with exactly one partial alone (stage 1 wrote them, ``direct``).
     """
     b, hq, d = o.shape
     if b == 0:
@@ -504,7 +540,7 @@ def tree_decode_stage2(
         mid_o.stride(0), mid_o.stride(1),
         mid_lse.stride(0),
         o.stride(0), o.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p, SKIP_SINGLE=bool(skip_single),
         num_warps=1 if block_d <= 128 else 2, num_stages=2,
     )
 
@@ -531,9 +567,15 @@ def tree_decode(
     logit_cap: float = 0.0,
     check: bool = True,
     vnode_slot0: torch.Tensor | None = None,
+    direct: bool = False,
+    needs_stage2: bool = True,
 ) -> torch.Tensor:
     """Tree decode attention: stage 1 (one launch, or one per phase: see
     :func:`merge_phases`), then stage 2.
+
+    ``direct``: stage 1 writes the output of requests with exactly one partial itself
+    and stage 2 skips them; ``needs_stage2=False`` (only with ``direct``, when every
+    request has exactly one partial) skips the stage-2 launch.
 
     Writes ``o``. ``vnode_slot0`` is the optional contiguity hint of
     :func:`tree_decode_stage1`; ``mid_o`` may be float32 or ``q``'s dtype.
@@ -561,9 +603,12 @@ def tree_decode(
         tree_decode_stage1(
             q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
             vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
-            vnode_slot0=vnode_slot0,
+            vnode_slot0=vnode_slot0, o=o if direct else None,
+            req_mid_len=req_mid_len if direct else None,
         )
-    tree_decode_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows)
+    if needs_stage2 or not direct:
+        tree_decode_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
+                           skip_single=direct)
     return o
 
 

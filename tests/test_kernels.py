@@ -99,14 +99,14 @@ class Case:
         self.spare = spare_mid_rows
 
     def run(self, impl, q, k, v, sm_scale, logit_cap=0.0, mid_dtype=torch.float32,
-            vnode_slot0=None):
+            vnode_slot0=None, **kw):
         """Run ``impl`` on poisoned buffers; return (o, mid_o, mid_lse)."""
         b, hq, d = q.shape
         rows = self.num_mid_rows + self.spare
         o = torch.full_like(q, float("nan"))
         mid_o = torch.full((rows, hq, d), float("nan"), dtype=mid_dtype)
         mid_lse = torch.full((rows, hq), float("nan"), dtype=torch.float32)
-        extra = {} if vnode_slot0 is None else {"vnode_slot0": vnode_slot0}
+        extra = dict(kw) if vnode_slot0 is None else dict(kw, vnode_slot0=vnode_slot0)
         out = IMPLS[impl](q, k, v, o, mid_o=mid_o, mid_lse=mid_lse, phases=self.phases,
                           sm_scale=sm_scale, logit_cap=logit_cap, **self.index, **extra)
         assert out is o
@@ -403,6 +403,40 @@ def test_two_phases_in_one_launch_equal_separate_launches():
         assert not torch.isnan(mid_o).any() and not torch.isnan(mid_lse).any()
         outs.append((mid_o, mid_lse))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_direct_mode_single_partial_requests(impl):
+    # Requests 0 and 3 have one partial each (written by stage 1 directly), request 1
+    # has two, request 2 none (zeros, from stage 2). Two phases in one launch.
+    vnodes = [([1, 3], list(range(0, 40))), ([1], list(range(40, 47))), ([0], list(range(50, 90)))]
+    case = Case(vnodes, 4, phases=[(0, 1, 32), (1, 2, 16)])
+    assert case.index["req_mid_len"].tolist() == [1, 2, 0, 1]
+    q, k, v = make_qkv(4, 90, 8, 2, 32, torch.float16, seed=16)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.2, direct=True)
+    ref = reference_decode(q, k, v, case.request_slots, 0.2)
+    assert not torch.isnan(o).any()
+    assert torch.count_nonzero(o[2]) == 0
+    assert rel_err(o, ref) <= TOL[torch.float16]
+    plain, _, _ = case.run(impl, q, k, v, 0.2)
+    assert rel_err(o, plain.float()) <= 1e-3
+    if impl == "triton":
+        # The single-partial rows never went through the mid buffers.
+        rows = [j for j, r in enumerate([1, 3, 1, 0]) if r in (0, 3)]
+        assert torch.isnan(mid_o[rows]).all() and torch.isnan(mid_lse[rows]).all()
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_direct_mode_without_stage2(impl):
+    # Every request has exactly one partial: stage 1 alone writes every output.
+    vnodes = [([0, 2], list(range(0, 25))), ([1], list(range(25, 60))), ([3], [61, 65, 70])]
+    case = Case(vnodes, 4)
+    assert case.index["req_mid_len"].tolist() == [1, 1, 1, 1]
+    q, k, v = make_qkv(4, 80, 4, 4, 64, torch.float32, seed=17)
+    o, _, _ = case.run(impl, q, k, v, 0.125, direct=True, needs_stage2=False)
+    ref = reference_decode(q, k, v, case.request_slots, 0.125)
+    assert not torch.isnan(o).any()
+    assert rel_err(o, ref) <= TOL[torch.float32]
 
 
 def test_merge_phases_rule():

@@ -360,6 +360,46 @@ def test_all_paths_empty():
         assert torch.count_nonzero(o) == 0 and not torch.isnan(o).any()
 
 
+def test_flat_plan_one_partial_per_request():
+    # flat=True: every request end node is one group over its whole path; requests
+    # ending at the same node share it; each request has one partial (paths within the
+    # KV split), so stage 1 writes every output and stage 2 is not launched.
+    inp = plan_input([-1, 0, 0, 1, -1], [30, 5, 7, 2, 9], [3, 2, 1, 1, 4])
+    plan = build(inp, group=2, hk=1, flat=True, **NO_ADJUST)
+    assert plan.node_assignments == [0, 1, 1, 1, 0]
+    assert host(plan, "req_mid_len", 5) == [1, 1, 1, 1, 1]
+    assert plan.direct and not plan.needs_stage2
+    # Requests 2 and 3 end at node 1: one vnode with both queries.
+    assert sorted(ql for _, _, _, ql in vnode_table(plan)) == [1, 1, 1, 2]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 2, 16, generator=g)
+    k = torch.randn(53, 1, 16, generator=g)
+    v = torch.randn(53, 1, 16, generator=g)
+    ref = reference_decode(q, k, v, [torch.tensor(p) for p in expected_paths(inp)], 0.25)
+    for backend in ("torch", "auto"):
+        o = plan.run(q, k, v, torch.full_like(q, float("nan")), sm_scale=0.25, backend=backend)
+        assert not torch.isnan(o).any()
+        assert ((o - ref).norm() / ref.norm()).item() <= 1e-4
+
+
+def test_direct_flags_of_tree_plans():
+    # A shared root split off (split-K): request 1 ends at the root and has one partial,
+    # the others two; a request with an empty path has none.
+    inp = plan_input([-1, 0, 0, -1], [40, 5, 7, 0], [1, 0, 2, 3])
+    plan = build(inp, params=FastTreeParams(gamma=0.0), **NO_ADJUST)
+    assert host(plan, "req_mid_len", 4) == [2, 1, 2, 0]
+    assert plan.direct and plan.needs_stage2
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(4, 1, 16, generator=g)
+    k = torch.randn(52, 1, 16, generator=g)
+    v = torch.randn(52, 1, 16, generator=g)
+    paths = [torch.tensor(p, dtype=torch.long) for p in expected_paths(inp)]
+    ref = reference_decode(q, k, v, paths, 0.25)
+    o = plan.run(q, k, v, torch.full_like(q, float("nan")), sm_scale=0.25)
+    assert torch.count_nonzero(o[3]) == 0
+    assert ((o - ref).norm() / ref.norm()).item() <= 1e-4
+
+
 def test_graph_flag_off_cuda_runs_normally():
     # graph=True needs CUDA and the compiled kernels; elsewhere run() launches as usual.
     inp = plan_input([-1, 0, 0], [20, 5, 7], [1, 2])
@@ -736,7 +776,8 @@ def forests(draw):
         TSQs=[draw(tiles), draw(tiles)], TSKs=[draw(st.sampled_from([16, 32, 64])), 128])
     split = draw(st.sampled_from([(1024, 128), (16, 4), (7, 3)]))
     thresh = draw(st.sampled_from([NO_ADJUST, {}]))
-    return inp, group, dict(params=params, kv_split_sizes=split, **thresh)
+    flat = draw(st.booleans())
+    return inp, group, dict(params=params, kv_split_sizes=split, flat=flat, **thresh)
 
 
 @settings(max_examples=100, deadline=None)
@@ -745,5 +786,9 @@ def test_random_forests_cover_each_path_once(case):
     inp, group, kwargs = case
     params = kwargs["params"]
     before = copy.deepcopy(params)
-    build(inp, group=group, hk=1, **kwargs)
+    plan = build(inp, group=group, hk=1, **kwargs)
     assert params == before
+    # The direct-write flags describe the stage-2 map.
+    counts = np.asarray(host(plan, "req_mid_len", plan.num_requests))
+    assert plan.direct == bool((counts == 1).any())
+    assert plan.needs_stage2 == (not bool((counts == 1).all()))

@@ -375,6 +375,10 @@ class DecodePlan:
     vnode_kv_len_host: np.ndarray
     generation: int = 0
     serial: int = 0
+    #: Some requests have exactly one partial: stage 1 writes their output directly.
+    direct: bool = False
+    #: False when every request has exactly one partial (no stage-2 launch).
+    needs_stage2: bool = True
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
@@ -473,7 +477,8 @@ class DecodePlan:
             return self._run_graphed(q, k, v, o, float(sm_scale), float(logit_cap or 0.0))
         fn = torch_tree_decode if be is Backend.TORCH else tree_decode
         fn(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
-           logit_cap=float(logit_cap or 0.0), check=False, **self.tensors())
+           logit_cap=float(logit_cap or 0.0), check=False, direct=self.direct,
+           needs_stage2=self.needs_stage2, **self.tensors())
         return o
 
     #: CUDA graphs a plan keeps for different tensor sets (least recently used dropped).
@@ -482,7 +487,8 @@ class DecodePlan:
     def _run_graphed(self, q, k, v, o, sm_scale, logit_cap):
         def launch():
             tree_decode(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
-                        logit_cap=logit_cap, check=False, **self.tensors())
+                        logit_cap=logit_cap, check=False, direct=self.direct,
+                        needs_stage2=self.needs_stage2, **self.tensors())
 
         if torch.cuda.is_current_stream_capturing():
             launch()
@@ -754,6 +760,20 @@ def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, 
     return assign, chain
 
 
+def _flat_assignment(topo: _Topology):
+    """Every non-root node split-Q: chains are whole root-to-node paths."""
+    assign = (topo.parent >= 0).astype(np.int8)
+    chain = topo.seqlen.copy()
+    order = topo.bfs_order  # parents before children
+    nonroot = order[topo.parent[order] >= 0]
+    depth = topo.depth[nonroot]
+    bounds = np.searchsorted(depth, np.arange(int(depth.max()) + 2)) if nonroot.size else [0]
+    for d in range(len(bounds) - 1):
+        lvl = nonroot[bounds[d]:bounds[d + 1]]
+        chain[lvl] += chain[topo.parent[lvl]]
+    return assign, chain
+
+
 class _Groups:
     """Groups: nodes with the queries that attend their (chain of) tokens."""
 
@@ -872,6 +892,7 @@ def build_plan(
     device: torch.device | str = "cpu",
     buffers: PlanBuffers | None = None,
     headroom: int = 0,
+    flat: bool = False,
 ) -> DecodePlan:
     """Build a :class:`DecodePlan` for ``inp``.
 
@@ -894,6 +915,12 @@ def build_plan(
     headroom : int
         Extra kv entries reserved after each growable request's tail vnode, so that
         append-only steps can extend it without a re-plan.
+    flat : bool
+        Skip the cost model: every node is merged into its children (split-Q), so each
+        request end node is one group over its whole path, and requests ending at the
+        same node share it. Paths within ``kv_split_sizes[0]`` tokens then have one
+        partial each, which stage 1 writes to the output directly (one launch in all
+        when every request has one).
     """
     num_qo_heads, num_kv_heads, head_dim = int(num_qo_heads), int(num_kv_heads), int(head_dim)
     if params is None:
@@ -928,6 +955,13 @@ def build_plan(
     kv_tiles = list(req_k)
     splits = [splits_in[0], splits_in[0]]
     alpha, beta, gamma = float(params.alpha), float(params.beta), float(params.gamma)
+    if flat:
+        assign, chain = _flat_assignment(topo)
+        groups = _Groups(topo, assign, chain)
+        par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+        return _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par,
+                            req_q, req_k, num_qo_heads, num_kv_heads, head_dim, device,
+                            buffers, headroom)
 
     # The seed's adjustment loop: smaller KV chunks when a phase has too few programs,
     # then one tile shape for both phases (re-running the cost model).
@@ -1104,6 +1138,7 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     # Stage-2 map: each request's mid rows.
     req_order = np.argsort(mid_q_rows, kind="stable")
     req_cnt = np.bincount(mid_q_rows, minlength=b)
+    single = req_cnt == 1
     req_start = np.zeros(b, dtype=np.int64)
     if b:
         req_start[1:] = np.cumsum(req_cnt)[:-1]
@@ -1170,5 +1205,6 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
         num_kv_entries=kv_total, buffers=buffers, tail_vnode=tail_vnode,
         tail_limit=tail_limit, vnode_kv_start_host=v_kv_start.copy(),
         vnode_kv_len_host=v_kv_len.copy(), generation=buffers.generation,
-        serial=buffers.serial,
+        serial=buffers.serial, direct=bool(single.any()),
+        needs_stage2=not bool(single.all()) if b else True,
     )
