@@ -49,12 +49,12 @@ from .plan import (
     DEFAULT_PARA_THRESHS2,
     SUPPORTED_HEAD_DIMS,
     DecodePlan,
-    to_device_async,
     FastTreeParams,
     PlanBuffers,
     PlanInput,
     build_plan,
     normalize_device,
+    to_device_async,
 )
 from .tree import KVTreeNode
 
@@ -883,7 +883,9 @@ class TreeKVCache:
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
         upd, self._pending_plan_update = self._pending_plan_update, None
-        if self.device.type == "cpu" or upd is None:
+        if self.device.type == "cpu":
+            return torch.from_numpy(slots.copy())  # the cache keeps ``slots`` itself
+        if upd is None:
             return to_device_async(slots, self.device)
         # One copy for the slots and the plan's tail update.
         n, m = slots.size, upd[0].size
