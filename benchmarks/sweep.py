@@ -136,13 +136,46 @@ def gamma(out_path=None):
             json.dump(rows_out, f, indent=1)
 
 
+def splits(out_path=None):
+    """Whole decode (graph replay) of every seed-suite case for several KV split sizes
+    (the chunk length, and the shorter one used when a phase has too few programs)."""
+    from .suite import HEAD_CONFIGS, SEED_TREES
+
+    dev = torch.device("cuda")
+    options = ((1024, 128), (1024, 64), (1024, 32), (512, 64), (256, 64), (256, 32))
+    rows_out = []
+    for spec in SEED_TREES:
+        nodes = generate_tree_from_spec(spec)
+        for hq, hk in HEAD_CONFIGS:
+            q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                     build_cache=False)
+            res = []
+            for split in options:
+                meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, split,
+                                               device=dev)
+                o = torch.empty_like(q)
+                us = _graph_time(lambda: meta.plan.run(q, k, v, o, check=False), dev)
+                res.append((us, split))
+                rows_out.append(dict(case=spec, hq=hq, hk=hk, split=split, us=us,
+                                     kv_splits=list(meta.plan.kv_split_sizes),
+                                     vnodes=meta.plan.num_vnodes))
+            print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(f"{sp}: {u:.1f}" for u, sp in res),
+                  flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows_out, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--phase0", action="store_true", help="phase-0 tile sweep only")
     ap.add_argument("--kv-tiles", action="store_true", help="per-phase KV tile / split sweep")
     ap.add_argument("--gamma", action="store_true", help="cost-model gamma sweep")
+    ap.add_argument("--splits", action="store_true", help="KV split sizes, every seed case")
     args = ap.parse_args(argv)
+    if args.splits:
+        return splits(args.out)
     if args.gamma:
         return gamma(args.out)
     if args.kv_tiles:
