@@ -687,19 +687,18 @@ def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamm
 
 
 def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
-    """:func:`_tree_heuristic`, vectorised across the parents of each level.
+    """:func:`_tree_heuristic`, vectorised over all children at once.
 
-    Siblings are decided in id order because each split-Q child lowers its parent's
-    query count: step ``j`` decides the ``j``-th child of every parent of the level at
-    once. Parents with a long tail of children (few parents, many children) finish with
-    the scalar loop. The float expressions are evaluated in the same order as in the
-    scalar version, so both make identical decisions.
+    The scalar pass decides children in depth order and siblings in id order, because a
+    split-Q child lowers its parent's query count and lengthens its own chain. Here every
+    decision is recomputed from the previous round's decisions until none changes (see
+    the comment below); the float expressions are evaluated in the same order as in the
+    scalar version, so both make identical decisions (tests check it).
     """
     n = topo.n
     parent = topo.parent
     L = topo.seqlen.copy()
     nq = topo.nq
-    nq_cur = nq.copy()
     assign = np.zeros(n, dtype=np.int8)
     tq0, tq1 = q_tiles
     tk0, tk1 = kv_tiles
