@@ -43,7 +43,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kernels import reference_decode
+from kv_model import RequestKV
 from treecache import (
     OutOfPagesError,
     ShapeMismatchError,
@@ -70,62 +70,9 @@ def make_cache(capacity=64, *, num_layers=L, page_size=1, dtype=torch.float32,
                        device="cpu", backend=backend, **kw)
 
 
-class Model:
-    """Every live request's own tokens: K and V ``[num_layers, n, Hk, D]``, no sharing."""
-
-    def __init__(self, num_layers=L, dtype=torch.float32, generator=None):
-        self.num_layers = num_layers
-        self.dtype = dtype
-        self.gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def randn(self, *shape) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.gen).to(self.dtype)
-
-    def tokens(self, n) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random K, V ``[num_layers, n, Hk, D]``."""
-        return self.randn(self.num_layers, n, HK, D), self.randn(self.num_layers, n, HK, D)
-
-    def queries(self, b) -> torch.Tensor:
-        return self.randn(b, HQ, D)
-
-    def new(self, r):
-        self.k[r] = torch.zeros(self.num_layers, 0, HK, D, dtype=self.dtype)
-        self.v[r] = torch.zeros(self.num_layers, 0, HK, D, dtype=self.dtype)
-
-    def append(self, r, k, v):
-        self.k[r] = torch.cat([self.k[r], k], dim=1)
-        self.v[r] = torch.cat([self.v[r], v], dim=1)
-
-    def fork(self, src, dst):
-        self.k[dst], self.v[dst] = self.k[src], self.v[src]
-
-    def prune(self, r):
-        del self.k[r], self.v[r]
-
-    def accept(self, req, draft, discard=()):
-        self.k[req], self.v[req] = self.k.pop(draft), self.v.pop(draft)
-        for d in discard:
-            self.prune(d)
-
-    def length(self, r) -> int:
-        return self.k[r].shape[1]
-
-    @property
-    def requests(self) -> list[int]:
-        return list(self.k)
-
-    def reference(self, q, layer, requests, sm_scale, logit_cap=0.0) -> torch.Tensor:
-        """Float32 attention of row i of q over requests[i]'s own tokens."""
-        ks = [self.k[r][layer] for r in requests]
-        vs = [self.v[r][layer] for r in requests]
-        lens = [t.shape[0] for t in ks]
-        kbuf = torch.cat(ks + [torch.zeros(1, HK, D, dtype=self.dtype)])
-        vbuf = torch.cat(vs + [torch.zeros(1, HK, D, dtype=self.dtype)])
-        offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        slots = [torch.arange(int(offs[i]), int(offs[i + 1])) for i in range(len(lens))]
-        return reference_decode(q, kbuf, vbuf, slots, sm_scale, logit_cap)
+def Model(num_layers=L, dtype=torch.float32, generator=None) -> RequestKV:
+    """The per-request oracle at this file's head layout."""
+    return RequestKV(num_layers, HQ, HK, D, dtype=dtype, generator=generator)
 
 
 def assert_attends(cache, model, q, layer=0, requests=None, out=None):

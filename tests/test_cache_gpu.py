@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import reference_decode
+from kv_model import RequestKV
 from treecache import OutOfPagesError, TreeKVCache
 
 pytestmark = pytest.mark.gpu
@@ -30,51 +30,9 @@ DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 HEAD_DIM = 128
 
 
-class Model:
-    """Each live request's own K and V ``[num_layers, n, Hk, D]`` on the GPU, no sharing."""
-
-    def __init__(self, num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, device, seed):
-        self.shape = (num_layers, num_qo_heads, num_kv_heads, head_dim)
-        self.dtype, self.device = dtype, device
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def randn(self, *shape):
-        return torch.randn(*shape, generator=self.gen, device=self.device).to(self.dtype)
-
-    def tokens(self, n):
-        nl, _, hk, d = self.shape
-        return self.randn(nl, n, hk, d), self.randn(nl, n, hk, d)
-
-    def queries(self, b):
-        _, hq, _, d = self.shape
-        return self.randn(b, hq, d)
-
-    def new(self, r):
-        nl, _, hk, d = self.shape
-        self.k[r] = torch.zeros(nl, 0, hk, d, dtype=self.dtype, device=self.device)
-        self.v[r] = self.k[r]
-
-    def append(self, r, k, v):
-        self.k[r] = torch.cat([self.k[r], k], dim=1)
-        self.v[r] = torch.cat([self.v[r], v], dim=1)
-
-    def fork(self, src, dst):
-        self.k[dst], self.v[dst] = self.k[src], self.v[src]
-
-    def prune(self, r):
-        del self.k[r], self.v[r]
-
-    def reference(self, q, layer, requests, sm_scale):
-        ks = [self.k[r][layer] for r in requests]
-        vs = [self.v[r][layer] for r in requests]
-        lens = [t.shape[0] for t in ks]
-        pad = torch.zeros(1, *ks[0].shape[1:], dtype=self.dtype, device=self.device)
-        offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        slots = [torch.arange(int(offs[i]), int(offs[i + 1]), device=self.device)
-                 for i in range(len(lens))]
-        return reference_decode(q, torch.cat(ks + [pad]), torch.cat(vs + [pad]), slots, sm_scale)
+def Model(num_layers, num_qo_heads, num_kv_heads, head_dim, dtype, device, seed) -> RequestKV:
+    return RequestKV(num_layers, num_qo_heads, num_kv_heads, head_dim, dtype=dtype,
+                     device=device, seed=seed)
 
 
 def assert_attends(cache, model, q, layer, requests=None, out=None):
@@ -310,6 +268,22 @@ class GraphStep:
         assert self.cache.plan_version == self.version, "planning happened during capture"
         self.captures += 1
 
+    def replay_checked(self, model, reqs, step_index):
+        """Fresh queries into the static buffers, poisoned outputs, one replay; every
+        layer's output must match the model's reference."""
+        cache = self.cache
+        qs = [model.queries(len(reqs)) for _ in range(cache.num_layers)]
+        for layer in range(cache.num_layers):
+            self.q[layer].copy_(qs[layer])
+            self.out[layer].fill_(float("nan"))
+        self.graph.replay()
+        torch.cuda.synchronize()
+        tol = TOL[cache.dtype]
+        for layer in range(cache.num_layers):
+            ref = model.reference(qs[layer], layer, reqs, cache.sm_scale)
+            torch.testing.assert_close(self.out[layer].float(), ref, atol=tol, rtol=tol,
+                                       msg=lambda m: f"step {step_index} layer {layer}: {m}")
+
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_cuda_graph_replay_of_append_only_steps(cuda, dtype):
@@ -321,17 +295,7 @@ def test_cuda_graph_replay_of_append_only_steps(cuda, dtype):
     for i in range(20):
         slots = cache.reserve(reqs)          # outside the graph: slots for the new token
         write_step(cache, model, reqs, slots)
-        qs = [model.queries(len(reqs)) for _ in range(num_layers)]
-        for layer in range(num_layers):
-            step.q[layer].copy_(qs[layer])
-            step.out[layer].fill_(float("nan"))
-        step.graph.replay()
-        torch.cuda.synchronize()
-        for layer in range(num_layers):
-            ref = model.reference(qs[layer], layer, reqs, cache.sm_scale)
-            torch.testing.assert_close(step.out[layer].float(), ref, atol=TOL[dtype],
-                                       rtol=TOL[dtype],
-                                       msg=lambda m: f"step {i} layer {layer}: {m}")
+        step.replay_checked(model, reqs, i)
         assert cache.plan_version == version, f"the plan was rebuilt at append-only step {i}"
     cache.prepare()
     assert cache.plan_version == version and cache.stats()["plan_rebuilds"] == rebuilds
@@ -356,17 +320,7 @@ def test_cuda_graph_recaptured_past_plan_headroom(cuda, num_qo_heads, num_kv_hea
         if cache.plan_version != step.version:
             step.capture()
             recaptured_at.append(i)
-        qs = [model.queries(len(reqs)) for _ in range(num_layers)]
-        for layer in range(num_layers):
-            step.q[layer].copy_(qs[layer])
-            step.out[layer].fill_(float("nan"))
-        step.graph.replay()
-        torch.cuda.synchronize()
-        for layer in range(num_layers):
-            ref = model.reference(qs[layer], layer, reqs, cache.sm_scale)
-            torch.testing.assert_close(step.out[layer].float(), ref, atol=TOL[torch.float16],
-                                       rtol=TOL[torch.float16],
-                                       msg=lambda m: f"step {i} layer {layer}: {m}")
+        step.replay_checked(model, reqs, i)
     # The plan captured first had room for `headroom` tokens per request; each re-plan
     # gives the same room again.
     assert recaptured_at == list(range(headroom, steps, headroom + 1))

@@ -77,18 +77,19 @@ class _Node:
         self.pages: list[np.ndarray] = []
 
     def slot_array(self) -> np.ndarray:
-        if not self.slots:
-            return np.zeros(0, dtype=np.int64)
-        if len(self.slots) > 1:
-            self.slots = [np.concatenate(self.slots)]
-        return self.slots[0]
+        return _joined(self.slots)
 
     def page_array(self) -> np.ndarray:
-        if not self.pages:
-            return np.zeros(0, dtype=np.int64)
-        if len(self.pages) > 1:
-            self.pages = [np.concatenate(self.pages)]
-        return self.pages[0]
+        return _joined(self.pages)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The concatenation of ``parts``; the list keeps it as its only element."""
+    if not parts:
+        return np.zeros(0, dtype=np.int64)
+    if len(parts) > 1:
+        parts[:] = [np.concatenate(parts)]
+    return parts[0]
 
 
 def _grow(a: np.ndarray, n: int, fill) -> np.ndarray:
@@ -810,7 +811,9 @@ class TreeKVCache:
         # Grow the plan's tail vnodes in place when this plan covers these requests.
         # Its device half travels with the slots (see _to_device).
         if not self._plan_dirty and self._plan is not None:
-            if trusted and reqs is self._live()[1] and self._plan_requests == self._live()[0]:
+            live_ids, live = self._live()
+            if trusted and reqs is live and (self._plan_requests is live_ids
+                                             or self._plan_requests == live_ids):
                 # The plan's rows are the live requests in order.
                 upd = self._plan.prepare_tails(None, slots)
             else:

@@ -451,6 +451,12 @@ class DecodePlan:
             if t.stride(-1) != 1:
                 raise ShapeMismatchError(f"{name} must have a contiguous last dimension")
 
+    def check_current(self) -> None:
+        """Raise :class:`PlanMismatchError` if a newer plan was written into the buffers."""
+        if self.serial != self.buffers.serial:
+            raise PlanMismatchError(
+                "a newer plan was written into this plan's buffers; use the newest plan")
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, *,
             sm_scale: float | None = None, logit_cap: float = 0.0,
             backend: str | Backend = "auto", check: bool = True,
@@ -467,9 +473,7 @@ class DecodePlan:
         """
         if check:
             self.check_inputs(q, k, v, o)
-            if self.serial != self.buffers.serial:
-                raise PlanMismatchError(
-                    "a newer plan was written into this plan's buffers; use the newest plan")
+            self.check_current()
         if sm_scale is None:
             sm_scale = 1.0 / math.sqrt(self.head_dim)
         be = backend if isinstance(backend, Backend) else select_backend(q.device, backend)
