@@ -12,6 +12,7 @@ relative error against a float32 reference. Writes ``results.json``, ``results.m
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import statistics
@@ -28,6 +29,9 @@ from treecache.fasttree import tree_plan_input
 from treecache.plan import PlanInput, build_plan, path_token_indices
 
 from .suite import HEAD_CONFIGS, SEED_TREES, SEED_US, extra_cases, quick_cases
+
+# The package re-exports a function named tree_decode; fetch the module itself.
+td = importlib.import_module("kernels.tree_decode")
 
 COPY_BW = 3.0e12  # bytes/s, device-to-device copy measured on the H100 (PERF.md)
 # H100 SXM dense fp16/bf16 tensor-core peak (NVIDIA's datasheet figure), FLOP/s.
@@ -125,14 +129,23 @@ def _ablations(plan, q, k, v, sm, device):
     from kernels.tree_decode import merge_phases, tree_decode_stage1, tree_decode_stage2
 
     t = plan.tensors()
+    mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
     half = dict(t, mid_o=torch.empty(t["mid_o"].shape, dtype=q.dtype, device=q.device))
     o = torch.empty_like(q)
     res = {}
     res["graph_no_hint_us"] = _graph_time(lambda: tree_decode(
-        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **no_hint), device)
+        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **mode, **no_hint), device)
     res["graph_half_mid_us"] = _graph_time(lambda: tree_decode(
-        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **half), device)
+        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **mode, **half), device)
+    # Stage 2 with the v4 launch shape (one head, 8 partials a step, one warp).
+    orig = td.stage2_blocks
+    td.stage2_blocks = lambda b, h, d: (1, 8, 1)
+    try:
+        res["graph_stage2_v4_us"] = _graph_time(
+            lambda: plan.run(q, k, v, o, sm_scale=sm, check=False), device)
+    finally:
+        td.stage2_blocks = orig
     merged = merge_phases(plan.phases, q.shape[1] // k.shape[1], k.shape[1])
     groups = ([[ph] for ph in plan.phases] if merged else [list(plan.phases)])
 
@@ -141,9 +154,11 @@ def _ablations(plan, q, k, v, sm, device):
             tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
                                t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
                                t["vnode_q_len"], t["mid_q_rows"], grp, sm,
-                               vnode_slot0=t["vnode_slot0"])
-        tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"], t["req_mid_len"],
-                           t["req_mid_rows"])
+                               vnode_slot0=t["vnode_slot0"], o=o if plan.direct else None,
+                               req_mid_len=t["req_mid_len"] if plan.direct else None)
+        if plan.needs_stage2 or not plan.direct:
+            tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
+                               t["req_mid_len"], t["req_mid_rows"], skip_single=plan.direct)
 
     res["graph_other_grouping_us"] = _graph_time(other_grouping, device)
     res["phases_merged"] = merged
@@ -293,10 +308,14 @@ def summarize(results):
         for key, what in (("graph_no_hint_us", "without the contiguity hint"),
                           ("graph_half_mid_us", "with fp16 partials"),
                           ("graph_other_grouping_us", "with the other phase grouping"),
-                          ("graph_flat_us", "with the flat plan")):
-            ratio = _geomean([r[key] / r["ours_graph_us"] for r in abl])
+                          ("graph_flat_us", "with the flat plan"),
+                          ("graph_stage2_v4_us", "with the v4 stage-2 launch shape")):
+            rs = [r for r in abl if r.get(key)]
+            if not rs:
+                continue
+            ratio = _geomean([r[key] / r["ours_graph_us"] for r in rs])
             lines.append(f"ablation: graph time {what} / with = {ratio:.3f} (geomean of "
-                         f"{len(abl)} cases)")
+                         f"{len(rs)} cases)")
     errs = [r["rel_err"] for r in results]
     bad = [r for r in results if not (r["rel_err"] <= 2e-3)]
     lines.append(f"target 5: max relative error = {max(errs):.2e} over {len(results)} cases "

@@ -166,6 +166,68 @@ def splits(out_path=None):
             json.dump(rows_out, f, indent=1)
 
 
+def stage2(out_path=None):
+    """Stage 2 alone (graph replay) on every seed-suite and extra case: heads per program
+    x partials per step x warps, against the v4 shape (one head, 8 partials, 1 warp) and
+    the default (:func:`kernels.tree_decode.stage2_blocks`), same run, same partials."""
+    from .suite import HEAD_CONFIGS, SEED_TREES, extra_cases
+
+    dev = torch.device("cuda")
+    cases = [(spec, generate_tree_from_spec(spec), heads)
+             for spec in SEED_TREES for heads in HEAD_CONFIGS] + extra_cases()
+    rows_out = []
+    for spec, nodes, (hq, hk) in cases:
+        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                 build_cache=False)
+        b = q.shape[0]
+        meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, device=dev)
+        plan = meta.plan
+        t = plan.tensors()
+        o = torch.empty_like(q)
+        plan.run(q, k, v, o, check=False)  # fills the partials (and the direct rows)
+        counts = t["req_mid_len"].cpu()
+        direct = plan.direct
+
+        def launch(bh, bp, w):
+            td.tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
+                                  t["req_mid_len"], t["req_mid_rows"], skip_single=direct,
+                                  block_h=bh, block_p=bp, num_warps=w)
+
+        launch(1, 8, 1)
+        want = o.clone()
+        auto = td.stage2_blocks(b, hq, 128)
+        configs = {(1, 8, 1), auto}
+        for bh in (1, 2, 4, 8, 16, 32):
+            if bh > hq:
+                continue
+            for bp in (2, 4, 8):
+                if bh * bp * 128 > 16384:
+                    continue
+                for per_thread in (16, 32):  # tile elements a thread holds
+                    configs.add((bh, bp, max(1, min(8, bh * bp * 128 // (32 * per_thread)))))
+        res = []
+        for bh, bp, w in sorted(configs):
+            launch(bh, bp, w)
+            err = (o.float() - want.float()).abs().max().item()
+            us = _graph_time(lambda: launch(bh, bp, w), dev)
+            res.append((us, (bh, bp, w), err))
+            rows_out.append(dict(case=spec, hq=hq, hk=hk, requests=b,
+                                 mean_partials=float(counts.float().mean()),
+                                 max_partials=int(counts.max()), block_h=bh, block_p=bp,
+                                 warps=w, us=us, max_abs_diff=err,
+                                 v4=(bh, bp, w) == (1, 8, 1), default=(bh, bp, w) == auto))
+        res.sort()
+        base = next(u for u, c, _ in res if c == (1, 8, 1))
+        dflt = next(u for u, c, _ in res if c == auto)
+        worst_err = max(e for _, _, e in res)
+        print(f"{spec[:34]:34s} {hq}/{hk} B={b}: v4 {base:6.1f} us, default {auto} "
+              f"{dflt:6.1f} us, best {res[0][1]} {res[0][0]:6.1f} us; max diff {worst_err:.1e}",
+              flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows_out, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -173,7 +235,10 @@ def main(argv=None):
     ap.add_argument("--kv-tiles", action="store_true", help="per-phase KV tile / split sweep")
     ap.add_argument("--gamma", action="store_true", help="cost-model gamma sweep")
     ap.add_argument("--splits", action="store_true", help="KV split sizes, every seed case")
+    ap.add_argument("--stage2", action="store_true", help="stage-2 launch shapes, every case")
     args = ap.parse_args(argv)
+    if args.stage2:
+        return stage2(args.out)
     if args.splits:
         return splits(args.out)
     if args.gamma:

@@ -303,15 +303,19 @@ def _stage2_kernel(
     stride_mo_r, stride_mo_h,
     stride_ml_r,
     stride_ob, stride_oh,
+    num_heads,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
 ):
-    # One program per (request, query head); BLOCK_P partials are loaded per step.
+    # One program per (request, block of BLOCK_H query heads); BLOCK_P partials of all
+    # those heads are loaded per step as one [BLOCK_P, BLOCK_H, BLOCK_D] tile.
     # SKIP_SINGLE: stage 1 already wrote the output of requests with one partial.
     req = tl.program_id(0)
-    head = tl.program_id(1)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < num_heads
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_p = tl.arange(0, BLOCK_P)
@@ -321,32 +325,36 @@ def _stage2_kernel(
     if SKIP_SINGLE:
         n_parts = tl.where(count == 1, 0, count)  # nothing to merge (and no store)
 
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    hd_ok = h_ok[:, None] & d_ok[None, :]
     for p0 in range(0, n_parts, BLOCK_P):
         p_ok = p0 + offs_p < n_parts
         rows = tl.load(ReqMidRows + start + p0 + offs_p, mask=p_ok, other=0).to(tl.int64)
-        lse = tl.load(MidLSE + rows * stride_ml_r + head, mask=p_ok, other=float("-inf"))
+        lse = tl.load(MidLSE + rows[:, None] * stride_ml_r + heads[None, :],
+                      mask=p_ok[:, None] & h_ok[None, :], other=float("-inf"))  # [P, H]
         part = tl.load(
-            MidO + rows[:, None] * stride_mo_r + head * stride_mo_h + offs_d[None, :],
-            mask=p_ok[:, None] & d_ok[None, :],
+            MidO + rows[:, None, None] * stride_mo_r + heads[None, :, None] * stride_mo_h
+            + offs_d[None, None, :],
+            mask=p_ok[:, None, None] & hd_ok[None, :, :],
             other=0.0,
-        ).to(tl.float32)  # [BLOCK_P, BLOCK_D]
+        ).to(tl.float32)  # [P, H, D]
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         # While every partial so far is empty (lse = -inf) the weights stay 0.
         finite = m_new > float("-inf")
         m_ref = tl.where(finite, m_new, 0.0)
-        alpha = tl.where(finite, tl.exp2(m - m_ref), 0.0)
-        w = tl.where(finite, tl.exp2(lse - m_ref), 0.0)  # [BLOCK_P]
-        acc = acc * alpha + tl.sum(part * w[:, None], axis=0)
+        alpha = tl.where(finite, tl.exp2(m - m_ref), 0.0)  # [H]
+        w = tl.where(finite[None, :], tl.exp2(lse - m_ref[None, :]), 0.0)  # [P, H]
+        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], axis=0)
         l = l * alpha + tl.sum(w, axis=0)
         m = m_new
-    out = acc / tl.where(l > 0.0, l, 1.0)
-    write = d_ok
+    out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    write = hd_ok
     if SKIP_SINGLE:
-        write = d_ok & ((offs_d * 0 + count) != 1)  # a block mask (interpreter)
-    tl.store(O + req * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=write)
+        write = hd_ok & ((heads * 0 + count) != 1)[:, None]  # a block mask (interpreter)
+    tl.store(O + req * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=write)
 
 
 def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -514,6 +522,27 @@ def tree_decode_stage1(
     )
 
 
+def stage2_blocks(num_requests: int, num_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_H, BLOCK_P, num_warps)`` of a stage-2 launch: one program per (request,
+    BLOCK_H heads), BLOCK_P partials per step.
+
+    Measured on an H100 (``python -m benchmarks.sweep --stage2``, every benchmark case;
+    benchmarks/RESULTS.md, v5): one warp always; one head and 8 partials a step when
+    one head per program gives fewer than 1,024 programs (few requests, many partials
+    each); 4 heads and 2 partials for >= 512 requests of <= 16 heads; otherwise 2 heads
+    and 4 partials. This rule is within 3% of the best shape per case on the geomean
+    (the previous fixed shape, 1 head and 8 partials: 25%).
+    """
+    if num_requests * num_heads < 1024:
+        block_h, block_p = 1, 8
+    elif num_requests >= 512 and num_heads <= 16:
+        block_h, block_p = 4, 2
+    else:
+        block_h, block_p = 2, 4
+    block_h = min(block_h, _next_pow2(num_heads))
+    return block_h, block_p, 1
+
+
 def tree_decode_stage2(
     mid_o: torch.Tensor,
     mid_lse: torch.Tensor,
@@ -522,26 +551,36 @@ def tree_decode_stage2(
     req_mid_len: torch.Tensor,
     req_mid_rows: torch.Tensor,
     skip_single: bool = False,
+    block_h: int | None = None,
+    block_p: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Merge each request's partial outputs into ``o`` ``[B, Hq, D]`` (in place).
 
     A request with no mid rows (an empty context) gets zeros. ``skip_single``: leave the
     rows of requests with exactly one partial alone (stage 1 wrote them, ``direct``).
+    ``block_h`` (heads per program), ``block_p`` (partials per step) and ``num_warps``
+    default to :func:`stage2_blocks`.
     """
     b, hq, d = o.shape
     if b == 0:
         return
     block_d = max(16, _next_pow2(d))
-    block_p = 8 if block_d <= 128 else 4
-    grid = (b, hq)
+    auto_h, auto_p, auto_w = stage2_blocks(b, hq, d)
+    block_h = auto_h if block_h is None else int(block_h)
+    block_p = auto_p if block_p is None else int(block_p)
+    num_warps = auto_w if num_warps is None else int(num_warps)
+    grid = (b, triton.cdiv(hq, block_h))
     _stage2_kernel[grid](
         mid_o, mid_lse, o,
         req_mid_start, req_mid_len, req_mid_rows,
         mid_o.stride(0), mid_o.stride(1),
         mid_lse.stride(0),
         o.stride(0), o.stride(1),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p, SKIP_SINGLE=bool(skip_single),
-        num_warps=1 if block_d <= 128 else 2, num_stages=2,
+        hq,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_P=block_p,
+        SKIP_SINGLE=bool(skip_single),
+        num_warps=num_warps, num_stages=2,
     )
 
 

@@ -335,6 +335,66 @@ def test_stages_launch_separately():
     assert torch.equal(o, o_ref)
 
 
+def _merge_oracle(mid_o, mid_lse, counts, rows_of):
+    """float32 merge of each request's partials (base-2 log-sum-exp weights)."""
+    out = []
+    for r, n in enumerate(counts):
+        if n == 0:
+            out.append(torch.zeros(mid_o.shape[1:], dtype=torch.float64, device="cpu"))
+            continue
+        rows = torch.tensor(rows_of[r], device="cpu")
+        lse = mid_lse[rows].double()  # [P, H]
+        w = torch.exp2(lse - lse.max(dim=0).values)
+        w = w / w.sum(dim=0)
+        out.append((mid_o[rows].double() * w[:, :, None]).sum(dim=0))
+    return torch.stack(out)
+
+
+def test_stage2_blocks_rule():
+    from kernels.tree_decode import stage2_blocks
+
+    assert stage2_blocks(10, 32, 128) == (1, 8, 1)  # few programs: one head each
+    assert stage2_blocks(1024, 16, 128) == (4, 2, 1)  # many requests, few heads
+    assert stage2_blocks(1024, 32, 128) == (2, 4, 1)
+    assert stage2_blocks(64, 32, 128) == (2, 4, 1)
+    assert stage2_blocks(4096, 1, 128) == (1, 2, 1)  # never more heads than there are
+
+
+@pytest.mark.parametrize("block_h,block_p,warps", [(1, 8, 1), (2, 2, 1), (4, 4, 2), (8, 2, 4),
+                                                   (None, None, None)])
+@pytest.mark.parametrize("hq", [6, 16])
+def test_stage2_launch_shapes(block_h, block_p, warps, hq):
+    # Every head block and partial block of stage 2 merges like the oracle: head counts
+    # that are not a multiple of the head block (6), requests with more partials than
+    # one step (up to 11), one partial, and none (zeros); skip_single leaves the rows of
+    # single-partial requests alone.
+    g = torch.Generator().manual_seed(hq)
+    counts = [3, 0, 1, 11, 5, 2]
+    total = sum(counts)
+    perm = torch.randperm(total, generator=g, device="cpu").tolist()
+    rows_of, starts, pos = [], [], 0
+    for n in counts:
+        starts.append(pos)
+        rows_of.append(perm[pos:pos + n])
+        pos += n
+    mid_o = torch.randn(total + 1, hq, 32, generator=g, device="cpu").to(DEV)
+    mid_lse = (torch.randn(total + 1, hq, generator=g, device="cpu") * 3).to(DEV)
+    # Some partials of request 0 are empty for every head (lse = -inf, output 0).
+    mid_lse[rows_of[0][0]] = float("-inf")
+    mid_o[rows_of[0][0]] = 0.0
+    ref = _merge_oracle(mid_o.cpu(), mid_lse.cpu(), counts, rows_of)
+    assert not torch.isnan(ref).any()
+    for skip in (False, True):
+        o = torch.full((len(counts), hq, 32), float("nan"), dtype=torch.float32)
+        tree_decode_stage2(mid_o, mid_lse, o, i32(starts), i32(counts), i32(perm),
+                           skip_single=skip, block_h=block_h, block_p=block_p, num_warps=warps)
+        for r, n in enumerate(counts):
+            if skip and n == 1:
+                assert torch.isnan(o[r]).all()
+            else:
+                torch.testing.assert_close(o[r].cpu().double(), ref[r], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_contiguous_slot_hint(impl, dtype):
