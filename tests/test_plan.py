@@ -708,6 +708,53 @@ def test_extend_tails():
     assert plan.extend_tails(np.array([], dtype=np.int64), np.array([], dtype=np.int64))
 
 
+def test_extend_tails_every_request_interleaved():
+    # The every-request step (rows=None, request-ordered mirrors) interleaved with
+    # single-request and subset appends: the slots, the lengths and the results stay
+    # those of the paths; at the headroom limit every call refuses and changes nothing.
+    inp = plan_input([-1, 0, 0, 0], [40, 10, 10, 5], [1, 2, 3],
+                     growable=[True, True, True])
+    plan = build(inp, group=2, hk=1, headroom=6, **NO_ADJUST)
+    assert (plan.tail_vnode >= 0).all()
+    paths = expected_paths(inp)
+    q, k, v = _qkv(plan, 65 + 3 * 6, seed=4)
+    nxt = [65]
+
+    def new(n):
+        out = np.arange(nxt[0], nxt[0] + n)
+        nxt[0] += n
+        return out
+
+    steps = [None, None, ("one", 1, 2), None, ([0, 2],), None]
+    for st in steps:
+        if st is None:
+            sl = new(3)
+            assert plan.extend_tails(None, sl)
+            for r in range(3):
+                paths[r].append(int(sl[r]))
+        elif st[0] == "one":
+            sl = new(st[2])
+            assert plan.extend_tail(st[1], sl)
+            paths[st[1]].extend(sl.tolist())
+        else:
+            rows = np.array(st[0])
+            sl = new(rows.size)
+            assert plan.extend_tails(rows, sl)
+            for r, x in zip(rows, sl):
+                paths[r].append(int(x))
+        assert plan_slots(plan) == [sorted(p) for p in paths]
+        lens = [kl for _, kl, _, _ in vnode_table(plan)]
+        assert plan.vnode_kv_len_host.tolist() == lens
+        _check_run(plan, paths, q, k, v, "auto")
+    # Request 1 has used its 6 entries: the every-request step refuses, unchanged.
+    host_before = plan.buffers.host.clone()
+    lens_host = plan.vnode_kv_len_host.copy()
+    assert not plan.extend_tails(None, np.array([0, 1, 2]))
+    assert torch.equal(plan.buffers.host, host_before)
+    assert np.array_equal(plan.vnode_kv_len_host, lens_host)
+    assert plan.extend_tails(np.array([0, 2]), new(2))
+
+
 def test_extend_tails_duplicate_request_is_refused():
     # One call appends one slot per request; naming a request twice is a caller bug. It
     # must not succeed with one of the two slots silently dropped: either refuse (False,

@@ -782,9 +782,12 @@ class TreeKVCache:
     def _extend_exclusive(self, reqs: np.ndarray, nodes: np.ndarray,
                           trusted: bool = False) -> np.ndarray:
         p = self.page_size
-        tailfree = self._nd_tailfree[nodes]
-        fresh = tailfree == 0
-        n_fresh = int(np.count_nonzero(fresh))
+        if p == 1:  # every tail page is full
+            n_fresh = nodes.size
+        else:
+            tailfree = self._nd_tailfree[nodes]
+            fresh = tailfree == 0
+            n_fresh = int(np.count_nonzero(fresh))
         new_pages = self.pool.allocator.allocate(n_fresh)  # raises before any change
         if n_fresh == nodes.size:  # every tail page is full (always so with page_size 1)
             slots = new_pages * p if p != 1 else new_pages
@@ -890,10 +893,15 @@ class TreeKVCache:
             return torch.from_numpy(slots.copy())  # the cache keeps ``slots`` itself
         if upd is None:
             return to_device_async(slots, self.device)
-        # One copy for the slots and the plan's tail update.
+        # One copy for the slots and the plan's tail update: int64 slots and positions,
+        # then the int32 values packed two to a word (read back through a view).
         n, m = slots.size, upd[0].size
-        packed = to_device_async(np.concatenate([slots, upd[0], upd[1]]), self.device)
-        self._buffers.apply(packed[n:n + m], packed[n + m:])
+        buf = np.empty(n + m + (m + 1) // 2, dtype=np.int64)
+        buf[:n] = slots
+        buf[n:n + m] = upd[0]
+        buf[n + m:].view(np.int32)[:m] = upd[1]
+        packed = to_device_async(buf, self.device)
+        self._buffers.apply(packed[n:n + m], packed[n + m:].view(torch.int32)[:m])
         return packed[:n]
 
     def _topo_order(self) -> list[_Node]:

@@ -383,6 +383,9 @@ class DecodePlan:
     total_tokens: int | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
     _graphs: tuple | None = attrs.field(default=None, repr=False)
+    # Request-ordered mirrors of the tail vnodes for the every-request append step
+    # (see _all_tails); None until first used, False when some request cannot grow.
+    _tails: object = attrs.field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -536,6 +539,7 @@ class DecodePlan:
         b = self.buffers
         kv_off = b.offsets["kv_indices"] + pos
         len_off = b.offsets["vnode_kv_len"] + tv
+        self._tails = None  # the request-ordered mirrors are rebuilt when next needed
         self.vnode_kv_len_host[tv] += slots.size
         b.scatter(np.append(np.arange(kv_off, kv_off + slots.size), len_off),
                   np.append(slots, self.vnode_kv_len_host[tv]))
@@ -565,11 +569,9 @@ class DecodePlan:
             if np.size(slots) != self.num_requests:
                 raise ValueError(f"extend_tails(None, slots) needs {self.num_requests} slots, "
                                  f"got {np.size(slots)}")
-            tv, limit = self.tail_vnode, self.tail_limit
-            assume_unique = True
-        else:
-            rows = np.asarray(rows, dtype=np.int64)
-            tv, limit = self.tail_vnode[rows], self.tail_limit[rows]
+            return self._prepare_all_tails(slots)
+        rows = np.asarray(rows, dtype=np.int64)
+        tv, limit = self.tail_vnode[rows], self.tail_limit[rows]
         if tv.size == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         if tv.min() < 0:
@@ -581,11 +583,51 @@ class DecodePlan:
         if not assume_unique and np.unique(rows).size != rows.size:
             return None
         b = self.buffers
+        self._tails = None  # the request-ordered mirrors are rebuilt when next needed
         self.vnode_kv_len_host[tv] += 1
         positions = np.concatenate([b.offsets["kv_indices"] + pos, b.offsets["vnode_kv_len"] + tv])
         values = np.concatenate([slots, self.vnode_kv_len_host[tv]])
         b.write_host(positions, values)
         return positions, values
+
+    def _prepare_all_tails(self, slots: np.ndarray):
+        """:meth:`prepare_tails` for every request in order (the model loop's step).
+
+        Works on request-ordered mirrors of the tail vnodes (next kv entry, length) and
+        on reused position/value arrays, so a step costs a few vector operations and
+        one scatter into the vnode lengths, without gathers.
+        """
+        t = self._tails
+        if t is None:
+            t = self._tails = self._all_tails()
+        if t is False:
+            return None
+        kv_pos, tail_len, positions, values = t
+        b = self.num_requests
+        if b == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if (kv_pos >= self.tail_limit).any():
+            return None
+        tail_len += 1
+        self.vnode_kv_len_host[self.tail_vnode] = tail_len
+        np.add(kv_pos, self.buffers.offsets["kv_indices"], out=positions[:b])
+        kv_pos += 1
+        values[:b] = slots
+        values[b:] = tail_len
+        self.buffers.write_host(positions, values)
+        return positions, values
+
+    def _all_tails(self):
+        tv = self.tail_vnode
+        if tv.size and tv.min() < 0:
+            return False
+        b = tv.size
+        tail_len = self.vnode_kv_len_host[tv].copy()
+        kv_pos = self.vnode_kv_start_host[tv] + tail_len
+        positions = np.empty(2 * b, dtype=np.int64)
+        positions[b:] = self.buffers.offsets["vnode_kv_len"] + tv
+        values = np.empty(2 * b, dtype=np.int64)
+        return kv_pos, tail_len, positions, values
 
 
 # ----------------------------------------------------------------------------- planning
