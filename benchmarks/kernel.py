@@ -128,16 +128,20 @@ def _ablations(plan, q, k, v, sm, device):
     from kernels import tree_decode
     from kernels.tree_decode import merge_phases, tree_decode_stage1, tree_decode_stage2
 
-    t = plan.tensors()
+    t = plan.kernel_tensors(q.dtype)
     mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
-    half = dict(t, mid_o=torch.empty(t["mid_o"].shape, dtype=q.dtype, device=q.device))
+    # The other partial dtype: float32 where the plan stores the input dtype, else that.
+    half_now = t["mid_o"].dtype != torch.float32
+    other = dict(t, mid_o=(plan.tensors()["mid_o"] if half_now else torch.empty(
+        t["mid_o"].shape, dtype=q.dtype, device=q.device)))
     o = torch.empty_like(q)
     res = {}
     res["graph_no_hint_us"] = _graph_time(lambda: tree_decode(
         q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **mode, **no_hint), device)
-    res["graph_half_mid_us"] = _graph_time(lambda: tree_decode(
-        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **mode, **half), device)
+    res["graph_other_partials_us"] = _graph_time(lambda: tree_decode(
+        q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **mode, **other), device)
+    res["partials_dtype"] = str(t["mid_o"].dtype).replace("torch.", "")
     # Stage 2 with the v4 launch shape (one head, 8 partials a step, one warp).
     orig = td.stage2_blocks
     td.stage2_blocks = lambda b, h, d: (1, 8, 1)
@@ -306,7 +310,8 @@ def summarize(results):
     abl = [r for r in results if r.get("graph_no_hint_us")]
     if abl:
         for key, what in (("graph_no_hint_us", "without the contiguity hint"),
-                          ("graph_half_mid_us", "with fp16 partials"),
+                          ("graph_other_partials_us",
+                           "with the other partial dtype (float32 if the plan stores fp16)"),
                           ("graph_other_grouping_us", "with the other phase grouping"),
                           ("graph_flat_us", "with the flat plan"),
                           ("graph_stage2_v4_us", "with the v4 stage-2 launch shape")):

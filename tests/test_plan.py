@@ -615,6 +615,33 @@ def _check_run(plan, paths, q, k, v, backend, tol=1e-4):
     assert ((o.float() - ref).norm() / ref.norm()).item() <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+def test_half_partials(dtype):
+    # float16 inputs: the partials go through a float16 view of the float32 buffer
+    # (first half of each row); other dtypes keep float32 partials. Both modes agree
+    # with the reference, and switching the mode off gives float32 partials again.
+    inp = plan_input([-1, 0, 0, 1, 1], [40, 5, 7, 3, 9], [3, 4, 2, 0])
+    plan = build(inp, group=2, params=FastTreeParams(gamma=0.0), **NO_ADJUST)
+    assert plan.half_partials and int(np.max(host(plan, "req_mid_len", 4))) >= 2
+    q, k, v = _qkv(plan, 64, seed=6, dtype=dtype)
+    t = plan.kernel_tensors(dtype)
+    if dtype == torch.float16:
+        mid = t["mid_o"]
+        assert mid.dtype == torch.float16
+        assert mid.data_ptr() == plan.buffers.mid_o.data_ptr()
+        assert mid.stride() == (2 * plan.buffers.mid_o.stride(0), 2 * plan.buffers.mid_o.stride(1), 1)
+        assert plan.kernel_tensors(dtype) is t  # cached
+    else:
+        assert t is plan.tensors()
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}[dtype]
+    paths = expected_paths(inp)
+    for mode in (True, False):
+        p = attrs.evolve(plan, half_partials=mode, half_cache=None, graphs=None)
+        _check_run(p, paths, q, k, v, "auto", tol=tol)
+    assert attrs.evolve(plan, half_partials=False).kernel_tensors(dtype)["mid_o"].dtype == torch.float32
+
+
 def test_buffers_reuse_invalidates_older_plan():
     buffers = PlanBuffers(4, 16, "cpu")
     inp1 = plan_input([-1, 0, 0], [30, 10, 10], [1, 2])

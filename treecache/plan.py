@@ -60,6 +60,11 @@ DEFAULT_KV_SPLIT_SIZES = (1024, 128)
 DEFAULT_PARA_THRESHS1 = (132, 528)
 DEFAULT_PARA_THRESHS2 = (132, 132)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+#: Whether new plans store float16 partial outputs for float16 inputs
+#: (:attr:`DecodePlan.half_partials`). Measured on an H100 (benchmarks/RESULTS.md, v5):
+#: 5% faster on the geomean of the benchmark cases, up to 16% on trees of many small
+#: nodes; slower on three cases (1.26x on ``1,1024 2048,32`` 16/1).
+HALF_PARTIALS = True
 
 
 def _default_tsqs() -> list[int]:
@@ -382,9 +387,14 @@ class DecodePlan:
     direct: bool = False
     #: False when every request has exactly one partial (no stage-2 launch).
     needs_stage2: bool = True
+    #: With float16 inputs, stage 1 stores the partial outputs in float16 (in the
+    #: first half of each float32 row of ``buffers.mid_o``: half the partial traffic);
+    #: other dtypes, or ``False``, keep float32 partials. See :data:`HALF_PARTIALS`.
+    half_partials: bool = True
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
+    _half_cache: tuple | None = attrs.field(default=None, repr=False)
     _graphs: tuple | None = attrs.field(default=None, repr=False)
     # Request-ordered mirrors of the tail vnodes for the every-request append step
     # (see _all_tails); None until first used, False when some request cannot grow.
@@ -416,6 +426,20 @@ class DecodePlan:
         )
         self._tensor_cache = (b.generation, t)
         return t
+
+    def kernel_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """:meth:`tensors` as decode uses them for inputs of ``dtype``: with
+        :attr:`half_partials` and float16 inputs, ``mid_o`` is a float16 view of the
+        float32 buffer (row stride unchanged, the first half of each row used)."""
+        t = self.tensors()
+        if not (self.half_partials and dtype == torch.float16):
+            return t
+        cached = self._half_cache
+        if cached is None or cached[0] is not t:
+            mid = t["mid_o"]
+            half = mid.view(torch.float16)[..., :mid.shape[-1]]
+            cached = self._half_cache = (t, dict(t, mid_o=half))
+        return cached[1]
 
     def kv_tokens_read(self) -> int:
         """KV tokens stage 1 reads per KV head (sum of vnode lengths)."""
@@ -488,7 +512,7 @@ class DecodePlan:
         fn = torch_tree_decode if be is Backend.TORCH else tree_decode
         fn(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
            logit_cap=float(logit_cap or 0.0), check=False, direct=self.direct,
-           needs_stage2=self.needs_stage2, **self.tensors())
+           needs_stage2=self.needs_stage2, **self.kernel_tensors(q.dtype))
         return o
 
     #: CUDA graphs a plan keeps for different tensor sets (least recently used dropped).
@@ -498,7 +522,7 @@ class DecodePlan:
         def launch():
             tree_decode(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
                         logit_cap=logit_cap, check=False, direct=self.direct,
-                        needs_stage2=self.needs_stage2, **self.tensors())
+                        needs_stage2=self.needs_stage2, **self.kernel_tensors(q.dtype))
 
         if torch.cuda.is_current_stream_capturing():
             launch()
@@ -1254,5 +1278,5 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
         tail_limit=tail_limit, vnode_kv_start_host=v_kv_start.copy(),
         vnode_kv_len_host=v_kv_len.copy(), generation=buffers.generation,
         serial=buffers.serial, direct=bool(single.any()),
-        needs_stage2=not bool(single.all()) if b else True,
+        needs_stage2=not bool(single.all()) if b else True, half_partials=HALF_PARTIALS,
     )
