@@ -5,8 +5,8 @@
 For each stage-1 phase and for stage 2 it launches the kernel alone (median of many
 runs on a GPU, wall clock on the CPU) and reports the bytes that stage must move:
 stage 1 reads the K/V of every vnode (a token read by several vnodes counts each time),
-its queries, and writes float32 partial outputs; stage 2 reads the partials and writes
-the output. Bandwidth = bytes / time.
+its queries, and writes partial outputs (float16 for float16 inputs, else float32);
+stage 2 reads the partials and writes the output. Bandwidth = bytes / time.
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ def main():
     b = q.shape[0]
     meta, _ = tc.fasttree_preparation(nodes, ptrs, b, hq, hk, d, device=device)
     plan = meta.plan
-    t = plan.tensors()
+    t = plan.kernel_tensors(q.dtype)  # what decode uses (float16 partials for float16)
     o = torch.empty_like(q)
     sm = 1 / math.sqrt(d)
     esz = q.element_size()
+    psz = t["mid_o"].element_size()  # bytes per partial-output value
     st = tc.tree_stats(nodes)
     print(f"tree {args.tree!r}: {st['num_nodes']} nodes, {b} requests, {st['unique_tokens']} "
           f"unique tokens; heads {hq}/{hk}, head_dim {d}, {dtype}, {device}")
@@ -72,7 +73,7 @@ def main():
         sl = slice(ph.vnode_offset, ph.vnode_offset + ph.num_vnodes)
         tokens = int(lens[sl].sum())
         rows = int(qlens[sl].sum())
-        nbytes = 2 * tokens * hk * d * esz + rows * hq * d * (esz + 4) + rows * hq * 4
+        nbytes = 2 * tokens * hk * d * esz + rows * hq * d * (esz + psz) + rows * hq * 4
         us = bench(lambda ph=ph: tree_decode_stage1(
             q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"], t["vnode_kv_start"],
             t["vnode_kv_len"], t["vnode_q_start"], t["vnode_q_len"], t["mid_q_rows"], ph, sm),
@@ -82,7 +83,7 @@ def main():
         print(f"stage 1 phase {i}: {ph.num_vnodes:5d} vnodes x {hk} heads, q tile {ph.q_tile}, "
               f"{tokens} KV tokens read: {us:8.1f} us, {nbytes / 1e6:8.1f} MB, "
               f"{nbytes / us / 1e6:6.2f} TB/s")
-    nbytes = plan.num_mid_rows * hq * (d + 1) * 4 + b * hq * d * esz
+    nbytes = plan.num_mid_rows * hq * (d * psz + 4) + b * hq * d * esz
     us = bench(lambda: tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
                                           t["req_mid_len"], t["req_mid_rows"]), device)
     total_us += us
