@@ -43,6 +43,7 @@ import triton.language as tl
 
 __all__ = [
     "Phase",
+    "tree_decode_launcher",
     "SUPPORTED_DTYPES",
     "merge_phases",
     "tree_decode_stage1",
@@ -446,11 +447,27 @@ def tree_decode_stage1(
         (``req_mid_len[r] == 1``) is written to ``o`` instead of the mid buffers (run
         stage 2 with ``skip_single=True``, or not at all when every request has one).
     """
+    _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
+                     vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap,
+                     num_warps, num_stages, vnode_slot0, o, req_mid_len)(q, k, v, o)
+
+
+def _noop(q, k, v, o) -> None:
+    return None
+
+
+def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
+                     vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap=0.0,
+                     num_warps=None, num_stages=None, vnode_slot0=None, o=None,
+                     req_mid_len=None):
+    """Everything :func:`tree_decode_stage1` decides, done once: returns
+    ``launch(q, k, v, o)``, which launches stage 1 for tensors of the same dtypes,
+    shapes and strides as the ones given here (the other tensors are bound)."""
     if (o is None) != (req_mid_len is None):
         raise ValueError("o and req_mid_len go together (direct mode)")
     phases = _phase_list(phase)
     if not phases:
-        return
+        return _noop
     hq, d = q.shape[1], q.shape[2]
     hk = k.shape[1]
     group = hq // hk
@@ -488,21 +505,24 @@ def tree_decode_stage1(
     while num_stages > 1 and smem(num_stages) > SMEM_BUDGET:
         num_stages -= 1
     if two and smem(num_stages) > SMEM_BUDGET:
-        for ph in phases:
-            tree_decode_stage1(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start,
-                               vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, ph,
-                               sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0, o,
-                               req_mid_len)
-        return
+        parts = [_stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start,
+                                  vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, ph,
+                                  sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0, o,
+                                  req_mid_len) for ph in phases]
+
+        def launch_parts(q, k, v, o):
+            for part in parts:
+                part(q, k, v, o)
+
+        return launch_parts
     first = phases[0]
     total = sum(ph.num_vnodes for ph in phases)
-    grid = (total, hk)
+    kernel = _stage1_kernel[(total, hk)]
     slot0 = vnode_slot0 if vnode_slot0 is not None else vnode_kv_start
     direct = o is not None
     out = o if direct else q
-    _stage1_kernel[grid](
-        q, k, v, mid_o, mid_lse, out, req_mid_len if direct else vnode_q_len,
-        kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, slot0,
+    count = req_mid_len if direct else vnode_q_len
+    strides = (
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1),
         v.stride(0), v.stride(1),
@@ -513,6 +533,8 @@ def tree_decode_stage1(
         first.num_vnodes,
         float(qk_scale),
         float(logit_cap if use_cap else 0.0),
+    )
+    consts = dict(
         GROUP=group, HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_M0=blocks[0][0], BLOCK_N0=blocks[0][1],
         BLOCK_M1=blocks[-1][0], BLOCK_N1=blocks[-1][1], TWO_SHAPES=two,
@@ -520,6 +542,13 @@ def tree_decode_stage1(
         HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+    def launch(q, k, v, o):
+        kernel(q, k, v, mid_o, mid_lse, o if direct else q, count,
+               kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len,
+               mid_q_rows, slot0, *strides, **consts)
+
+    return launch
 
 
 def stage2_blocks(num_requests: int, num_heads: int, head_dim: int) -> tuple[int, int, int]:
@@ -562,26 +591,35 @@ def tree_decode_stage2(
     ``block_h`` (heads per program), ``block_p`` (partials per step) and ``num_warps``
     default to :func:`stage2_blocks`.
     """
+    _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
+                     skip_single, block_h, block_p, num_warps)(o)
+
+
+def _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
+                     skip_single=False, block_h=None, block_p=None, num_warps=None):
+    """What :func:`tree_decode_stage2` decides, done once: returns ``launch(o)`` for
+    outputs of the same shape and strides as ``o``."""
     b, hq, d = o.shape
     if b == 0:
-        return
+        return lambda o: None
     block_d = max(16, _next_pow2(d))
     auto_h, auto_p, auto_w = stage2_blocks(b, hq, d)
     block_h = auto_h if block_h is None else int(block_h)
     block_p = auto_p if block_p is None else int(block_p)
     num_warps = auto_w if num_warps is None else int(num_warps)
-    grid = (b, triton.cdiv(hq, block_h))
-    _stage2_kernel[grid](
-        mid_o, mid_lse, o,
-        req_mid_start, req_mid_len, req_mid_rows,
-        mid_o.stride(0), mid_o.stride(1),
-        mid_lse.stride(0),
-        o.stride(0), o.stride(1),
-        hq,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_P=block_p,
-        SKIP_SINGLE=bool(skip_single),
-        num_warps=num_warps, num_stages=2,
-    )
+    kernel = _stage2_kernel[(b, triton.cdiv(hq, block_h))]
+    args = (req_mid_start, req_mid_len, req_mid_rows,
+            mid_o.stride(0), mid_o.stride(1),
+            mid_lse.stride(0),
+            o.stride(0), o.stride(1),
+            hq)
+    consts = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_P=block_p,
+                  SKIP_SINGLE=bool(skip_single), num_warps=num_warps, num_stages=2)
+
+    def launch(o):
+        kernel(mid_o, mid_lse, o, *args, **consts)
+
+    return launch
 
 
 def tree_decode(
@@ -633,22 +671,77 @@ def tree_decode(
             ("req_mid_rows", req_mid_rows),
         ) + ((("vnode_slot0", vnode_slot0),) if vnode_slot0 is not None else ()):
             _check_index(name, t, q.device)
+    tree_decode_launcher(
+        q, k, v, o, kv_indices=kv_indices, vnode_kv_start=vnode_kv_start,
+        vnode_kv_len=vnode_kv_len, vnode_q_start=vnode_q_start, vnode_q_len=vnode_q_len,
+        mid_q_rows=mid_q_rows, req_mid_start=req_mid_start, req_mid_len=req_mid_len,
+        req_mid_rows=req_mid_rows, mid_o=mid_o, mid_lse=mid_lse, phases=phases,
+        sm_scale=sm_scale, logit_cap=logit_cap, vnode_slot0=vnode_slot0, direct=direct,
+        needs_stage2=needs_stage2)(q, k, v, o)
+    return o
+
+
+def tree_decode_launcher(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    *,
+    kv_indices: torch.Tensor,
+    vnode_kv_start: torch.Tensor,
+    vnode_kv_len: torch.Tensor,
+    vnode_q_start: torch.Tensor,
+    vnode_q_len: torch.Tensor,
+    mid_q_rows: torch.Tensor,
+    req_mid_start: torch.Tensor,
+    req_mid_len: torch.Tensor,
+    req_mid_rows: torch.Tensor,
+    mid_o: torch.Tensor,
+    mid_lse: torch.Tensor,
+    phases: Sequence[Phase],
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    vnode_slot0: torch.Tensor | None = None,
+    direct: bool = False,
+    needs_stage2: bool = True,
+):
+    """Prepare every launch of :func:`tree_decode` once (launch grouping, tile and
+    launch sizes, strides, compile-time constants) and return ``launch(q, k, v, o)``.
+
+    ``launch`` may be called again with other tensors of the same dtypes, shapes and
+    strides as the ``q``, ``k``, ``v``, ``o`` given here; the index tensors and mid
+    buffers are bound. Arguments are not checked (see :func:`tree_decode`). A plan keeps
+    these per tensor layout (``DecodePlan.run``), so repeated calls skip the Python work.
+    """
     live = [ph for ph in phases if ph.num_vnodes > 0]
     if merge_phases(live, q.shape[1] // k.shape[1], k.shape[1]):
         groups = [live]
     else:
         groups = [[ph] for ph in live]
-    for grp in groups:
-        tree_decode_stage1(
-            q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
-            vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
-            vnode_slot0=vnode_slot0, o=o if direct else None,
-            req_mid_len=req_mid_len if direct else None,
-        )
+    stage1 = [
+        _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
+                         vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
+                         vnode_slot0=vnode_slot0, o=o if direct else None,
+                         req_mid_len=req_mid_len if direct else None)
+        for grp in groups]
+    stage2 = None
     if needs_stage2 or not direct:
-        tree_decode_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
-                           skip_single=direct)
-    return o
+        stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
+                                  skip_single=direct)
+    if len(stage1) == 1 and stage2 is not None:
+        first = stage1[0]
+
+        def launch(q, k, v, o):
+            first(q, k, v, o)
+            stage2(o)
+    else:
+        def launch(q, k, v, o):
+            for part in stage1:
+                part(q, k, v, o)
+            if stage2 is not None:
+                stage2(o)
+
+    return launch
 
 
 def _check_args(q, k, v, o, mid_o, mid_lse) -> None:

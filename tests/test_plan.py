@@ -642,6 +642,35 @@ def test_half_partials(dtype):
     assert attrs.evolve(plan, half_partials=False).kernel_tensors(dtype)["mid_o"].dtype == torch.float32
 
 
+def test_prepared_launches_reused_per_layout():
+    # run() prepares the Triton launches once per tensor layout and reuses them with new
+    # tensors of that layout; another layout gets its own; reallocated buffers drop them;
+    # a copy of the plan (attrs.evolve) starts without any. Results stay exact.
+    inp = plan_input([-1, 0, 0], [30, 10, 10], [1, 2, 0])
+    plan = build(inp, group=2, hk=2, **NO_ADJUST)
+    paths = expected_paths(inp)
+    q, k, v = _qkv(plan, 50, seed=8)
+    _check_run(plan, paths, q, k, v, "auto")
+    assert len(plan._launchers) == 2  # the generation and one prepared set
+    prepared = [fn for key, fn in plan._launchers.items() if key != "generation"]
+    q2, k2, v2 = _qkv(plan, 50, seed=9)
+    _check_run(plan, paths, q2, k2, v2, "auto")  # same layout: reused
+    assert [fn for key, fn in plan._launchers.items() if key != "generation"] == prepared
+    # A strided q (every other row of a bigger tensor) is another layout.
+    big = torch.randn(2 * q.shape[0], q.shape[1], q.shape[2])
+    q3 = big[::2]
+    _check_run(plan, paths, q3, k, v, "auto")
+    assert len(plan._launchers) == 3
+    copy = attrs.evolve(plan)
+    assert copy._launchers == {}
+    plan.buffers.ensure(plan.buffers.cap_vnodes * 2, 1, 1, 1)  # reallocates
+    assert plan.buffers.generation != plan.generation
+    fn = plan._launcher(q, k, v, torch.empty_like(q), 0.25, 0.0)  # prepares, runs nothing
+    assert plan._launchers == {"generation": plan.buffers.generation,
+                               next(kk for kk in plan._launchers if kk != "generation"): fn}
+    assert fn not in prepared
+
+
 def test_buffers_reuse_invalidates_older_plan():
     buffers = PlanBuffers(4, 16, "cpu")
     inp1 = plan_input([-1, 0, 0], [30, 10, 10], [1, 2])

@@ -38,7 +38,7 @@ from kernels import (
     torch_tree_decode,
     tree_decode,
 )
-from kernels.tree_decode import MAX_BLOCK_M
+from kernels.tree_decode import MAX_BLOCK_M, tree_decode_launcher
 
 from .errors import PlanMismatchError, ShapeMismatchError, UnsupportedConfigError
 
@@ -395,6 +395,8 @@ class DecodePlan:
     total_tokens: int | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
     _half_cache: tuple | None = attrs.field(default=None, repr=False)
+    # Prepared Triton launches per tensor layout (see run); not copied by attrs.evolve.
+    _launchers: dict = attrs.field(factory=dict, init=False, repr=False)
     _graphs: tuple | None = attrs.field(default=None, repr=False)
     # Request-ordered mirrors of the tail vnodes for the every-request append step
     # (see _all_tails); None until first used, False when some request cannot grow.
@@ -509,11 +511,41 @@ class DecodePlan:
         be = backend if isinstance(backend, Backend) else select_backend(q.device, backend)
         if graph and be is Backend.TRITON and q.device.type == "cuda":
             return self._run_graphed(q, k, v, o, float(sm_scale), float(logit_cap or 0.0))
-        fn = torch_tree_decode if be is Backend.TORCH else tree_decode
-        fn(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
-           logit_cap=float(logit_cap or 0.0), check=False, direct=self.direct,
-           needs_stage2=self.needs_stage2, **self.kernel_tensors(q.dtype))
+        if be is Backend.TORCH:
+            torch_tree_decode(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
+                              logit_cap=float(logit_cap or 0.0), check=False,
+                              direct=self.direct, needs_stage2=self.needs_stage2,
+                              **self.kernel_tensors(q.dtype))
+            return o
+        self._launcher(q, k, v, o, float(sm_scale), float(logit_cap or 0.0))(q, k, v, o)
         return o
+
+    #: Prepared launch sets a plan keeps (one per tensor layout and scale).
+    MAX_LAUNCHERS = 16
+
+    def _launcher(self, q, k, v, o, sm_scale, logit_cap):
+        """The prepared launches of this plan for tensors laid out like these (dtype,
+        shape and strides of q, k, v, o, and the scales): computed on the first call,
+        then reused, so a repeated eager call costs the Triton launches and little more.
+        Dropped when the buffers are reallocated."""
+        key = (q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+               o.dtype, o.shape, o.stride(), q.device, sm_scale, logit_cap)
+        gen = self.buffers.generation
+        cache = self._launchers
+        if cache.get("generation") != gen:
+            cache.clear()
+            cache["generation"] = gen
+        fn = cache.get(key)
+        if fn is None:
+            fn = tree_decode_launcher(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
+                                      logit_cap=logit_cap, direct=self.direct,
+                                      needs_stage2=self.needs_stage2,
+                                      **self.kernel_tensors(q.dtype))
+            if len(cache) > self.MAX_LAUNCHERS:
+                cache.clear()
+                cache["generation"] = gen
+            cache[key] = fn
+        return fn
 
     #: CUDA graphs a plan keeps for different tensor sets (least recently used dropped).
     MAX_GRAPHS = 8
