@@ -646,20 +646,24 @@ def test_prepared_launches_reused_per_layout():
     # run() prepares the Triton launches once per tensor layout and reuses them with new
     # tensors of that layout; another layout gets its own; reallocated buffers drop them;
     # a copy of the plan (attrs.evolve) starts without any. Results stay exact.
+    from kernels.backend import interpreter_enabled
+
+    # The Triton kernels: compiled on a GPU, else the interpreter on the CPU.
+    dev = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
     inp = plan_input([-1, 0, 0], [30, 10, 10], [1, 2, 0])
-    plan = build(inp, group=2, hk=2, **NO_ADJUST)
-    paths = expected_paths(inp)
-    q, k, v = _qkv(plan, 50, seed=8)
-    _check_run(plan, paths, q, k, v, "auto")
+    plan = build(inp, group=2, hk=2, device=dev, **NO_ADJUST)
+    paths = [torch.tensor(p, device=dev) for p in expected_paths(inp)]
+    q, k, v = (t.to(dev) for t in _qkv(plan, 50, seed=8))
+    _check_run(plan, paths, q, k, v, "triton")
     assert len(plan._launchers) == 2  # the generation and one prepared set
     prepared = [fn for key, fn in plan._launchers.items() if key != "generation"]
-    q2, k2, v2 = _qkv(plan, 50, seed=9)
-    _check_run(plan, paths, q2, k2, v2, "auto")  # same layout: reused
+    q2, k2, v2 = (t.to(dev) for t in _qkv(plan, 50, seed=9))
+    _check_run(plan, paths, q2, k2, v2, "triton")  # same layout: reused
     assert [fn for key, fn in plan._launchers.items() if key != "generation"] == prepared
     # A strided q (every other row of a bigger tensor) is another layout.
-    big = torch.randn(2 * q.shape[0], q.shape[1], q.shape[2])
+    big = torch.randn(2 * q.shape[0], q.shape[1], q.shape[2], device=dev)
     q3 = big[::2]
-    _check_run(plan, paths, q3, k, v, "auto")
+    _check_run(plan, paths, q3, k, v, "triton")
     assert len(plan._launchers) == 3
     copy = attrs.evolve(plan)
     assert copy._launchers == {}
