@@ -16,7 +16,9 @@ from .tree_decode import (
     Phase,
     merge_phases,
     stage1_block_sizes,
+    stage2_blocks,
     tree_decode,
+    tree_decode_launcher,
     tree_decode_stage1,
     tree_decode_stage2,
 )
@@ -30,8 +32,10 @@ __all__ = [
     "select_backend",
     "softcap_logits",
     "stage1_block_sizes",
+    "stage2_blocks",
     "torch_tree_decode",
     "tree_decode",
+    "tree_decode_launcher",
     "tree_decode_stage1",
     "tree_decode_stage2",
 ]

@@ -43,13 +43,14 @@ import triton.language as tl
 
 __all__ = [
     "Phase",
-    "tree_decode_launcher",
     "SUPPORTED_DTYPES",
     "merge_phases",
     "tree_decode_stage1",
     "tree_decode_stage2",
     "tree_decode",
     "stage1_block_sizes",
+    "stage2_blocks",
+    "tree_decode_launcher",
 ]
 
 LOG2E = 1.4426950408889634
