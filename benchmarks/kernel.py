@@ -148,7 +148,7 @@ def _ablations(plan, q, k, v, sm, device):
     orig = td.stage2_blocks
     td.stage2_blocks = lambda b, h, d: (1, 8, 1)
     try:
-        v4_shape = attrs.evolve(plan, graphs=None)
+        v4_shape = attrs.evolve(plan)
         res["graph_stage2_v4_us"] = _graph_time(
             lambda: v4_shape.run(q, k, v, o, sm_scale=sm, check=False), device)
     finally:

@@ -637,7 +637,7 @@ def test_half_partials(dtype):
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}[dtype]
     paths = expected_paths(inp)
     for mode in (True, False):
-        p = attrs.evolve(plan, half_partials=mode, half_cache=None, graphs=None)
+        p = attrs.evolve(plan, half_partials=mode)
         _check_run(p, paths, q, k, v, "auto", tol=tol)
     assert attrs.evolve(plan, half_partials=False).kernel_tensors(dtype)["mid_o"].dtype == torch.float32
 
@@ -813,6 +813,9 @@ def test_extend_tails_every_request_interleaved():
     assert torch.equal(plan.buffers.host, host_before)
     assert np.array_equal(plan.vnode_kv_len_host, lens_host)
     assert plan.extend_tails(np.array([0, 2]), new(2))
+    # A copy of the plan does not share the mirrors (nor the other per-object caches).
+    copy = attrs.evolve(plan)
+    assert copy._tails is None and copy._graphs is None and copy._launchers == {}
 
 
 def test_extend_tails_duplicate_request_is_refused():

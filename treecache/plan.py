@@ -394,13 +394,15 @@ class DecodePlan:
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
-    _half_cache: tuple | None = attrs.field(default=None, repr=False)
-    # Prepared Triton launches per tensor layout (see run); not copied by attrs.evolve.
+    # Per-object caches, not copied by attrs.evolve (a copy may differ in its modes):
+    # the float16 view of the partials, the prepared Triton launches per tensor layout
+    # (see run), the captured CUDA graphs, and request-ordered mirrors of the tail
+    # vnodes for the every-request append step (see _all_tails; False when some
+    # request cannot grow).
+    _half_cache: tuple | None = attrs.field(default=None, init=False, repr=False)
     _launchers: dict = attrs.field(factory=dict, init=False, repr=False)
-    _graphs: tuple | None = attrs.field(default=None, repr=False)
-    # Request-ordered mirrors of the tail vnodes for the every-request append step
-    # (see _all_tails); None until first used, False when some request cannot grow.
-    _tails: object = attrs.field(default=None, repr=False)
+    _graphs: tuple | None = attrs.field(default=None, init=False, repr=False)
+    _tails: object = attrs.field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -529,7 +531,8 @@ class DecodePlan:
         then reused, so a repeated eager call costs the Triton launches and little more.
         Dropped when the buffers are reallocated."""
         key = (q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
-               o.dtype, o.shape, o.stride(), q.device, sm_scale, logit_cap)
+               o.dtype, o.shape, o.stride(), q.device, sm_scale, logit_cap,
+               self.half_partials)
         gen = self.buffers.generation
         cache = self._launchers
         if cache.get("generation") != gen:
