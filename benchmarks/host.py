@@ -20,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from treecache import FastTreeParams, TreeKVCache, fasttree_preparation, kv_ptrs
@@ -75,8 +76,6 @@ def main(argv=None):
     res = {"tree": spec, "device": str(device)}
     # Host speed calibration: the same small Python and numpy work on every machine, so
     # that host times from different machines can be compared.
-    import numpy as np
-
     small = np.arange(1024)
     res["calib_python_loop_us"] = _median_us(lambda: sum(i * i for i in range(10000)), 20)
     res["calib_numpy_ops_us"] = _median_us(

@@ -123,12 +123,10 @@ def _flash_varlen(q, k_tree, v_tree, slots, device):
 
 def _ablations(plan, q, k, v, sm, device):
     """Graph times of the same plan without one optimisation each (same run, same data):
-    no contiguity hint (every vnode gathers its slot indices), partials in the input
-    dtype instead of float32, and the other launch grouping of the two stage-1 phases
-    (one launch each when the plan merges them, one launch when it does not)."""
-    from kernels import tree_decode
-    from kernels.tree_decode import merge_phases, tree_decode_stage1, tree_decode_stage2
-
+    no contiguity hint (every vnode gathers its slot indices), the other partial dtype
+    (float32 where the plan stores float16, else the input dtype), the v4 stage-2 launch
+    shape, and the other launch grouping of the two stage-1 phases (one launch each when
+    the plan merges them, one launch when it does not)."""
     t = plan.kernel_tensors(q.dtype)
     mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
@@ -138,9 +136,9 @@ def _ablations(plan, q, k, v, sm, device):
         t["mid_o"].shape, dtype=q.dtype, device=q.device)))
     o = torch.empty_like(q)
     res = {}
-    res["graph_no_hint_us"] = _graph_time(lambda: tree_decode(
+    res["graph_no_hint_us"] = _graph_time(lambda: td.tree_decode(
         q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **mode, **no_hint), device)
-    res["graph_other_partials_us"] = _graph_time(lambda: tree_decode(
+    res["graph_other_partials_us"] = _graph_time(lambda: td.tree_decode(
         q, k, v, o, phases=plan.phases, sm_scale=sm, check=False, **mode, **other), device)
     res["partials_dtype"] = str(t["mid_o"].dtype).replace("torch.", "")
     # Stage 2 with the v4 launch shape (one head, 8 partials a step, one warp).
@@ -153,19 +151,19 @@ def _ablations(plan, q, k, v, sm, device):
             lambda: v4_shape.run(q, k, v, o, sm_scale=sm, check=False), device)
     finally:
         td.stage2_blocks = orig
-    merged = merge_phases(plan.phases, q.shape[1] // k.shape[1], k.shape[1])
+    merged = td.merge_phases(plan.phases, q.shape[1] // k.shape[1], k.shape[1])
     groups = ([[ph] for ph in plan.phases] if merged else [list(plan.phases)])
 
     def other_grouping():
         for grp in groups:
-            tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
-                               t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
-                               t["vnode_q_len"], t["mid_q_rows"], grp, sm,
-                               vnode_slot0=t["vnode_slot0"], o=o if plan.direct else None,
-                               req_mid_len=t["req_mid_len"] if plan.direct else None)
+            td.tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
+                                  t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
+                                  t["vnode_q_len"], t["mid_q_rows"], grp, sm,
+                                  vnode_slot0=t["vnode_slot0"], o=o if plan.direct else None,
+                                  req_mid_len=t["req_mid_len"] if plan.direct else None)
         if plan.needs_stage2 or not plan.direct:
-            tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
-                               t["req_mid_len"], t["req_mid_rows"], skip_single=plan.direct)
+            td.tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
+                                  t["req_mid_len"], t["req_mid_rows"], skip_single=plan.direct)
 
     res["graph_other_grouping_us"] = _graph_time(other_grouping, device)
     res["phases_merged"] = merged

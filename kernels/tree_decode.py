@@ -6,9 +6,8 @@ a set of query rows and a range of KV slots. Stage 1 runs one program per
 group at once (so ``tl.dot`` sees ``q_tile * group`` rows), streams the vnode's KV once
 and writes one partial output and one log-sum-exp per (query, head) into a *mid row*.
 Both phases of a plan (two tile shapes) run in one stage-1 launch when the second is
-small (:func:`merge_phases`). Stage 2 runs one
-program per (request, head) and merges the request's mid
-rows with the log-sum-exp trick.
+small (:func:`merge_phases`). Stage 2 runs one program per (request, block of heads,
+:func:`stage2_blocks`) and merges the request's mid rows with the log-sum-exp trick.
 
 Index arrays (all int32, on the device of ``q``):
 
@@ -22,8 +21,8 @@ Index arrays (all int32, on the device of ``q``):
   run ``vnode_slot0[v] + [0, kv_len[v])``; stage 1 then computes the slots instead of
   loading them. ``kv_indices`` must hold the same slots either way.
 
-Partial outputs (``mid_o``) are float32 (what plans use) or the dtype of ``q``;
-their log-sum-exps (``mid_lse``) are always float32.
+Partial outputs (``mid_o``) are float32 or the dtype of ``q`` (plans use float16 for
+float16 inputs, else float32); their log-sum-exps (``mid_lse``) are always float32.
 
 Log-sum-exp convention: **base 2**. Logits are scaled by ``sm_scale * log2(e)`` and
 exponentiated with ``exp2``; ``mid_lse`` holds ``log2(sum(exp2(s)))`` of those scaled
@@ -659,8 +658,8 @@ def tree_decode(
     :func:`tree_decode_stage1`; ``mid_o`` may be float32 or ``q``'s dtype.
 
     Shapes: ``q``, ``o`` ``[B, Hq, D]``; ``k``, ``v`` ``[S, Hk, D]`` with ``Hq % Hk == 0``;
-    ``mid_o`` ``[R, Hq, D]`` float32; ``mid_lse`` ``[R, Hq]`` float32, where ``R`` is at
-    least the number of mid rows the vnodes use. Returns ``o``.
+    ``mid_o`` ``[R, Hq, D]`` float32 or ``q``'s dtype; ``mid_lse`` ``[R, Hq]`` float32,
+    where ``R`` is at least the number of mid rows the vnodes use. Returns ``o``.
     """
     if check:
         _check_args(q, k, v, o, mid_o, mid_lse)
@@ -729,18 +728,12 @@ def tree_decode_launcher(
     if needs_stage2 or not direct:
         stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
                                   skip_single=direct)
-    if len(stage1) == 1 and stage2 is not None:
-        first = stage1[0]
 
-        def launch(q, k, v, o):
-            first(q, k, v, o)
+    def launch(q, k, v, o):
+        for part in stage1:
+            part(q, k, v, o)
+        if stage2 is not None:
             stage2(o)
-    else:
-        def launch(q, k, v, o):
-            for part in stage1:
-                part(q, k, v, o)
-            if stage2 is not None:
-                stage2(o)
 
     return launch
 

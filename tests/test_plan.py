@@ -675,6 +675,27 @@ def test_prepared_launches_reused_per_layout():
     assert fn not in prepared
 
 
+def test_buffers_send_packs_one_copy():
+    # PlanBuffers.send packs an int64 prefix, int64 positions and int32 values into one
+    # copy and writes the values into the device buffer. On the CPU the staging tensor
+    # is the device tensor; a separate tensor stands in for a device buffer here so the
+    # packing runs (on a GPU the cache tests exercise it).
+    b = PlanBuffers(2, 16, "cpu")
+    b.dev = b.host.clone()
+    pos = np.array([3, 7, 11], dtype=np.int64)
+    val = np.array([5, 2**31 - 1, 9], dtype=np.int64)
+    b.scatter(pos, val)
+    assert b.host[pos].tolist() == val.tolist() and b.dev[pos].tolist() == val.tolist()
+    for m in (0, 1, 4):  # odd and even value counts, and none
+        pos = np.arange(20, 20 + m, dtype=np.int64)
+        val = np.arange(100, 100 + m, dtype=np.int64)
+        prefix = np.array([42, -1, 7], dtype=np.int64)
+        out = b.send(pos, val, prefix=prefix)
+        assert out.dtype == torch.int64 and out.tolist() == [42, -1, 7]
+        assert b.dev[20:20 + m].tolist() == val.tolist()
+    assert b.send(np.zeros(0, np.int64), np.zeros(0, np.int64)) is None
+
+
 def test_buffers_reuse_invalidates_older_plan():
     buffers = PlanBuffers(4, 16, "cpu")
     inp1 = plan_input([-1, 0, 0], [30, 10, 10], [1, 2])

@@ -893,16 +893,8 @@ class TreeKVCache:
             return torch.from_numpy(slots.copy())  # the cache keeps ``slots`` itself
         if upd is None:
             return to_device_async(slots, self.device)
-        # One copy for the slots and the plan's tail update: int64 slots and positions,
-        # then the int32 values packed two to a word (read back through a view).
-        n, m = slots.size, upd[0].size
-        buf = np.empty(n + m + (m + 1) // 2, dtype=np.int64)
-        buf[:n] = slots
-        buf[n:n + m] = upd[0]
-        buf[n + m:].view(np.int32)[:m] = upd[1]
-        packed = to_device_async(buf, self.device)
-        self._buffers.apply(packed[n:n + m], packed[n + m:].view(torch.int32)[:m])
-        return packed[:n]
+        # One copy for the slots and the plan's tail update.
+        return self._buffers.send(upd[0], upd[1], prefix=slots)
 
     def _topo_order(self) -> list[_Node]:
         roots = [nd for nd in self._nodes.values() if nd.parent is None]

@@ -36,7 +36,6 @@ from kernels import (
     Phase,
     select_backend,
     torch_tree_decode,
-    tree_decode,
 )
 from kernels.tree_decode import MAX_BLOCK_M, tree_decode_launcher
 
@@ -292,21 +291,37 @@ class PlanBuffers:
     def scatter(self, positions: np.ndarray, values: np.ndarray) -> None:
         """Write ``values`` at ``positions`` of the staging and the device buffer."""
         self.write_host(positions, values)
-        if self.dev is not self.host:
-            packed = to_device_async(np.concatenate([positions, values]).astype(np.int64),
-                                     self.device)
-            self.apply(packed[:positions.size], packed[positions.size:])
+        self.send(positions, values)
 
     def write_host(self, positions: np.ndarray, values: np.ndarray) -> None:
-        """The host half of :meth:`scatter` (the device half is :meth:`apply`)."""
+        """The host half of :meth:`scatter` (the device half is :meth:`send`)."""
         self.host_writable()
         self.host_np[positions] = values
 
-    def apply(self, positions: torch.Tensor, values: torch.Tensor) -> None:
-        """The device half of :meth:`scatter`: int64 ``positions`` and ``values`` already
-        on the device."""
-        if self.dev is not self.host:
-            self.dev.index_copy_(0, positions, values.to(torch.int32))
+    def send(self, positions: np.ndarray, values: np.ndarray,
+             prefix: np.ndarray | None = None) -> torch.Tensor | None:
+        """The device half of :meth:`scatter`, with room for a caller's own array.
+
+        One host-to-device copy carries ``prefix`` (int64, returned on the device: the
+        cache sends a step's new slots this way), the int64 ``positions`` and the int32
+        ``values`` packed two to a word (read back through a view, so no cast kernel
+        runs); one ``index_copy_`` writes the values. Nothing is copied when the buffers
+        live on the CPU (the staging tensor is the device tensor): then ``prefix`` comes
+        back as a CPU tensor.
+        """
+        n = 0 if prefix is None else prefix.size
+        m = positions.size
+        if self.dev is self.host:
+            return None if prefix is None else torch.from_numpy(prefix)
+        buf = np.empty(n + m + (m + 1) // 2, dtype=np.int64)
+        if n:
+            buf[:n] = prefix
+        buf[n:n + m] = positions
+        buf[n + m:].view(np.int32)[:m] = values
+        packed = to_device_async(buf, self.device)
+        if m:
+            self.dev.index_copy_(0, packed[n:n + m], packed[n + m:].view(torch.int32)[:m])
+        return None if prefix is None else packed[:n]
 
     def upload(self, kv_used: int) -> None:
         """Copy the small regions and the first ``kv_used`` kv entries to the device."""
@@ -554,10 +569,10 @@ class DecodePlan:
     MAX_GRAPHS = 8
 
     def _run_graphed(self, q, k, v, o, sm_scale, logit_cap):
+        prepared = self._launcher(q, k, v, o, sm_scale, logit_cap)
+
         def launch():
-            tree_decode(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
-                        logit_cap=logit_cap, check=False, direct=self.direct,
-                        needs_stage2=self.needs_stage2, **self.kernel_tensors(q.dtype))
+            prepared(q, k, v, o)
 
         if torch.cuda.is_current_stream_capturing():
             launch()
@@ -625,7 +640,7 @@ class DecodePlan:
     def prepare_tails(self, rows: np.ndarray | None, slots: np.ndarray, *,
                       assume_unique: bool = False):
         """:meth:`extend_tails` up to the device write: updates the host arrays and
-        returns ``(positions, values)`` for :meth:`PlanBuffers.apply` (after copying
+        returns ``(positions, values)`` for :meth:`PlanBuffers.send` (after copying
         them to the device), or None (nothing changed) if some request cannot grow."""
         if rows is None:
             if np.size(slots) != self.num_requests:
@@ -1064,20 +1079,15 @@ def build_plan(
     alpha, beta, gamma = float(params.alpha), float(params.beta), float(params.gamma)
     if flat:
         assign, chain = _flat_assignment(topo)
-        groups = _Groups(topo, assign, chain)
-        par = _parallelism(groups, q_tiles, splits, num_kv_heads)
-        return _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par,
-                            req_q, req_k, num_qo_heads, num_kv_heads, head_dim, device,
-                            buffers, headroom)
-
-    # The seed's adjustment loop: smaller KV chunks when a phase has too few programs,
-    # then one tile shape for both phases (re-running the cost model).
-    assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+    else:
+        assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
     groups = _Groups(topo, assign, chain)
     par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+    # The seed's adjustment loop (not for flat plans): smaller KV chunks when a phase has
+    # too few programs, then one tile shape for both phases (re-running the cost model).
     changed = False
     for phase in range(2):
-        if 0 < par[phase] < th1[phase]:
+        if not flat and 0 < par[phase] < th1[phase]:
             splits[phase] = splits_in[1]
             changed = True
     if changed:
