@@ -125,8 +125,9 @@ def _ablations(plan, q, k, v, sm, device):
     """Graph times of the same plan without one optimisation each (same run, same data):
     no contiguity hint (every vnode gathers its slot indices), the other partial dtype
     (float32 where the plan stores float16, else the input dtype), the v4 stage-2 launch
-    shape, and the other launch grouping of the two stage-1 phases (one launch each when
-    the plan merges them, one launch when it does not)."""
+    shape, the other launch grouping of the two stage-1 phases (one launch each when
+    the plan merges them, one launch when it does not), and, where the two phases are
+    two launches, those launches on one stream (no overlap)."""
     t = plan.kernel_tensors(q.dtype)
     mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
@@ -167,6 +168,11 @@ def _ablations(plan, q, k, v, sm, device):
 
     res["graph_other_grouping_us"] = _graph_time(other_grouping, device)
     res["phases_merged"] = merged
+    # Two stage-1 launches one after the other instead of on two streams.
+    if not merged and len([ph for ph in plan.phases if ph.num_vnodes]) == 2:
+        seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
+                                      overlap=False, **mode, **t)
+        res["graph_no_overlap_us"] = _graph_time(lambda: seq(q, k, v, o), device)
     return res
 
 
@@ -315,7 +321,8 @@ def summarize(results):
                            "with the other partial dtype (float32 if the plan stores fp16)"),
                           ("graph_other_grouping_us", "with the other phase grouping"),
                           ("graph_flat_us", "with the flat plan"),
-                          ("graph_stage2_v4_us", "with the v4 stage-2 launch shape")):
+                          ("graph_stage2_v4_us", "with the v4 stage-2 launch shape"),
+                          ("graph_no_overlap_us", "with both phase launches on one stream")):
             rs = [r for r in abl if r.get(key)]
             if not rs:
                 continue
@@ -386,8 +393,9 @@ def main(argv=None):
     ap.add_argument("--no-baselines", action="store_true", help="skip FA2 and the flat plan")
     ap.add_argument("--no-extra", action="store_true", help="seed suite only")
     ap.add_argument("--ablations", action="store_true",
-                    help="also time the plan without the contiguity hint, with fp16 "
-                         "partials, and with the other stage-1 launch grouping (graph replay)")
+                    help="also time the plan without the contiguity hint, with the other "
+                         "partial dtype, with the v4 stage-2 shape, with the other stage-1 "
+                         "launch grouping and without overlapped phases (graph replay)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

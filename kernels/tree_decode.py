@@ -6,7 +6,8 @@ a set of query rows and a range of KV slots. Stage 1 runs one program per
 group at once (so ``tl.dot`` sees ``q_tile * group`` rows), streams the vnode's KV once
 and writes one partial output and one log-sum-exp per (query, head) into a *mid row*.
 Both phases of a plan (two tile shapes) run in one stage-1 launch when the second is
-small (:func:`merge_phases`). Stage 2 runs one program per (request, block of heads,
+small (:func:`merge_phases`); otherwise their two launches run concurrently on two CUDA
+streams (:data:`OVERLAP_PHASES`). Stage 2 runs one program per (request, block of heads,
 :func:`stage2_blocks`) and merges the request's mid rows with the log-sum-exp trick.
 
 Index arrays (all int32, on the device of ``q``):
@@ -368,6 +369,11 @@ def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
 # One launch for both phases when the second has at most this many programs (vnodes x
 # KV heads); see merge_phases.
 MERGE_MAX_PROGRAMS = 4096
+#: Run the two stage-1 launches of a plan whose phases are not merged concurrently, on
+#: two CUDA streams (see :func:`tree_decode_launcher`). Measured on an H100
+#: (benchmarks/RESULTS.md, v8): 1.05x under graph replay on the 20 benchmark cases with
+#: two launches.
+OVERLAP_PHASES = True
 
 
 def merge_phases(phases: Sequence[Phase], group: int, num_kv_heads: int) -> bool:
@@ -704,6 +710,7 @@ def tree_decode_launcher(
     vnode_slot0: torch.Tensor | None = None,
     direct: bool = False,
     needs_stage2: bool = True,
+    overlap: bool | None = None,
 ):
     """Prepare every launch of :func:`tree_decode` once (launch grouping, tile and
     launch sizes, strides, compile-time constants) and return ``launch(q, k, v, o)``.
@@ -712,6 +719,10 @@ def tree_decode_launcher(
     strides as the ``q``, ``k``, ``v``, ``o`` given here; the index tensors and mid
     buffers are bound. Arguments are not checked (see :func:`tree_decode`). A plan keeps
     these per tensor layout (``DecodePlan.run``), so repeated calls skip the Python work.
+
+    ``overlap`` (default :data:`OVERLAP_PHASES`): on CUDA, when the two stage-1 phases
+    run as two launches, launch the first on a side stream so that both run at once
+    (see :func:`_overlapped`; the result is the same bits either way).
     """
     live = [ph for ph in phases if ph.num_vnodes > 0]
     if merge_phases(live, q.shape[1] // k.shape[1], k.shape[1]):
@@ -728,10 +739,47 @@ def tree_decode_launcher(
     if needs_stage2 or not direct:
         stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
                                   skip_single=direct)
+    if overlap is None:
+        overlap = OVERLAP_PHASES
+    if overlap and len(stage1) == 2 and q.device.type == "cuda":
+        return _overlapped(stage1, stage2, q.device)
 
     def launch(q, k, v, o):
         for part in stage1:
             part(q, k, v, o)
+        if stage2 is not None:
+            stage2(o)
+
+    return launch
+
+
+
+def _overlapped(stage1, stage2, device):
+    """Launch ``stage1[0]`` on a side stream and ``stage1[1]`` on the caller's stream,
+    then join them before stage 2. Phase 0 (few long programs on the shared prefixes,
+    bound by tensor-core throughput) and phase 1 (many short programs on the leaves,
+    bound by memory) then share the GPU instead of running one after the other. The
+    side stream waits for the caller's stream first and the caller's stream waits for
+    the side stream before stage 2, so the call is ordered like one on a single stream
+    (and a CUDA graph captures the two launches as parallel branches)."""
+    side = torch.cuda.Stream(device=device)
+    fork = torch.cuda.Event()
+    join = torch.cuda.Event()
+    first, second = stage1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+
+    def launch(q, k, v, o):
+        main = torch.cuda.current_stream(index)
+        fork.record(main)
+        side.wait_event(fork)
+        torch.cuda.set_stream(side)  # Triton launches on torch's current stream
+        try:
+            first(q, k, v, o)
+        finally:
+            torch.cuda.set_stream(main)
+        join.record(side)
+        second(q, k, v, o)
+        main.wait_event(join)
         if stage2 is not None:
             stage2(o)
 

@@ -189,3 +189,96 @@ def test_graph_cached_run_inside_callers_capture(cuda):
     ref = reference_decode(q, k, v, [torch.from_numpy(p).to(cuda)
                                      for p in _paths(parent, seqlen, tok_ptr, ends)], 1 / math.sqrt(128))
     assert _rel(o, ref) <= 2e-3
+
+
+def test_overlapped_phases_match_sequential_launches(cuda):
+    """A plan whose two stage-1 phases are not merged runs them on two streams
+    (OVERLAP_PHASES): same bits as one stream, eager and replayed, on the caller's
+    stream and on another one, and ordered against work queued before and after."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    nodes = tc.generate_tree_from_spec("1,256 300,24")
+    q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, 32, 32, 128, cuda, torch.float16,
+                                                build_cache=False)
+    meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], 32, 32, 128, device=cuda)
+    plan = meta.plan
+    assert len([ph for ph in plan.phases if ph.num_vnodes]) == 2
+    assert not td.merge_phases(plan.phases, 1, 32)  # two launches: the overlapped path
+    t = plan.kernel_tensors(q.dtype)
+    kw = dict(phases=plan.phases, sm_scale=1 / math.sqrt(128), direct=plan.direct,
+              needs_stage2=plan.needs_stage2, **t)
+    o_seq = torch.full_like(q, float("nan"))
+    seq = td.tree_decode_launcher(q, k, v, o_seq, overlap=False, **kw)
+    ovl = td.tree_decode_launcher(q, k, v, o_seq, overlap=True, **kw)
+    assert ovl.__code__ is not seq.__code__
+    for trial in range(3):
+        q.copy_(torch.randn_like(q))  # queued on the caller's stream before the call
+        seq(q, k, v, o_seq)
+        o = torch.full_like(q, float("nan"))
+        ovl(q, k, v, o)
+        o_after = o.clone()  # queued after: must see the finished output
+        torch.cuda.synchronize()
+        assert torch.equal(o_after, o_seq)
+    # On a stream other than the default one.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        o2 = torch.full_like(q, float("nan"))
+        ovl(q, k, v, o2)
+        o2_after = o2.clone()
+    torch.cuda.synchronize()
+    assert torch.equal(o2_after, o_seq)
+    # Captured in a CUDA graph (two parallel branches), replayed with new queries.
+    o3 = torch.full_like(q, float("nan"))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ovl(q, k, v, o3)
+    q.copy_(torch.randn_like(q))
+    g.replay()
+    seq(q, k, v, o_seq)
+    torch.cuda.synchronize()
+    assert torch.equal(o3, o_seq)
+    inp = tc.fasttree.tree_plan_input(nodes, ptrs, q.shape[0])
+    slots = _paths(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
+    ref = reference_decode(q, k, v, [torch.from_numpy(x).to(cuda) for x in slots],
+                           1 / math.sqrt(128))
+    assert not torch.isnan(o_seq).any()
+    assert _rel(o_seq, ref) <= 2e-3
+    # And the plan's own call (prepared launches use the overlapped path by default).
+    o4 = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o4)
+    torch.cuda.synchronize()
+    assert torch.equal(o4, o_seq)
+
+
+@pytest.mark.parametrize("spec", ["1,4,16,64 256,8,256,40", "1,10 4000,400"])
+def test_gpu_plan_equals_cpu_plan(cuda, spec):
+    """A GPU plan expands its kv entries on the device: every index tensor equals the
+    same plan built on the CPU (host expansion), also after a smaller plan reused the
+    buffers."""
+    nodes = tc.generate_tree_from_spec(spec)
+    ptrs = tc.kv_ptrs(nodes)
+    inp = tc.fasttree.tree_plan_input(nodes, ptrs, sum(1 for n in nodes if not n.num_children))
+    small = tc.fasttree.tree_plan_input(*(lambda nd: (nd, tc.kv_ptrs(nd), 2))(
+        tc.generate_tree_from_spec("1,2 5,3")))
+    for hq, hk in ((32, 8), (16, 1)):
+        cpu = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128, device="cpu")
+        gpu = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128, device=cuda)
+        for again in range(2):
+            tc_, tg = cpu.tensors(), gpu.tensors()
+            for name in ("kv_indices", "vnode_kv_start", "vnode_kv_len", "vnode_q_start",
+                         "vnode_q_len", "vnode_slot0", "mid_q_rows", "req_mid_start",
+                         "req_mid_len", "req_mid_rows"):
+                n = {"kv_indices": cpu.num_kv_entries, "mid_q_rows": cpu.num_mid_rows,
+                     "req_mid_rows": cpu.num_mid_rows}.get(name, None)
+                a = tc_[name] if n is None else tc_[name][:n]
+                b = tg[name] if n is None else tg[name][:n]
+                if name.startswith("vnode"):
+                    a, b = a[:cpu.num_vnodes], b[:cpu.num_vnodes]
+                assert torch.equal(a, b.cpu()), name
+            # Reuse the buffers for another plan, then this one again.
+            build_plan(small, num_qo_heads=hq, num_kv_heads=hk, head_dim=128, device=cuda,
+                       buffers=gpu.buffers)
+            gpu = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128, device=cuda,
+                             buffers=gpu.buffers)
