@@ -36,3 +36,25 @@ def test_vectorised_heuristic_matches_scalar(seed, fan_bias):
         np.testing.assert_array_equal(got_l, want_l)
         split_q += int(want_a.sum())
     assert split_q > 0  # the comparison covered split-Q decisions, not only split-K
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_expand_ranges_device_matches_host(seed):
+    """The runs-only expansion (used for GPU plans) equals the host expansion: random
+    runs, empty runs, all runs empty, int32 and int64 outputs."""
+    import torch
+
+    from treecache.plan import _expand_ranges, _expand_ranges_device
+
+    rng = np.random.default_rng(seed)
+    for trial in range(20):
+        n = int(rng.integers(0, 60))
+        starts = rng.integers(0, 1 << 20, size=n)
+        lens = rng.integers(0, 70, size=n)
+        if trial % 7 == 0:
+            lens[:] = 0
+        ref = _expand_ranges(starts, lens)
+        for dtype in (torch.int32, torch.int64):
+            out = torch.full((ref.size,), -7, dtype=dtype)
+            _expand_ranges_device(starts, lens, out)
+            assert np.array_equal(out.numpy(), ref)

@@ -324,7 +324,9 @@ class PlanBuffers:
         return None if prefix is None else packed[:n]
 
     def upload(self, kv_used: int) -> None:
-        """Copy the small regions and the first ``kv_used`` kv entries to the device."""
+        """Copy the small regions and the first ``kv_used`` kv entries to the device
+        (a plan whose kv entries were expanded on the device passes 0: the staging
+        buffer's kv region is then not the device's)."""
         if self.dev is self.host:
             return
         end = self.offsets["kv_indices"] + kv_used
@@ -980,6 +982,30 @@ def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarr
     return np.split(toks, np.cumsum(per_req)[:-1])
 
 
+def _expand_ranges_device(starts: np.ndarray, lens: np.ndarray, out: torch.Tensor) -> None:
+    """:func:`_expand_ranges` into a tensor ``out`` (length ``lens.sum()``, any integer
+    dtype, on any device), computed where ``out`` lives: only the ``(start, length)``
+    pairs are copied there, so the host's work is O(runs), not O(tokens). Asynchronous
+    on a GPU (a few kernels on the current stream; no synchronisation)."""
+    total = out.numel()
+    if total == 0:
+        return
+    starts = np.asarray(starts, dtype=np.int64)
+    lens = np.asarray(lens, dtype=np.int64)
+    nz = lens > 0
+    starts, lens = starts[nz], lens[nz]
+    n = starts.size
+    pairs = np.empty(2 * n, dtype=np.int64)
+    # Entry j of run i is starts[i] + (j - first[i]) = (starts[i] - first[i]) + j.
+    np.cumsum(lens, out=pairs[n:])
+    pairs[:n] = starts - (pairs[n:] - lens)
+    pairs[n:] = lens
+    dev = to_device_async(pairs, out.device)
+    shift = torch.repeat_interleave(dev[:n], dev[n:], output_size=total)
+    shift += torch.arange(total, device=out.device)
+    out.copy_(shift)
+
+
 def _expand_ranges(starts: np.ndarray, lens: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Concatenate ``arange(s, s + l)`` for every pair, vectorised.
 
@@ -1296,10 +1322,15 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     hv("req_mid_start", b)[:] = req_start
     hv("req_mid_len", b)[:] = req_cnt
     kv_host = hv("kv_indices", kv_total)
+    on_device = False
     if not grow_g.any() and inp.node_tokens is None:
-        # Contiguous layout, no headroom gaps: the positions are the slots; build them
-        # in place in the staging buffer.
-        _expand_ranges(seg_start, seg_len, out=kv_host)
+        # Contiguous layout, no headroom gaps: the positions are the slots. On the CPU,
+        # build them in place in the staging buffer; on a GPU, send only the runs and
+        # expand them there (the host's part no longer grows with the token count).
+        if buffers.dev is buffers.host:
+            _expand_ranges(seg_start, seg_len, out=kv_host)
+        else:
+            on_device = True
     else:
         positions = _expand_ranges(seg_start, seg_len, out=buffers.scratch(int(seg_len.sum())))
         chain_tokens = (positions if inp.node_tokens is None
@@ -1310,7 +1341,9 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
             kv_host[dest] = chain_tokens
         else:
             kv_host[:] = chain_tokens
-    buffers.upload(kv_total)
+    buffers.upload(0 if on_device else kv_total)
+    if on_device:
+        _expand_ranges_device(seg_start, seg_len, buffers.dev_view("kv_indices", kv_total))
     buffers.serial += 1
 
     return DecodePlan(
