@@ -82,7 +82,8 @@ def vnode_table(plan: DecodePlan) -> list[tuple[int, int, int, int]]:
 
 def plan_slots(plan: DecodePlan) -> list[list[int]]:
     """Sorted KV slots each request attends through the plan's vnodes."""
-    kv = plan.buffers.host_view("kv_indices", plan.num_kv_entries)
+    # The device copy: GPU plans may expand their kv entries there only.
+    kv = plan.buffers.dev_view("kv_indices", plan.num_kv_entries).cpu().numpy()
     mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
     out = [[] for _ in range(plan.num_requests)]
     for ks, kl, qs, ql in vnode_table(plan):
@@ -119,14 +120,17 @@ def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
     for r in range(b):
         mine = req_rows[starts[r]:starts[r] + lens[r]]
         assert sorted(mine) == [j for j in range(nm) if mid_q_rows[j] == r]
-    # The device tensors hold what the host staging buffer holds.
-    for name, n in (("vnode_kv_start", nv), ("vnode_kv_len", nv), ("vnode_q_start", nv),
-                    ("vnode_q_len", nv), ("vnode_slot0", nv), ("mid_q_rows", nm), ("req_mid_rows", nm),
-                    ("req_mid_start", b), ("req_mid_len", b),
-                    ("kv_indices", plan.num_kv_entries)):
+    # The device tensors hold what the host staging buffer holds (kv entries: except
+    # where a GPU plan expanded them on the device; plan_slots checks those).
+    names = [("vnode_kv_start", nv), ("vnode_kv_len", nv), ("vnode_q_start", nv),
+             ("vnode_q_len", nv), ("vnode_slot0", nv), ("mid_q_rows", nm), ("req_mid_rows", nm),
+             ("req_mid_start", b), ("req_mid_len", b)]
+    if plan.buffers.dev is plan.buffers.host or inp.node_tokens is not None:
+        names.append(("kv_indices", plan.num_kv_entries))
+    for name, n in names:
         assert plan.buffers.dev_view(name, n).cpu().tolist() == host(plan, name, n), name
     # A contiguity hint is a promise: the vnode's slots are slot0, slot0 + 1, ...
-    kv = plan.buffers.host_view("kv_indices", plan.num_kv_entries)
+    kv = plan.buffers.dev_view("kv_indices", plan.num_kv_entries).cpu().numpy()
     for (ks, kl, _, _), s0 in zip(table, host(plan, "vnode_slot0", nv)):
         if s0 >= 0:
             assert kv[ks:ks + kl].tolist() == list(range(s0, s0 + kl))

@@ -206,6 +206,9 @@ class PlanBuffers:
 
     All int32 index arrays live in one device tensor at fixed offsets, filled from one
     host staging tensor with a single copy; ``mid_o``/``mid_lse`` are float32 buffers.
+    A GPU plan over contiguous node runs (no slot table, no growth headroom) expands its
+    ``kv_indices`` on the device from the runs, so the staging tensor's kv region does
+    not hold them: read plans through the device tensors (:meth:`dev_view`).
     Capacities grow (doubling) when a plan needs more; :attr:`generation` counts the
     reallocations, so a captured CUDA graph is valid while it stays the same.
     """
