@@ -126,8 +126,9 @@ def _ablations(plan, q, k, v, sm, device):
     no contiguity hint (every vnode gathers its slot indices), the other partial dtype
     (float32 where the plan stores float16, else the input dtype), the v4 stage-2 launch
     shape, the other launch grouping of the two stage-1 phases (one launch each when
-    the plan merges them, one launch when it does not), and, where the two phases are
-    two launches, those launches on one stream (no overlap)."""
+    the plan merges them, one launch when it does not), without the wide-tile register
+    cap, with 64-bit address arithmetic in stage 1, and, where the two phases are two
+    launches, those launches on one stream (no overlap)."""
     t = plan.kernel_tensors(q.dtype)
     mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
@@ -168,6 +169,16 @@ def _ablations(plan, q, k, v, sm, device):
 
     res["graph_other_grouping_us"] = _graph_time(other_grouping, device)
     res["phases_merged"] = merged
+    # Without the register cap of the wide-tile launch; with 64-bit address arithmetic.
+    for key, attr, value in (("graph_no_regcap_us", "WIDE_TILE_MAX_REGISTERS", None),
+                             ("graph_offsets64_us", "OFF32_LIMIT", 1)):
+        saved = getattr(td, attr)
+        setattr(td, attr, value)
+        try:
+            fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm, **mode, **t)
+            res[key] = _graph_time(lambda: fn(q, k, v, o), device)
+        finally:
+            setattr(td, attr, saved)
     # Two stage-1 launches one after the other instead of on two streams.
     if not merged and len([ph for ph in plan.phases if ph.num_vnodes]) == 2:
         seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
@@ -322,7 +333,9 @@ def summarize(results):
                           ("graph_other_grouping_us", "with the other phase grouping"),
                           ("graph_flat_us", "with the flat plan"),
                           ("graph_stage2_v4_us", "with the v4 stage-2 launch shape"),
-                          ("graph_no_overlap_us", "with both phase launches on one stream")):
+                          ("graph_no_overlap_us", "with both phase launches on one stream"),
+                          ("graph_no_regcap_us", "without the wide-tile register cap"),
+                          ("graph_offsets64_us", "with 64-bit address arithmetic")):
             rs = [r for r in abl if r.get(key)]
             if not rs:
                 continue
@@ -395,7 +408,8 @@ def main(argv=None):
     ap.add_argument("--ablations", action="store_true",
                     help="also time the plan without the contiguity hint, with the other "
                          "partial dtype, with the v4 stage-2 shape, with the other stage-1 "
-                         "launch grouping and without overlapped phases (graph replay)")
+                         "launch grouping, without the register cap, with 64-bit addresses "
+                         "and without overlapped phases (graph replay)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -121,31 +121,41 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
              qk_scale, logit_cap, offs_d, d_ok,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, USE_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr):
+             UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr, OFF32: tl.constexpr):
     """Online softmax of one tile of rows over ``kv_len`` KV slots.
 
     The slots are ``slot0, slot0 + 1, ...`` when ``slot0 >= 0`` (the index loads are
     masked off), else ``KvIdx[kv_start:kv_start + kv_len]``. One loop serves both, so
-    the kernel holds one set of pipeline buffers.
+    the kernel holds one set of pipeline buffers. ``OFF32``: every element offset of
+    ``K`` and ``V`` fits in int32, so addresses are computed in 32-bit arithmetic.
+    Without a padded head dimension (``HEAD_DIM == BLOCK_D``) the loads are masked
+    along the KV axis only.
     """
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
+    Kh = K + kv_head * stride_kh
+    Vh = V + kv_head * stride_vh
     for n0 in range(0, kv_len, BLOCK_N):
         n = n0 + offs_n
         n_ok = n < kv_len
         if HAS_SLOT0:
             gather = (n * 0 + slot0) < 0  # a block (the interpreter wants a block mask)
             idx = tl.load(KvIdx + kv_start + n, mask=n_ok & gather, other=0)
-            slot = tl.where(slot0 >= 0, slot0 + n, idx).to(tl.int64)
+            slot = tl.where(slot0 >= 0, slot0 + n, idx)
         else:
-            slot = tl.load(KvIdx + kv_start + n, mask=n_ok, other=0).to(tl.int64)
-        kt = tl.load(
-            K + slot[None, :] * stride_kt + kv_head * stride_kh + offs_d[:, None],
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )  # [BLOCK_D, BLOCK_N]
+            slot = tl.load(KvIdx + kv_start + n, mask=n_ok, other=0)
+        if not OFF32:
+            slot = slot.to(tl.int64)
+        if HEAD_DIM == BLOCK_D:
+            k_mask = n_ok[None, :]
+            v_mask = n_ok[:, None]
+        else:
+            k_mask = n_ok[None, :] & d_ok[:, None]
+            v_mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(Kh + (slot[None, :] * stride_kt + offs_d[:, None]), mask=k_mask,
+                     other=0.0)  # [BLOCK_D, BLOCK_N]
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], fp32
@@ -158,11 +168,8 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(
-            V + slot[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
+        vt = tl.load(Vh + (slot[:, None] * stride_vt + offs_d[None, :]), mask=v_mask,
+                     other=0.0)  # [BLOCK_N, BLOCK_D]
         if UPCAST:
             vt = vt.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
@@ -181,7 +188,7 @@ def _stage1_vnode(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, OFF32: tl.constexpr,
 ):
     """Stage 1 for vnode ``vid`` and one KV head (one tile shape)."""
     q_start = tl.load(VQStart + vid)
@@ -213,7 +220,7 @@ def _stage1_vnode(
     acc, m_i, l_i = _kv_loop(
         q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
         stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, logit_cap, offs_d, d_ok,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, HAS_SLOT0)
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, HAS_SLOT0, OFF32)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -265,6 +272,7 @@ def _stage1_kernel(
     UPCAST: tl.constexpr,
     HAS_SLOT0: tl.constexpr,
     DIRECT: tl.constexpr,
+    OFF32: tl.constexpr,
 ):
     # Both phases of a plan in one launch: programs [0, num_first) run the first tile
     # shape (the long, shared vnodes, scheduled first), the rest the second.
@@ -279,7 +287,7 @@ def _stage1_kernel(
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT)
+                HAS_SLOT0, DIRECT, OFF32)
         else:
             _stage1_vnode(
                 vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
@@ -287,7 +295,7 @@ def _stage1_kernel(
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT)
+                HAS_SLOT0, DIRECT, OFF32)
     else:
         _stage1_vnode(
             vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
@@ -295,7 +303,7 @@ def _stage1_kernel(
             stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-            HAS_SLOT0, DIRECT)
+            HAS_SLOT0, DIRECT, OFF32)
 
 
 @triton.jit
@@ -546,8 +554,12 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         BLOCK_M1=blocks[-1][0], BLOCK_N1=blocks[-1][1], TWO_SHAPES=two,
         USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast,
         HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
+        OFF32=_offsets_fit_int32(k) and _offsets_fit_int32(v),
         num_warps=num_warps, num_stages=num_stages,
     )
+    cap = _register_cap(blocks if two else blocks[:1], num_warps, q.device.type)
+    if cap is not None:
+        consts["maxnreg"] = cap
 
     def launch(q, k, v, o):
         kernel(q, k, v, mid_o, mid_lse, o if direct else q, count,
@@ -555,6 +567,34 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
                mid_q_rows, slot0, *strides, **consts)
 
     return launch
+
+
+#: Largest element offset (exclusive) that stage 1 computes in 32-bit arithmetic.
+OFF32_LIMIT = 2 ** 31
+#: Register cap per thread of a stage-1 launch of one tile shape with >= 64 rows and
+#: 4 warps (the shared-prefix phase; None or 0: the compiler's choice). Such a program
+#: needed 141 registers on an H100 (3 programs per SM); at 128, 4 fit. Measured
+#: (benchmarks/RESULTS.md, v8): that phase 1.2-1.4x faster on the 32/8 and 32/32 trees;
+#: the same cap on the small-tile phase made it slower, so it is not applied there.
+WIDE_TILE_MAX_REGISTERS = 128
+
+
+def _register_cap(shapes, num_warps: int, device_type: str) -> int | None:
+    """``maxnreg`` of a stage-1 launch: :data:`WIDE_TILE_MAX_REGISTERS` for a CUDA
+    launch of one tile shape ``(BLOCK_M, BLOCK_N, BLOCK_D)`` with >= 64 rows on 4 warps
+    (one warpgroup per program, the shared-prefix phase), else None."""
+    if (not WIDE_TILE_MAX_REGISTERS or device_type != "cuda" or len(set(shapes)) != 1
+            or shapes[0][0] < 64 or num_warps != 4):
+        return None
+    return int(WIDE_TILE_MAX_REGISTERS)
+
+
+def _offsets_fit_int32(t: torch.Tensor) -> bool:
+    """Whether every element offset of ``t`` (from its first element) is < OFF32_LIMIT."""
+    if t.numel() == 0:
+        return True
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return span <= OFF32_LIMIT
 
 
 def stage2_blocks(num_requests: int, num_heads: int, head_dim: int) -> tuple[int, int, int]:

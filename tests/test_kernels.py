@@ -577,3 +577,53 @@ def test_argument_checks(mutate, message):
     mutate(args)
     with pytest.raises(ValueError, match=message):
         tree_decode(phases=case.phases, sm_scale=0.25, **args)
+
+
+@pytest.mark.parametrize("d", [40, 96])
+def test_head_dim_not_a_power_of_two(d):
+    # The padded head dimension (BLOCK_D > head_dim) takes the masked loads and stores.
+    case, num_slots = shared_prefix_case()
+    q, k, v = make_qkv(case.num_requests, num_slots, 4, 2, d, torch.float16, seed=d)
+    o, mid_o, mid_lse = case.run("triton", q, k, v, 1 / math.sqrt(d))
+    ref = reference_decode(q, k, v, case.request_slots, 1 / math.sqrt(d))
+    check_output(case, o, mid_o, mid_lse, ref, torch.float16)
+
+
+def test_64_bit_offsets_give_the_same_bits(monkeypatch):
+    # K/V of more than 2**31 elements need 64-bit address arithmetic; force that path
+    # (OFF32_LIMIT = 1) on a small case: same bits as the 32-bit path, with and
+    # without the contiguity hint.
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    case, num_slots = shared_prefix_case()
+    q, k, v = make_qkv(case.num_requests, num_slots, 8, 2, 64, torch.float16, seed=3)
+    slot0 = i32([0] + [-1] * (len(case.index["vnode_kv_len"]) - 1))
+    assert td._offsets_fit_int32(k)
+    outs = []
+    for limit in (td.OFF32_LIMIT, 1):
+        monkeypatch.setattr(td, "OFF32_LIMIT", limit)
+        assert td._offsets_fit_int32(k) == (limit > 1)
+        for hint in (None, slot0):
+            outs.append(case.run("triton", q, k, v, 0.125, vnode_slot0=hint))
+    ref = reference_decode(q, k, v, case.request_slots, 0.125)
+    check_output(case, *outs[0], ref, torch.float16)
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0]):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_register_cap_rule(monkeypatch):
+    # Only a CUDA launch of one wide tile shape (>= 64 rows) on 4 warps is capped.
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    wide, small = (64, 32, 128), (16, 32, 128)
+    assert td._register_cap([wide], 4, "cuda") == td.WIDE_TILE_MAX_REGISTERS == 128
+    assert td._register_cap([(128, 32, 128)], 4, "cuda") == 128
+    assert td._register_cap([wide], 4, "cpu") is None
+    assert td._register_cap([wide], 8, "cuda") is None
+    assert td._register_cap([small], 4, "cuda") is None
+    assert td._register_cap([wide, small], 4, "cuda") is None
+    monkeypatch.setattr(td, "WIDE_TILE_MAX_REGISTERS", None)
+    assert td._register_cap([wide], 4, "cuda") is None
