@@ -581,10 +581,11 @@ WIDE_TILE_MAX_REGISTERS = 128
 
 def _register_cap(shapes, num_warps: int, device_type: str) -> int | None:
     """``maxnreg`` of a stage-1 launch: :data:`WIDE_TILE_MAX_REGISTERS` for a CUDA
-    launch of one tile shape ``(BLOCK_M, BLOCK_N, BLOCK_D)`` with >= 64 rows on 4 warps
-    (one warpgroup per program, the shared-prefix phase), else None."""
+    launch of one tile shape ``(BLOCK_M, BLOCK_N, BLOCK_D)`` with >= 64 rows and a head
+    dim of at most 128 on 4 warps (one warpgroup per program, the shared-prefix
+    phase), else None (a 256-wide accumulator alone needs 128 registers a thread)."""
     if (not WIDE_TILE_MAX_REGISTERS or device_type != "cuda" or len(set(shapes)) != 1
-            or shapes[0][0] < 64 or num_warps != 4):
+            or shapes[0][0] < 64 or shapes[0][2] > 128 or num_warps != 4):
         return None
     return int(WIDE_TILE_MAX_REGISTERS)
 

@@ -624,6 +624,7 @@ def test_register_cap_rule(monkeypatch):
     assert td._register_cap([wide], 4, "cpu") is None
     assert td._register_cap([wide], 8, "cuda") is None
     assert td._register_cap([small], 4, "cuda") is None
+    assert td._register_cap([(64, 32, 256)], 4, "cuda") is None
     assert td._register_cap([wide, small], 4, "cuda") is None
     monkeypatch.setattr(td, "WIDE_TILE_MAX_REGISTERS", None)
     assert td._register_cap([wide], 4, "cuda") is None
