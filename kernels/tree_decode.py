@@ -6,8 +6,8 @@ a set of query rows and a range of KV slots. Stage 1 runs one program per
 group at once (so ``tl.dot`` sees ``q_tile * group`` rows), streams the vnode's KV once
 and writes one partial output and one log-sum-exp per (query, head) into a *mid row*.
 Both phases of a plan (two tile shapes) run in one stage-1 launch when the second is
-small (:func:`merge_phases`); otherwise their two launches run concurrently on two CUDA
-streams (:data:`OVERLAP_PHASES`). Stage 2 runs one program per (request, block of heads,
+small (:func:`merge_phases`); otherwise a captured CUDA graph runs their two launches
+concurrently (:data:`OVERLAP_PHASES`). Stage 2 runs one program per (request, block of heads,
 :func:`stage2_blocks`) and merges the request's mid rows with the log-sum-exp trick.
 
 Index arrays (all int32, on the device of ``q``):
@@ -377,10 +377,10 @@ def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
 # One launch for both phases when the second has at most this many programs (vnodes x
 # KV heads); see merge_phases.
 MERGE_MAX_PROGRAMS = 4096
-#: Run the two stage-1 launches of a plan whose phases are not merged concurrently, on
-#: two CUDA streams (see :func:`tree_decode_launcher`). Measured on an H100
-#: (benchmarks/RESULTS.md, v8): 1.05x under graph replay on the 20 benchmark cases with
-#: two launches.
+#: In CUDA graphs, run the two stage-1 launches of a plan whose phases are not merged
+#: concurrently, on two streams (see :func:`_overlapped`). Measured on an H100
+#: (benchmarks/RESULTS.md, v8): 1.02-1.05x under graph replay on the 20 benchmark
+#: cases with two launches.
 OVERLAP_PHASES = True
 
 
@@ -762,7 +762,7 @@ def tree_decode_launcher(
     these per tensor layout (``DecodePlan.run``), so repeated calls skip the Python work.
 
     ``overlap`` (default :data:`OVERLAP_PHASES`): on CUDA, when the two stage-1 phases
-    run as two launches, launch the first on a side stream so that both run at once
+    run as two launches, a CUDA graph captured from ``launch`` runs them concurrently
     (see :func:`_overlapped`; the result is the same bits either way).
     """
     live = [ph for ph in phases if ph.num_vnodes > 0]
@@ -796,13 +796,15 @@ def tree_decode_launcher(
 
 
 def _overlapped(stage1, stage2, device):
-    """Launch ``stage1[0]`` on a side stream and ``stage1[1]`` on the caller's stream,
-    then join them before stage 2. Phase 0 (few long programs on the shared prefixes,
-    bound by tensor-core throughput) and phase 1 (many short programs on the leaves,
-    bound by memory) then share the GPU instead of running one after the other. The
-    side stream waits for the caller's stream first and the caller's stream waits for
-    the side stream before stage 2, so the call is ordered like one on a single stream
-    (and a CUDA graph captures the two launches as parallel branches)."""
+    """While a CUDA graph is being captured, launch ``stage1[0]`` on a side stream and
+    ``stage1[1]`` on the caller's stream, then join them before stage 2: the graph
+    holds the two launches as parallel branches, so phase 0 (few long programs on the
+    shared prefixes, bound by tensor-core throughput) and phase 1 (many short programs
+    on the leaves, bound by memory) share the GPU instead of running one after the
+    other. The side stream waits for the caller's stream first and the caller's stream
+    waits for the side stream before stage 2, so the call is ordered like one on a
+    single stream. Eager calls launch everything on the caller's stream (the stream
+    switch and events cost more host time than the overlap saves there)."""
     side = torch.cuda.Stream(device=device)
     fork = torch.cuda.Event()
     join = torch.cuda.Event()
@@ -810,6 +812,14 @@ def _overlapped(stage1, stage2, device):
     index = device.index if device.index is not None else torch.cuda.current_device()
 
     def launch(q, k, v, o):
+        if not torch.cuda.is_current_stream_capturing():
+            # Eager: one stream. The stream switch and the events cost ~30-40 us of
+            # host time on the benchmark machine, more than the overlap gains there.
+            first(q, k, v, o)
+            second(q, k, v, o)
+            if stage2 is not None:
+                stage2(o)
+            return
         main = torch.cuda.current_stream(index)
         fork.record(main)
         side.wait_event(fork)

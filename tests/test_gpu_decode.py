@@ -192,9 +192,10 @@ def test_graph_cached_run_inside_callers_capture(cuda):
 
 
 def test_overlapped_phases_match_sequential_launches(cuda):
-    """A plan whose two stage-1 phases are not merged runs them on two streams
-    (OVERLAP_PHASES): same bits as one stream, eager and replayed, on the caller's
-    stream and on another one, and ordered against work queued before and after."""
+    """A plan whose two stage-1 phases are not merged: a captured graph runs them as
+    two parallel branches (OVERLAP_PHASES), eager calls on one stream. Same bits as
+    the sequential launches, eager and replayed, on the caller's stream and on
+    another one, and ordered against work queued before and after."""
     import importlib
 
     td = importlib.import_module("kernels.tree_decode")
