@@ -266,7 +266,7 @@ def main(argv=None):
             meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, params=p, device=dev)
             plan = meta.plan
             o = torch.empty_like(q)
-            td.default_launch = lambda bm, bn, bd, w=warps, s=stages: (w, s)
+            td.default_launch = lambda bm, bn, bd, group=1, w=warps, s=stages: (w, s)
             try:
                 t = _graph_time(lambda: plan.run(q, k, v, o, check=False), dev)
             except Exception:  # noqa: BLE001 - out of resources etc.

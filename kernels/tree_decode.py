@@ -103,8 +103,16 @@ def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int,
     return block_m, block_n, block_d
 
 
-def default_launch(block_m: int, block_n: int, block_d: int) -> tuple[int, int]:
-    """``(num_warps, num_stages)`` of a stage-1 launch for these block sizes."""
+def default_launch(block_m: int, block_n: int, block_d: int, group: int = 1) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of a stage-1 launch for these block sizes and GQA group.
+
+    Tiles of at most 16 rows (the leaves' phase) run on 2 warps without GQA and on one
+    warp with it; wider tiles on 4 warps (8 from 128 rows). Measured on an H100 under
+    graph replay (benchmarks/RESULTS.md, v8): against 4 warps everywhere, 1.027x on the
+    geometric mean of the 51 benchmark cases, 1.08-1.12x on the deep 32/32 trees.
+    """
+    if block_m <= 16:
+        return (2 if group == 1 else 1), 2
     return (8 if block_m >= 128 else 4), 2
 
 
@@ -502,7 +510,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     upcast = q.dtype == torch.bfloat16 and q.device.type == "cpu"
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     warps_arg, stages_arg = num_warps, num_stages
-    launches = [default_launch(*blk) for blk in blocks]
+    launches = [default_launch(*blk, group=group) for blk in blocks]
     if num_warps is None:
         num_warps = max(w for w, _ in launches)
     if num_stages is None:

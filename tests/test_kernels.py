@@ -628,3 +628,14 @@ def test_register_cap_rule(monkeypatch):
     assert td._register_cap([wide, small], 4, "cuda") is None
     monkeypatch.setattr(td, "WIDE_TILE_MAX_REGISTERS", None)
     assert td._register_cap([wide], 4, "cuda") is None
+
+
+def test_default_launch_rule():
+    # Small tiles (<= 16 rows): 2 warps without GQA, 1 with; wider tiles 4, 8 from 128.
+    from kernels.tree_decode import default_launch
+
+    assert default_launch(16, 32, 128) == (2, 2)
+    assert default_launch(16, 32, 128, group=4) == (1, 2)
+    assert default_launch(16, 32, 128, group=16) == (1, 2)
+    assert default_launch(64, 32, 128, group=4) == (4, 2)
+    assert default_launch(128, 32, 128) == (8, 2)
