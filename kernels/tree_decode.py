@@ -788,10 +788,6 @@ def tree_decode_launcher(
     if needs_stage2 or not direct:
         stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
                                   skip_single=direct)
-    if overlap is None:
-        overlap = OVERLAP_PHASES
-    if overlap and len(stage1) == 2 and q.device.type == "cuda":
-        return _overlapped(stage1, stage2, q.device)
 
     def launch(q, k, v, o):
         for part in stage1:
@@ -799,11 +795,14 @@ def tree_decode_launcher(
         if stage2 is not None:
             stage2(o)
 
+    if overlap is None:
+        overlap = OVERLAP_PHASES
+    if overlap and len(stage1) == 2 and q.device.type == "cuda":
+        return _overlapped(launch, stage1, stage2, q.device)
     return launch
 
 
-
-def _overlapped(stage1, stage2, device):
+def _overlapped(sequential, stage1, stage2, device):
     """While a CUDA graph is being captured, launch ``stage1[0]`` on a side stream and
     ``stage1[1]`` on the caller's stream, then join them before stage 2: the graph
     holds the two launches as parallel branches, so phase 0 (few long programs on the
@@ -811,7 +810,7 @@ def _overlapped(stage1, stage2, device):
     on the leaves, bound by memory) share the GPU instead of running one after the
     other. The side stream waits for the caller's stream first and the caller's stream
     waits for the side stream before stage 2, so the call is ordered like one on a
-    single stream. Eager calls launch everything on the caller's stream (the stream
+    single stream. Eager calls run ``sequential`` on the caller's stream (the stream
     switch and events cost more host time than the overlap saves there)."""
     side = torch.cuda.Stream(device=device)
     fork = torch.cuda.Event()
@@ -823,10 +822,7 @@ def _overlapped(stage1, stage2, device):
         if not torch.cuda.is_current_stream_capturing():
             # Eager: one stream. The stream switch and the events cost ~30-40 us of
             # host time on the benchmark machine, more than the overlap gains there.
-            first(q, k, v, o)
-            second(q, k, v, o)
-            if stage2 is not None:
-                stage2(o)
+            sequential(q, k, v, o)
             return
         main = torch.cuda.current_stream(index)
         fork.record(main)
