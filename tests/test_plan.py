@@ -927,3 +927,26 @@ def test_random_forests_cover_each_path_once(case):
     counts = np.asarray(host(plan, "req_mid_len", plan.num_requests))
     assert plan.direct == bool((counts == 1).any())
     assert plan.needs_stage2 == (not bool((counts == 1).all()))
+
+
+def test_upload_expands_runs_where_the_device_buffer_lives():
+    # A contiguous plan hands its kv entries to PlanBuffers.upload as runs: expanded in
+    # the staging buffer on the CPU, and from the runs alone when the buffers have a
+    # separate device copy (a CPU tensor stands in for a GPU buffer here): the device
+    # copy then holds the same entries as the CPU plan, the staging kv region does not.
+    inp = plan_input([-1, 0, 0, 1, 1], [40, 5, 7, 3, 9], [3, 4, 2, 0])
+    cpu = build(inp, group=2, **NO_ADJUST)
+    stand_in = PlanBuffers(2, 16, "cpu", kv_entries=4 * cpu.num_kv_entries)
+    stand_in.dev = stand_in.host.clone()
+    stand_in.dev.fill_(-5)
+    stand_in.host.fill_(-7)
+    plan = build_plan(inp, num_qo_heads=2, num_kv_heads=1, head_dim=16,
+                      params=FastTreeParams(), buffers=stand_in, **NO_ADJUST)
+    assert plan.buffers.dev is not plan.buffers.host  # no reallocation happened
+    n = plan.num_kv_entries
+    want = cpu.tensors()["kv_indices"][:n].tolist()
+    assert plan.buffers.dev_view("kv_indices", n).tolist() == want
+    assert set(plan.buffers.host_view("kv_indices", n).tolist()) == {-7}
+    for name, m in (("vnode_kv_start", plan.num_vnodes), ("vnode_kv_len", plan.num_vnodes),
+                    ("vnode_slot0", plan.num_vnodes), ("mid_q_rows", plan.num_mid_rows)):
+        assert torch.equal(plan.tensors()[name][:m], cpu.tensors()[name][:m]), name

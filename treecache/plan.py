@@ -326,17 +326,26 @@ class PlanBuffers:
             self.dev.index_copy_(0, packed[n:n + m], packed[n + m:].view(torch.int32)[:m])
         return None if prefix is None else packed[:n]
 
-    def upload(self, kv_used: int) -> None:
-        """Copy the small regions and the first ``kv_used`` kv entries to the device
-        (a plan whose kv entries were expanded on the device passes 0: the staging
-        buffer's kv region is then not the device's)."""
+    def upload(self, kv_used: int, runs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Copy the small regions and the first ``kv_used`` kv entries to the device.
+
+        ``runs=(starts, lens)``: the kv entries are the runs ``arange(s, s + l)`` one after
+        the other, expanded where the device buffer lives: in the staging buffer on the
+        CPU, on a GPU from the runs alone (only they cross, so the host's work is O(runs),
+        not O(entries); the staging buffer's kv region then does not hold them).
+        """
         if self.dev is self.host:
+            if runs is not None:
+                _expand_ranges(*runs, out=self.host_view("kv_indices", kv_used))
             return
-        end = self.offsets["kv_indices"] + kv_used
+        end = self.offsets["kv_indices"] + (0 if runs is not None else kv_used)
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        if self._uploaded is None:
-            self._uploaded = torch.cuda.Event()
-        self._uploaded.record()
+        if self.device.type == "cuda":
+            if self._uploaded is None:
+                self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+        if runs is not None:
+            _expand_ranges_device(*runs, self.dev_view("kv_indices", kv_used))
 
     def host_writable(self) -> None:
         """Wait until the last :meth:`upload` has read the staging buffer (it copies
@@ -1324,17 +1333,13 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     hv("req_mid_rows", nmid)[:] = req_order
     hv("req_mid_start", b)[:] = req_start
     hv("req_mid_len", b)[:] = req_cnt
-    kv_host = hv("kv_indices", kv_total)
-    on_device = False
+    runs = None
     if not grow_g.any() and inp.node_tokens is None:
-        # Contiguous layout, no headroom gaps: the positions are the slots. On the CPU,
-        # build them in place in the staging buffer; on a GPU, send only the runs and
-        # expand them there (the host's part no longer grows with the token count).
-        if buffers.dev is buffers.host:
-            _expand_ranges(seg_start, seg_len, out=kv_host)
-        else:
-            on_device = True
+        # Contiguous layout, no headroom gaps: the positions are the slots; the buffers
+        # expand the runs where their device copy lives (see PlanBuffers.upload).
+        runs = (seg_start, seg_len)
     else:
+        kv_host = hv("kv_indices", kv_total)
         positions = _expand_ranges(seg_start, seg_len, out=buffers.scratch(int(seg_len.sum())))
         chain_tokens = (positions if inp.node_tokens is None
                         else np.asarray(inp.node_tokens)[positions])
@@ -1344,9 +1349,7 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
             kv_host[dest] = chain_tokens
         else:
             kv_host[:] = chain_tokens
-    buffers.upload(0 if on_device else kv_total)
-    if on_device:
-        _expand_ranges_device(seg_start, seg_len, buffers.dev_view("kv_indices", kv_total))
+    buffers.upload(kv_total, runs=runs)
     buffers.serial += 1
 
     return DecodePlan(
