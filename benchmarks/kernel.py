@@ -127,8 +127,10 @@ def _ablations(plan, q, k, v, sm, device):
     (float32 where the plan stores float16, else the input dtype), the v4 stage-2 launch
     shape, the other launch grouping of the two stage-1 phases (one launch each when
     the plan merges them, one launch when it does not), without the wide-tile register
-    cap, with 64-bit address arithmetic in stage 1, and, where the two phases are two
-    launches, those launches on one stream (no overlap)."""
+    cap, with 64-bit address arithmetic in stage 1, with stage 2 as a plain launch
+    (not a programmatic dependent one), where the two phases are two launches, those
+    launches on one stream (no overlap); and the eager time with every launch through
+    Triton's JIT (no direct launches)."""
     t = plan.kernel_tensors(q.dtype)
     mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
@@ -171,7 +173,8 @@ def _ablations(plan, q, k, v, sm, device):
     res["phases_merged"] = merged
     # Without the register cap of the wide-tile launch; with 64-bit address arithmetic.
     for key, attr, value in (("graph_no_regcap_us", "WIDE_TILE_MAX_REGISTERS", None),
-                             ("graph_offsets64_us", "OFF32_LIMIT", 1)):
+                             ("graph_offsets64_us", "OFF32_LIMIT", 1),
+                             ("graph_no_pdl_us", "DEPENDENT_LAUNCH", False)):
         saved = getattr(td, attr)
         setattr(td, attr, value)
         try:
@@ -184,6 +187,16 @@ def _ablations(plan, q, k, v, sm, device):
         seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
                                       overlap=False, **mode, **t)
         res["graph_no_overlap_us"] = _graph_time(lambda: seq(q, k, v, o), device)
+    # Eager calls with every launch through Triton's JIT (a copy of the plan: its
+    # prepared launches are made and called with direct launches off).
+    saved = td.FAST_LAUNCH
+    td.FAST_LAUNCH = False
+    try:
+        jit_plan = attrs.evolve(plan)
+        res["eager_jit_launch_us"] = _bench(
+            lambda: jit_plan.run(q, k, v, o, sm_scale=sm, check=False), device)
+    finally:
+        td.FAST_LAUNCH = saved
     return res
 
 
@@ -335,13 +348,19 @@ def summarize(results):
                           ("graph_stage2_v4_us", "with the v4 stage-2 launch shape"),
                           ("graph_no_overlap_us", "with both phase launches on one stream"),
                           ("graph_no_regcap_us", "without the wide-tile register cap"),
-                          ("graph_offsets64_us", "with 64-bit address arithmetic")):
+                          ("graph_offsets64_us", "with 64-bit address arithmetic"),
+                          ("graph_no_pdl_us", "with stage 2 as a plain launch")):
             rs = [r for r in abl if r.get(key)]
             if not rs:
                 continue
             ratio = _geomean([r[key] / r["ours_graph_us"] for r in rs])
             lines.append(f"ablation: graph time {what} / with = {ratio:.3f} (geomean of "
                          f"{len(rs)} cases)")
+        rs = [r for r in abl if r.get("eager_jit_launch_us")]
+        if rs:
+            ratio = _geomean([r["eager_jit_launch_us"] / r["ours_us"] for r in rs])
+            lines.append(f"ablation: eager time with every launch through the JIT / with "
+                         f"direct launches = {ratio:.3f} (geomean of {len(rs)} cases)")
     errs = [r["rel_err"] for r in results]
     bad = [r for r in results if not (r["rel_err"] <= 2e-3)]
     lines.append(f"target 5: max relative error = {max(errs):.2e} over {len(results)} cases "
@@ -408,8 +427,9 @@ def main(argv=None):
     ap.add_argument("--ablations", action="store_true",
                     help="also time the plan without the contiguity hint, with the other "
                          "partial dtype, with the v4 stage-2 shape, with the other stage-1 "
-                         "launch grouping, without the register cap, with 64-bit addresses "
-                         "and without overlapped phases (graph replay)")
+                         "launch grouping, without the register cap, with 64-bit addresses, "
+                         "without overlapped phases, with stage 2 as a plain launch (graph "
+                         "replay) and with every launch through the JIT (eager)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

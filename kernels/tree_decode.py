@@ -8,7 +8,10 @@ and writes one partial output and one log-sum-exp per (query, head) into a *mid 
 Both phases of a plan (two tile shapes) run in one stage-1 launch when the second is
 small (:func:`merge_phases`); otherwise a captured CUDA graph runs their two launches
 concurrently (:data:`OVERLAP_PHASES`). Stage 2 runs one program per (request, block of heads,
-:func:`stage2_blocks`) and merges the request's mid rows with the log-sum-exp trick.
+:func:`stage2_blocks`) and merges the request's mid rows with the log-sum-exp trick; on
+CUDA devices of compute capability >= 9 it is a programmatic dependent launch of stage 1
+(:data:`DEPENDENT_LAUNCH`). Prepared launches skip Triton's JIT dispatch after their
+first call (:data:`FAST_LAUNCH`).
 
 Index arrays (all int32, on the device of ``q``):
 
@@ -281,7 +284,12 @@ def _stage1_kernel(
     HAS_SLOT0: tl.constexpr,
     DIRECT: tl.constexpr,
     OFF32: tl.constexpr,
+    PDL_TRIGGER: tl.constexpr,
 ):
+    if PDL_TRIGGER:
+        # Let stage 2 (a programmatic dependent launch) be scheduled now; it waits for
+        # this grid to finish before it reads the partials.
+        tl.extra.cuda.gdc_launch_dependents()
     # Both phases of a plan in one launch: programs [0, num_first) run the first tile
     # shape (the long, shared vnodes, scheduled first), the rest the second.
     pid = tl.program_id(0)
@@ -327,6 +335,7 @@ def _stage2_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
+    PDL_WAIT: tl.constexpr,
 ):
     # One program per (request, block of BLOCK_H query heads); BLOCK_P partials of all
     # those heads are loaded per step as one [BLOCK_P, BLOCK_H, BLOCK_D] tile.
@@ -339,6 +348,10 @@ def _stage2_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     start = tl.load(ReqMidStart + req)
     count = tl.load(ReqMidLen + req)
+    if PDL_WAIT:
+        # Launched as a programmatic dependent of stage 1: everything above reads only
+        # the plan; wait for stage 1's partials (and their visibility) here.
+        tl.extra.cuda.gdc_wait()
     n_parts = count
     if SKIP_SINGLE:
         n_parts = tl.where(count == 1, 0, count)  # nothing to merge (and no store)
@@ -481,10 +494,11 @@ def _noop(q, k, v, o) -> None:
 def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                      vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap=0.0,
                      num_warps=None, num_stages=None, vnode_slot0=None, o=None,
-                     req_mid_len=None):
+                     req_mid_len=None, pdl=False):
     """Everything :func:`tree_decode_stage1` decides, done once: returns
     ``launch(q, k, v, o)``, which launches stage 1 for tensors of the same dtypes,
-    shapes and strides as the ones given here (the other tensors are bound)."""
+    shapes and strides as the ones given here (the other tensors are bound).
+    ``pdl``: its programs let a programmatic dependent launch (stage 2) start early."""
     if (o is None) != (req_mid_len is None):
         raise ValueError("o and req_mid_len go together (direct mode)")
     phases = _phase_list(phase)
@@ -530,7 +544,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         parts = [_stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start,
                                   vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, ph,
                                   sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0, o,
-                                  req_mid_len) for ph in phases]
+                                  req_mid_len, pdl) for ph in phases]
 
         def launch_parts(q, k, v, o):
             for part in parts:
@@ -539,7 +553,6 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         return launch_parts
     first = phases[0]
     total = sum(ph.num_vnodes for ph in phases)
-    kernel = _stage1_kernel[(total, hk)]
     slot0 = vnode_slot0 if vnode_slot0 is not None else vnode_kv_start
     direct = o is not None
     out = o if direct else q
@@ -562,19 +575,104 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         BLOCK_M1=blocks[-1][0], BLOCK_N1=blocks[-1][1], TWO_SHAPES=two,
         USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast,
         HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
-        OFF32=_offsets_fit_int32(k) and _offsets_fit_int32(v),
+        OFF32=_offsets_fit_int32(k) and _offsets_fit_int32(v), PDL_TRIGGER=bool(pdl),
         num_warps=num_warps, num_stages=num_stages,
     )
     cap = _register_cap(blocks if two else blocks[:1], num_warps, q.device.type)
     if cap is not None:
         consts["maxnreg"] = cap
 
-    def launch(q, k, v, o):
-        kernel(q, k, v, mid_o, mid_lse, o if direct else q, count,
-               kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len,
-               mid_q_rows, slot0, *strides, **consts)
+    kernel = _KernelLaunch(
+        _stage1_kernel, (total, hk),
+        (q, k, v, mid_o, mid_lse, o if direct else q, count,
+         kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len,
+         mid_q_rows, slot0) + strides,
+        consts, slots=(0, 1, 2, 5))
+    if direct:
+        return kernel
+    return lambda q, k, v, o: kernel(q, k, v, q)
 
-    return launch
+
+#: Prepared launches call Triton's compiled kernel directly after their first call
+#: (:class:`_KernelLaunch`); False: every call goes through the JIT. Measured on an
+#: H100 host (benchmarks/RESULTS.md, v10): 62 -> 26 us of host time per eager call of a
+#: small plan (two launches).
+FAST_LAUNCH = True
+
+try:  # Triton >= 3.4; without it every launch goes through the JIT
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton
+    _knobs = None
+
+
+def _hooks_active() -> bool:
+    """Whether Triton has launch hooks set (profilers): ``None`` or an empty hook chain
+    (what Triton >= 3.6 holds when none is set) are inactive."""
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class _KernelLaunch:
+    """One prepared launch of a Triton kernel: fixed grid, arguments, compile-time
+    constants and options; ``slots`` are the positions of the arguments given per call
+    (tensors of the same dtype, shape and strides as the ones given here).
+
+    The first call goes through the JIT, which compiles (or finds) the kernel
+    specialised for these arguments and returns it. Later calls launch that compiled
+    kernel directly, with the arguments in signature order, as the JIT itself would:
+    this skips its per-call argument binding, specialisation key and cache lookup
+    (tens of microseconds of host time for stage 1's ~40 arguments). Of the per-call
+    tensors the JIT specialises on their dtypes (the caller keeps those fixed) and on
+    whether their addresses are 16-byte aligned: the direct path is taken only while
+    that alignment, the current device and the absence of launch hooks (profilers)
+    are as on the first call, and only on CUDA; anything else goes through the JIT.
+    """
+
+    __slots__ = ("fn", "grid", "args", "consts", "slots", "tail", "compiled", "aligned",
+                 "device", "fast_calls")
+
+    def __init__(self, fn, grid, args, consts, slots):
+        self.fn = fn
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.slots = tuple(slots)
+        # The per-call slots are not kept between calls (no reference to the caller's
+        # tensors outlives a call).
+        self.args = [None if i in self.slots else a for i, a in enumerate(args)]
+        self.consts = consts
+        # The constexpr arguments, in signature order after the positional ones.
+        names = fn.arg_names[len(self.args):]
+        self.tail = (tuple(consts[n] for n in names)
+                     if all(n in consts for n in names) else None)
+        self.compiled = None
+        self.aligned = None
+        self.device = None
+        self.fast_calls = 0  # calls that took the direct path (tests read it)
+
+    def __call__(self, *tensors):
+        args = self.args.copy()
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        ck = self.compiled
+        if ck is not None and FAST_LAUNCH:
+            aligned = [t.data_ptr() % 16 == 0 for t in tensors]
+            if aligned == self.aligned and not _hooks_active():
+                drv = triton.runtime.driver.active
+                device = drv.get_current_device()
+                if device == self.device:
+                    g0, g1, g2 = self.grid
+                    ck.run(g0, g1, g2, drv.get_current_stream(device), ck.function,
+                           ck.packed_metadata, None, None, None, *args, *self.tail)
+                    self.fast_calls += 1
+                    return
+        out = self.fn[self.grid](*args, **self.consts)
+        if (ck is None and FAST_LAUNCH and _knobs is not None and self.tail is not None
+                and tensors and tensors[0].device.type == "cuda"
+                and all(hasattr(out, a) for a in ("run", "function", "packed_metadata"))):
+            self.compiled = out
+            self.aligned = [t.data_ptr() % 16 == 0 for t in tensors]
+            self.device = triton.runtime.driver.active.get_current_device()
 
 
 #: Largest element offset (exclusive) that stage 1 computes in 32-bit arithmetic.
@@ -651,9 +749,12 @@ def tree_decode_stage2(
 
 
 def _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
-                     skip_single=False, block_h=None, block_p=None, num_warps=None):
+                     skip_single=False, block_h=None, block_p=None, num_warps=None,
+                     pdl=False):
     """What :func:`tree_decode_stage2` decides, done once: returns ``launch(o)`` for
-    outputs of the same shape and strides as ``o``."""
+    outputs of the same shape and strides as ``o``. ``pdl``: launched as a programmatic
+    dependent of the kernel before it (CUDA, compute capability >= 9: see
+    :data:`DEPENDENT_LAUNCH`)."""
     b, hq, d = o.shape
     if b == 0:
         return lambda o: None
@@ -662,19 +763,18 @@ def _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows
     block_h = auto_h if block_h is None else int(block_h)
     block_p = auto_p if block_p is None else int(block_p)
     num_warps = auto_w if num_warps is None else int(num_warps)
-    kernel = _stage2_kernel[(b, triton.cdiv(hq, block_h))]
-    args = (req_mid_start, req_mid_len, req_mid_rows,
+    args = (mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
             mid_o.stride(0), mid_o.stride(1),
             mid_lse.stride(0),
             o.stride(0), o.stride(1),
             hq)
     consts = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_P=block_p,
-                  SKIP_SINGLE=bool(skip_single), num_warps=num_warps, num_stages=2)
-
-    def launch(o):
-        kernel(mid_o, mid_lse, o, *args, **consts)
-
-    return launch
+                  SKIP_SINGLE=bool(skip_single), PDL_WAIT=bool(pdl), num_warps=num_warps,
+                  num_stages=2)
+    if pdl:
+        consts["launch_pdl"] = True
+    return _KernelLaunch(_stage2_kernel, (b, triton.cdiv(hq, block_h)), args, consts,
+                         slots=(2,))
 
 
 def tree_decode(
@@ -778,16 +878,18 @@ def tree_decode_launcher(
         groups = [live]
     else:
         groups = [[ph] for ph in live]
+    with_stage2 = needs_stage2 or not direct
+    pdl = with_stage2 and bool(groups) and _dependent_launch_ok(q.device)
     stage1 = [
         _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                          vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
                          vnode_slot0=vnode_slot0, o=o if direct else None,
-                         req_mid_len=req_mid_len if direct else None)
+                         req_mid_len=req_mid_len if direct else None, pdl=pdl)
         for grp in groups]
     stage2 = None
-    if needs_stage2 or not direct:
+    if with_stage2:
         stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
-                                  skip_single=direct)
+                                  skip_single=direct, pdl=pdl)
 
     def launch(q, k, v, o):
         for part in stage1:
@@ -800,6 +902,20 @@ def tree_decode_launcher(
     if overlap and len(stage1) == 2 and q.device.type == "cuda":
         return _overlapped(launch, stage1, stage2, q.device)
     return launch
+
+
+#: Stage 2 is launched as a programmatic dependent of stage 1 (CUDA, compute capability
+#: >= 9): its launch and start overlap the end of stage 1, and its programs wait for
+#: stage 1's partials with ``griddepcontrol.wait`` before reading them. False: a plain
+#: launch after stage 1. Measured on an H100 (benchmarks/RESULTS.md, v10): 1.01x under
+#: graph replay, 1.03x on eager calls (geomean of the 45 seed cases); same bits.
+DEPENDENT_LAUNCH = True
+
+
+def _dependent_launch_ok(device: torch.device) -> bool:
+    """Whether stage 2 may be a programmatic dependent launch on ``device``."""
+    return (bool(DEPENDENT_LAUNCH) and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _overlapped(sequential, stage1, stage2, device):

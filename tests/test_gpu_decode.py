@@ -283,3 +283,143 @@ def test_gpu_plan_equals_cpu_plan(cuda, spec):
                        buffers=gpu.buffers)
             gpu = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128, device=cuda,
                              buffers=gpu.buffers)
+
+
+def _direct_launch_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def axpy(X, Y, Out, n, alpha, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(X + offs, mask=ok)
+        y = tl.load(Y + offs, mask=ok)
+        tl.store(Out + offs, x * alpha + y, mask=ok)
+
+    return axpy
+
+
+def test_kernel_launch_direct_path(cuda):
+    """A prepared launch: the first call goes through the JIT, later ones launch the
+    compiled kernel directly (counted), with the same results; a call with a
+    differently aligned tensor goes through the JIT again (and is right); launches
+    follow the caller's stream and are captured by CUDA graphs."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    axpy = _direct_launch_kernel()
+    n = 1000
+    x = torch.randn(n, device=cuda)
+    y = torch.randn(n, device=cuda)
+    out = torch.full_like(x, float("nan"))
+    launch = td._KernelLaunch(axpy, (_cdiv(n, 256),), (x, y, out, n, 2.0),
+                              dict(BLOCK=256, num_warps=4), slots=(0, 2))
+    assert launch.args[0] is None and launch.args[2] is None  # not kept between calls
+    launch(x, out)
+    assert launch.compiled is not None and launch.fast_calls == 0
+    torch.testing.assert_close(out, 2 * x + y, rtol=0, atol=0)
+    for _ in range(3):
+        x2 = torch.randn(n, device=cuda)
+        out2 = torch.full_like(x2, float("nan"))
+        launch(x2, out2)
+        torch.testing.assert_close(out2, 2 * x2 + y, rtol=0, atol=0)
+    assert launch.fast_calls == 3
+    # A tensor whose address is not 16-byte aligned: the JIT (another specialisation).
+    buf = torch.randn(n + 1, device=cuda)
+    x3 = buf[1:]
+    assert x3.data_ptr() % 16 != 0
+    out3 = torch.full_like(x3, float("nan"))
+    launch(x3, out3)
+    assert launch.fast_calls == 3
+    torch.testing.assert_close(out3, 2 * x3 + y, rtol=0, atol=0)
+    # On another stream, ordered after work queued there.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x4 = torch.full((n,), 3.0, device=cuda)
+        out4 = torch.full_like(x4, float("nan"))
+        launch(x4, out4)
+        res4 = out4.clone()
+    torch.cuda.synchronize()
+    assert launch.fast_calls == 4
+    torch.testing.assert_close(res4, 6 + y, rtol=0, atol=0)
+    # With a launch hook set (a profiler), calls go through the JIT, which calls it.
+    from triton import knobs
+
+    seen = []
+
+    def hook(metadata):
+        seen.append(1)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch(x, out)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert seen and launch.fast_calls == 4
+    launch(x, out)
+    assert launch.fast_calls == 5
+    # Captured and replayed.
+    x5 = torch.randn(n, device=cuda)
+    out5 = torch.full_like(x5, float("nan"))
+    g = torch.cuda.CUDAGraph()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(g, stream=s):
+        launch(x5, out5)
+    x5.copy_(torch.randn_like(x5))
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out5, 2 * x5 + y, rtol=0, atol=0)
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@pytest.mark.parametrize("hq,hk", [(32, 32), (32, 8), (16, 1)])
+def test_direct_and_dependent_launches_match_plain_launches(cuda, monkeypatch, hq, hk):
+    """Plans' calls with direct launches (FAST_LAUNCH) and stage 2 as a programmatic
+    dependent launch (DEPENDENT_LAUNCH) give the same bits as plain launches through
+    the JIT: eager, for new query/output tensors each call and for an output whose
+    address is not 16-byte aligned, and replayed from a CUDA graph."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    nodes = tc.generate_tree_from_spec("1,4,32 600,40,24")
+    q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, hq, hk, 128, cuda, torch.float16,
+                                                build_cache=False)
+    inp = tc.fasttree.tree_plan_input(nodes, ptrs, q.shape[0])
+    slots = _paths(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
+    outs = {}
+    for fast, pdl in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(td, "FAST_LAUNCH", fast)
+        monkeypatch.setattr(td, "DEPENDENT_LAUNCH", pdl)
+        meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=cuda)
+        assert meta.plan.needs_stage2
+        res = []
+        for trial in range(5):
+            qi = torch.randn(q.shape, generator=torch.Generator().manual_seed(trial)).to(
+                cuda, torch.float16)
+            if trial == 3:  # an output at an odd address
+                o = torch.full((q.numel() + 1,), float("nan"), device=cuda,
+                               dtype=q.dtype)[1:].view(q.shape)
+            else:
+                o = torch.full_like(q, float("nan"))
+            if trial == 4:  # captured, then replayed with other queries
+                meta.plan.run(qi, k, v, o, graph=True)
+                qi.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(9)))
+                o.fill_(float("nan"))
+                meta.plan.run(qi, k, v, o, graph=True)
+            else:
+                meta.plan.run(qi, k, v, o)
+            torch.cuda.synchronize()
+            res.append(o.clone())
+            ref = reference_decode(qi, k, v, [torch.from_numpy(x).to(cuda) for x in slots],
+                                   1 / math.sqrt(128))
+            assert not torch.isnan(o).any()
+            assert _rel(o, ref) <= 2e-3
+        outs[fast, pdl] = res
+    for variant, res in outs.items():
+        for a, b in zip(outs[False, False], res):
+            assert torch.equal(a, b), variant

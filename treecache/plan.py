@@ -583,16 +583,16 @@ class DecodePlan:
     MAX_GRAPHS = 8
 
     def _run_graphed(self, q, k, v, o, sm_scale, logit_cap):
-        prepared = self._launcher(q, k, v, o, sm_scale, logit_cap)
-
-        def launch():
-            prepared(q, k, v, o)
-
         if torch.cuda.is_current_stream_capturing():
-            launch()
+            self._launcher(q, k, v, o, sm_scale, logit_cap)(q, k, v, o)
             return o
-        key = (self.buffers.generation, sm_scale, logit_cap) + tuple(
-            (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in (q, k, v, o))
+        # The replay path is the hot one: a flat key, and the prepared launches are only
+        # looked up when a graph is captured.
+        key = (sm_scale, logit_cap,
+               q.data_ptr(), q.dtype, q.shape, q.stride(),
+               k.data_ptr(), k.dtype, k.shape, k.stride(),
+               v.data_ptr(), v.dtype, v.shape, v.stride(),
+               o.data_ptr(), o.dtype, o.shape, o.stride())
         graphs = self._graphs
         if graphs is None or graphs[0] != self.buffers.generation:
             # Buffers were reallocated: graphs of the old ones must not be replayed.
@@ -600,6 +600,11 @@ class DecodePlan:
         cache = graphs[1]
         g = cache.pop(key, None)
         if g is None:
+            prepared = self._launcher(q, k, v, o, sm_scale, logit_cap)
+
+            def launch():
+                prepared(q, k, v, o)
+
             launch()  # compiles the kernels (if needed) and computes this call's result
             g = torch.cuda.CUDAGraph()
             stream = torch.cuda.Stream(device=q.device)
