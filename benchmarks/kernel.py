@@ -12,6 +12,7 @@ relative error against a float32 reference. Writes ``results.json``, ``results.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -121,6 +122,17 @@ def _flash_varlen(q, k_tree, v_tree, slots, device):
     return t, out
 
 
+@contextlib.contextmanager
+def _patched(name, value):
+    """Set ``kernels.tree_decode.<name>`` to ``value`` for the block."""
+    saved = getattr(td, name)
+    setattr(td, name, value)
+    try:
+        yield
+    finally:
+        setattr(td, name, saved)
+
+
 def _ablations(plan, q, k, v, sm, device):
     """Graph times of the same plan without one optimisation each (same run, same data):
     no contiguity hint (every vnode gathers its slot indices), the other partial dtype
@@ -147,14 +159,10 @@ def _ablations(plan, q, k, v, sm, device):
     res["partials_dtype"] = str(t["mid_o"].dtype).replace("torch.", "")
     # Stage 2 with the v4 launch shape (one head, 8 partials a step, one warp).
     # (A copy of the plan: its prepared launches are made under the patched rule.)
-    orig = td.stage2_blocks
-    td.stage2_blocks = lambda b, h, d: (1, 8, 1)
-    try:
+    with _patched("stage2_blocks", lambda b, h, d: (1, 8, 1)):
         v4_shape = attrs.evolve(plan)
         res["graph_stage2_v4_us"] = _graph_time(
             lambda: v4_shape.run(q, k, v, o, sm_scale=sm, check=False), device)
-    finally:
-        td.stage2_blocks = orig
     merged = td.merge_phases(plan.phases, q.shape[1] // k.shape[1], k.shape[1])
     groups = ([[ph] for ph in plan.phases] if merged else [list(plan.phases)])
 
@@ -175,13 +183,9 @@ def _ablations(plan, q, k, v, sm, device):
     for key, attr, value in (("graph_no_regcap_us", "WIDE_TILE_MAX_REGISTERS", None),
                              ("graph_offsets64_us", "OFF32_LIMIT", 1),
                              ("graph_no_pdl_us", "DEPENDENT_LAUNCH", False)):
-        saved = getattr(td, attr)
-        setattr(td, attr, value)
-        try:
+        with _patched(attr, value):
             fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm, **mode, **t)
             res[key] = _graph_time(lambda: fn(q, k, v, o), device)
-        finally:
-            setattr(td, attr, saved)
     # Two stage-1 launches one after the other instead of on two streams.
     if not merged and len([ph for ph in plan.phases if ph.num_vnodes]) == 2:
         seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
@@ -189,14 +193,10 @@ def _ablations(plan, q, k, v, sm, device):
         res["graph_no_overlap_us"] = _graph_time(lambda: seq(q, k, v, o), device)
     # Eager calls with every launch through Triton's JIT (a copy of the plan: its
     # prepared launches are made and called with direct launches off).
-    saved = td.FAST_LAUNCH
-    td.FAST_LAUNCH = False
-    try:
+    with _patched("FAST_LAUNCH", False):
         jit_plan = attrs.evolve(plan)
         res["eager_jit_launch_us"] = _bench(
             lambda: jit_plan.run(q, k, v, o, sm_scale=sm, check=False), device)
-    finally:
-        td.FAST_LAUNCH = saved
     return res
 
 
