@@ -142,7 +142,8 @@ def _ablations(plan, q, k, v, sm, device):
     cap, with 64-bit address arithmetic in stage 1, with stage 2 as a plain launch
     (not a programmatic dependent one), where the two phases are two launches, those
     launches on one stream (no overlap); and the eager time with every launch through
-    Triton's JIT (no direct launches)."""
+    Triton's JIT (no direct launches); where the plan lowered phase 1's KV tile
+    (``SHORT_KV_TILE``), the graph time with the requested tile."""
     t = plan.kernel_tensors(q.dtype)
     mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
@@ -186,6 +187,13 @@ def _ablations(plan, q, k, v, sm, device):
         with _patched(attr, value):
             fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm, **mode, **t)
             res[key] = _graph_time(lambda: fn(q, k, v, o), device)
+    # Phase 1 with the requested KV tile where the plan lowered it (SHORT_KV_TILE).
+    if plan.kv_tiles != plan.requested_kv_tiles:
+        # The rule only lowers phase 1's tile, and phase 1 (when present) is the last.
+        last = plan.phases[-1]._replace(kv_tile=plan.requested_kv_tiles[1])
+        long_tile = tuple(plan.phases[:-1]) + (last,)
+        fn = td.tree_decode_launcher(q, k, v, o, phases=long_tile, sm_scale=sm, **mode, **t)
+        res["graph_no_short_kv_us"] = _graph_time(lambda: fn(q, k, v, o), device)
     # Two stage-1 launches one after the other instead of on two streams.
     if not merged and len([ph for ph in plan.phases if ph.num_vnodes]) == 2:
         seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
@@ -349,7 +357,9 @@ def summarize(results):
                           ("graph_no_overlap_us", "with both phase launches on one stream"),
                           ("graph_no_regcap_us", "without the wide-tile register cap"),
                           ("graph_offsets64_us", "with 64-bit address arithmetic"),
-                          ("graph_no_pdl_us", "with stage 2 as a plain launch")):
+                          ("graph_no_pdl_us", "with stage 2 as a plain launch"),
+                          ("graph_no_short_kv_us",
+                           "with the requested phase-1 KV tile (no SHORT_KV_TILE)")):
             rs = [r for r in abl if r.get(key)]
             if not rs:
                 continue
@@ -428,8 +438,9 @@ def main(argv=None):
                     help="also time the plan without the contiguity hint, with the other "
                          "partial dtype, with the v4 stage-2 shape, with the other stage-1 "
                          "launch grouping, without the register cap, with 64-bit addresses, "
-                         "without overlapped phases, with stage 2 as a plain launch (graph "
-                         "replay) and with every launch through the JIT (eager)")
+                         "without overlapped phases, with stage 2 as a plain launch, with "
+                         "the requested phase-1 KV tile (graph replay) and with every launch "
+                         "through the JIT (eager)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -908,7 +908,8 @@ def tree_decode_launcher(
 #: >= 9): its launch and start overlap the end of stage 1, and its programs wait for
 #: stage 1's partials with ``griddepcontrol.wait`` before reading them. False: a plain
 #: launch after stage 1. Measured on an H100 (benchmarks/RESULTS.md, v10): 1.01x under
-#: graph replay, 1.03x on eager calls (geomean of the 45 seed cases); same bits.
+#: graph replay, 1.03x on eager calls (geomean of the 45 seed cases); same bits. The
+#: full runs' ablations put it within noise under replay (0.993x-1.004x).
 DEPENDENT_LAUNCH = True
 
 

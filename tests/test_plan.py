@@ -302,14 +302,39 @@ def test_phases():
     inp = plan_input([-1] + [0] * 20, [50] + [5] * 20, list(range(1, 21)))
     plan = build(inp, **NO_ADJUST)
     assert plan.node_assignments == [0] * 21
-    assert [tuple(p) for p in plan.phases] == [(0, 1, 64, 32), (1, 20, 16, 128)]
+    # Phase 1's vnodes are 5 tokens long: its KV tile 128 is lowered to SHORT_KV_TILE.
+    assert [tuple(p) for p in plan.phases] == [(0, 1, 64, 32), (1, 20, 16, 16)]
+    assert plan.kv_tiles == (32, 16) and plan.requested_kv_tiles == (32, 128)
     table = vnode_table(plan)
     assert table[0] == (0, 50, 0, 20)
     assert table[1:] == [(50 + 5 * i, 5, 20 + i, 1) for i in range(20)]
     # 16 requests or fewer: everything in phase 1.
     inp = plan_input([-1] + [0] * 16, [50] + [5] * 16, list(range(1, 17)))
     plan = build(inp, **NO_ADJUST)
-    assert [tuple(p) for p in plan.phases] == [(0, 17, 16, 128)]
+    assert [tuple(p) for p in plan.phases] == [(0, 17, 16, 16)]
+
+
+@pytest.mark.parametrize("leaves,group,enabled,expected", [
+    ([5] * 20, 1, True, 16), ([20] * 20, 4, True, 16),   # short vnodes, small group
+    ([21] * 20, 1, True, 128), ([5] * 20, 8, True, 128),  # mean above 20, group above 4
+    ([2] * 19 + [400], 1, True, 128),  # mostly tiny, but the mean (21.9) is above 20
+    ([5] * 20, 1, False, 128),         # rule off
+])
+def test_short_kv_tile_rule(monkeypatch, leaves, group, enabled, expected):
+    """Phase 1's KV tile is lowered to SHORT_KV_TILE only when the mean KV length of
+    its vnodes is at most SHORT_KV_MAX_MEAN and the GQA group at most
+    SHORT_KV_MAX_GROUP (check_plan's invariants hold either way; the kernels run
+    every tile in the kernel tests)."""
+    import treecache.plan as plan_mod
+
+    if not enabled:
+        monkeypatch.setattr(plan_mod, "SHORT_KV_TILE", None)
+    inp = plan_input([-1] + [0] * 20, [50] + leaves, list(range(1, 21)))
+    plan = build(inp, group=group, **NO_ADJUST)
+    q_tile1 = min(16, 128 // group)  # the seed tiles, clamped to 128 rows
+    last = plan.phases[-1]
+    assert (last.num_vnodes, last.q_tile, last.kv_tile) == (20, q_tile1, expected)
+    assert plan.requested_kv_tiles == (32, 128)
 
 
 def test_phase_zero_only():

@@ -64,6 +64,18 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 #: 5% faster on the geomean of the benchmark cases, up to 16% on trees of many small
 #: nodes; slower on three cases (1.26x on ``1,1024 2048,32`` 16/1).
 HALF_PARTIALS = True
+#: KV tile of the small-tile phase (phase 1) when its vnodes are short: a plan lowers
+#: the phase's KV tile to this when the mean KV length of its vnodes is at most
+#: :data:`SHORT_KV_MAX_MEAN` and the GQA group is at most :data:`SHORT_KV_MAX_GROUP`
+#: (``DecodePlan.kv_tiles`` shows the tiles used, ``requested_kv_tiles`` the asked
+#: ones). None or 0: off. Measured on an H100 against tile 32 (benchmarks/RESULTS.md,
+#: v11): the six seed trees of 16-token leaves (mean 16-19.4 tokens) 1.13-1.18x faster
+#: at 32/32 and 1.04-1.08x at 32/8 under graph replay; at 16/1 0.88-1.01x, trees of
+#: 32-token leaves up to 1.3x slower, and a phase of mostly 1-3-token drafts beside
+#: 1024-token chunks (median 2, mean 166) 1.34x slower, hence the conditions.
+SHORT_KV_TILE = 16
+SHORT_KV_MAX_MEAN = 20
+SHORT_KV_MAX_GROUP = 4
 
 
 def _default_tsqs() -> list[int]:
@@ -91,7 +103,9 @@ class FastTreeParams:
         ``TSQs[1]`` queries run in phase 0. Each plan clamps a tile so that
         ``tile * group <= 128`` rows fit one program.
     TSKs : list[int]
-        KV tiles (tokens per inner-loop step) of phase 0 and phase 1.
+        KV tiles (tokens per inner-loop step) of phase 0 and phase 1. A plan lowers the
+        phase-1 tile to :data:`SHORT_KV_TILE` when that phase's vnodes are that short
+        (see there).
     kv_group_num : int
         Query heads per KV head, as the seed API had it. Plans use the group implied by
         the head counts they are built for; this field is informational.
@@ -1286,6 +1300,10 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
     v_phase = phase_g[v_g]
     perm = np.argsort(v_phase, kind="stable")
     n0 = int((v_phase == 0).sum())
+    kv_tiles = list(kv_tiles)
+    if (SHORT_KV_TILE and kv_tiles[1] > SHORT_KV_TILE and hq // max(hk, 1) <= SHORT_KV_MAX_GROUP
+            and nv > n0 and v_kv_len[v_phase == 1].mean() <= SHORT_KV_MAX_MEAN):
+        kv_tiles[1] = int(SHORT_KV_TILE)
     phases = []
     if n0:
         phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0]))
