@@ -643,3 +643,63 @@ def test_default_launch_rule():
     assert default_launch(16, 32, 128, group=16) == (1, 2)
     assert default_launch(64, 32, 128, group=4) == (4, 2)
     assert default_launch(128, 32, 128) == (8, 2)
+
+
+def test_kernel_launch_binds_arguments_and_keeps_no_tensors():
+    """A prepared launch puts the per-call tensors into their slots, passes the other
+    arguments, constants and options through to the JIT, keeps none of the caller's
+    tensors between calls, and (off CUDA) never takes the direct path."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    calls = []
+
+    class FakeJit:
+        arg_names = ["A", "B", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append((grid, args, kwargs))
+                return object()  # not a compiled kernel: no direct path
+            return run
+
+    b = torch.ones(2)
+    launch = td._KernelLaunch(FakeJit(), (3,), (torch.zeros(2), b, 5),
+                              dict(BLOCK=8, num_warps=2), slots=(0,))
+    assert launch.args == [None, b, 5] and launch.tail == (8,)
+    for value in (7.0, 9.0):
+        x = torch.full((2,), value)
+        launch(x)
+        grid, args, kwargs = calls[-1]
+        assert grid == (3, 1, 1) and args[0] is x and args[1] is b and args[2] == 5
+        assert kwargs == dict(BLOCK=8, num_warps=2)
+        assert launch.args[0] is None and launch.compiled is None
+    assert launch.fast_calls == 0 and len(calls) == 2
+
+
+def test_launch_hooks_detected():
+    """Direct launches step aside while Triton has a launch hook (a profiler)."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    if td._knobs is None:
+        pytest.skip("this Triton has no knobs module (every launch uses the JIT)")
+    assert not td._hooks_active()
+    chain = td._knobs.runtime.launch_enter_hook
+
+    def hook(metadata):
+        return None
+
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert td._hooks_active()
+        finally:
+            chain.remove(hook)
+    else:  # older Triton: a plain attribute
+        td._knobs.runtime.launch_enter_hook = hook
+        try:
+            assert td._hooks_active()
+        finally:
+            td._knobs.runtime.launch_enter_hook = chain
+    assert not td._hooks_active()
