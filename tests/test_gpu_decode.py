@@ -4,6 +4,7 @@ Random forests (requests ending at leaves and at internal nodes), every supporte
 head_dim, GQA group size and the soft cap, at sizes the interpreter cannot run.
 """
 
+import importlib
 import math
 
 import numpy as np
@@ -15,6 +16,9 @@ from kernels import reference_decode
 from treecache.plan import PlanInput, build_plan
 
 pytestmark = pytest.mark.gpu
+
+# The module (``kernels.tree_decode`` the attribute is the function of that name).
+td = importlib.import_module("kernels.tree_decode")
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
@@ -42,6 +46,18 @@ def _paths(parent, seqlen, tok_ptr, ends):
             x = int(parent[x])
         out.append(np.concatenate([np.arange(tok_ptr[x], tok_ptr[x] + seqlen[x]) for x in chain[::-1]]))
     return out
+
+
+def _spec_inputs(spec, hq, hk, device):
+    """A tree of the benchmark's spec format with float16 inputs (head_dim 128): the
+    nodes, q, k, v, the KV pointers and every request's slots (on ``device``)."""
+    nodes = tc.generate_tree_from_spec(spec)
+    q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, hq, hk, 128, device, torch.float16,
+                                                build_cache=False)
+    inp = tc.fasttree.tree_plan_input(nodes, ptrs, q.shape[0])
+    slots = [torch.from_numpy(s).to(device)
+             for s in _paths(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)]
+    return nodes, q, k, v, ptrs, slots
 
 
 F16, B16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -81,17 +97,13 @@ def test_random_forest_gpu(cuda, dtype, head_dim, hq, hk, cap):
 @pytest.mark.parametrize("spec", ["1,16,64 1024,256,32", "1,4,16,512 1024,256,128,32"])
 @pytest.mark.parametrize("hq,hk", [(32, 32), (32, 8), (16, 1)])
 def test_seed_suite_cases_gpu(cuda, spec, hq, hk):
-    nodes = tc.generate_tree_from_spec(spec)
-    q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, hq, hk, 128, cuda, torch.float16,
-                                                build_cache=False)
+    nodes, q, k, v, ptrs, slots = _spec_inputs(spec, hq, hk, cuda)
     params = tc.FastTreeParams()
     meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, [1024, 128],
                                       [132, 528], [132, 132], params, device=cuda)
     o = torch.full_like(q, float("nan"))
     tc.fasttree_decode(q, k, v, o, *meta, params.TSQs, params.TSKs, 1 / math.sqrt(128))
-    inp = tc.fasttree.tree_plan_input(nodes, ptrs, q.shape[0])
-    slots = _paths(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
-    ref = reference_decode(q, k, v, [torch.from_numpy(s).to(cuda) for s in slots], 1 / math.sqrt(128))
+    ref = reference_decode(q, k, v, slots, 1 / math.sqrt(128))
     assert not torch.isnan(o).any()
     assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
 
@@ -196,12 +208,7 @@ def test_overlapped_phases_match_sequential_launches(cuda):
     two parallel branches (OVERLAP_PHASES), eager calls on one stream. Same bits as
     the sequential launches, eager and replayed, on the caller's stream and on
     another one, and ordered against work queued before and after."""
-    import importlib
-
-    td = importlib.import_module("kernels.tree_decode")
-    nodes = tc.generate_tree_from_spec("1,256 300,24")
-    q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, 32, 32, 128, cuda, torch.float16,
-                                                build_cache=False)
+    nodes, q, k, v, ptrs, slots = _spec_inputs("1,256 300,24", 32, 32, cuda)
     meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], 32, 32, 128, device=cuda)
     plan = meta.plan
     assert len([ph for ph in plan.phases if ph.num_vnodes]) == 2
@@ -240,10 +247,7 @@ def test_overlapped_phases_match_sequential_launches(cuda):
     seq(q, k, v, o_seq)
     torch.cuda.synchronize()
     assert torch.equal(o3, o_seq)
-    inp = tc.fasttree.tree_plan_input(nodes, ptrs, q.shape[0])
-    slots = _paths(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
-    ref = reference_decode(q, k, v, [torch.from_numpy(x).to(cuda) for x in slots],
-                           1 / math.sqrt(128))
+    ref = reference_decode(q, k, v, slots, 1 / math.sqrt(128))
     assert not torch.isnan(o_seq).any()
     assert _rel(o_seq, ref) <= 2e-3
     # And the plan's own call (prepared launches use the overlapped path by default).
@@ -305,9 +309,6 @@ def test_kernel_launch_direct_path(cuda):
     compiled kernel directly (counted), with the same results; a call with a
     differently aligned tensor goes through the JIT again (and is right); launches
     follow the caller's stream and are captured by CUDA graphs."""
-    import importlib
-
-    td = importlib.import_module("kernels.tree_decode")
     axpy = _direct_launch_kernel()
     n = 1000
     x = torch.randn(n, device=cuda)
@@ -383,14 +384,7 @@ def test_direct_and_dependent_launches_match_plain_launches(cuda, monkeypatch, h
     dependent launch (DEPENDENT_LAUNCH) give the same bits as plain launches through
     the JIT: eager, for new query/output tensors each call and for an output whose
     address is not 16-byte aligned, and replayed from a CUDA graph."""
-    import importlib
-
-    td = importlib.import_module("kernels.tree_decode")
-    nodes = tc.generate_tree_from_spec("1,4,32 600,40,24")
-    q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, hq, hk, 128, cuda, torch.float16,
-                                                build_cache=False)
-    inp = tc.fasttree.tree_plan_input(nodes, ptrs, q.shape[0])
-    slots = _paths(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
+    nodes, q, k, v, ptrs, slots = _spec_inputs("1,4,32 600,40,24", hq, hk, cuda)
     outs = {}
     for fast, pdl in ((False, False), (True, False), (False, True), (True, True)):
         monkeypatch.setattr(td, "FAST_LAUNCH", fast)
@@ -415,8 +409,7 @@ def test_direct_and_dependent_launches_match_plain_launches(cuda, monkeypatch, h
                 meta.plan.run(qi, k, v, o)
             torch.cuda.synchronize()
             res.append(o.clone())
-            ref = reference_decode(qi, k, v, [torch.from_numpy(x).to(cuda) for x in slots],
-                                   1 / math.sqrt(128))
+            ref = reference_decode(qi, k, v, slots, 1 / math.sqrt(128))
             assert not torch.isnan(o).any()
             assert _rel(o, ref) <= 2e-3
         outs[fast, pdl] = res
