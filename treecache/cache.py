@@ -893,8 +893,8 @@ class TreeKVCache:
             return torch.from_numpy(slots.copy())  # the cache keeps ``slots`` itself
         if upd is None:
             return to_device_async(slots, self.device)
-        # One copy for the slots and the plan's tail update.
-        return self._buffers.send(upd[0], upd[1], prefix=slots)
+        # The slots travel with the plan's tail update (one copy).
+        return self._plan.send_tails(upd, slots)
 
     def _topo_order(self) -> list[_Node]:
         roots = [nd for nd in self._nodes.values() if nd.parent is None]

@@ -37,6 +37,8 @@ from kernels import (
     select_backend,
     torch_tree_decode,
 )
+from kernels.backend import interpreter_enabled
+from kernels.plan_ops import RUN_FIELDS, expand_runs, expand_runs_launcher, grow_tails_launcher
 from kernels.tree_decode import MAX_BLOCK_M, tree_decode_launcher
 
 from .errors import PlanMismatchError, ShapeMismatchError, UnsupportedConfigError
@@ -221,8 +223,10 @@ class PlanBuffers:
     All int32 index arrays live in one device tensor at fixed offsets, filled from one
     host staging tensor with a single copy; ``mid_o``/``mid_lse`` are float32 buffers.
     A GPU plan over contiguous node runs (no slot table, no growth headroom) expands its
-    ``kv_indices`` on the device from the runs, so the staging tensor's kv region does
-    not hold them: read plans through the device tensors (:meth:`dev_view`).
+    ``kv_indices`` on the device from a table of runs that travels in the same copy
+    (one kernel, :func:`kernels.plan_ops.expand_runs`), so the staging tensor's kv
+    region does not hold them; the append-only step of a cache also writes the device
+    buffer alone. On a GPU read plans through the device tensors (:meth:`dev_view`).
     Capacities grow (doubling) when a plan needs more; :attr:`generation` counts the
     reallocations, so a captured CUDA graph is valid while it stays the same.
     """
@@ -232,7 +236,7 @@ class PlanBuffers:
 
     def __init__(self, num_qo_heads: int, head_dim: int, device: torch.device | str,
                  *, vnodes: int = 256, requests: int = 64, mid_rows: int = 1024,
-                 kv_entries: int = 4096):
+                 kv_entries: int = 4096, runs: int = 256):
         self.num_qo_heads = int(num_qo_heads)
         self.head_dim = int(head_dim)
         self.device = normalize_device(device)
@@ -241,22 +245,25 @@ class PlanBuffers:
         #: its own serial is the latest.
         self.serial = 0
         self._uploaded = None  # event after the last staging-buffer upload
-        self._alloc(vnodes, requests, mid_rows, kv_entries)
+        self._alloc(vnodes, requests, mid_rows, kv_entries, runs)
 
-    def _alloc(self, vnodes, requests, mid_rows, kv_entries) -> None:
+    def _alloc(self, vnodes, requests, mid_rows, kv_entries, runs) -> None:
         self.cap_vnodes = int(vnodes)
         self.cap_requests = int(requests)
         self.cap_mid_rows = int(mid_rows)
         self.cap_kv = int(kv_entries)
+        self.cap_runs = int(runs)
         caps = {
             "vnode_kv_start": self.cap_vnodes, "vnode_kv_len": self.cap_vnodes,
             "vnode_q_start": self.cap_vnodes, "vnode_q_len": self.cap_vnodes,
             "vnode_slot0": self.cap_vnodes, "req_mid_start": self.cap_requests, "req_mid_len": self.cap_requests,
             "mid_q_rows": self.cap_mid_rows, "req_mid_rows": self.cap_mid_rows,
+            # The run table of a contiguous GPU plan (count, then RUN_FIELDS per run).
+            "runs": 1 + RUN_FIELDS * self.cap_runs,
         }
         self.offsets: dict[str, int] = {}
         off = 0
-        for name in self._SMALL:
+        for name in self._SMALL + ("runs",):
             self.offsets[name] = off
             off += caps[name]
         self.offsets["kv_indices"] = off
@@ -272,22 +279,26 @@ class PlanBuffers:
                                  dtype=torch.float32, device=self.device)
         self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
                                    dtype=torch.float32, device=self.device)
+        self._expand = None  # prepared run expansion (CUDA), made at the first use
         self.generation += 1
 
-    def ensure(self, vnodes: int, requests: int, mid_rows: int, kv_entries: int) -> None:
+    def ensure(self, vnodes: int, requests: int, mid_rows: int, kv_entries: int,
+               runs: int = 0) -> None:
         """Grow (to at least double) any capacity that is too small."""
         need = (vnodes > self.cap_vnodes or requests > self.cap_requests
-                or mid_rows > self.cap_mid_rows or kv_entries > self.cap_kv)
+                or mid_rows > self.cap_mid_rows or kv_entries > self.cap_kv
+                or runs > self.cap_runs)
         if not need:
             return
 
         def grow(cap, want):
             return cap if want <= cap else max(want, 2 * cap)
 
-        logger.debug("plan buffers grow: vnodes %d, requests %d, mid rows %d, kv %d",
-                     vnodes, requests, mid_rows, kv_entries)
+        logger.debug("plan buffers grow: vnodes %d, requests %d, mid rows %d, kv %d, runs %d",
+                     vnodes, requests, mid_rows, kv_entries, runs)
         self._alloc(grow(self.cap_vnodes, vnodes), grow(self.cap_requests, requests),
-                    grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries))
+                    grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries),
+                    grow(self.cap_runs, runs))
 
     def scratch(self, n: int, which: int = 0) -> np.ndarray:
         """A reusable int64 host work array of length ``n`` (two independent ones)."""
@@ -345,21 +356,53 @@ class PlanBuffers:
 
         ``runs=(starts, lens)``: the kv entries are the runs ``arange(s, s + l)`` one after
         the other, expanded where the device buffer lives: in the staging buffer on the
-        CPU, on a GPU from the runs alone (only they cross, so the host's work is O(runs),
-        not O(entries); the staging buffer's kv region then does not hold them).
+        CPU; otherwise their table (at most :attr:`cap_runs` runs, see :meth:`ensure`)
+        travels in the same copy as the small regions and one kernel expands it on the
+        device (the host's work is O(runs), not O(entries); the staging buffer's kv
+        region then does not hold them).
         """
         if self.dev is self.host:
             if runs is not None:
                 _expand_ranges(*runs, out=self.host_view("kv_indices", kv_used))
             return
-        end = self.offsets["kv_indices"] + (0 if runs is not None else kv_used)
+        if runs is None:
+            end = self.offsets["kv_indices"] + kv_used
+        else:
+            end = self._stage_runs(*runs)
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
         if self.device.type == "cuda":
             if self._uploaded is None:
                 self._uploaded = torch.cuda.Event()
             self._uploaded.record()
-        if runs is not None:
+        if runs is None or kv_used == 0:
+            return
+        if self.device.type == "cuda":
+            if self._expand is None:
+                self._expand = expand_runs_launcher(self.dev, self.offsets["runs"],
+                                                    self.offsets["kv_indices"])
+            self._expand(self.dev)
+        elif interpreter_enabled():
+            expand_runs(self.dev, self.offsets["runs"], self.offsets["kv_indices"],
+                        int(np.size(runs[0])))
+        else:  # a device Triton does not run on
             _expand_ranges_device(*runs, self.dev_view("kv_indices", kv_used))
+
+    def _stage_runs(self, starts: np.ndarray, lens: np.ndarray) -> int:
+        """Write the run table of ``(starts, lens)`` into the staging buffer (after the
+        small regions); returns the end of what must be copied."""
+        n = int(np.size(starts))
+        if n > self.cap_runs:
+            raise PlanMismatchError(
+                f"{n} runs do not fit the buffers' run table ({self.cap_runs}); "
+                "call ensure(..., runs=n) before writing the plan")
+        off = self.offsets["runs"]
+        table = self.host_np[off + 1:off + 1 + RUN_FIELDS * n].reshape(n, RUN_FIELDS)
+        self.host_np[off] = n
+        table[:, 0] = starts
+        np.cumsum(lens, out=table[:, 1])
+        table[:, 1] -= lens
+        table[:, 2] = lens
+        return off + 1 + RUN_FIELDS * n
 
     def host_writable(self) -> None:
         """Wait until the last :meth:`upload` has read the staging buffer (it copies
@@ -662,19 +705,19 @@ class DecodePlan:
         ``rows=None`` means every request of the plan, in order (``slots`` has one
         entry per request). Returns False (and changes nothing) if some request cannot
         grow in place; the caller must then rebuild the plan. O(len(rows)) numpy work
-        plus one small copy and one scatter on the device.
+        plus one small copy and one launch on the device.
         """
         upd = self.prepare_tails(rows, slots, assume_unique=assume_unique)
         if upd is None:
             return False
-        self.buffers.scatter(*upd)
+        self.send_tails(upd, np.asarray(slots, dtype=np.int64))
         return True
 
     def prepare_tails(self, rows: np.ndarray | None, slots: np.ndarray, *,
                       assume_unique: bool = False):
         """:meth:`extend_tails` up to the device write: updates the host arrays and
-        returns ``(positions, values)`` for :meth:`PlanBuffers.send` (after copying
-        them to the device), or None (nothing changed) if some request cannot grow."""
+        returns the device update for :meth:`send_tails`, or None (nothing changed) if
+        some request cannot grow."""
         if rows is None:
             if np.size(slots) != self.num_requests:
                 raise ValueError(f"extend_tails(None, slots) needs {self.num_requests} slots, "
@@ -700,30 +743,47 @@ class DecodePlan:
         b.write_host(positions, values)
         return positions, values
 
+    def send_tails(self, upd, slots: np.ndarray) -> torch.Tensor:
+        """Apply an update from :meth:`prepare_tails` to the device buffer; returns
+        ``slots`` (int64) on the plan's device, copied with the update."""
+        if isinstance(upd, _TailSteps):
+            dev_slots = to_device_async(slots, self.device)
+            upd.launch(dev_slots)
+            return dev_slots
+        out = self.buffers.send(upd[0], upd[1], prefix=slots)
+        return torch.from_numpy(slots) if out is None else out
+
     def _prepare_all_tails(self, slots: np.ndarray):
         """:meth:`prepare_tails` for every request in order (the model loop's step).
 
-        Works on request-ordered mirrors of the tail vnodes (next kv entry, length) and
-        on reused position/value arrays, so a step costs a few vector operations and
-        one scatter into the vnode lengths, without gathers.
+        Works on request-ordered mirrors of the tail vnodes (next kv entry, length), so
+        a step costs a few vector operations and no gathers. Where the buffers have a
+        device copy that Triton runs on, the device keeps its own copy of the tail
+        positions and one kernel applies the step (:class:`_TailSteps`); the host
+        staging buffer is not written. Otherwise the step is a list of positions and
+        values (reused arrays) for :meth:`PlanBuffers.send`.
         """
         t = self._tails
         if t is None:
             t = self._tails = self._all_tails()
         if t is False:
             return None
-        kv_pos, tail_len, positions, values = t
         b = self.num_requests
         if b == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        if (kv_pos >= self.tail_limit).any():
+        if t.room <= 0:  # some request's next entry would reach its limit
             return None
-        tail_len += 1
-        self.vnode_kv_len_host[self.tail_vnode] = tail_len
-        np.add(kv_pos, self.buffers.offsets["kv_indices"], out=positions[:b])
-        kv_pos += 1
+        t.room -= 1
+        t.tail_len += 1
+        self.vnode_kv_len_host[self.tail_vnode] = t.tail_len
+        if t.launch is not None:
+            t.kv_pos += 1
+            return t
+        positions, values = t.positions, t.values
+        np.add(t.kv_pos, self.buffers.offsets["kv_indices"], out=positions[:b])
+        t.kv_pos += 1
         values[:b] = slots
-        values[b:] = tail_len
+        values[b:] = t.tail_len
         self.buffers.write_host(positions, values)
         return positions, values
 
@@ -731,13 +791,37 @@ class DecodePlan:
         tv = self.tail_vnode
         if tv.size and tv.min() < 0:
             return False
+        return _TailSteps(self, tv)
+
+
+class _TailSteps:
+    """Request-ordered mirrors of a plan's tail vnodes for the every-request step:
+    each request's next kv entry (``kv_pos``) and tail length, the steps left before
+    some request reaches its limit (``room``), and either reused position/value arrays
+    (host path) or a prepared device step (``launch``) with the tail positions kept
+    on the device."""
+
+    __slots__ = ("kv_pos", "tail_len", "room", "positions", "values", "launch")
+
+    def __init__(self, plan: DecodePlan, tv: np.ndarray):
         b = tv.size
-        tail_len = self.vnode_kv_len_host[tv].copy()
-        kv_pos = self.vnode_kv_start_host[tv] + tail_len
-        positions = np.empty(2 * b, dtype=np.int64)
-        positions[b:] = self.buffers.offsets["vnode_kv_len"] + tv
-        values = np.empty(2 * b, dtype=np.int64)
-        return kv_pos, tail_len, positions, values
+        buffers = plan.buffers
+        self.tail_len = plan.vnode_kv_len_host[tv].copy()
+        start = plan.vnode_kv_start_host[tv]
+        self.kv_pos = start + self.tail_len
+        self.room = int((plan.tail_limit - self.kv_pos).min()) if b else 0
+        self.launch = None
+        self.positions = self.values = None
+        dev = buffers.dev
+        if b and dev is not buffers.host and (dev.device.type == "cuda" or interpreter_enabled()):
+            tails = to_device_async(
+                np.concatenate([self.kv_pos, tv, start]).astype(np.int32), dev.device)
+            self.launch = grow_tails_launcher(dev, tails, buffers.offsets["kv_indices"],
+                                              buffers.offsets["vnode_kv_len"])
+        else:
+            self.positions = np.empty(2 * b, dtype=np.int64)
+            self.positions[b:] = buffers.offsets["vnode_kv_len"] + tv
+            self.values = np.empty(2 * b, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -1335,7 +1419,8 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
 
     if buffers is None:
         buffers = PlanBuffers(hq, d, device, vnodes=max(nv, 1), requests=max(b, 1),
-                              mid_rows=max(nmid, 1), kv_entries=max(kv_total, 1))
+                              mid_rows=max(nmid, 1), kv_entries=max(kv_total, 1),
+                              runs=max(seg_len.size, 1))
     else:
         if (buffers.num_qo_heads, buffers.head_dim) != (hq, d):
             raise PlanMismatchError(
@@ -1344,7 +1429,7 @@ def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_
         if buffers.device != normalize_device(device):
             raise PlanMismatchError(
                 f"buffers are on {buffers.device}, the plan was asked for {device}")
-        buffers.ensure(nv, b, nmid, kv_total)
+        buffers.ensure(nv, b, nmid, kv_total, runs=seg_len.size)
     buffers.host_writable()
     hv = buffers.host_view
     hv("vnode_kv_start", nv)[:] = v_kv_start

@@ -1,0 +1,92 @@
+"""Small Triton kernels that write plan index arrays on the device.
+
+A plan's index arrays live in one int32 device buffer (``treecache.plan.PlanBuffers``).
+Two jobs there would otherwise take several torch operations (each one a launch and
+host time) or a per-token host loop:
+
+* :func:`expand_runs`: ``kv_indices`` of a plan whose slots are runs ``start + [0, len)``
+  (a contiguous plan), expanded from a table of runs that was copied to the device with
+  the rest of the plan: one launch, the host's work stays O(runs).
+* :func:`grow_tails_launcher`: the append-only step of a cache (every request appends one
+  token): the new slot goes to the end of each request's tail vnode and the vnode's
+  length grows by one, from device-resident tail positions: one launch, no per-step
+  host-to-device copy besides the slots themselves.
+
+Both are prepared launches (:class:`kernels.tree_decode._KernelLaunch`) on CUDA: after
+the first call the compiled kernel is launched directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tree_decode import _KernelLaunch
+
+__all__ = ["RUN_FIELDS", "expand_runs", "expand_runs_launcher", "grow_tails_launcher"]
+
+#: A run table is ``[count, start_0, dst_0, len_0, start_1, dst_1, len_1, ...]`` (int32):
+#: entries ``dst_i + [0, len_i)`` of ``kv_indices`` get ``start_i + [0, len_i)``.
+RUN_FIELDS = 3
+#: Programs of an expansion on CUDA (a multiple of the SM count is not needed: each
+#: program walks runs ``pid, pid + G, ...``).
+EXPAND_PROGRAMS = 512
+EXPAND_BLOCK = 256
+
+
+@triton.jit
+def _expand_runs_kernel(buf, runs_off, kv_off, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    count = tl.load(buf + runs_off)
+    for i in range(pid, count, nprog):
+        rec = buf + runs_off + 1 + i * 3
+        start = tl.load(rec)
+        dst = tl.load(rec + 1)
+        length = tl.load(rec + 2)
+        for j0 in range(0, length, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            tl.store(buf + kv_off + dst + j, start + j, mask=j < length)
+
+
+@triton.jit
+def _grow_tails_kernel(buf, slots, tails, n, kv_off, len_off, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    slot = tl.load(slots + i, mask=m)
+    pos = tl.load(tails + i, mask=m)
+    vnode = tl.load(tails + n + i, mask=m)
+    start = tl.load(tails + 2 * n + i, mask=m)
+    tl.store(buf + kv_off + pos, slot.to(tl.int32), mask=m)
+    tl.store(buf + len_off + vnode, pos + 1 - start, mask=m)
+    tl.store(tails + i, pos + 1, mask=m)
+
+
+def expand_runs_launcher(buf: torch.Tensor, runs_off: int, kv_off: int):
+    """A prepared expansion for ``buf`` (int32, CUDA): call it with ``buf`` itself. It
+    reads the run table at ``buf[runs_off:]`` (see :data:`RUN_FIELDS`) and writes
+    ``buf[kv_off + dst_i + j] = start_i + j``; the table's count is read on the device,
+    so one launcher serves every plan written into these buffers."""
+    return _KernelLaunch(_expand_runs_kernel, (EXPAND_PROGRAMS,), [buf, int(runs_off), int(kv_off)],
+                         {"BLOCK": EXPAND_BLOCK}, slots=(0,))
+
+
+def expand_runs(buf: torch.Tensor, runs_off: int, kv_off: int, count: int) -> None:
+    """One expansion through the JIT (any device Triton runs on, the interpreter
+    included); ``count`` (the table's first entry) only sizes the grid."""
+    grid = (max(1, min(EXPAND_PROGRAMS, int(count))),)
+    _expand_runs_kernel[grid](buf, int(runs_off), int(kv_off), BLOCK=EXPAND_BLOCK)
+
+
+def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len_off: int,
+                        block: int = 256):
+    """A prepared tail step: call it with the new slots (int64 ``[n]``, one per request,
+    on ``buf``'s device). ``tails`` (int32 ``[3 n]``) holds each request's next kv entry
+    position, tail vnode and the vnode's first kv position; the step writes the slot at
+    ``buf[kv_off + pos]``, the vnode length ``pos + 1 - start`` at ``buf[len_off + vnode]``
+    and advances the position. Tail vnodes must be distinct."""
+    n = tails.numel() // 3
+    return _KernelLaunch(_grow_tails_kernel, (triton.cdiv(max(n, 1), block),),
+                         [buf, None, tails, n, int(kv_off), int(len_off)],
+                         {"BLOCK": block}, slots=(1,))

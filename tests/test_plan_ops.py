@@ -1,0 +1,180 @@
+"""The device-side plan kernels (kernels.plan_ops): the run expansion of a contiguous
+plan and the every-request tail step, checked against the host paths they replace.
+
+Without a GPU they run in Triton's interpreter (conftest sets it), on a separate CPU
+tensor that stands in for a device buffer.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.backend import interpreter_enabled
+from kernels.plan_ops import RUN_FIELDS, expand_runs, expand_runs_launcher, grow_tails_launcher
+from treecache.plan import FastTreeParams, PlanBuffers, PlanInput, _expand_ranges, build_plan
+
+NO_ADJUST = dict(para_threshs1=(0, 0), para_threshs2=(0, 0))
+
+needs_triton = pytest.mark.skipif(
+    not (interpreter_enabled() or torch.cuda.is_available()),
+    reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def _device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _run_table(buf, runs_off, starts, lens):
+    dst = np.cumsum(lens) - lens
+    table = np.stack([starts, dst, lens], 1).reshape(-1).astype(np.int32)
+    buf[runs_off] = starts.size
+    buf[runs_off + 1:runs_off + 1 + table.size] = torch.from_numpy(table).to(buf.device)
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", range(4))
+def test_expand_runs_matches_host_expansion(seed):
+    # Random runs (some empty, some longer than a block), poisoned buffer: the kv region
+    # gets the host expansion, nothing outside it changes; the prepared launcher and
+    # the JIT call agree.
+    rng = np.random.default_rng(seed)
+    dev = _device()
+    n = int(rng.integers(1, 50))
+    starts = rng.integers(0, 1 << 24, size=n)
+    lens = rng.integers(0, 600, size=n)
+    lens[rng.integers(0, n)] = 0
+    want = _expand_ranges(starts, lens)
+    runs_off, kv_off = 7, 8 + RUN_FIELDS * n
+    buf = torch.full((kv_off + want.size + 9,), -3, dtype=torch.int32, device=dev)
+    _run_table(buf, runs_off, starts, lens)
+    before = buf.clone()
+    launcher = expand_runs_launcher(buf, runs_off, kv_off)
+    for call in ("jit", "launcher", "launcher"):  # the launcher's first and later calls
+        buf[kv_off:] = -3
+        if call == "jit":
+            expand_runs(buf, runs_off, kv_off, n)
+        else:
+            launcher(buf)
+        got = buf.cpu()
+        assert np.array_equal(got[kv_off:kv_off + want.size].numpy(), want)
+        assert (got[kv_off + want.size:] == -3).all()
+        assert torch.equal(got[:kv_off], before[:kv_off].cpu())
+
+
+@needs_triton
+def test_grow_tails_kernel_writes_slots_lengths_and_positions():
+    rng = np.random.default_rng(5)
+    dev = _device()
+    b = 300  # more than one block of 128
+    pos = np.arange(b) * 5 + 3
+    vnode = rng.permutation(b)
+    start = pos - rng.integers(0, 3, size=b)
+    tails = torch.from_numpy(np.concatenate([pos, vnode, start]).astype(np.int32)).to(dev)
+    buf = torch.full((5000,), -1, dtype=torch.int32, device=dev)
+    step = grow_tails_launcher(buf, tails, 1000, 100, block=128)
+    for k in range(3):
+        slots = torch.from_numpy(rng.integers(0, 1 << 30, size=b)).to(dev)
+        step(slots)
+        got = buf.cpu().numpy()
+        assert np.array_equal(got[1000 + pos + k], slots.cpu().numpy())
+        assert np.array_equal(got[100 + vnode], pos + k + 1 - start)
+        assert np.array_equal(tails[:b].cpu().numpy(), pos + k + 1)
+    assert (buf[:100] == -1).all() and (buf[100 + b:1000] == -1).all()
+
+
+def _stand_in(num_qo_heads, head_dim, **caps):
+    """PlanBuffers whose device copy is a separate CPU tensor (as on a GPU)."""
+    buf = PlanBuffers(num_qo_heads, head_dim, "cpu", **caps)
+    buf.dev = buf.host.clone()
+    buf.dev.fill_(-5)
+    return buf
+
+
+def _contiguous_input():
+    seqlen = np.array([300, 17, 9, 40, 1, 260], dtype=np.int64)
+    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]])
+    return PlanInput(parent=np.array([-1, 0, 0, 1, 1, -1]), seqlen=seqlen, tok_ptr=tok_ptr,
+                     req_end=np.array([3, 4, 2, 5, 1]))
+
+
+def test_contiguous_plan_expanded_on_the_device_copy():
+    # A contiguous plan's kv entries reach the device copy through the run table in the
+    # same copy as the small regions (expanded by the kernel, or by torch where Triton
+    # does not run), equal to the CPU plan's; the staging kv region stays untouched.
+    inp = _contiguous_input()
+    kw = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, params=FastTreeParams(), **NO_ADJUST)
+    cpu = build_plan(inp, **kw)
+    sb = _stand_in(4, 16, kv_entries=4 * cpu.num_kv_entries, runs=64)
+    sb.host.fill_(-7)
+    plan = build_plan(inp, buffers=sb, **kw)
+    assert plan.buffers.dev is not plan.buffers.host  # no reallocation
+    n = plan.num_kv_entries
+    assert plan.buffers.dev_view("kv_indices", n).tolist() == cpu.tensors()["kv_indices"][:n].tolist()
+    assert set(plan.buffers.host_view("kv_indices", n).tolist()) == {-7}
+    for name, m in (("vnode_kv_start", plan.num_vnodes), ("vnode_kv_len", plan.num_vnodes),
+                    ("vnode_slot0", plan.num_vnodes), ("req_mid_rows", plan.num_mid_rows)):
+        assert torch.equal(plan.tensors()[name][:m], cpu.tensors()[name][:m]), name
+    # A run table larger than the capacity grows the buffers (a new generation).
+    small = _stand_in(4, 16, runs=1)
+    grown = build_plan(inp, buffers=small, **kw)
+    assert small.cap_runs >= 2 and grown.generation == small.generation
+    assert grown.buffers.dev_view("kv_indices", n).tolist() == cpu.tensors()["kv_indices"][:n].tolist()
+
+
+def test_every_request_step_on_the_device_copy_matches_the_cpu_plan():
+    # The every-request append step with a separate device copy (one kernel from
+    # device-resident tail positions under the interpreter) against the same steps on a
+    # CPU plan: the device copy's kv entries and vnode lengths, the host mirrors and
+    # the refusal at the headroom limit agree, also after single and subset appends
+    # (which rebuild the device tail positions).
+    seqlen = np.array([40, 10, 10, 5], dtype=np.int64)
+    inp = PlanInput(parent=np.array([-1, 0, 0, 0]), seqlen=seqlen,
+                    tok_ptr=np.concatenate([[0], np.cumsum(seqlen)[:-1]]),
+                    req_end=np.array([1, 2, 3]), growable=np.array([True, True, True]))
+    kw = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, params=FastTreeParams(),
+              headroom=6, **NO_ADJUST)
+    cpu = build_plan(inp, **kw)
+    dev = build_plan(inp, buffers=_stand_in(2, 16), **kw)
+    nxt = [65]
+
+    def new(n):
+        out = np.arange(nxt[0], nxt[0] + n, dtype=np.int64)
+        nxt[0] += n
+        return out
+
+    def same():
+        for name, m in (("kv_indices", cpu.num_kv_entries), ("vnode_kv_len", cpu.num_vnodes)):
+            want = cpu.tensors()[name][:m]
+            got = dev.buffers.dev_view(name, m)
+            if name == "kv_indices":  # entries past a vnode's length are never read
+                lens = cpu.vnode_kv_len_host
+                live = np.zeros(m, dtype=bool)
+                for s, ln in zip(cpu.vnode_kv_start_host, lens):
+                    live[s:s + ln] = True
+                want, got = want[torch.from_numpy(live)], got[torch.from_numpy(live)]
+            assert torch.equal(got, want), name
+        assert np.array_equal(dev.vnode_kv_len_host, cpu.vnode_kv_len_host)
+
+    for st in [None, None, ("one", 1, 2), None, ([0, 2],), None]:
+        if st is None:
+            sl = new(3)
+            assert cpu.extend_tails(None, sl) and dev.extend_tails(None, sl)
+            if interpreter_enabled():
+                assert dev._tails.launch is not None  # the device step ran
+        elif st[0] == "one":
+            sl = new(st[2])
+            assert cpu.extend_tail(st[1], sl) and dev.extend_tail(st[1], sl)
+        else:
+            sl = new(len(st[0]))
+            assert cpu.extend_tails(np.array(st[0]), sl) and dev.extend_tails(np.array(st[0]), sl)
+        same()
+    # Request 1 has used its 6 entries: both refuse the every-request step, unchanged.
+    before = dev.buffers.dev.clone()
+    lens = dev.vnode_kv_len_host.copy()
+    assert not cpu.extend_tails(None, np.array([0, 1, 2]))
+    assert not dev.extend_tails(None, np.array([0, 1, 2]))
+    assert torch.equal(dev.buffers.dev, before)
+    assert np.array_equal(dev.vnode_kv_len_host, lens)
+    sl = new(2)
+    assert cpu.extend_tails(np.array([0, 2]), sl) and dev.extend_tails(np.array([0, 2]), sl)
+    same()
