@@ -129,13 +129,17 @@ def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
         names.append(("kv_indices", plan.num_kv_entries))
     for name, n in names:
         assert plan.buffers.dev_view(name, n).cpu().tolist() == host(plan, name, n), name
-    # A contiguity hint is a promise: the vnode's slots are slot0, slot0 + 1, ...
+    # A contiguity hint is a promise: the vnode's slots are slot0, slot0 + 1, ... In the
+    # seed layout without growth headroom, every vnode whose slots are such a run has it.
     kv = plan.buffers.dev_view("kv_indices", plan.num_kv_entries).cpu().numpy()
+    complete = inp.node_tokens is None and not (plan.tail_limit >= 0).any()
     for (ks, kl, _, _), s0 in zip(table, host(plan, "vnode_slot0", nv)):
         if s0 >= 0:
             assert kv[ks:ks + kl].tolist() == list(range(s0, s0 + kl))
         else:
             assert s0 == -1
+            if complete:
+                assert kv[ks:ks + kl].tolist() != list(range(kv[ks], kv[ks] + kl))
     # Each request attends exactly its path's tokens, each once.
     assert plan_slots(plan) == [sorted(p) for p in expected_paths(inp)]
     assert len(plan.node_assignments) == inp.parent.size
@@ -952,6 +956,75 @@ def test_random_forests_cover_each_path_once(case):
     counts = np.asarray(host(plan, "req_mid_len", plan.num_requests))
     assert plan.direct == bool((counts == 1).any())
     assert plan.needs_stage2 == (not bool((counts == 1).all()))
+
+
+def relabel(inp: PlanInput, perm: np.ndarray) -> PlanInput:
+    """``inp`` with node ``i`` renamed ``perm[i]`` (tokens and requests unchanged)."""
+    inv = np.argsort(perm)
+    parent = np.where(inp.parent[inv] >= 0, perm[np.maximum(inp.parent[inv], 0)], -1)
+    return attrs.evolve(inp, parent=parent, seqlen=inp.seqlen[inv], tok_ptr=inp.tok_ptr[inv],
+                        req_end=perm[inp.req_end])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_node_ids_in_any_order(seed):
+    # Parents may come after their children: every request still attends its path once
+    # (check_plan), with and without a slot table and growth headroom.
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 40))
+    parent = [-1] + [int(rng.integers(-1, i)) for i in range(1, n)]
+    seqlen = rng.integers(0, 50, size=n)
+    req_end = rng.integers(0, n, size=int(rng.integers(1, 30)))
+    table = rng.permutation(int(seqlen.sum())) if seed % 2 else None
+    inp = plan_input(parent, seqlen, req_end, node_tokens=table,
+                     growable=rng.random(req_end.size) < 0.5)
+    shuffled = relabel(inp, rng.permutation(n))
+    assert (shuffled.parent > np.arange(n)).any()
+    for flat in (False, True):
+        build(shuffled, group=4, params=FastTreeParams(gamma=float(seed)), headroom=4 * (seed % 3),
+              kv_split_sizes=(16, 4), flat=flat)
+
+
+def test_cycle_on_a_request_path_is_rejected():
+    inp = plan_input([2, 0, 1, -1], [3, 3, 3, 3], [1, 3])
+    with pytest.raises(ValueError, match="cycle"):
+        build_plan(inp, num_qo_heads=1, num_kv_heads=1, head_dim=16)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_vectorised_heuristic_on_long_split_q_chains(seed):
+    # Mostly chain-shaped trees of short nodes under costs that favour split-Q: chains
+    # of many split-Q nodes, which the vectorised pass settles a level at a time. It
+    # must still decide exactly as the scalar pass, also when parents follow children.
+    from treecache.plan import _Topology, _tree_heuristic, _tree_heuristic_vec
+
+    rng = np.random.default_rng(seed)
+    n = 300
+    parent = np.maximum(np.arange(n) - 1 - (rng.random(n) < 0.3) * rng.integers(0, 4, n), 0)
+    parent[0] = -1
+    seqlen = rng.integers(1, 40, size=n)
+    is_parent = np.zeros(n, bool)
+    is_parent[parent[1:]] = True
+    req_end = np.concatenate([np.flatnonzero(~is_parent), rng.integers(0, n, size=30)])
+    inp = plan_input(parent, seqlen, req_end)
+    if seed % 2:
+        inp = relabel(inp, rng.permutation(n))
+    topo = _Topology(inp)
+    deepest = 0
+    for tiles, group, (a, b, g) in [(([64, 16], [32, 128]), 1, (0.66, 0.33, 0.1)),
+                                    (([16, 4], [32, 32]), 4, (0.1, 0.9, 0.05)),
+                                    (([16, 16], [256, 256]), 1, (0.0, 5.0, 1.0))]:
+        want_a, want_l = _tree_heuristic(topo, tiles[0], tiles[1], group, a, b, g)
+        got_a, got_l = _tree_heuristic_vec(topo, tiles[0], tiles[1], group, a, b, g)
+        np.testing.assert_array_equal(got_a, want_a)
+        np.testing.assert_array_equal(got_l, want_l)
+        # Split-Q nodes in a row above each node.
+        run = np.zeros(n, np.int64)
+        for v in topo.bfs_order.tolist():
+            if want_a[v]:
+                run[v] = run[inp.parent[v]] + 1
+        deepest = max(deepest, int(run.max()))
+    assert deepest >= 50
 
 
 def test_upload_expands_runs_where_the_device_buffer_lives():

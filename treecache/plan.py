@@ -22,6 +22,7 @@ Python loop ever runs per token.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Sequence
@@ -825,23 +826,30 @@ class _TailSteps:
 
 
 # ----------------------------------------------------------------------------- planning
+#
+# A plan makes a few hundred numpy calls on arrays of about the tree's size, so the cost
+# per call matters as much as the work: the planner counts its passes, and calls
+# np.add.accumulate (np.cumsum without its Python-level dispatch) and array methods
+# (a.argsort, a.repeat) rather than their np.* wrappers.
 
 
 def _depths(parent: np.ndarray) -> np.ndarray:
     """Depth of every node (roots 0) by pointer jumping: O(depth) numpy passes."""
     n = parent.size
-    depth = np.zeros(n, dtype=np.int64)
-    anc = parent.copy()
-    live = np.nonzero(anc >= 0)[0]
-    steps = 0
+    live = (parent >= 0).nonzero()[0]
+    anc = parent[live]  # the current ancestor of every live node
+    passes = []
     while live.size:
-        depth[live] += 1
-        anc[live] = parent[anc[live]]
-        live = live[anc[live] >= 0]
-        steps += 1
-        if steps > n:
+        passes.append(live)
+        if len(passes) > n:
             raise ValueError("parent array has a cycle")
-    return depth
+        up = parent[anc]
+        keep = up >= 0
+        live, anc = live[keep], up[keep]
+    # A node's depth is the number of passes it was live in.
+    if not passes:
+        return np.zeros(n, dtype=np.int64)
+    return np.bincount(np.concatenate(passes), minlength=n).astype(np.int64, copy=False)
 
 
 def _effective_q_tile(tile: int, group: int) -> int:
@@ -849,30 +857,61 @@ def _effective_q_tile(tile: int, group: int) -> int:
 
 
 class _Topology:
-    """Per-build derived arrays: depth order, children lists, request counts."""
+    """Per-build derived arrays: request paths, request counts, children lists.
+
+    Only a cycle on some request's path is detected here (ValueError); :attr:`depth`
+    detects any.
+    """
 
     def __init__(self, inp: PlanInput):
         parent = np.asarray(inp.parent, dtype=np.int64)
         self.n = n = parent.size
         self.parent = parent
         self.seqlen = np.asarray(inp.seqlen, dtype=np.int64)
-        self.req_end = np.asarray(inp.req_end, dtype=np.int64)
-        self.depth = _depths(parent) if n else np.zeros(0, np.int64)
-        order = np.argsort(self.depth, kind="stable")
-        self.bfs_order = order
-        maxd = int(self.depth.max()) if n else 0
-        bounds = np.searchsorted(self.depth[order], np.arange(maxd + 2))
-        # Requests through each node: own ends, accumulated bottom-up level by level.
-        cnt = np.bincount(self.req_end, minlength=n).astype(np.int64)
-        for d in range(maxd, 0, -1):
-            nodes = order[bounds[d]:bounds[d + 1]]
-            np.add.at(cnt, parent[nodes], cnt[nodes])
-        self.nq = cnt
+        self.req_end = req_end = np.asarray(inp.req_end, dtype=np.int64)
+        #: Whether some node holds no tokens.
+        self.empty_nodes = np.count_nonzero(self.seqlen) < n
+        # Every request's path, walked up from its end node, one numpy pass per level:
+        # entry i is request path_req[i] at node path_node[i]. Levels follow each other
+        # (level 0: the end nodes in request order), and level l + 1 holds, in order, the
+        # entries of level l whose node has a parent.
+        r, cur = np.arange(req_end.size, dtype=np.int64), req_end
+        rs, ns, has_up = [], [], []
+        while cur.size:
+            up = parent[cur]
+            keep = up >= 0
+            rs.append(r)
+            ns.append(cur)
+            has_up.append(keep)
+            if len(ns) > n:
+                raise ValueError("parent array has a cycle")
+            r, cur = r[keep], up[keep]
+        if ns:
+            self.path_req = np.concatenate(rs)
+            self.path_node = np.concatenate(ns)
+            # Hence the entries above level 0 were reached from these nodes, in order.
+            self.path_below = self.path_node[np.concatenate(has_up)]
+        else:
+            self.path_req = self.path_node = self.path_below = np.zeros(0, dtype=np.int64)
+        # Requests through each node: the entries of all paths at that node.
+        self.nq = np.bincount(self.path_node, minlength=n).astype(np.int64, copy=False)
         # Children CSR, children in increasing id order (the seed's edge order).
-        nonroot = np.nonzero(parent >= 0)[0]
-        ch = nonroot[np.argsort(parent[nonroot], kind="stable")]
-        self.ch_ids = ch
-        self.ch_ptr = np.searchsorted(parent[ch], np.arange(n + 1))
+        nonroot = (parent >= 0).nonzero()[0]
+        pn = parent[nonroot]
+        order = pn.argsort(kind="stable")
+        self.ch_ids = nonroot[order]
+        self.ch_parent = pn[order]
+        self.ch_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.add.accumulate(np.bincount(pn, minlength=n), out=self.ch_ptr[1:])
+
+    @functools.cached_property
+    def depth(self) -> np.ndarray:
+        return _depths(self.parent)
+
+    @functools.cached_property
+    def bfs_order(self) -> np.ndarray:
+        """Nodes by depth (ids increasing within a level)."""
+        return np.argsort(self.depth, kind="stable")
 
 
 def _scalar_cmm(q_tiles, kv_tiles, ag, bg):
@@ -936,66 +975,94 @@ def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, 
     scalar version, so both make identical decisions (tests check it).
     """
     n = topo.n
-    parent = topo.parent
-    L = topo.seqlen.copy()
-    nq = topo.nq
+    L = topo.seqlen
     assign = np.zeros(n, dtype=np.int8)
+    c = topo.ch_ids  # grouped by parent, siblings in id order
+    k = c.size
+    if k == 0:
+        return assign, L.copy()
     tq0, tq1 = q_tiles
     tk0, tk1 = kv_tiles
     ag = alpha * group
     bg = beta * group
-    if n == 0 or topo.ch_ids.size == 0:
-        return assign, L
+    p = topo.ch_parent
+    nq = topo.nq
+    nql = nq[c]
+    own = L[c]
+    cur0 = nq[p]
 
-    pow2 = (tq0 & (tq0 - 1)) == 0 and (tq1 & (tq1 - 1)) == 0
+    # The factors of Cmm that depend on nQ alone, tabulated for nQ = 0 .. max(cur0) (no
+    # query count below exceeds its parent's): row 0 ag * padq, row 1 the KV tile. padq
+    # is tq - ((nQ - 1) % tq + 1) == (-nQ) % tq for nQ >= 1, and 0 for nQ = 0. The tile is
+    # a float too: tk - nK and max(., 0) stay exact integers, so cmm multiplies the same
+    # values in the same order as the scalar version (its in-place updates swap operands
+    # only, and a * b == b * a, a + b == b + a exactly).
+    m = int(cur0.max()) + 1
+    neg_nq = -np.arange(m)
+    small = min(tq1 + 1, m)  # nQ <= tq1: the phase-1 tiles
+    tab = np.empty((2, m))
+    np.multiply(ag, neg_nq % tq0, out=tab[0])
+    tab[0, :small] = ag * (neg_nq[:small] % tq1)
+    tab[1] = tk0
+    tab[1, :small] = tk1
 
     def cmm(nQ, nK):
-        # padq == tq - ((nQ - 1) % tq + 1) for nQ >= 1, and 0 for nQ = 0.
-        if tq0 == tq1:
-            padq = (-nQ) & (tq0 - 1) if pow2 else (-nQ) % tq0
-        elif pow2:
-            padq = (-nQ) & np.where(nQ > tq1, tq0 - 1, tq1 - 1)
-        else:
-            padq = (-nQ) % np.where(nQ > tq1, tq0, tq1)
-        tk = tk0 if tk0 == tk1 else np.where(nQ > tq1, tk0, tk1)
-        padk = np.maximum(tk - nK, 0)
-        return ag * padq * nK + bg * padk * nQ
+        # ag * padq * nK + bg * padk * nQ
+        agp, tk = tab.take(nQ, axis=1)
+        pad = tk - nK
+        np.maximum(pad, 0, out=pad)
+        pad *= bg
+        pad *= nQ
+        pad += agp * nK
+        return pad
 
     # Every child's decision depends on its parent's chain length (set when the parent
     # was decided) and on its parent's query count after the split-Q choices of its
     # earlier siblings. Those dependencies form a DAG (parents first, then siblings in
-    # id order), so iterating all decisions at once to their fixed point (each round
-    # recomputes every child from the previous round's choices and chain lengths) ends
-    # with exactly the sequential decisions; it usually takes a few rounds.
-    c = topo.ch_ids  # grouped by parent, siblings in id order
-    k = c.size
-    p = parent[c]
-    nql = nq[c]
-    own = L[c]
-    cur0 = nq[p]
-    gstart = np.flatnonzero(np.concatenate(([True], p[1:] != p[:-1])))
-    gs = np.repeat(gstart, np.diff(np.append(gstart, k)))
-    c_own = cmm(nql, own)
+    # id order), so iterating all decisions at once to their fixed point ends with
+    # exactly the sequential decisions: each round recomputes every child from the
+    # previous round's choices and the chain lengths they give, and a decision that only
+    # depends on final ones is final. It usually takes two or three rounds. A round
+    # evaluates split-K's Cmm(cur, lenv) and split-Q's Cmm(cur - nql, lenv) and
+    # Cmm(nql, own + lenv) as the three rows of one array. (Children without queries
+    # never split: both sides then add Cmm(0, .) == 0 to the same Cmm(cur, lenv).)
+    nK_add = np.zeros((3, k))  # the rows' nK: lenv + nK_add
+    nK_add[2] = own
+    c_own = cmm(nql, nK_add[2])
     g_nql = gamma * nql
-    live = (cur0 > 0) & (nql > 0)
-    pick = np.zeros(k, dtype=bool)
+    first_sibling = topo.ch_ptr[p]
+    nQ = np.array([cur0, cur0 - nql, nql])
+    before = nQ[:2].copy()  # rows 0 and 1 before earlier siblings take queries
+    nK = np.empty((3, k))
+    taken = np.zeros(k + 1, dtype=np.int64)
     chain = L.copy()
+    lenv = L[p]
+    pick = np.zeros(k, dtype=bool)
     for _ in range(k + 1):
-        w = nql * pick
-        excl = np.cumsum(w) - w
-        cur = cur0 - (excl - excl[gs])
-        lenv = chain[p]
-        c3 = cmm(np.concatenate([cur, cur - nql, nql]),
-                 np.concatenate([lenv, lenv, own + lenv]))
-        split_k = c3[:k] + c_own + g_nql
-        split_q = c3[k:2 * k] + c3[2 * k:]
-        new = live & (cur > 0) & (split_k > split_q)
-        new_chain = L.copy()
-        new_chain[c] = own + np.where(new, lenv, 0)
-        if np.array_equal(new, pick) and np.array_equal(new_chain, chain):
+        np.add(lenv, nK_add, out=nK)
+        cost = cmm(nQ, nK)
+        split_k = cost[0]
+        split_k += c_own
+        split_k += g_nql
+        split_q = cost[1]
+        split_q += cost[2]
+        new = split_k > split_q
+        if not np.count_nonzero(new != pick):
             break
-        pick, chain = new, new_chain
-    assign[c[pick]] = 1
+        pick = new
+        # The chain lengths these choices give: a split-Q child appends its tokens to
+        # its parent's chain; repeat down the split-Q chains until nothing changes.
+        while True:
+            chain[c] = own + pick * lenv
+            lenv_next = chain[p]
+            if not np.count_nonzero(lenv_next != lenv):
+                break
+            lenv = lenv_next
+        # Queries that earlier split-Q siblings took from the parent: a prefix sum of
+        # the choices, less its value at the first sibling.
+        np.add.accumulate(nql * pick, out=taken[1:])
+        np.subtract(before, taken[:-1] - taken[first_sibling], out=nQ[:2])
+    assign.view(bool)[c] = pick
     return assign, chain
 
 
@@ -1017,52 +1084,43 @@ class _Groups:
     """Groups: nodes with the queries that attend their (chain of) tokens."""
 
     def __init__(self, topo: _Topology, assign: np.ndarray, chain_len: np.ndarray):
-        parent = topo.parent
         b = topo.req_end.size
         # Pairs (request, group node): the end node, plus the parent of every split-K
-        # node on the path (pointer jumping, one numpy pass per level).
-        rs, gs = [np.arange(b, dtype=np.int64)], [topo.req_end.copy()]
-        r, cur = rs[0], gs[0]
-        while r.size:
-            p = parent[cur]
-            up = p >= 0
-            r, cur, p = r[up], cur[up], p[up]
-            k = assign[cur] == 0
-            rs.append(r[k])
-            gs.append(p[k])
-            cur = p
-        pr = np.concatenate(rs)
-        pg = np.concatenate(gs)
-        # Drop groups with no tokens (empty chains): nothing to attend there.
-        keep = chain_len[pg] > 0
-        pr, pg = pr[keep], pg[keep]
+        # node on the path, i.e. the path entries above level 0 reached from a split-K node.
+        keep = np.empty(topo.path_node.size, dtype=bool)
+        keep[:b] = True
+        np.equal(assign[topo.path_below], 0, out=keep[b:])
+        if topo.empty_nodes:
+            # Drop groups with no tokens (empty chains): nothing to attend there.
+            keep &= chain_len[topo.path_node] > 0
+        pr = topo.path_req[keep]
+        pg = topo.path_node[keep]
         # Sort pairs by (group node, request) with one argsort on a combined key.
-        order = np.argsort(pg * max(b, 1) + pr, kind="stable")
+        order = (pg * max(b, 1) + pr).argsort(kind="stable")
         self.pair_req = pr[order]
-        pg = pg[order]
-        if pg.size:
-            first = np.flatnonzero(np.concatenate(([True], pg[1:] != pg[:-1])))
-        else:
-            first = np.zeros(0, dtype=np.int64)
-        self.node = pg[first]
-        self.nreq = np.diff(np.append(first, pg.size)).astype(np.int64)
-        self.req_start = first.astype(np.int64)
+        cnt = np.bincount(pg, minlength=topo.n)
+        self.node = cnt.nonzero()[0]
+        self.nreq = cnt[self.node].astype(np.int64, copy=False)
+        self.req_start = np.add.accumulate(self.nreq) - self.nreq
         self.length = chain_len[self.node]
 
 
-def _parallelism(groups: _Groups, q_tiles, splits, num_kv_heads):
-    """Stage-1 programs per phase, as the seed's threshold rule counts them."""
-    nreq, length = groups.nreq, groups.length
-    ph1 = nreq <= q_tiles[1]
-    par = []
-    for phase, sel in ((0, ~ph1), (1, ph1)):
-        if not sel.any():
-            par.append(0)
-            continue
-        kvc = -(-length[sel] // splits[phase])
-        qc = -(-nreq[sel] // q_tiles[phase])
-        par.append(int((kvc * qc).sum()) * num_kv_heads)
-    return par
+class _Tiling:
+    """Phase, KV chunk and query tile of every group, and the vnodes they make."""
+
+    def __init__(self, groups: _Groups, q_tiles, splits, num_kv_heads):
+        nreq = groups.nreq
+        #: Groups of at most ``q_tiles[1]`` queries run in phase 1.
+        self.phase1 = ph1 = nreq <= q_tiles[1]
+        self.split = np.where(ph1, splits[1], splits[0])
+        self.q_tile = np.where(ph1, q_tiles[1], q_tiles[0])
+        self.nch = -(-groups.length // self.split)
+        self.nqt = -(-nreq // self.q_tile)
+        self.nv = self.nch * self.nqt
+        nv1 = int(np.add.reduce(self.nv[ph1]))
+        self.nv_phase = (int(np.add.reduce(self.nv)) - nv1, nv1)
+        #: Stage-1 programs per phase, as the seed's threshold rule counts them.
+        self.par = [x * int(num_kv_heads) for x in self.nv_phase]
 
 
 def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarray,
@@ -1223,7 +1281,8 @@ def build_plan(
     else:
         assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
     groups = _Groups(topo, assign, chain)
-    par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+    tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
+    par = tiling.par
     # The seed's adjustment loop (not for flat plans): smaller KV chunks when a phase has
     # too few programs, then one tile shape for both phases (re-running the cost model).
     changed = False
@@ -1232,7 +1291,8 @@ def build_plan(
             splits[phase] = splits_in[1]
             changed = True
     if changed:
-        par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+        tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
+        par = tiling.par
         retile = None
         if 0 < par[0] < th2[0]:
             retile = 1
@@ -1243,179 +1303,206 @@ def build_plan(
             kv_tiles = [kv_tiles[retile]] * 2
             assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
             groups = _Groups(topo, assign, chain)
-            par = _parallelism(groups, q_tiles, splits, num_kv_heads)
+            tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
+            par = tiling.par
     logger.debug("plan: parallelism %s, q tiles %s, kv tiles %s, kv splits %s",
                  par, q_tiles, kv_tiles, splits)
 
-    return _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par,
+    return _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits,
                         req_q, req_k, num_qo_heads, num_kv_heads, head_dim, device,
                         buffers, headroom)
 
 
-def _contiguous_slot0(inp, cg, seg_start, seg_len, kv_base, grow_g, v_g, v_kv_start,
+def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
                       v_kv_len) -> np.ndarray:
     """First slot of every vnode whose slots form one contiguous run, else -1.
 
-    A group's chain is a list of node segments; in the seed layout (no slot table) each
-    segment is a run ``tok_ptr[n] + [0, seqlen[n])``. A vnode (a range of its group's
-    chain) is contiguous when every segment it overlaps is a run and each segment
-    boundary inside it continues the previous segment's run. With a slot table the
-    per-node runs are checked once over the table (O(tokens)). Vnodes of groups with
-    growth headroom stay -1: their tail grows by arbitrary slots.
+    A group's chain is a list of node segments (``cg``: their groups, sorted, each chain
+    top first); in the seed layout (no slot table) each segment is a run
+    ``tok_ptr[n] + [0, seqlen[n])``. A vnode (a range of its group's chain) is contiguous
+    when every segment it overlaps is a run and each segment boundary inside it continues
+    the previous segment's run. With a slot table the per-node runs are checked once over
+    the table (O(tokens)). ``grow_g``: each group's growth headroom, or None if no group
+    has any; vnodes of groups with headroom stay -1: their tail grows by arbitrary
+    slots. Every vnode holds at least one entry.
+
+    Most chains are one run as a whole: their vnodes are hinted without a search.
     """
-    nv = v_g.size
-    out = np.full(nv, -1, dtype=np.int64)
-    if nv == 0 or cg.size == 0:
-        return out
-    seg_len = np.asarray(seg_len, dtype=np.int64)
+    if v_g.size == 0:
+        return np.zeros(0, dtype=np.int64)
     if inp.node_tokens is None:
-        first = np.asarray(seg_start, dtype=np.int64)
-        run_ok = np.ones(cg.size, dtype=bool)
+        first, run_ok = seg_start, None
     else:
         tokens = np.asarray(inp.node_tokens, dtype=np.int64)
-        # Per node: is node_tokens[tok_ptr : tok_ptr + seqlen] a +1 run? Count the steps
-        # that are not +1 with a prefix sum over the table.
-        steps_bad = np.zeros(tokens.size + 1, dtype=np.int64)
-        if tokens.size > 1:
-            np.cumsum(tokens[1:] != tokens[:-1] + 1, out=steps_bad[2:])
+        # Per node: is node_tokens[tok_ptr : tok_ptr + seqlen] a +1 run? It is when no
+        # step i in [tok_ptr, tok_ptr + seqlen - 1) has node_tokens[i + 1] !=
+        # node_tokens[i] + 1; such steps are few, so count them in a sorted list.
+        steps = (tokens[1:] - tokens[:-1] != 1).nonzero()[0]
         last = max(tokens.size - 1, 0)
         # Empty segments may start past the table's end: clamp (their flags are unused).
-        a = np.minimum(np.asarray(seg_start, dtype=np.int64), last)
+        a = np.minimum(seg_start, last)
         e = np.minimum(a + np.maximum(seg_len, 1) - 1, last)  # last token of each segment
-        run_ok = (seg_len == 0) | (steps_bad[e + 1] - steps_bad[a + 1] == 0)
+        run_ok = (seg_len == 0) | (steps.searchsorted(e) == steps.searchsorted(a))
         first = tokens[a] if tokens.size else np.zeros(a.size, dtype=np.int64)
-    # Global kv position of each segment (entries are sorted by group, then depth).
-    ex = np.cumsum(seg_len) - seg_len
-    grp_first = np.minimum(np.searchsorted(cg, np.arange(kv_base.size)), cg.size - 1)
-    glob = kv_base[cg] + ex - ex[grp_first[cg]]
+    # Kv position of each segment: the chains one after the other, each followed by its
+    # group's headroom.
+    glob = np.add.accumulate(seg_len) - seg_len
+    if grow_g is not None:
+        glob += (np.add.accumulate(grow_g) - grow_g)[cg]
     # Empty segments hold no positions: drop them.
-    nz = np.flatnonzero(seg_len > 0)
-    if nz.size == 0:
-        return out
-    cg, first, seg_len, run_ok, glob = cg[nz], first[nz], seg_len[nz], run_ok[nz], glob[nz]
+    if np.count_nonzero(seg_len) < seg_len.size:
+        nz = seg_len.nonzero()[0]
+        cg, first, seg_len, glob = cg[nz], first[nz], seg_len[nz], glob[nz]
+        if run_ok is not None:
+            run_ok = run_ok[nz]
     # A boundary breaks the run unless the segment continues its predecessor's slots.
-    cont = np.zeros(cg.size, dtype=bool)
-    cont[1:] = (cg[1:] == cg[:-1]) & (first[1:] == first[:-1] + seg_len[:-1])
-    brk = np.cumsum(~cont | ~run_ok)  # breaks among entries 0..i
-    # Entries holding the vnode's first and last positions.
-    S = v_kv_start
-    E = v_kv_start + np.maximum(v_kv_len, 1) - 1
-    lo = np.clip(np.searchsorted(glob, S, "right") - 1, 0, cg.size - 1)
-    hi = np.clip(np.searchsorted(glob, E, "right") - 1, 0, cg.size - 1)
-    ok = (brk[hi] == brk[lo]) & run_ok[lo] & (v_kv_len > 0) & (grow_g[v_g] == 0)
-    out[ok] = first[lo[ok]] + (S[ok] - glob[lo[ok]])
+    same = cg[1:] == cg[:-1]
+    follows = first[1:] == first[:-1] + seg_len[:-1]
+    # Groups whose chain breaks somewhere: a boundary inside it that does not continue,
+    # or a segment that is no run.
+    broken = np.zeros(ng, dtype=bool)
+    broken[cg[1:][same & ~follows]] = True
+    if run_ok is not None:
+        broken[cg[~run_ok]] = True
+    # In a chain without a break, kv position x holds slot x + shift (any segment gives it).
+    shift = np.empty(ng, dtype=np.int64)
+    shift[cg] = first - glob
+    search = broken
+    if grow_g is not None:
+        search = broken & (grow_g == 0)
+        broken = broken | (grow_g > 0)
+    out = np.where(broken[v_g], -1, v_kv_start + shift[v_g])
+    rest = search[v_g].nonzero()[0]
+    if rest.size:
+        # Vnodes of broken chains: find the segments holding their first and last
+        # positions; no break may lie between them.
+        brk = np.ones(cg.size, dtype=np.int64)
+        brk[1:] = ~(same & follows)
+        if run_ok is not None:
+            brk |= ~run_ok
+        np.add.accumulate(brk, out=brk)  # breaks among entries 0..i
+        S = v_kv_start[rest]
+        lo = glob.searchsorted(S, "right") - 1
+        hi = glob.searchsorted(S + v_kv_len[rest] - 1, "right") - 1
+        ok = brk[hi] == brk[lo]
+        if run_ok is not None:
+            ok &= run_ok[lo]
+        rest, lo = rest[ok], lo[ok]
+        out[rest] = first[lo] + (v_kv_start[rest] - glob[lo])
     return out
 
 
-def _materialise(inp, topo, assign, groups, q_tiles, kv_tiles, splits, par, req_q, req_k,
+def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, req_q, req_k,
                  hq, hk, d, device, buffers, headroom) -> DecodePlan:
     parent, seqlen = topo.parent, topo.seqlen
     b = topo.req_end.size
     ng = groups.node.size
     nreq, length = groups.nreq, groups.length
-    phase_g = np.where(nreq > q_tiles[1], 0, 1).astype(np.int64)
-    split_g = np.where(phase_g == 0, splits[0], splits[1])
-    qt_g = np.where(phase_g == 0, q_tiles[0], q_tiles[1])
-    nch = -(-length // split_g)
-    nqt = -(-nreq // qt_g)
+    split_g, qt_g, nqt, nv_g = tiling.split, tiling.q_tile, tiling.nqt, tiling.nv
+    par = tiling.par
+    n0, n1 = tiling.nv_phase
+    nv = n0 + n1
+    gid = np.arange(ng, dtype=np.int64)
 
     # Growth headroom: a request that ends alone at a leaf owns a group of one query.
-    tail_group = np.full(b, -1, dtype=np.int64)
     grow_g = np.zeros(ng, dtype=np.int64)
+    tail_vnode = np.full(b, -1, dtype=np.int64)
+    tail_limit = tail_vnode.copy()
+    tail_req = tail_g = None
     if headroom > 0 and inp.growable is not None and ng:
-        growable = np.asarray(inp.growable, dtype=bool)
+        group_of = np.full(topo.n, -1, dtype=np.int64)
+        group_of[groups.node] = gid
         end = topo.req_end
-        alone = growable & (topo.nq[end] == 1)
-        pos = np.searchsorted(groups.node, end)
-        pos = np.minimum(pos, ng - 1)
-        hit = alone & (groups.node[pos] == end)
-        tail_group[hit] = pos[hit]
-        grow_g[pos[hit]] = headroom
+        tail_g = group_of[end]
+        tail_req = (np.asarray(inp.growable, dtype=bool) & (topo.nq[end] == 1)
+                    & (tail_g >= 0)).nonzero()[0]
+        tail_g = tail_g[tail_req]
+        grow_g[tail_g] = headroom
+    grown = tail_req is not None and tail_req.size > 0
 
     # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom.
-    kv_base = np.zeros(ng, dtype=np.int64)
-    if ng:
-        kv_base[1:] = np.cumsum(length + grow_g)[:-1]
-    kv_total = int((length + grow_g).sum())
+    span = length + grow_g if grown else length
+    kv_end = np.add.accumulate(span)
+    kv_total = int(kv_end[-1]) if ng else 0
+    kv_base = kv_end - span
 
-    # Chain nodes of each group, top (oldest ancestor) first.
-    gid = np.arange(ng, dtype=np.int64)
-    cg, cn, cd = [gid], [groups.node], [topo.depth[groups.node]]
+    # Chain nodes of each group, top (oldest ancestor) first: walk up the split-Q edges
+    # (assign is 0/1, read as bool), one level per pass, then sort the entries by group.
+    # The levels are concatenated top level first, so the stable sort keeps each chain
+    # top first.
+    split_q = assign.view(bool)
+    lg, ln = [gid], [groups.node]
     cur_g, cur = gid, groups.node
-    while cur.size:
-        up = assign[cur] == 1
+    while True:
+        up = split_q[cur]
         cur_g, cur = cur_g[up], parent[cur[up]]
-        cg.append(cur_g)
-        cn.append(cur)
-        cd.append(topo.depth[cur])
-    cg, cn, cd = np.concatenate(cg), np.concatenate(cn), np.concatenate(cd)
-    order = np.lexsort((cd, cg))
-    cg, cn = cg[order], cn[order]
+        if not cur.size:
+            break
+        lg.append(cur_g)
+        ln.append(cur)
+    if len(lg) == 1:
+        cg, cn = gid, groups.node
+    else:
+        cg, cn = np.concatenate(lg[::-1]), np.concatenate(ln[::-1])
+        order = cg.argsort(kind="stable")
+        cg, cn = cg[order], cn[order]
     seg_len = seqlen[cn]
-    tok_ptr = np.asarray(inp.tok_ptr, dtype=np.int64)
-    seg_start = tok_ptr[cn]
+    seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
 
-    # Vnodes: (group, kv chunk, q tile), ordered by phase (stable).
-    nv_g = nch * nqt
-    nv = int(nv_g.sum())
-    v_g = np.repeat(gid, nv_g)
-    v_base = np.zeros(ng, dtype=np.int64)
-    if ng:
-        v_base[1:] = np.cumsum(nv_g)[:-1]
-    within = np.arange(nv, dtype=np.int64) - v_base[v_g]
-    v_chunk = within // nqt[v_g]
-    v_tile = within % nqt[v_g]
-    v_kv_start = kv_base[v_g] + v_chunk * split_g[v_g]
-    v_kv_len = np.minimum(split_g[v_g], length[v_g] - v_chunk * split_g[v_g])
-    rows_g = nch * nreq
-    mid_base = np.zeros(ng, dtype=np.int64)
-    if ng:
-        mid_base[1:] = np.cumsum(rows_g)[:-1]
-    nmid = int(rows_g.sum())
-    v_q_start = mid_base[v_g] + v_chunk * nreq[v_g] + v_tile * qt_g[v_g]
-    v_q_len = np.minimum(qt_g[v_g], nreq[v_g] - v_tile * qt_g[v_g])
-    m_g = np.repeat(gid, rows_g)
-    m_off = np.arange(nmid, dtype=np.int64) - mid_base[m_g]
-    mid_q_rows = groups.pair_req[groups.req_start[m_g] + m_off % nreq[m_g]]
+    # Vnodes: (group, kv chunk, q tile), phase-0 groups first (a stable order by phase),
+    # so the vnode arrays come out in launch order. within: index among the group's vnodes.
+    vorder = tiling.phase1.argsort(kind="stable") if n0 and n1 else gid
+    nv_o = nv_g[vorder]
+    v_g = vorder.repeat(nv_o)
+    v_end = np.add.accumulate(nv_o)
+    within = np.arange(nv, dtype=np.int64) - (v_end - nv_o).repeat(nv_o)
+    nqt_v = nqt[v_g]
+    v_chunk, v_tile = np.divmod(within, nqt_v)
+    split_v = split_g[v_g]
+    kv_off = v_chunk * split_v
+    v_kv_start = kv_base[v_g] + kv_off
+    v_kv_len = np.minimum(split_v, length[v_g] - kv_off)
+    # Mid rows: per group, per chunk, one per request of the group.
+    rows_g = tiling.nch * nreq
+    mid_end = np.add.accumulate(rows_g)
+    nmid = int(mid_end[-1]) if ng else 0
+    mid_base = mid_end - rows_g
+    nreq_v, qt_v = nreq[v_g], qt_g[v_g]
+    q_off = v_tile * qt_v
+    v_q_start = mid_base[v_g] + v_chunk * nreq_v + q_off
+    v_q_len = np.minimum(qt_v, nreq_v - q_off)
+    if nmid == groups.pair_req.size:  # one chunk per group: the rows are the pairs
+        mid_q_rows = groups.pair_req
+    else:
+        m_g = gid.repeat(rows_g)
+        m_off = np.arange(nmid, dtype=np.int64) - mid_base[m_g]
+        mid_q_rows = groups.pair_req[groups.req_start[m_g] + m_off % nreq[m_g]]
 
-    v_slot0 = _contiguous_slot0(inp, cg, seg_start, seg_len, kv_base, grow_g, v_g,
-                                v_kv_start, v_kv_len)
+    v_slot0 = _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g if grown else None,
+                                v_g, v_kv_start, v_kv_len)
 
-    v_phase = phase_g[v_g]
-    perm = np.argsort(v_phase, kind="stable")
-    n0 = int((v_phase == 0).sum())
     kv_tiles = list(kv_tiles)
     if (SHORT_KV_TILE and kv_tiles[1] > SHORT_KV_TILE and hq // max(hk, 1) <= SHORT_KV_MAX_GROUP
-            and nv > n0 and v_kv_len[v_phase == 1].mean() <= SHORT_KV_MAX_MEAN):
+            and n1 and v_kv_len[n0:].sum() / n1 <= SHORT_KV_MAX_MEAN):
         kv_tiles[1] = int(SHORT_KV_TILE)
     phases = []
     if n0:
         phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0]))
-    if nv - n0:
-        phases.append(Phase(n0, nv - n0, q_tiles[1], kv_tiles[1]))
-    v_kv_start, v_kv_len = v_kv_start[perm], v_kv_len[perm]
-    v_q_start, v_q_len = v_q_start[perm], v_q_len[perm]
-    v_slot0 = v_slot0[perm]
+    if n1:
+        phases.append(Phase(n0, n1, q_tiles[1], kv_tiles[1]))
 
     # Stage-2 map: each request's mid rows.
-    req_order = np.argsort(mid_q_rows, kind="stable")
+    req_order = mid_q_rows.argsort(kind="stable")
     req_cnt = np.bincount(mid_q_rows, minlength=b)
     single = req_cnt == 1
-    req_start = np.zeros(b, dtype=np.int64)
-    if b:
-        req_start[1:] = np.cumsum(req_cnt)[:-1]
+    req_start = np.add.accumulate(req_cnt) - req_cnt
 
-    # Tail vnode of growable requests: the last chunk of their group (one q tile).
-    tail_vnode = np.full(b, -1, dtype=np.int64)
-    tail_limit = np.full(b, -1, dtype=np.int64)
-    has = tail_group >= 0
-    if has.any():
-        tg = tail_group[has]
-        inv = np.empty(nv, dtype=np.int64)
-        inv[perm] = np.arange(nv)
-        last = v_base[tg] + nv_g[tg] - 1
-        tail_vnode[has] = inv[last]
-        tail_limit[has] = kv_base[tg] + length[tg] + grow_g[tg]
+    if grown:
+        # Tail vnode of growable requests: the last chunk of their group (one q tile).
+        v_last = np.empty(ng, dtype=np.int64)
+        v_last[vorder] = v_end - 1
+        tail_vnode[tail_req] = v_last[tail_g]
+        tail_limit[tail_req] = kv_base[tail_g] + length[tail_g] + headroom
 
     if buffers is None:
         buffers = PlanBuffers(hq, d, device, vnodes=max(nv, 1), requests=max(b, 1),
