@@ -11,6 +11,7 @@ import argparse
 import importlib
 import itertools
 import json
+import math
 
 import torch
 
@@ -107,19 +108,24 @@ def kv_tiles(out_path=None):
             json.dump(rows_out, f, indent=1)
 
 
+GAMMAS = (0.0, 0.1, 0.5, 2.0, 8.0, 32.0, 128.0, 512.0)
+
+
 def gamma(out_path=None):
-    """Whole decode (graph replay) against the cost model's split-K weight gamma."""
+    """Whole decode (graph replay) against the cost model's split-K weight gamma, on
+    every seed case and the project's forest, beam and speculative cases."""
+    from .suite import HEAD_CONFIGS, SEED_TREES, extra_cases
+
     dev = torch.device("cuda")
     rows_out = []
-    cases = CASES + [("1,2,4,8,16,32,64,128,1024 16,16,16,16,16,16,16,16,16", 32, 32),
-                     ("1,2,4,8,16,32,64,128,1024 16,16,16,16,16,16,16,16,16", 16, 1),
-                     ("1,4,16,512 1024,256,128,32", 16, 1), ("1,4,256 8,256,32", 32, 32)]
-    for spec, hq, hk in cases:
-        nodes = generate_tree_from_spec(spec)
+    cases = [(spec, generate_tree_from_spec(spec), hq, hk)
+             for spec in SEED_TREES for hq, hk in HEAD_CONFIGS]
+    cases += [(name, nodes, hq, hk) for name, nodes, (hq, hk) in extra_cases()]
+    for spec, nodes, hq, hk in cases:
         q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
                                                  build_cache=False)
         res = []
-        for gam in (0.0, 0.1, 0.5, 2.0, 8.0, 32.0, 128.0):
+        for gam in GAMMAS:
             p = FastTreeParams.for_heads(hq, hk)
             p.gamma = gam
             meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, params=p,
@@ -131,6 +137,16 @@ def gamma(out_path=None):
                                  mid_rows=meta.plan.num_mid_rows, vnodes=meta.plan.num_vnodes))
         print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
             f"g={g:g} {u:.1f}us ({m} rows)" for u, g, m in res), flush=True)
+    # Against the default weight: geometric mean of the time ratios, and the extremes.
+    base = FastTreeParams().gamma
+    by_case = {}
+    for r in rows_out:
+        by_case.setdefault((r["case"], r["hq"], r["hk"]), {})[r["gamma"]] = r["us"]
+    for gam in GAMMAS:
+        ratios = [t[gam] / t[base] for t in by_case.values()]
+        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        print(f"gamma {gam:g}: time / default = {geo:.3f} (geomean of {len(ratios)} cases), "
+              f"best {min(ratios):.3f}, worst {max(ratios):.3f}", flush=True)
     if out_path:
         with open(out_path, "w") as f:
             json.dump(rows_out, f, indent=1)
