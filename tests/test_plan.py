@@ -991,42 +991,6 @@ def test_cycle_on_a_request_path_is_rejected():
         build_plan(inp, num_qo_heads=1, num_kv_heads=1, head_dim=16)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_vectorised_heuristic_on_long_split_q_chains(seed):
-    # Mostly chain-shaped trees of short nodes under costs that favour split-Q: chains
-    # of many split-Q nodes, which the vectorised pass settles a level at a time. It
-    # must still decide exactly as the scalar pass, also when parents follow children.
-    from treecache.plan import _Topology, _tree_heuristic, _tree_heuristic_vec
-
-    rng = np.random.default_rng(seed)
-    n = 300
-    parent = np.maximum(np.arange(n) - 1 - (rng.random(n) < 0.3) * rng.integers(0, 4, n), 0)
-    parent[0] = -1
-    seqlen = rng.integers(1, 40, size=n)
-    is_parent = np.zeros(n, bool)
-    is_parent[parent[1:]] = True
-    req_end = np.concatenate([np.flatnonzero(~is_parent), rng.integers(0, n, size=30)])
-    inp = plan_input(parent, seqlen, req_end)
-    if seed % 2:
-        inp = relabel(inp, rng.permutation(n))
-    topo = _Topology(inp)
-    deepest = 0
-    for tiles, group, (a, b, g) in [(([64, 16], [32, 128]), 1, (0.66, 0.33, 0.1)),
-                                    (([16, 4], [32, 32]), 4, (0.1, 0.9, 0.05)),
-                                    (([16, 16], [256, 256]), 1, (0.0, 5.0, 1.0))]:
-        want_a, want_l = _tree_heuristic(topo, tiles[0], tiles[1], group, a, b, g)
-        got_a, got_l = _tree_heuristic_vec(topo, tiles[0], tiles[1], group, a, b, g)
-        np.testing.assert_array_equal(got_a, want_a)
-        np.testing.assert_array_equal(got_l, want_l)
-        # Split-Q nodes in a row above each node.
-        run = np.zeros(n, np.int64)
-        for v in topo.bfs_order.tolist():
-            if want_a[v]:
-                run[v] = run[inp.parent[v]] + 1
-        deepest = max(deepest, int(run.max()))
-    assert deepest >= 50
-
-
 def test_upload_expands_runs_where_the_device_buffer_lives():
     # A contiguous plan hands its kv entries to PlanBuffers.upload as runs: expanded in
     # the staging buffer on the CPU, and from the runs alone when the buffers have a

@@ -19,23 +19,63 @@ def _random_input(rng, n, fan_bias):
     return PlanInput(parent=parent, seqlen=seqlen, tok_ptr=np.zeros(n, np.int64), req_end=ends)
 
 
+# (q tiles, kv tiles), GQA group, (alpha, beta, gamma)
+SETTINGS = [(([64, 16], [32, 128]), 1, (0.66, 0.33, 0.1)),
+            (([16, 4], [32, 32]), 4, (0.1, 0.9, 0.05)),
+            (([8, 8], [64, 64]), 16, (0.3, 2.0, 0.0)),
+            (([16, 16], [256, 256]), 1, (0.0, 5.0, 1.0))]
+
+
+def _decisions_agree(topo):
+    """Both passes under every setting: the same choices and chain lengths. Returns the
+    choices (one array per setting)."""
+    out = []
+    for tiles, group, (a, b, g) in SETTINGS:
+        want_a, want_l = _tree_heuristic(topo, tiles[0], tiles[1], group, a, b, g)
+        got_a, got_l = _tree_heuristic_vec(topo, tiles[0], tiles[1], group, a, b, g)
+        np.testing.assert_array_equal(got_a, want_a)
+        np.testing.assert_array_equal(got_l, want_l)
+        out.append(want_a)
+    return out
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("fan_bias", [0.0, 0.6, 0.95])
 def test_vectorised_heuristic_matches_scalar(seed, fan_bias):
     rng = np.random.default_rng(seed)
     inp = _random_input(rng, int(rng.integers(2, 400)), fan_bias)
-    topo = _Topology(inp)
-    split_q = 0
-    for tiles, group, (a, b, g) in [(([64, 16], [32, 128]), 1, (0.66, 0.33, 0.1)),
-                                    (([16, 4], [32, 32]), 4, (0.1, 0.9, 0.05)),
-                                    (([8, 8], [64, 64]), 16, (0.3, 2.0, 0.0)),
-                                    (([16, 16], [256, 256]), 1, (0.0, 5.0, 1.0))]:
-        want_a, want_l = _tree_heuristic(topo, tiles[0], tiles[1], group, a, b, g)
-        got_a, got_l = _tree_heuristic_vec(topo, tiles[0], tiles[1], group, a, b, g)
-        np.testing.assert_array_equal(got_a, want_a)
-        np.testing.assert_array_equal(got_l, want_l)
-        split_q += int(want_a.sum())
+    split_q = sum(int(a.sum()) for a in _decisions_agree(_Topology(inp)))
     assert split_q > 0  # the comparison covered split-Q decisions, not only split-K
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_vectorised_heuristic_on_long_split_q_chains(seed):
+    # Mostly chain-shaped trees of short nodes under costs that favour split-Q: chains
+    # of many split-Q nodes, which the vectorised pass settles a level at a time. It
+    # must still decide exactly as the scalar pass, also when parents follow children
+    # (odd seeds name the nodes in a random order).
+    rng = np.random.default_rng(seed)
+    n = 300
+    chain = np.maximum(np.arange(n) - 1 - (rng.random(n) < 0.3) * rng.integers(0, 4, n), 0)
+    chain[0] = -1
+    name = rng.permutation(n) if seed % 2 else np.arange(n)
+    parent = np.full(n, -1, dtype=np.int64)
+    parent[name[1:]] = name[chain[1:]]  # node i of the chain is called name[i]
+    seqlen = rng.integers(1, 40, size=n)
+    is_parent = np.zeros(n, bool)
+    is_parent[parent[parent >= 0]] = True
+    req_end = np.concatenate([np.flatnonzero(~is_parent), rng.integers(0, n, size=30)])
+    inp = PlanInput(parent=parent, seqlen=seqlen, tok_ptr=np.zeros(n, np.int64),
+                    req_end=req_end)
+    topo = _Topology(inp)
+    deepest = 0
+    for assign in _decisions_agree(topo):
+        run = np.zeros(n, np.int64)  # split-Q nodes in a row above each node
+        for v in topo.bfs_order.tolist():
+            if assign[v]:
+                run[v] = run[parent[v]] + 1
+        deepest = max(deepest, int(run.max()))
+    assert deepest >= 50
 
 
 @pytest.mark.parametrize("seed", range(6))
