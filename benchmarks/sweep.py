@@ -244,6 +244,69 @@ def stage2(out_path=None):
             json.dump(rows_out, f, indent=1)
 
 
+def small_tile_regs(out_path=None):
+    """Launches of tile shapes of at most 16 rows (the leaves' phase): pipeline stages x
+    register cap (``maxnreg``) against the defaults, whole decode under graph replay on
+    every seed case, two alternating repeats; also whether the output keeps its bits."""
+    from .suite import HEAD_CONFIGS, SEED_TREES
+
+    dev = torch.device("cuda")
+    orig_launch, orig_cap = td.default_launch, td._register_cap
+    configs = [(None, None), (1, None), (None, 64), (1, 64), (None, 80), (1, 80), (None, 96)]
+
+    def patched(stages, regs):
+        def launch(bm, bn, bd, group=1):
+            w, st = orig_launch(bm, bn, bd, group)
+            return w, (stages if bm <= 16 and stages is not None else st)
+
+        def cap(shapes, num_warps, device_type):
+            if (regs is not None and device_type == "cuda" and len(set(shapes)) == 1
+                    and shapes[0][0] <= 16):
+                return regs
+            return orig_cap(shapes, num_warps, device_type)
+
+        return launch, cap
+
+    rows = []
+    for spec in SEED_TREES:
+        nodes = generate_tree_from_spec(spec)
+        for hq, hk in HEAD_CONFIGS:
+            q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                     build_cache=False)
+            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
+            plan = meta.plan
+            t = plan.kernel_tensors(q.dtype)
+            mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
+            runs, ref = [], None
+            for stages, regs in configs:
+                td.default_launch, td._register_cap = patched(stages, regs)
+                try:
+                    o = torch.full_like(q, float("nan"))
+                    fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
+                                                 **mode, **t)
+                    fn(q, k, v, o)
+                finally:
+                    td.default_launch, td._register_cap = orig_launch, orig_cap
+                ref = o.clone() if ref is None else ref
+                runs.append((fn, o, bool(torch.equal(o, ref))))
+            times = [[] for _ in configs]
+            for _ in range(2):
+                for i, (fn, o, _) in enumerate(runs):
+                    times[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
+            us = [sorted(x)[len(x) // 2] for x in times]
+            rows.append(dict(case=spec, hq=hq, hk=hk, us=us, same_bits=[r[2] for r in runs]))
+            print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
+                f"{c} {u:.1f}us" for c, u in zip(configs, us)), flush=True)
+    for i, c in enumerate(configs):
+        ratios = [r["us"][i] / r["us"][0] for r in rows]
+        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        print(f"(stages, maxnreg) {c}: time / default = {geo:.3f} (geomean of {len(ratios)} "
+              f"cases), best {min(ratios):.3f}, worst {max(ratios):.3f}", flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"configs": configs, "rows": rows}, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -252,7 +315,11 @@ def main(argv=None):
     ap.add_argument("--gamma", action="store_true", help="cost-model gamma sweep")
     ap.add_argument("--splits", action="store_true", help="KV split sizes, every seed case")
     ap.add_argument("--stage2", action="store_true", help="stage-2 launch shapes, every case")
+    ap.add_argument("--small-tile-regs", action="store_true",
+                    help="register cap and pipeline stages of the leaves' phase, every seed case")
     args = ap.parse_args(argv)
+    if args.small_tile_regs:
+        return small_tile_regs(args.out)
     if args.stage2:
         return stage2(args.out)
     if args.splits:
