@@ -108,22 +108,38 @@ def kv_tiles(out_path=None):
             json.dump(rows_out, f, indent=1)
 
 
+def _suite(extra: bool):
+    """Every seed case (with ``extra``, also the project's forest, beam and speculative
+    cases), one at a time, with its GPU inputs: ``(name, nodes, hq, hk, q, k, v, ptrs)``."""
+    from .suite import HEAD_CONFIGS, SEED_TREES, extra_cases
+
+    dev = torch.device("cuda")
+    cases = [(spec, generate_tree_from_spec(spec), heads)
+             for spec in SEED_TREES for heads in HEAD_CONFIGS]
+    if extra:
+        cases += extra_cases()
+    for name, nodes, (hq, hk) in cases:
+        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
+                                                 build_cache=False)
+        yield name, nodes, hq, hk, q, k, v, ptrs
+
+
+def _print_ratios(label: str, ratios) -> None:
+    """One summary line: the geometric mean of time ratios against a default, and the extremes."""
+    geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    print(f"{label}: time / default = {geo:.3f} (geomean of {len(ratios)} cases), "
+          f"best {min(ratios):.3f}, worst {max(ratios):.3f}", flush=True)
+
+
 GAMMAS = (0.0, 0.1, 0.5, 2.0, 8.0, 32.0, 128.0, 512.0)
 
 
 def gamma(out_path=None):
     """Whole decode (graph replay) against the cost model's split-K weight gamma, on
     every seed case and the project's forest, beam and speculative cases."""
-    from .suite import HEAD_CONFIGS, SEED_TREES, extra_cases
-
     dev = torch.device("cuda")
     rows_out = []
-    cases = [(spec, generate_tree_from_spec(spec), hq, hk)
-             for spec in SEED_TREES for hq, hk in HEAD_CONFIGS]
-    cases += [(name, nodes, hq, hk) for name, nodes, (hq, hk) in extra_cases()]
-    for spec, nodes, hq, hk in cases:
-        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
-                                                 build_cache=False)
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         res = []
         for gam in GAMMAS:
             p = FastTreeParams.for_heads(hq, hk)
@@ -143,10 +159,7 @@ def gamma(out_path=None):
     for r in rows_out:
         by_case.setdefault((r["case"], r["hq"], r["hk"]), {})[r["gamma"]] = r["us"]
     for gam in GAMMAS:
-        ratios = [t[gam] / t[base] for t in by_case.values()]
-        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-        print(f"gamma {gam:g}: time / default = {geo:.3f} (geomean of {len(ratios)} cases), "
-              f"best {min(ratios):.3f}, worst {max(ratios):.3f}", flush=True)
+        _print_ratios(f"gamma {gam:g}", [t[gam] / t[base] for t in by_case.values()])
     if out_path:
         with open(out_path, "w") as f:
             json.dump(rows_out, f, indent=1)
@@ -155,28 +168,22 @@ def gamma(out_path=None):
 def splits(out_path=None):
     """Whole decode (graph replay) of every seed-suite case for several KV split sizes
     (the chunk length, and the shorter one used when a phase has too few programs)."""
-    from .suite import HEAD_CONFIGS, SEED_TREES
-
     dev = torch.device("cuda")
     options = ((1024, 128), (1024, 64), (1024, 32), (512, 64), (256, 64), (256, 32))
     rows_out = []
-    for spec in SEED_TREES:
-        nodes = generate_tree_from_spec(spec)
-        for hq, hk in HEAD_CONFIGS:
-            q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
-                                                     build_cache=False)
-            res = []
-            for split in options:
-                meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, split,
-                                               device=dev)
-                o = torch.empty_like(q)
-                us = _graph_time(lambda: meta.plan.run(q, k, v, o, check=False), dev)
-                res.append((us, split))
-                rows_out.append(dict(case=spec, hq=hq, hk=hk, split=split, us=us,
-                                     kv_splits=list(meta.plan.kv_split_sizes),
-                                     vnodes=meta.plan.num_vnodes))
-            print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(f"{sp}: {u:.1f}" for u, sp in res),
-                  flush=True)
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=False):
+        res = []
+        for split in options:
+            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, split,
+                                           device=dev)
+            o = torch.empty_like(q)
+            us = _graph_time(lambda: meta.plan.run(q, k, v, o, check=False), dev)
+            res.append((us, split))
+            rows_out.append(dict(case=spec, hq=hq, hk=hk, split=split, us=us,
+                                 kv_splits=list(meta.plan.kv_split_sizes),
+                                 vnodes=meta.plan.num_vnodes))
+        print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(f"{sp}: {u:.1f}" for u, sp in res),
+              flush=True)
     if out_path:
         with open(out_path, "w") as f:
             json.dump(rows_out, f, indent=1)
@@ -186,15 +193,9 @@ def stage2(out_path=None):
     """Stage 2 alone (graph replay) on every seed-suite and extra case: heads per program
     x partials per step x warps, against the v4 shape (one head, 8 partials, 1 warp) and
     the default (:func:`kernels.tree_decode.stage2_blocks`), same run, same partials."""
-    from .suite import HEAD_CONFIGS, SEED_TREES, extra_cases
-
     dev = torch.device("cuda")
-    cases = [(spec, generate_tree_from_spec(spec), heads)
-             for spec in SEED_TREES for heads in HEAD_CONFIGS] + extra_cases()
     rows_out = []
-    for spec, nodes, (hq, hk) in cases:
-        q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
-                                                 build_cache=False)
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         b = q.shape[0]
         meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, device=dev)
         plan = meta.plan
@@ -247,9 +248,8 @@ def stage2(out_path=None):
 def small_tile_regs(out_path=None):
     """Launches of tile shapes of at most 16 rows (the leaves' phase): pipeline stages x
     register cap (``maxnreg``) against the defaults, whole decode under graph replay on
-    every seed case, two alternating repeats; also whether the output keeps its bits."""
-    from .suite import HEAD_CONFIGS, SEED_TREES
-
+    every seed case, the slower of two alternating repeats; also whether the output keeps
+    its bits."""
     dev = torch.device("cuda")
     orig_launch, orig_cap = td.default_launch, td._register_cap
     configs = [(None, None), (1, None), (None, 64), (1, 64), (None, 80), (1, 80), (None, 96)]
@@ -268,40 +268,33 @@ def small_tile_regs(out_path=None):
         return launch, cap
 
     rows = []
-    for spec in SEED_TREES:
-        nodes = generate_tree_from_spec(spec)
-        for hq, hk in HEAD_CONFIGS:
-            q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
-                                                     build_cache=False)
-            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
-            plan = meta.plan
-            t = plan.kernel_tensors(q.dtype)
-            mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
-            runs, ref = [], None
-            for stages, regs in configs:
-                td.default_launch, td._register_cap = patched(stages, regs)
-                try:
-                    o = torch.full_like(q, float("nan"))
-                    fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
-                                                 **mode, **t)
-                    fn(q, k, v, o)
-                finally:
-                    td.default_launch, td._register_cap = orig_launch, orig_cap
-                ref = o.clone() if ref is None else ref
-                runs.append((fn, o, bool(torch.equal(o, ref))))
-            times = [[] for _ in configs]
-            for _ in range(2):
-                for i, (fn, o, _) in enumerate(runs):
-                    times[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
-            us = [sorted(x)[len(x) // 2] for x in times]
-            rows.append(dict(case=spec, hq=hq, hk=hk, us=us, same_bits=[r[2] for r in runs]))
-            print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
-                f"{c} {u:.1f}us" for c, u in zip(configs, us)), flush=True)
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=False):
+        meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
+        plan = meta.plan
+        t = plan.kernel_tensors(q.dtype)
+        mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
+        runs, ref = [], None
+        for stages, regs in configs:
+            td.default_launch, td._register_cap = patched(stages, regs)
+            try:
+                o = torch.full_like(q, float("nan"))
+                fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
+                                             **mode, **t)
+                fn(q, k, v, o)
+            finally:
+                td.default_launch, td._register_cap = orig_launch, orig_cap
+            ref = o.clone() if ref is None else ref
+            runs.append((fn, o, bool(torch.equal(o, ref))))
+        times = [[] for _ in configs]
+        for _ in range(2):
+            for i, (fn, o, _) in enumerate(runs):
+                times[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
+        us = [max(x) for x in times]
+        rows.append(dict(case=spec, hq=hq, hk=hk, us=us, same_bits=[r[2] for r in runs]))
+        print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
+            f"{c} {u:.1f}us" for c, u in zip(configs, us)), flush=True)
     for i, c in enumerate(configs):
-        ratios = [r["us"][i] / r["us"][0] for r in rows]
-        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-        print(f"(stages, maxnreg) {c}: time / default = {geo:.3f} (geomean of {len(ratios)} "
-              f"cases), best {min(ratios):.3f}, worst {max(ratios):.3f}", flush=True)
+        _print_ratios(f"(stages, maxnreg) {c}", [r["us"][i] / r["us"][0] for r in rows])
     if out_path:
         with open(out_path, "w") as f:
             json.dump({"configs": configs, "rows": rows}, f, indent=1)
