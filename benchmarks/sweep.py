@@ -199,7 +199,7 @@ def stage2(out_path=None):
         b = q.shape[0]
         meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, device=dev)
         plan = meta.plan
-        t = plan.tensors()
+        t = plan.kernel_tensors(q.dtype)  # the partials as stage 1 stores them
         o = torch.empty_like(q)
         plan.run(q, k, v, o, check=False)  # fills the partials (and the direct rows)
         counts = t["req_mid_len"].cpu()
