@@ -141,11 +141,12 @@ def _ablations(plan, q, k, v, sm, device):
     the plan merges them, one launch when it does not), without the wide-tile register
     cap, with 64-bit address arithmetic in stage 1, with stage 2 as a plain launch
     (not a programmatic dependent one), where the two phases are two launches, those
-    launches on one stream (no overlap); and the eager time with every launch through
+    launches on one stream (no overlap), where the plan merges in phase 1
+    (``DecodePlan.finish``), with stage 2 instead; and the eager time with every launch through
     Triton's JIT (no direct launches); where the plan lowered phase 1's KV tile
     (``SHORT_KV_TILE``), the graph time with the requested tile."""
     t = plan.kernel_tensors(q.dtype)
-    mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
+    mode = plan.launch_modes
     no_hint = {kk: vv for kk, vv in t.items() if kk != "vnode_slot0"}
     # The other partial dtype: float32 where the plan stores the input dtype, else that.
     half_now = t["mid_o"].dtype != torch.float32
@@ -194,6 +195,11 @@ def _ablations(plan, q, k, v, sm, device):
         long_tile = tuple(plan.phases[:-1]) + (last,)
         fn = td.tree_decode_launcher(q, k, v, o, phases=long_tile, sm_scale=sm, **mode, **t)
         res["graph_no_short_kv_us"] = _graph_time(lambda: fn(q, k, v, o), device)
+    # Stage 2 instead of the merge in phase 1, where the plan finishes there.
+    if plan.finish:
+        fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
+                                     **dict(mode, finish=False), **t)
+        res["graph_no_finish_us"] = _graph_time(lambda: fn(q, k, v, o), device)
     # Two stage-1 launches one after the other instead of on two streams.
     if not merged and len([ph for ph in plan.phases if ph.num_vnodes]) == 2:
         seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
@@ -355,6 +361,7 @@ def summarize(results):
                           ("graph_flat_us", "with the flat plan"),
                           ("graph_stage2_v4_us", "with the v4 stage-2 launch shape"),
                           ("graph_no_overlap_us", "with both phase launches on one stream"),
+                          ("graph_no_finish_us", "with stage 2 instead of the merge in phase 1"),
                           ("graph_no_regcap_us", "without the wide-tile register cap"),
                           ("graph_offsets64_us", "with 64-bit address arithmetic"),
                           ("graph_no_pdl_us", "with stage 2 as a plain launch"),

@@ -272,7 +272,7 @@ def small_tile_regs(out_path=None):
         meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
         plan = meta.plan
         t = plan.kernel_tensors(q.dtype)
-        mode = dict(direct=plan.direct, needs_stage2=plan.needs_stage2)
+        mode = plan.launch_modes
         runs, ref = [], None
         for stages, regs in configs:
             td.default_launch, td._register_cap = patched(stages, regs)
@@ -300,6 +300,59 @@ def small_tile_regs(out_path=None):
             json.dump({"configs": configs, "rows": rows}, f, indent=1)
 
 
+def finish(out_path=None):
+    """Plans that finish in phase 1 (``DecodePlan.finish``: phase 1 merges each request's
+    partials, no stage 2) against the same plans with stage 2, whole decode on every case
+    where a plan can finish (for any GQA group, not only ``FINISH_MIN_GROUP``'s): CUDA-graph replay (warm L2) and eager calls timed like the
+    seed (``do_bench``, L2 flushed), the slower of two alternating repeats; also the
+    largest difference between the two outputs."""
+    import triton.testing
+
+    from treecache import plan as plan_module
+
+    dev = torch.device("cuda")
+    rows = []
+    rule = plan_module.FINISH_MIN_GROUP
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
+        plan_module.FINISH_MIN_GROUP = 1  # every group size
+        try:
+            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
+        finally:
+            plan_module.FINISH_MIN_GROUP = rule
+        plan = meta.plan
+        if not plan.finish:
+            continue
+        t = plan.kernel_tensors(q.dtype)
+        runs = []
+        for fin in (False, True):
+            o = torch.full_like(q, float("nan"))
+            fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
+                                         **dict(plan.launch_modes, finish=fin), **t)
+            fn(q, k, v, o)
+            runs.append((fn, o))
+        diff = (runs[1][1].float() - runs[0][1].float()).abs().max().item()
+        if runs[1][1].isnan().any():
+            diff = float("nan")
+        graph, eager = [[], []], [[], []]
+        for _ in range(2):
+            for i, (fn, o) in enumerate(runs):
+                graph[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
+                eager[i].append(triton.testing.do_bench(
+                    lambda: fn(q, k, v, o), warmup=25, rep=100, return_mode="median") * 1e3)
+        g_us = [max(x) for x in graph]
+        e_us = [max(x) for x in eager]
+        rows.append(dict(case=spec, hq=hq, hk=hk, phases=[list(p) for p in plan.phases],
+                         graph_us=g_us, eager_us=e_us, max_abs_diff=diff))
+        print(f"{spec[:34]} {hq}/{hk}: stage 2 {g_us[0]:.1f}/{e_us[0]:.1f} us, finish "
+              f"{g_us[1]:.1f}/{e_us[1]:.1f} us (graph/eager), max diff {diff:.2e}", flush=True)
+    if rows:
+        _print_ratios("graph, finish", [r["graph_us"][1] / r["graph_us"][0] for r in rows])
+        _print_ratios("eager, finish", [r["eager_us"][1] / r["eager_us"][0] for r in rows])
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -310,7 +363,11 @@ def main(argv=None):
     ap.add_argument("--stage2", action="store_true", help="stage-2 launch shapes, every case")
     ap.add_argument("--small-tile-regs", action="store_true",
                     help="register cap and pipeline stages of the leaves' phase, every seed case")
+    ap.add_argument("--finish", action="store_true",
+                    help="plans that merge in phase 1 against stage 2, every case")
     args = ap.parse_args(argv)
+    if args.finish:
+        return finish(args.out)
     if args.small_tile_regs:
         return small_tile_regs(args.out)
     if args.stage2:

@@ -92,13 +92,15 @@ def torch_tree_decode(
     vnode_slot0: torch.Tensor | None = None,
     direct: bool = False,
     needs_stage2: bool = True,
+    finish: bool = False,
     max_chunk_elems: int = 1 << 24,
 ) -> torch.Tensor:
     """Torch implementation of :func:`kernels.tree_decode.tree_decode` (same arguments).
 
-    ``vnode_slot0`` (a contiguity hint), ``direct`` and ``needs_stage2`` (where the Triton
-    kernels write single-partial outputs) are accepted and change nothing here: every
-    partial goes through the mid buffers and the merge, with the same result.
+    ``vnode_slot0`` (a contiguity hint), ``direct``, ``needs_stage2`` and ``finish``
+    (where the Triton kernels write outputs and merge partials) are accepted and change
+    nothing here: every partial goes through the mid buffers and the merge, with the
+    same result.
 
     Vnodes are processed in batches whose padded ``[rows, tokens, heads, dim]`` working
     set stays under ``max_chunk_elems`` elements, so memory stays bounded on large plans.

@@ -189,9 +189,50 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
 
 
 @triton.jit
+def _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
+                 MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
+                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL_WAIT: tl.constexpr):
+    """Merge each row's partial ``(out, lse)`` with the other partials of its request
+    (its mid rows other than ``mid_row``) and store the request's output: the stage-2
+    merge, done by the program that computes a request's last partial."""
+    count = tl.load(ReqMidLen + q_row, mask=row_ok, other=0)
+    start = tl.load(ReqMidStart + q_row, mask=row_ok, other=0)
+    if PDL_WAIT:
+        # A programmatic dependent launch: the earlier launch's partials are complete
+        # and visible after this (everything above reads only the plan).
+        tl.extra.cuda.gdc_wait()
+    m = lse
+    l = tl.where(lse > float("-inf"), 1.0, 0.0)
+    acc = out * l[:, None]
+    hd_ok = row_ok[:, None] & d_ok[None, :]
+    for p in range(0, tl.max(count, axis=0)):
+        ok = row_ok & (p < count)
+        r = tl.load(ReqMidRows + start + p, mask=ok, other=0)
+        ok = ok & (r != mid_row)
+        r = r.to(tl.int64)
+        lse_p = tl.load(MidLSE + r * stride_ml_r + head, mask=ok, other=float("-inf"))
+        part = tl.load(MidO + r[:, None] * stride_mo_r + head[:, None] * stride_mo_h
+                       + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, lse_p)
+        # While every partial so far is empty (lse = -inf) the weights stay 0.
+        finite = m_new > float("-inf")
+        m_ref = tl.where(finite, m_new, 0.0)
+        alpha = tl.where(finite, tl.exp2(m - m_ref), 0.0)
+        w = tl.where(finite, tl.exp2(lse_p - m_ref), 0.0)
+        acc = acc * alpha[:, None] + part * w[:, None]
+        l = l * alpha + w
+        m = m_new
+    res = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    tl.store(O + q_row[:, None] * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
+             res.to(O.dtype.element_ty), mask=hd_ok)
+
+
+@triton.jit
 def _stage1_vnode(
     vid, kv_head,
-    Q, K, V, MidO, MidLSE, O, ReqMidLen,
+    Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
     KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
@@ -199,9 +240,13 @@ def _stage1_vnode(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr,
-    DIRECT: tl.constexpr, OFF32: tl.constexpr,
+    DIRECT: tl.constexpr, OFF32: tl.constexpr, FINISH: tl.constexpr, PDL_WAIT: tl.constexpr,
 ):
-    """Stage 1 for vnode ``vid`` and one KV head (one tile shape)."""
+    """Stage 1 for vnode ``vid`` and one KV head (one tile shape).
+
+    ``FINISH``: this is the plan's last launch and each query row's request has no
+    other partial in it; the row's partial is merged with the request's other partials
+    (written by earlier launches) and the output is written here, with no stage 2."""
     q_start = tl.load(VQStart + vid)
     q_len = tl.load(VQLen + vid)
     kv_start = tl.load(VKvStart + vid)
@@ -237,28 +282,36 @@ def _stage1_vnode(
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
     mid_row = q_start + q_in_vnode
-    keep = row_ok
-    if DIRECT:
-        # A request whose only partial this is gets its output here (stage 2 skips it).
-        cnt = tl.load(ReqMidLen + q_row, mask=row_ok, other=0)
-        single = row_ok & (cnt == 1)
+    if FINISH:
+        _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
+                     MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
+                     stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
+                     BLOCK_M, BLOCK_D, PDL_WAIT)
+    else:
+        keep = row_ok
+        if DIRECT:
+            # A request whose only partial this is gets its output here (stage 2 skips
+            # it).
+            cnt = tl.load(ReqMidLen + q_row, mask=row_ok, other=0)
+            single = row_ok & (cnt == 1)
+            tl.store(
+                O + q_row[:, None] * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
+                out.to(O.dtype.element_ty),
+                mask=single[:, None] & d_ok[None, :],
+            )
+            keep = row_ok & (cnt != 1)
         tl.store(
-            O + q_row[:, None] * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
-            out.to(O.dtype.element_ty),
-            mask=single[:, None] & d_ok[None, :],
+            MidO + mid_row[:, None] * stride_mo_r + head[:, None] * stride_mo_h
+            + offs_d[None, :],
+            out.to(MidO.dtype.element_ty),
+            mask=keep[:, None] & d_ok[None, :],
         )
-        keep = row_ok & (cnt != 1)
-    tl.store(
-        MidO + mid_row[:, None] * stride_mo_r + head[:, None] * stride_mo_h + offs_d[None, :],
-        out.to(MidO.dtype.element_ty),
-        mask=keep[:, None] & d_ok[None, :],
-    )
-    tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=keep)
+        tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=keep)
 
 
 @triton.jit
 def _stage1_kernel(
-    Q, K, V, MidO, MidLSE, O, ReqMidLen,
+    Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
     KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
@@ -285,6 +338,8 @@ def _stage1_kernel(
     DIRECT: tl.constexpr,
     OFF32: tl.constexpr,
     PDL_TRIGGER: tl.constexpr,
+    FINISH: tl.constexpr,
+    PDL_WAIT: tl.constexpr,
 ):
     if PDL_TRIGGER:
         # Let stage 2 (a programmatic dependent launch) be scheduled now; it waits for
@@ -298,28 +353,28 @@ def _stage1_kernel(
     if TWO_SHAPES:
         if pid < num_first:
             _stage1_vnode(
-                vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
+                vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
                 KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT, OFF32)
+                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT)
         else:
             _stage1_vnode(
-                vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
+                vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
                 KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT, OFF32)
+                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT)
     else:
         _stage1_vnode(
-            vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen,
+            vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
             KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
             stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-            HAS_SLOT0, DIRECT, OFF32)
+            HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT)
 
 
 @triton.jit
@@ -494,16 +549,22 @@ def _noop(q, k, v, o) -> None:
 def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                      vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap=0.0,
                      num_warps=None, num_stages=None, vnode_slot0=None, o=None,
-                     req_mid_len=None, pdl=False):
+                     req_mid_len=None, pdl=False, finish=None, pdl_wait=False):
     """Everything :func:`tree_decode_stage1` decides, done once: returns
     ``launch(q, k, v, o)``, which launches stage 1 for tensors of the same dtypes,
     shapes and strides as the ones given here (the other tensors are bound).
-    ``pdl``: its programs let a programmatic dependent launch (stage 2) start early."""
+    ``pdl``: its programs let a programmatic dependent launch (stage 2) start early.
+    ``finish = (req_mid_start, req_mid_rows)`` (one phase, direct mode): the launch is
+    the plan's last and merges each request's partials itself (see
+    :func:`tree_decode_launcher`); ``pdl_wait``: it is a programmatic dependent launch of
+    the launch before it."""
     if (o is None) != (req_mid_len is None):
         raise ValueError("o and req_mid_len go together (direct mode)")
     phases = _phase_list(phase)
     if not phases:
         return _noop
+    if finish is not None and (o is None or len(phases) != 1):
+        raise ValueError("a finishing launch runs one phase in direct mode")
     hq, d = q.shape[1], q.shape[2]
     hk = k.shape[1]
     group = hq // hk
@@ -576,17 +637,21 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast,
         HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
         OFF32=_offsets_fit_int32(k) and _offsets_fit_int32(v), PDL_TRIGGER=bool(pdl),
+        FINISH=finish is not None, PDL_WAIT=bool(pdl_wait),
         num_warps=num_warps, num_stages=num_stages,
     )
+    if pdl_wait:
+        consts["launch_pdl"] = True
     cap = _register_cap(blocks if two else blocks[:1], num_warps, q.device.type)
     if cap is not None:
         consts["maxnreg"] = cap
 
     kernel = _KernelLaunch(
         _stage1_kernel, (total, hk),
-        (q, k, v, mid_o, mid_lse, o if direct else q, count,
-         kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len,
-         mid_q_rows, slot0) + strides,
+        (q, k, v, mid_o, mid_lse, o if direct else q, count)
+        + (tuple(finish) if finish is not None else (count, count))
+        + (kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len,
+           mid_q_rows, slot0) + strides,
         consts, slots=(0, 1, 2, 5))
     if direct:
         return kernel
@@ -801,13 +866,16 @@ def tree_decode(
     vnode_slot0: torch.Tensor | None = None,
     direct: bool = False,
     needs_stage2: bool = True,
+    finish: bool = False,
 ) -> torch.Tensor:
     """Tree decode attention: stage 1 (one launch, or one per phase: see
     :func:`merge_phases`), then stage 2.
 
     ``direct``: stage 1 writes the output of requests with exactly one partial itself
     and stage 2 skips them; ``needs_stage2=False`` (only with ``direct``, when every
-    request has exactly one partial) skips the stage-2 launch.
+    request has exactly one partial) skips the stage-2 launch. ``finish`` (two phases,
+    every request with exactly one partial in the second): no stage 2; the second phase
+    merges (see :func:`tree_decode_launcher`).
 
     Writes ``o``. ``vnode_slot0`` is the optional contiguity hint of
     :func:`tree_decode_stage1`; ``mid_o`` may be float32 or ``q``'s dtype.
@@ -832,7 +900,7 @@ def tree_decode(
         mid_q_rows=mid_q_rows, req_mid_start=req_mid_start, req_mid_len=req_mid_len,
         req_mid_rows=req_mid_rows, mid_o=mid_o, mid_lse=mid_lse, phases=phases,
         sm_scale=sm_scale, logit_cap=logit_cap, vnode_slot0=vnode_slot0, direct=direct,
-        needs_stage2=needs_stage2)(q, k, v, o)
+        needs_stage2=needs_stage2, finish=finish)(q, k, v, o)
     return o
 
 
@@ -860,6 +928,7 @@ def tree_decode_launcher(
     direct: bool = False,
     needs_stage2: bool = True,
     overlap: bool | None = None,
+    finish: bool = False,
 ):
     """Prepare every launch of :func:`tree_decode` once (launch grouping, tile and
     launch sizes, strides, compile-time constants) and return ``launch(q, k, v, o)``.
@@ -872,8 +941,34 @@ def tree_decode_launcher(
     ``overlap`` (default :data:`OVERLAP_PHASES`): on CUDA, when the two stage-1 phases
     run as two launches, a CUDA graph captured from ``launch`` runs them concurrently
     (see :func:`_overlapped`; the result is the same bits either way).
+
+    ``finish``: the plan has two phases and every request has exactly one partial in the
+    second (``direct`` and ``needs_stage2`` are then not read). There is no stage 2: the first phase is launched alone, and the second
+    phase's programs merge each of their requests' partials from the first with their
+    own and write the output (a programmatic dependent launch where available: its
+    programs compute their own partials while the first launch ends, then wait for it).
+    The merge order differs from stage 2's, so the result may differ in the last bits.
     """
     live = [ph for ph in phases if ph.num_vnodes > 0]
+    if finish:
+        if len(live) != 2:
+            raise ValueError(f"finish needs two phases, got {len(live)}")
+        pdl = _dependent_launch_ok(q.device)
+        first = _stage1_launcher(
+            q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
+            vnode_q_start, vnode_q_len, mid_q_rows, live[0], sm_scale, logit_cap,
+            vnode_slot0=vnode_slot0, pdl=pdl)
+        last = _stage1_launcher(
+            q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
+            vnode_q_start, vnode_q_len, mid_q_rows, live[1], sm_scale, logit_cap,
+            vnode_slot0=vnode_slot0, o=o, req_mid_len=req_mid_len,
+            finish=(req_mid_start, req_mid_rows), pdl_wait=pdl)
+
+        def launch_finishing(q, k, v, o):
+            first(q, k, v, o)
+            last(q, k, v, o)
+
+        return launch_finishing
     if merge_phases(live, q.shape[1] // k.shape[1], k.shape[1]):
         groups = [live]
     else:

@@ -416,3 +416,38 @@ def test_direct_and_dependent_launches_match_plain_launches(cuda, monkeypatch, h
     for variant, res in outs.items():
         for a, b in zip(outs[False, False], res):
             assert torch.equal(a, b), variant
+
+
+@pytest.mark.parametrize("spec", ["1,4,256 8,256,32", "1,2,4,8,16,32,64,128,1024 16,16,16,16,16,16,16,16,16"])
+def test_finishing_plans_match_stage2(cuda, monkeypatch, spec):
+    """16/1 plans of these trees merge in phase 1 (no stage 2): eager calls with and
+    without the dependent launch, and graph replays with new queries, against the float32
+    reference and against the same plan through stage 2."""
+    nodes, q, k, v, ptrs, slots = _spec_inputs(spec, 16, 1, cuda)
+    outs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(td, "DEPENDENT_LAUNCH", pdl)
+        meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], 16, 1, 128, device=cuda)
+        plan = meta.plan
+        assert plan.finish
+        o = torch.full_like(q, float("nan"))
+        plan.run(q, k, v, o)
+        torch.cuda.synchronize()
+        outs[pdl] = o
+    assert torch.equal(outs[False], outs[True])
+    ref = reference_decode(q, k, v, slots, 1 / math.sqrt(128))
+    assert not torch.isnan(outs[True]).any()
+    assert _rel(outs[True], ref) <= 2e-3
+    t = plan.kernel_tensors(q.dtype)
+    o2 = torch.full_like(q, float("nan"))
+    td.tree_decode(q, k, v, o2, phases=plan.phases, sm_scale=1 / math.sqrt(128),
+                   **dict(plan.launch_modes, finish=False), **t)
+    assert _rel(outs[True], o2) <= 1e-3
+    for trial in range(2):
+        q.copy_(torch.randn_like(q))
+        o3 = torch.full_like(q, float("nan"))
+        plan.run(q, k, v, o3, graph=True)
+        torch.cuda.synchronize()
+        ref = reference_decode(q, k, v, slots, 1 / math.sqrt(128))
+        assert not torch.isnan(o3).any()
+        assert _rel(o3, ref) <= 2e-3

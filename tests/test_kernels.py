@@ -503,6 +503,48 @@ def test_direct_mode_without_stage2(impl):
     assert rel_err(o, ref) <= TOL[torch.float32]
 
 
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: DTYPE_IDS[d])
+def test_finish_merges_in_the_last_phase(impl, dtype):
+    # Phase 0: two shared vnodes (one empty). Phase 1: one vnode per request, request 2
+    # alone there (its only partial), request 4 with an empty last vnode, and request 0's
+    # row listed last in its mid rows (its merge order differs from stage 2's). No
+    # stage 2: the last phase's programs merge and write every output.
+    vnodes = [([0, 1, 3, 4], list(range(0, 45))), ([1, 3], []),
+              ([1], list(range(45, 52))), ([3], list(range(52, 90))), ([2], list(range(90, 97))),
+              ([4], []), ([0], [97, 99, 101])]
+    case = Case(vnodes, 5, phases=[(0, 2, 32), (2, 5, 16)], shuffle_req_rows=True,
+                generator=torch.Generator().manual_seed(3))
+    assert case.index["req_mid_len"].tolist() == [2, 3, 1, 3, 2]
+    q, k, v = make_qkv(5, 110, 8, 2, 64, dtype, seed=21)
+    mid_dtype = torch.float32 if dtype != torch.float16 else torch.float16
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.2, mid_dtype=mid_dtype, finish=True)
+    ref = reference_decode(q, k, v, case.request_slots, 0.2)
+    assert not torch.isnan(o).any()
+    assert rel_err(o, ref) <= TOL[dtype]
+    plain, _, _ = case.run(impl, q, k, v, 0.2, mid_dtype=mid_dtype)
+    assert rel_err(o, plain.float()) <= TOL[dtype]
+    if impl == "triton":
+        # The last phase's partials never went through the mid buffers; phase 0's did.
+        assert case.num_mid_rows == 6 + 5
+        assert torch.isnan(mid_lse[6:]).all()
+        assert not torch.isnan(mid_lse[:6]).any()
+
+
+def test_finish_needs_two_phases():
+    vnodes = [([0, 1], list(range(0, 20))), ([0], [20, 21]), ([1], [22])]
+    one = Case(vnodes, 2)
+    q, k, v = make_qkv(2, 30, 4, 4, 32, torch.float32, seed=22)
+    with pytest.raises(ValueError, match="finish needs two phases, got 1"):
+        one.run("triton", q, k, v, 0.2, finish=True)
+    # Finishing runs the two phases as two launches even where they would be merged.
+    two = Case(vnodes, 2, phases=[(0, 1, 32), (1, 2, 16)])
+    o, _, _ = two.run("triton", q, k, v, 0.2, finish=True)
+    ref = reference_decode(q, k, v, two.request_slots, 0.2)
+    assert rel_err(o, ref) <= TOL[torch.float32]
+
 def test_merge_phases_rule():
     from kernels.tree_decode import MERGE_MAX_PROGRAMS, merge_phases
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels import reference_decode
+from treecache import plan as plan_module
 from treecache.errors import PlanMismatchError, TreeCacheError, UnsupportedConfigError
 from treecache.plan import (
     DecodePlan,
@@ -414,6 +415,54 @@ def test_flat_plan_one_partial_per_request():
         assert not torch.isnan(o).any()
         assert ((o - ref).norm() / ref.norm()).item() <= 1e-4
 
+
+def expected_finish(plan: DecodePlan, group: int) -> bool:
+    """Whether a plan may merge in phase 1, from its tables: two phases, a group of at
+    least FINISH_MIN_GROUP, and every request with exactly one mid row in phase 1."""
+    live = [ph for ph in plan.phases if ph.num_vnodes]
+    if (len(live) != 2 or not plan_module.FINISH_MIN_GROUP
+            or group < plan_module.FINISH_MIN_GROUP):
+        return False
+    mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
+    counts = [0] * plan.num_requests
+    for _, _, qs, ql in vnode_table(plan)[live[1].vnode_offset:]:
+        for j in range(qs, qs + ql):
+            counts[mid_q_rows[j]] += 1
+    return all(c == 1 for c in counts)
+
+
+@pytest.mark.parametrize("group,rule,finish", [(1, 1, True), (16, 16, True), (8, 16, False),
+                                               (16, 0, False)])
+def test_finish_flag_and_result(monkeypatch, group, rule, finish):
+    # A shared root (phase 0) and one leaf per request (phase 1): each request has one
+    # partial in phase 1, so the plan finishes there when the group is large enough.
+    monkeypatch.setattr(plan_module, "FINISH_MIN_GROUP", rule)
+    inp = plan_input([-1] + [0] * 20, [300] + [3 + i for i in range(20)], list(range(1, 21)))
+    plan = build(inp, group=group, hk=1, head_dim=16)
+    assert len(plan.phases) == 2
+    assert plan.finish is finish
+    assert plan.finish == expected_finish(plan, group)
+    assert plan.launch_modes == dict(direct=plan.direct, needs_stage2=plan.needs_stage2,
+                                     finish=finish)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(20, group, 16, generator=g)
+    k = torch.randn(600, 1, 16, generator=g)
+    v = torch.randn(600, 1, 16, generator=g)
+    ref = reference_decode(q, k, v, [torch.tensor(p) for p in expected_paths(inp)], 0.25)
+    for backend in ("torch", "auto"):
+        o = plan.run(q, k, v, torch.full_like(q, float("nan")), sm_scale=0.25, backend=backend)
+        assert not torch.isnan(o).any()
+        assert ((o - ref).norm() / ref.norm()).item() <= 1e-4
+
+
+def test_no_finish_with_two_partials_in_phase_1(monkeypatch):
+    # Every node small: both levels land in phase 1, so requests have two partials there.
+    monkeypatch.setattr(plan_module, "FINISH_MIN_GROUP", 1)
+    inp = plan_input([-1, 0, 0, 1, 1, 2, 2], [300, 40, 40, 5, 5, 5, 5], [3, 4, 5, 6])
+    plan = build(inp, group=1, hk=1, head_dim=16,
+                 params=FastTreeParams(gamma=0.0, TSQs=[64, 2]), **NO_ADJUST)
+    assert plan.finish == expected_finish(plan, 1)
+    assert not plan.finish
 
 def test_direct_flags_of_tree_plans():
     # A shared root split off (split-K): request 1 ends at the root and has one partial,
@@ -956,6 +1005,7 @@ def test_random_forests_cover_each_path_once(case):
     counts = np.asarray(host(plan, "req_mid_len", plan.num_requests))
     assert plan.direct == bool((counts == 1).any())
     assert plan.needs_stage2 == (not bool((counts == 1).all()))
+    assert plan.finish == expected_finish(plan, group)
 
 
 def relabel(inp: PlanInput, perm: np.ndarray) -> PlanInput:

@@ -77,6 +77,14 @@ HALF_PARTIALS = True
 #: 32-token leaves up to 1.3x slower, and a phase of mostly 1-3-token drafts beside
 #: 1024-token chunks (median 2, mean 166) 1.34x slower, hence the conditions.
 SHORT_KV_TILE = 16
+#: Plans for GQA groups of at least this many query heads per KV head whose two phases
+#: give every request exactly one partial in phase 1 merge in phase 1 instead of a
+#: stage-2 launch (:attr:`DecodePlan.finish`); None or 0: never. Measured on an H100
+#: against stage 2 (``python -m benchmarks.sweep --finish``, benchmarks/RESULTS.md,
+#: v13): 0.83-0.99x the time under graph replay on the ten 16/1 cases where it applies;
+#: at 32/8 0.84-1.18x, at 32/32 1.07-1.38x (each phase-1 program there merges one
+#: request's partials for one or a few heads, one dependent gather after another).
+FINISH_MIN_GROUP = 16
 SHORT_KV_MAX_MEAN = 20
 SHORT_KV_MAX_GROUP = 4
 
@@ -474,6 +482,10 @@ class DecodePlan:
     direct: bool = False
     #: False when every request has exactly one partial (no stage-2 launch).
     needs_stage2: bool = True
+    #: Two phases, every request with exactly one partial in phase 1: phase 1 merges each
+    #: request's partials and writes its output, with no stage 2 (see
+    #: :data:`FINISH_MIN_GROUP`).
+    finish: bool = False
     #: With float16 inputs, stage 1 stores the partial outputs in float16 (in the
     #: first half of each float32 row of ``buffers.mid_o``: half the partial traffic);
     #: other dtypes, or ``False``, keep float32 partials. See :data:`HALF_PARTIALS`.
@@ -494,6 +506,12 @@ class DecodePlan:
     @property
     def device(self) -> torch.device:
         return self.buffers.device
+
+    @property
+    def launch_modes(self) -> dict[str, bool]:
+        """``direct``, ``needs_stage2`` and ``finish`` as keyword arguments of the
+        kernels' entry points (:func:`kernels.tree_decode.tree_decode` and its kin)."""
+        return dict(direct=self.direct, needs_stage2=self.needs_stage2, finish=self.finish)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The index tensors and mid buffers as keyword arguments of the kernels."""
@@ -603,8 +621,7 @@ class DecodePlan:
         if be is Backend.TORCH:
             torch_tree_decode(q, k, v, o, phases=self.phases, sm_scale=float(sm_scale),
                               logit_cap=float(logit_cap or 0.0), check=False,
-                              direct=self.direct, needs_stage2=self.needs_stage2,
-                              **self.kernel_tensors(q.dtype))
+                              **self.launch_modes, **self.kernel_tensors(q.dtype))
             return o
         self._launcher(q, k, v, o, float(sm_scale), float(logit_cap or 0.0))(q, k, v, o)
         return o
@@ -628,8 +645,7 @@ class DecodePlan:
         fn = cache.get(key)
         if fn is None:
             fn = tree_decode_launcher(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
-                                      logit_cap=logit_cap, direct=self.direct,
-                                      needs_stage2=self.needs_stage2,
+                                      logit_cap=logit_cap, **self.launch_modes,
                                       **self.kernel_tensors(q.dtype))
             if len(cache) > self.MAX_LAUNCHERS:
                 cache.clear()
@@ -1496,6 +1512,11 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     req_cnt = np.bincount(mid_q_rows, minlength=b)
     single = req_cnt == 1
     req_start = np.add.accumulate(req_cnt) - req_cnt
+    finish = False
+    if FINISH_MIN_GROUP and hq // max(hk, 1) >= FINISH_MIN_GROUP and n0 and n1:
+        # Every request with exactly one partial in phase 1: phase 1 merges (no stage 2).
+        last = tiling.phase1[gid.repeat(rows_g)]
+        finish = bool((np.bincount(mid_q_rows[last], minlength=b) == 1).all())
 
     if grown:
         # Tail vnode of growable requests: the last chunk of their group (one q tile).
@@ -1557,5 +1578,6 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         tail_limit=tail_limit, vnode_kv_start_host=v_kv_start.copy(),
         vnode_kv_len_host=v_kv_len.copy(), generation=buffers.generation,
         serial=buffers.serial, direct=bool(single.any()),
-        needs_stage2=not bool(single.all()) if b else True, half_partials=HALF_PARTIALS,
+        needs_stage2=not bool(single.all()) if b else True, finish=finish,
+        half_partials=HALF_PARTIALS,
     )
