@@ -141,7 +141,8 @@ def _ablations(plan, q, k, v, sm, device):
     the plan merges them, one launch when it does not), without the wide-tile register
     cap, with 64-bit address arithmetic in stage 1, with stage 2 as a plain launch
     (not a programmatic dependent one), where the two phases are two launches, those
-    launches on one stream (no overlap), where the plan merges in phase 1
+    launches on one stream (no overlap) and on two streams instead of chained (also
+    eager), where the plan merges in phase 1
     (``DecodePlan.finish``), with stage 2 instead; and the eager time with every launch through
     Triton's JIT (no direct launches); where the plan lowered phase 1's KV tile
     (``SHORT_KV_TILE``), the graph time with the requested tile."""
@@ -200,11 +201,17 @@ def _ablations(plan, q, k, v, sm, device):
         fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
                                      **dict(mode, finish=False), **t)
         res["graph_no_finish_us"] = _graph_time(lambda: fn(q, k, v, o), device)
-    # Two stage-1 launches one after the other instead of on two streams.
-    if not merged and len([ph for ph in plan.phases if ph.num_vnodes]) == 2:
-        seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
-                                      overlap=False, **mode, **t)
+    # Two stage-1 launches one after the other instead of chained (or on two streams),
+    # and on two streams instead of chained.
+    if not merged and not plan.finish and len([ph for ph in plan.phases if ph.num_vnodes]) == 2:
+        with _patched("CHAIN_PHASES", False):
+            seq = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
+                                          overlap=False, **mode, **t)
+            two = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
+                                          overlap=True, **mode, **t)
         res["graph_no_overlap_us"] = _graph_time(lambda: seq(q, k, v, o), device)
+        res["graph_no_chain_us"] = _graph_time(lambda: two(q, k, v, o), device)
+        res["eager_no_chain_us"] = _bench(lambda: two(q, k, v, o), device)
     # Eager calls with every launch through Triton's JIT (a copy of the plan: its
     # prepared launches are made and called with direct launches off).
     with _patched("FAST_LAUNCH", False):
@@ -361,6 +368,7 @@ def summarize(results):
                           ("graph_flat_us", "with the flat plan"),
                           ("graph_stage2_v4_us", "with the v4 stage-2 launch shape"),
                           ("graph_no_overlap_us", "with both phase launches on one stream"),
+                          ("graph_no_chain_us", "with the phase launches on two streams"),
                           ("graph_no_finish_us", "with stage 2 instead of the merge in phase 1"),
                           ("graph_no_regcap_us", "without the wide-tile register cap"),
                           ("graph_offsets64_us", "with 64-bit address arithmetic"),
@@ -373,11 +381,13 @@ def summarize(results):
             ratio = _geomean([r[key] / r["ours_graph_us"] for r in rs])
             lines.append(f"ablation: graph time {what} / with = {ratio:.3f} (geomean of "
                          f"{len(rs)} cases)")
-        rs = [r for r in abl if r.get("eager_jit_launch_us")]
-        if rs:
-            ratio = _geomean([r["eager_jit_launch_us"] / r["ours_us"] for r in rs])
-            lines.append(f"ablation: eager time with every launch through the JIT / with "
-                         f"direct launches = {ratio:.3f} (geomean of {len(rs)} cases)")
+        for key, what in (("eager_jit_launch_us", "with every launch through the JIT"),
+                          ("eager_no_chain_us", "with the phase launches not chained")):
+            rs = [r for r in abl if r.get(key)]
+            if rs:
+                ratio = _geomean([r[key] / r["ours_us"] for r in rs])
+                lines.append(f"ablation: eager time {what} / with = {ratio:.3f} (geomean of "
+                             f"{len(rs)} cases)")
     errs = [r["rel_err"] for r in results]
     bad = [r for r in results if not (r["rel_err"] <= 2e-3)]
     lines.append(f"target 5: max relative error = {max(errs):.2e} over {len(results)} cases "

@@ -353,6 +353,57 @@ def finish(out_path=None):
             json.dump(rows, f, indent=1)
 
 
+def chain(out_path=None):
+    """Plans whose two stage-1 phases are two launches: the second as a programmatic
+    dependent launch of the first (``CHAIN_PHASES``) against the previous launches (one
+    stream eagerly, two streams in graphs), whole decode: CUDA-graph replay (warm L2)
+    and eager calls timed like the seed (``do_bench``, L2 flushed), the slower of two
+    alternating repeats; also whether the output keeps its bits."""
+    import triton.testing
+
+    dev = torch.device("cuda")
+    rule = td.CHAIN_PHASES
+    rows = []
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
+        meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
+        plan = meta.plan
+        live = [ph for ph in plan.phases if ph.num_vnodes]
+        if plan.finish or len(live) != 2 or td.merge_phases(live, hq // hk, hk):
+            continue
+        t = plan.kernel_tensors(q.dtype)
+        runs = []
+        for chained in (False, True):
+            td.CHAIN_PHASES = chained
+            try:
+                o = torch.full_like(q, float("nan"))
+                fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
+                                             **plan.launch_modes, **t)
+                fn(q, k, v, o)
+            finally:
+                td.CHAIN_PHASES = rule
+            runs.append((fn, o))
+        same = bool(torch.equal(runs[0][1], runs[1][1])) and not bool(runs[1][1].isnan().any())
+        graph, eager = [[], []], [[], []]
+        for _ in range(2):
+            for i, (fn, o) in enumerate(runs):
+                graph[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
+                eager[i].append(triton.testing.do_bench(
+                    lambda: fn(q, k, v, o), warmup=25, rep=100, return_mode="median") * 1e3)
+        g_us = [max(x) for x in graph]
+        e_us = [max(x) for x in eager]
+        rows.append(dict(case=spec, hq=hq, hk=hk, phases=[list(p) for p in plan.phases],
+                         graph_us=g_us, eager_us=e_us, same_bits=same))
+        print(f"{spec[:34]} {hq}/{hk}: before {g_us[0]:.1f}/{e_us[0]:.1f} us, chained "
+              f"{g_us[1]:.1f}/{e_us[1]:.1f} us (graph/eager)"
+              + ("" if same else " BITS DIFFER"), flush=True)
+    if rows:
+        _print_ratios("graph, chained", [r["graph_us"][1] / r["graph_us"][0] for r in rows])
+        _print_ratios("eager, chained", [r["eager_us"][1] / r["eager_us"][0] for r in rows])
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -365,7 +416,11 @@ def main(argv=None):
                     help="register cap and pipeline stages of the leaves' phase, every seed case")
     ap.add_argument("--finish", action="store_true",
                     help="plans that merge in phase 1 against stage 2, every case")
+    ap.add_argument("--chain", action="store_true",
+                    help="two phase launches chained (dependent launch) against before")
     args = ap.parse_args(argv)
+    if args.chain:
+        return chain(args.out)
     if args.finish:
         return finish(args.out)
     if args.small_tile_regs:

@@ -340,6 +340,7 @@ def _stage1_kernel(
     PDL_TRIGGER: tl.constexpr,
     FINISH: tl.constexpr,
     PDL_WAIT: tl.constexpr,
+    WAIT_AT_END: tl.constexpr,
 ):
     if PDL_TRIGGER:
         # Let stage 2 (a programmatic dependent launch) be scheduled now; it waits for
@@ -375,6 +376,11 @@ def _stage1_kernel(
             stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
             HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT)
+    if WAIT_AT_END:
+        # A programmatic dependent launch that reads nothing of the launch before it: it
+        # runs beside that launch and only its end waits for it, so that this grid ends
+        # after both (the launch after this one waits for this grid alone).
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -549,7 +555,8 @@ def _noop(q, k, v, o) -> None:
 def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                      vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap=0.0,
                      num_warps=None, num_stages=None, vnode_slot0=None, o=None,
-                     req_mid_len=None, pdl=False, finish=None, pdl_wait=False):
+                     req_mid_len=None, pdl=False, finish=None, pdl_wait=False,
+                     wait_at_end=False):
     """Everything :func:`tree_decode_stage1` decides, done once: returns
     ``launch(q, k, v, o)``, which launches stage 1 for tensors of the same dtypes,
     shapes and strides as the ones given here (the other tensors are bound).
@@ -557,7 +564,8 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     ``finish = (req_mid_start, req_mid_rows)`` (one phase, direct mode): the launch is
     the plan's last and merges each request's partials itself (see
     :func:`tree_decode_launcher`); ``pdl_wait``: it is a programmatic dependent launch of
-    the launch before it."""
+    the launch before it; ``wait_at_end``: it is a programmatic dependent launch of the
+    launch before it whose programs wait for that launch only at their end."""
     if (o is None) != (req_mid_len is None):
         raise ValueError("o and req_mid_len go together (direct mode)")
     phases = _phase_list(phase)
@@ -637,10 +645,10 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         USE_CAP=use_cap, DOT_PRECISION=precision, UPCAST=upcast,
         HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
         OFF32=_offsets_fit_int32(k) and _offsets_fit_int32(v), PDL_TRIGGER=bool(pdl),
-        FINISH=finish is not None, PDL_WAIT=bool(pdl_wait),
+        FINISH=finish is not None, PDL_WAIT=bool(pdl_wait), WAIT_AT_END=bool(wait_at_end),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if pdl_wait:
+    if pdl_wait or wait_at_end:
         consts["launch_pdl"] = True
     cap = _register_cap(blocks if two else blocks[:1], num_warps, q.device.type)
     if cap is not None:
@@ -974,13 +982,15 @@ def tree_decode_launcher(
     else:
         groups = [[ph] for ph in live]
     with_stage2 = needs_stage2 or not direct
-    pdl = with_stage2 and bool(groups) and _dependent_launch_ok(q.device)
+    chained = len(groups) == 2 and CHAIN_PHASES and _dependent_launch_ok(q.device)
+    pdl = (with_stage2 or chained) and bool(groups) and _dependent_launch_ok(q.device)
     stage1 = [
         _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                          vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
                          vnode_slot0=vnode_slot0, o=o if direct else None,
-                         req_mid_len=req_mid_len if direct else None, pdl=pdl)
-        for grp in groups]
+                         req_mid_len=req_mid_len if direct else None,
+                         pdl=pdl and (i == 0 or with_stage2), wait_at_end=chained and i == 1)
+        for i, grp in enumerate(groups)]
     stage2 = None
     if with_stage2:
         stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
@@ -994,10 +1004,17 @@ def tree_decode_launcher(
 
     if overlap is None:
         overlap = OVERLAP_PHASES
-    if overlap and len(stage1) == 2 and q.device.type == "cuda":
+    if overlap and not chained and len(stage1) == 2 and q.device.type == "cuda":
         return _overlapped(launch, stage1, stage2, q.device)
     return launch
 
+
+#: Where the two stage-1 phases are two launches, the second is a programmatic
+#: dependent launch of the first (CUDA, compute capability >= 9): it starts once every
+#: program of the first has started, runs beside it, and its programs wait for the first
+#: launch only at their end, so eager calls overlap the phases too (graphs otherwise
+#: overlap them on two streams, :data:`OVERLAP_PHASES`).
+CHAIN_PHASES = True
 
 #: Stage 2 is launched as a programmatic dependent of stage 1 (CUDA, compute capability
 #: >= 9): its launch and start overlap the end of stage 1, and its programs wait for

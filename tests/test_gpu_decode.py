@@ -203,23 +203,27 @@ def test_graph_cached_run_inside_callers_capture(cuda):
     assert _rel(o, ref) <= 2e-3
 
 
-def test_overlapped_phases_match_sequential_launches(cuda):
-    """A plan whose two stage-1 phases are not merged: a captured graph runs them as
-    two parallel branches (OVERLAP_PHASES), eager calls on one stream. Same bits as
-    the sequential launches, eager and replayed, on the caller's stream and on
-    another one, and ordered against work queued before and after."""
+@pytest.mark.parametrize("chain", [False, True], ids=["two-streams", "chained"])
+def test_overlapped_phases_match_sequential_launches(cuda, monkeypatch, chain):
+    """A plan whose two stage-1 phases are not merged. Two streams: a captured graph
+    runs them as two parallel branches (OVERLAP_PHASES), eager calls on one stream.
+    Chained (CHAIN_PHASES): the second launch is a programmatic dependent launch that
+    waits for the first at its end, eager and captured. Same bits as the sequential
+    launches, eager and replayed, on the caller's stream and on another one, and
+    ordered against work queued before and after."""
     nodes, q, k, v, ptrs, slots = _spec_inputs("1,256 300,24", 32, 32, cuda)
     meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], 32, 32, 128, device=cuda)
     plan = meta.plan
     assert len([ph for ph in plan.phases if ph.num_vnodes]) == 2
     assert not td.merge_phases(plan.phases, 1, 32)  # two launches: the overlapped path
     t = plan.kernel_tensors(q.dtype)
-    kw = dict(phases=plan.phases, sm_scale=1 / math.sqrt(128), direct=plan.direct,
-              needs_stage2=plan.needs_stage2, **t)
+    kw = dict(phases=plan.phases, sm_scale=1 / math.sqrt(128), **plan.launch_modes, **t)
     o_seq = torch.full_like(q, float("nan"))
+    monkeypatch.setattr(td, "CHAIN_PHASES", False)
     seq = td.tree_decode_launcher(q, k, v, o_seq, overlap=False, **kw)
+    monkeypatch.setattr(td, "CHAIN_PHASES", chain)
     ovl = td.tree_decode_launcher(q, k, v, o_seq, overlap=True, **kw)
-    assert ovl.__code__ is not seq.__code__
+    assert (ovl.__code__ is not seq.__code__) == (not chain)
     for trial in range(3):
         q.copy_(torch.randn_like(q))  # queued on the caller's stream before the call
         seq(q, k, v, o_seq)
@@ -250,11 +254,16 @@ def test_overlapped_phases_match_sequential_launches(cuda):
     ref = reference_decode(q, k, v, slots, 1 / math.sqrt(128))
     assert not torch.isnan(o_seq).any()
     assert _rel(o_seq, ref) <= 2e-3
-    # And the plan's own call (prepared launches use the overlapped path by default).
+    # And the plan's own call, eager and from a graph.
     o4 = torch.full_like(q, float("nan"))
     plan.run(q, k, v, o4)
     torch.cuda.synchronize()
     assert torch.equal(o4, o_seq)
+    o5 = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o5, graph=True)
+    plan.run(q, k, v, o5, graph=True)
+    torch.cuda.synchronize()
+    assert torch.equal(o5, o_seq)
 
 
 @pytest.mark.parametrize("spec", ["1,4,16,64 256,8,256,40", "1,10 4000,400"])
