@@ -90,6 +90,9 @@ def main():
     total_bytes += nbytes
     print(f"stage 2: {b} requests, {plan.num_mid_rows} partials: {us:8.1f} us, "
           f"{nbytes / 1e6:8.1f} MB, {nbytes / us / 1e6:6.2f} TB/s")
+    if plan.finish:
+        print("this plan merges in phase 1 (DecodePlan.finish): the whole decode below runs "
+              "no stage 2; the line above is what a separate merge costs")
     floor = (2 * st["unique_tokens"] * hk * d * esz + 2 * b * hq * d * esz) / 3.0e12 * 1e6
     full = bench(lambda: plan.run(q, k, v, o, sm_scale=sm, check=False), device)
     print(f"sum of stages {total_us:.1f} us; whole decode {full:.1f} us; roofline of the unique "

@@ -81,9 +81,10 @@ SHORT_KV_TILE = 16
 #: give every request exactly one partial in phase 1 merge in phase 1 instead of a
 #: stage-2 launch (:attr:`DecodePlan.finish`); None or 0: never. Measured on an H100
 #: against stage 2 (``python -m benchmarks.sweep --finish``, benchmarks/RESULTS.md,
-#: v13): 0.83-0.99x the time under graph replay on the ten 16/1 cases where it applies;
-#: at 32/8 0.84-1.18x, at 32/32 1.07-1.38x (each phase-1 program there merges one
-#: request's partials for one or a few heads, one dependent gather after another).
+#: v13): on the eleven 16/1 cases where it applies 0.896x the time under graph replay
+#: (0.82-0.99x) and 0.977x eager (0.86-1.02x); at 32/8 0.84-1.19x, at 32/32 1.09-1.38x
+#: (each phase-1 program there merges one request's partials for one or a few heads,
+#: one dependent gather after another).
 FINISH_MIN_GROUP = 16
 SHORT_KV_MAX_MEAN = 20
 SHORT_KV_MAX_GROUP = 4
