@@ -142,9 +142,9 @@ def _ablations(plan, q, k, v, sm, device):
     cap, with 64-bit address arithmetic in stage 1, with stage 2 as a plain launch
     (not a programmatic dependent one), where the two phases are two launches, those
     launches on one stream (no overlap) and on two streams instead of chained (also
-    eager), where the plan merges in phase 1
-    (``DecodePlan.finish``), with stage 2 instead; and the eager time with every launch through
-    Triton's JIT (no direct launches); where the plan lowered phase 1's KV tile
+    eager), where the plan merges in phase 1 (``DecodePlan.finish``), with stage 2
+    instead; and the eager time with every launch through Triton's JIT (no direct
+    launches); where the plan lowered phase 1's KV tile
     (``SHORT_KV_TILE``), the graph time with the requested tile."""
     t = plan.kernel_tensors(q.dtype)
     mode = plan.launch_modes

@@ -300,14 +300,39 @@ def small_tile_regs(out_path=None):
             json.dump({"configs": configs, "rows": rows}, f, indent=1)
 
 
+def _time_pair(runs, q, k, v, dev):
+    """CUDA-graph replay and eager (``do_bench``, L2 flushed) times in us of each
+    ``(launch, output)`` of ``runs``: the slower of two alternating repeats."""
+    import triton.testing
+
+    graph, eager = [[] for _ in runs], [[] for _ in runs]
+    for _ in range(2):
+        for i, (fn, o) in enumerate(runs):
+            graph[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
+            eager[i].append(triton.testing.do_bench(
+                lambda: fn(q, k, v, o), warmup=25, rep=100, return_mode="median") * 1e3)
+    return [max(x) for x in graph], [max(x) for x in eager]
+
+
+def _report_pair(rows, label: str, out_path) -> None:
+    """Summary lines of an A/B sweep (second configuration against the first, graph and
+    eager) and its rows as JSON."""
+    if rows:
+        for kind in ("graph", "eager"):
+            _print_ratios(f"{kind}, {label}",
+                          [r[f"{kind}_us"][1] / r[f"{kind}_us"][0] for r in rows])
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def finish(out_path=None):
     """Plans that finish in phase 1 (``DecodePlan.finish``: phase 1 merges each request's
     partials, no stage 2) against the same plans with stage 2, whole decode on every case
-    where a plan can finish (for any GQA group, not only ``FINISH_MIN_GROUP``'s): CUDA-graph replay (warm L2) and eager calls timed like the
-    seed (``do_bench``, L2 flushed), the slower of two alternating repeats; also the
-    largest difference between the two outputs."""
-    import triton.testing
-
+    where a plan can finish (for any GQA group, not only ``FINISH_MIN_GROUP``'s):
+    CUDA-graph replay (warm L2) and eager calls timed like the seed (``do_bench``, L2
+    flushed), the slower of two alternating repeats; also the largest difference between
+    the two outputs."""
     from treecache import plan as plan_module
 
     dev = torch.device("cuda")
@@ -333,24 +358,12 @@ def finish(out_path=None):
         diff = (runs[1][1].float() - runs[0][1].float()).abs().max().item()
         if runs[1][1].isnan().any():
             diff = float("nan")
-        graph, eager = [[], []], [[], []]
-        for _ in range(2):
-            for i, (fn, o) in enumerate(runs):
-                graph[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
-                eager[i].append(triton.testing.do_bench(
-                    lambda: fn(q, k, v, o), warmup=25, rep=100, return_mode="median") * 1e3)
-        g_us = [max(x) for x in graph]
-        e_us = [max(x) for x in eager]
+        g_us, e_us = _time_pair(runs, q, k, v, dev)
         rows.append(dict(case=spec, hq=hq, hk=hk, phases=[list(p) for p in plan.phases],
                          graph_us=g_us, eager_us=e_us, max_abs_diff=diff))
         print(f"{spec[:34]} {hq}/{hk}: stage 2 {g_us[0]:.1f}/{e_us[0]:.1f} us, finish "
               f"{g_us[1]:.1f}/{e_us[1]:.1f} us (graph/eager), max diff {diff:.2e}", flush=True)
-    if rows:
-        _print_ratios("graph, finish", [r["graph_us"][1] / r["graph_us"][0] for r in rows])
-        _print_ratios("eager, finish", [r["eager_us"][1] / r["eager_us"][0] for r in rows])
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(rows, f, indent=1)
+    _report_pair(rows, "finish", out_path)
 
 
 def chain(out_path=None):
@@ -359,8 +372,6 @@ def chain(out_path=None):
     stream eagerly, two streams in graphs), whole decode: CUDA-graph replay (warm L2)
     and eager calls timed like the seed (``do_bench``, L2 flushed), the slower of two
     alternating repeats; also whether the output keeps its bits."""
-    import triton.testing
-
     dev = torch.device("cuda")
     rule = td.CHAIN_PHASES
     rows = []
@@ -383,25 +394,13 @@ def chain(out_path=None):
                 td.CHAIN_PHASES = rule
             runs.append((fn, o))
         same = bool(torch.equal(runs[0][1], runs[1][1])) and not bool(runs[1][1].isnan().any())
-        graph, eager = [[], []], [[], []]
-        for _ in range(2):
-            for i, (fn, o) in enumerate(runs):
-                graph[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
-                eager[i].append(triton.testing.do_bench(
-                    lambda: fn(q, k, v, o), warmup=25, rep=100, return_mode="median") * 1e3)
-        g_us = [max(x) for x in graph]
-        e_us = [max(x) for x in eager]
+        g_us, e_us = _time_pair(runs, q, k, v, dev)
         rows.append(dict(case=spec, hq=hq, hk=hk, phases=[list(p) for p in plan.phases],
                          graph_us=g_us, eager_us=e_us, same_bits=same))
         print(f"{spec[:34]} {hq}/{hk}: before {g_us[0]:.1f}/{e_us[0]:.1f} us, chained "
               f"{g_us[1]:.1f}/{e_us[1]:.1f} us (graph/eager)"
               + ("" if same else " BITS DIFFER"), flush=True)
-    if rows:
-        _print_ratios("graph, chained", [r["graph_us"][1] / r["graph_us"][0] for r in rows])
-        _print_ratios("eager, chained", [r["eager_us"][1] / r["eager_us"][0] for r in rows])
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(rows, f, indent=1)
+    _report_pair(rows, "chained", out_path)
 
 
 def main(argv=None):

@@ -192,7 +192,7 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
 def _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
                  MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
                  stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL_WAIT: tl.constexpr):
+                 PDL_WAIT: tl.constexpr):
     """Merge each row's partial ``(out, lse)`` with the other partials of its request
     (its mid rows other than ``mid_row``) and store the request's output: the stage-2
     merge, done by the program that computes a request's last partial."""
@@ -285,8 +285,7 @@ def _stage1_vnode(
     if FINISH:
         _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
                      MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-                     stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
-                     BLOCK_M, BLOCK_D, PDL_WAIT)
+                     stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, PDL_WAIT)
     else:
         keep = row_ok
         if DIRECT:
@@ -951,11 +950,15 @@ def tree_decode_launcher(
     (see :func:`_overlapped`; the result is the same bits either way).
 
     ``finish``: the plan has two phases and every request has exactly one partial in the
-    second (``direct`` and ``needs_stage2`` are then not read). There is no stage 2: the first phase is launched alone, and the second
-    phase's programs merge each of their requests' partials from the first with their
-    own and write the output (a programmatic dependent launch where available: its
-    programs compute their own partials while the first launch ends, then wait for it).
-    The merge order differs from stage 2's, so the result may differ in the last bits.
+    second (``direct`` and ``needs_stage2`` are then not read). There is no stage 2: the
+    first phase is launched alone, and the second phase's programs merge each of their
+    requests' partials from the first with their own and write the output (a
+    programmatic dependent launch where available: its programs compute their own
+    partials while the first launch ends, then wait for it). The merge order differs
+    from stage 2's, so the result may differ in the last bits.
+
+    On CUDA devices of compute capability >= 9 two stage-1 launches are chained
+    (:data:`CHAIN_PHASES`) instead of overlapped on two streams.
     """
     live = [ph for ph in phases if ph.num_vnodes > 0]
     if finish:

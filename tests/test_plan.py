@@ -394,6 +394,21 @@ def test_all_paths_empty():
         assert torch.count_nonzero(o) == 0 and not torch.isnan(o).any()
 
 
+def assert_both_backends_match_reference(plan: DecodePlan, inp: PlanInput, num_slots: int,
+                                         seed: int) -> None:
+    """``plan.run`` with the torch backend and with "auto" (the Triton kernels, in the
+    interpreter on a CPU) on poisoned outputs against the float32 reference (float32
+    inputs, head_dim 16, scale 0.25)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(plan.num_requests, plan.num_qo_heads, 16, generator=g)
+    k = torch.randn(num_slots, plan.num_kv_heads, 16, generator=g)
+    v = torch.randn(num_slots, plan.num_kv_heads, 16, generator=g)
+    ref = reference_decode(q, k, v, [torch.tensor(p) for p in expected_paths(inp)], 0.25)
+    for backend in ("torch", "auto"):
+        o = plan.run(q, k, v, torch.full_like(q, float("nan")), sm_scale=0.25, backend=backend)
+        assert not torch.isnan(o).any()
+        assert ((o - ref).norm() / ref.norm()).item() <= 1e-4
+
 def test_flat_plan_one_partial_per_request():
     # flat=True: every request end node is one group over its whole path; requests
     # ending at the same node share it; each request has one partial (paths within the
@@ -405,15 +420,7 @@ def test_flat_plan_one_partial_per_request():
     assert plan.direct and not plan.needs_stage2
     # Requests 2 and 3 end at node 1: one vnode with both queries.
     assert sorted(ql for _, _, _, ql in vnode_table(plan)) == [1, 1, 1, 2]
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(5, 2, 16, generator=g)
-    k = torch.randn(53, 1, 16, generator=g)
-    v = torch.randn(53, 1, 16, generator=g)
-    ref = reference_decode(q, k, v, [torch.tensor(p) for p in expected_paths(inp)], 0.25)
-    for backend in ("torch", "auto"):
-        o = plan.run(q, k, v, torch.full_like(q, float("nan")), sm_scale=0.25, backend=backend)
-        assert not torch.isnan(o).any()
-        assert ((o - ref).norm() / ref.norm()).item() <= 1e-4
+    assert_both_backends_match_reference(plan, inp, num_slots=53, seed=3)
 
 
 def expected_finish(plan: DecodePlan, group: int) -> bool:
@@ -444,15 +451,7 @@ def test_finish_flag_and_result(monkeypatch, group, rule, finish):
     assert plan.finish == expected_finish(plan, group)
     assert plan.launch_modes == dict(direct=plan.direct, needs_stage2=plan.needs_stage2,
                                      finish=finish)
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(20, group, 16, generator=g)
-    k = torch.randn(600, 1, 16, generator=g)
-    v = torch.randn(600, 1, 16, generator=g)
-    ref = reference_decode(q, k, v, [torch.tensor(p) for p in expected_paths(inp)], 0.25)
-    for backend in ("torch", "auto"):
-        o = plan.run(q, k, v, torch.full_like(q, float("nan")), sm_scale=0.25, backend=backend)
-        assert not torch.isnan(o).any()
-        assert ((o - ref).norm() / ref.norm()).item() <= 1e-4
+    assert_both_backends_match_reference(plan, inp, num_slots=600, seed=5)
 
 
 def test_no_finish_with_two_partials_in_phase_1(monkeypatch):

@@ -77,6 +77,8 @@ HALF_PARTIALS = True
 #: 32-token leaves up to 1.3x slower, and a phase of mostly 1-3-token drafts beside
 #: 1024-token chunks (median 2, mean 166) 1.34x slower, hence the conditions.
 SHORT_KV_TILE = 16
+SHORT_KV_MAX_MEAN = 20
+SHORT_KV_MAX_GROUP = 4
 #: Plans for GQA groups of at least this many query heads per KV head whose two phases
 #: give every request exactly one partial in phase 1 merge in phase 1 instead of a
 #: stage-2 launch (:attr:`DecodePlan.finish`); None or 0: never. Measured on an H100
@@ -86,8 +88,6 @@ SHORT_KV_TILE = 16
 #: (each phase-1 program there merges one request's partials for one or a few heads,
 #: one dependent gather after another).
 FINISH_MIN_GROUP = 16
-SHORT_KV_MAX_MEAN = 20
-SHORT_KV_MAX_GROUP = 4
 
 
 def _default_tsqs() -> list[int]:
