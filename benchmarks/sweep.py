@@ -403,6 +403,45 @@ def chain(out_path=None):
     _report_pair(rows, "chained", out_path)
 
 
+KV_TILE_CONFIGS = ([32, 32], [64, 32], [128, 32], [64, 64])
+
+
+def kv_tiles_eager(out_path=None):
+    """Whole decode on every case for the phases' KV tiles (``TSKs``) of
+    :data:`KV_TILE_CONFIGS`, the first being the default: CUDA-graph replay (warm L2)
+    and eager calls timed like the seed (``do_bench``, L2 flushed), the slower of two
+    alternating repeats. The earlier tile sweeps timed graph replays only."""
+    dev = torch.device("cuda")
+    rows = []
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
+        runs = []
+        for tsk in KV_TILE_CONFIGS:
+            p = FastTreeParams.for_heads(hq, hk)
+            p.set_kv_tile_sizes(tsk)
+            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, params=p,
+                                           device=dev)
+            plan = meta.plan
+            o = torch.full_like(q, float("nan"))
+            plan.run(q, k, v, o, check=False)
+            runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
+        ref = runs[0][1]
+        err = max(((o.float() - ref.float()).norm() / ref.float().norm()).item()
+                  for _, o in runs)
+        g_us, e_us = _time_pair(runs, q, k, v, dev)
+        rows.append(dict(case=spec, hq=hq, hk=hk, graph_us=g_us, eager_us=e_us,
+                         max_rel_diff=err))
+        print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
+            f"{t} {gu:.1f}/{eu:.1f}" for t, gu, eu in zip(KV_TILE_CONFIGS, g_us, e_us))
+            + f" (graph/eager us), max rel diff {err:.1e}", flush=True)
+    for i, tsk in enumerate(KV_TILE_CONFIGS):
+        for kind in ("graph", "eager"):
+            _print_ratios(f"{kind}, TSKs {tsk}",
+                          [r[f"{kind}_us"][i] / r[f"{kind}_us"][0] for r in rows])
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"configs": KV_TILE_CONFIGS, "rows": rows}, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -417,7 +456,11 @@ def main(argv=None):
                     help="plans that merge in phase 1 against stage 2, every case")
     ap.add_argument("--chain", action="store_true",
                     help="two phase launches chained (dependent launch) against before")
+    ap.add_argument("--kv-tiles-eager", action="store_true",
+                    help="the phases' KV tiles, eager and replayed, every case")
     args = ap.parse_args(argv)
+    if args.kv_tiles_eager:
+        return kv_tiles_eager(args.out)
     if args.chain:
         return chain(args.out)
     if args.finish:
