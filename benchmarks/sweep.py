@@ -442,41 +442,30 @@ def kv_tiles_eager(out_path=None):
             json.dump({"configs": KV_TILE_CONFIGS, "rows": rows}, f, indent=1)
 
 
+#: The sweeps besides the default tile sweep: (flag, function, help); the first flag
+#: given runs.
+SWEEPS = (
+    ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),
+    ("chain", chain, "two phase launches chained (dependent launch) against before"),
+    ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),
+    ("small-tile-regs", small_tile_regs,
+     "register cap and pipeline stages of the leaves' phase, every seed case"),
+    ("stage2", stage2, "stage-2 launch shapes, every case"),
+    ("splits", splits, "KV split sizes, every seed case"),
+    ("gamma", gamma, "cost-model gamma sweep"),
+    ("kv-tiles", kv_tiles, "per-phase KV tile / split sweep"),
+    ("phase0", phase0, "phase-0 tile sweep only"),
+)
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--phase0", action="store_true", help="phase-0 tile sweep only")
-    ap.add_argument("--kv-tiles", action="store_true", help="per-phase KV tile / split sweep")
-    ap.add_argument("--gamma", action="store_true", help="cost-model gamma sweep")
-    ap.add_argument("--splits", action="store_true", help="KV split sizes, every seed case")
-    ap.add_argument("--stage2", action="store_true", help="stage-2 launch shapes, every case")
-    ap.add_argument("--small-tile-regs", action="store_true",
-                    help="register cap and pipeline stages of the leaves' phase, every seed case")
-    ap.add_argument("--finish", action="store_true",
-                    help="plans that merge in phase 1 against stage 2, every case")
-    ap.add_argument("--chain", action="store_true",
-                    help="two phase launches chained (dependent launch) against before")
-    ap.add_argument("--kv-tiles-eager", action="store_true",
-                    help="the phases' KV tiles, eager and replayed, every case")
+    for flag, _, what in SWEEPS:
+        ap.add_argument(f"--{flag}", action="store_true", help=what)
     args = ap.parse_args(argv)
-    if args.kv_tiles_eager:
-        return kv_tiles_eager(args.out)
-    if args.chain:
-        return chain(args.out)
-    if args.finish:
-        return finish(args.out)
-    if args.small_tile_regs:
-        return small_tile_regs(args.out)
-    if args.stage2:
-        return stage2(args.out)
-    if args.splits:
-        return splits(args.out)
-    if args.gamma:
-        return gamma(args.out)
-    if args.kv_tiles:
-        return kv_tiles(args.out)
-    if args.phase0:
-        return phase0(args.out)
+    for flag, sweep, _ in SWEEPS:
+        if getattr(args, flag.replace("-", "_")):
+            return sweep(args.out)
     dev = torch.device("cuda")
     orig = td.default_launch
     rows = []

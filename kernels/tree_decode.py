@@ -964,36 +964,30 @@ def tree_decode_launcher(
     if finish:
         if len(live) != 2:
             raise ValueError(f"finish needs two phases, got {len(live)}")
-        pdl = _dependent_launch_ok(q.device)
-        first = _stage1_launcher(
-            q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
-            vnode_q_start, vnode_q_len, mid_q_rows, live[0], sm_scale, logit_cap,
-            vnode_slot0=vnode_slot0, pdl=pdl)
-        last = _stage1_launcher(
-            q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
-            vnode_q_start, vnode_q_len, mid_q_rows, live[1], sm_scale, logit_cap,
-            vnode_slot0=vnode_slot0, o=o, req_mid_len=req_mid_len,
-            finish=(req_mid_start, req_mid_rows), pdl_wait=pdl)
-
-        def launch_finishing(q, k, v, o):
-            first(q, k, v, o)
-            last(q, k, v, o)
-
-        return launch_finishing
-    if merge_phases(live, q.shape[1] // k.shape[1], k.shape[1]):
+        groups = [[ph] for ph in live]
+    elif merge_phases(live, q.shape[1] // k.shape[1], k.shape[1]):
         groups = [live]
     else:
         groups = [[ph] for ph in live]
-    with_stage2 = needs_stage2 or not direct
-    chained = len(groups) == 2 and CHAIN_PHASES and _dependent_launch_ok(q.device)
-    pdl = (with_stage2 or chained) and bool(groups) and _dependent_launch_ok(q.device)
-    stage1 = [
-        _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
-                         vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
-                         vnode_slot0=vnode_slot0, o=o if direct else None,
-                         req_mid_len=req_mid_len if direct else None,
-                         pdl=pdl and (i == 0 or with_stage2), wait_at_end=chained and i == 1)
-        for i, grp in enumerate(groups)]
+    dependent_ok = _dependent_launch_ok(q.device)
+    with_stage2 = not finish and (needs_stage2 or not direct)
+    chained = not finish and len(groups) == 2 and CHAIN_PHASES and dependent_ok
+    pdl = (with_stage2 or chained or finish) and bool(groups) and dependent_ok
+
+    def stage1_launcher(i, grp):
+        # With finish: the first launch keeps every partial, the last one merges.
+        finishing = finish and i == 1
+        writes_out = finishing or (direct and not finish)
+        return _stage1_launcher(
+            q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
+            vnode_q_start, vnode_q_len, mid_q_rows, grp, sm_scale, logit_cap,
+            vnode_slot0=vnode_slot0, o=o if writes_out else None,
+            req_mid_len=req_mid_len if writes_out else None,
+            pdl=pdl and (i == 0 or with_stage2), wait_at_end=chained and i == 1,
+            finish=(req_mid_start, req_mid_rows) if finishing else None,
+            pdl_wait=pdl and finishing)
+
+    stage1 = [stage1_launcher(i, grp) for i, grp in enumerate(groups)]
     stage2 = None
     if with_stage2:
         stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
@@ -1007,7 +1001,7 @@ def tree_decode_launcher(
 
     if overlap is None:
         overlap = OVERLAP_PHASES
-    if overlap and not chained and len(stage1) == 2 and q.device.type == "cuda":
+    if overlap and not (chained or finish) and len(stage1) == 2 and q.device.type == "cuda":
         return _overlapped(launch, stage1, stage2, q.device)
     return launch
 
