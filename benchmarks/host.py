@@ -6,7 +6,9 @@
 * ``build_plan`` from flat arrays (a full plan), and ``fasttree_preparation`` (which
   also validates the KVTreeNode list);
 * a TreeKVCache append-only step for every request (``reserve`` of one slot each,
-  which also grows the plan's tail vnodes in place) - no re-plan;
+  which also grows the plan's tail vnodes in place) - no re-plan; on CUDA also the same
+  step with its slots copied from the host instead of derived on the device
+  (``treecache.cache.DEVICE_STEP_SLOTS``), alternating three times;
 * a TreeKVCache re-plan after a topology change (``prepare`` after a fork and a prune).
 
 Times are host wall-clock medians (``time.perf_counter``), in microseconds.
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import treecache.cache as cache_mod
 from treecache import FastTreeParams, TreeKVCache, fasttree_preparation, kv_ptrs
 from treecache.fasttree import tree_plan_input
 from treecache.plan import build_plan
@@ -100,16 +103,18 @@ def main(argv=None):
         lambda: build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=d, params=params,
                            device=device, buffers=bufs), 20)
 
-    cache = TreeKVCache(1, hq, hk, d, capacity_tokens=sum(n.seqlen for n in nodes) + 200 * b,
+    steps = 50
+    ab_rounds = 3 if device.type == "cuda" else 0
+    room = steps * (3 + 2 * ab_rounds) + 10  # the steps below, with the profile's
+    cache = TreeKVCache(1, hq, hk, d, capacity_tokens=sum(n.seqlen for n in nodes) + room * b,
                         dtype=torch.float16 if device.type == "cuda" else torch.float32,
-                        device=device, plan_headroom=128)
+                        device=device, plan_headroom=room)
     leaves = cache_from_tree(cache, nodes)
     q = torch.randn(len(leaves), hq, d, device=device, dtype=cache.dtype)
     cache.attend(q, 0)
     cache.reserve()  # first step moves nothing (leaves are exclusive)
     cache.attend(q, 0)
     rebuilds = cache.plan_rebuilds
-    steps = 50
     res["append_step_us"] = _median_us(lambda: cache.reserve(), steps)
     res["append_step_rebuilds"] = cache.plan_rebuilds - rebuilds
     if args.profile:
@@ -134,10 +139,26 @@ def main(argv=None):
         cache.prepare()
 
     res["replan_us"] = _median_us(topo_change, 5)
+    if ab_rounds:
+        # A/B in one run, alternating: slots copied from the host (before v14) against
+        # derived on the device. After the re-plan, whose time grows with the tokens
+        # that steps add.
+        flag = cache_mod.DEVICE_STEP_SLOTS
+        ab = {"copied": [], "derived": []}
+        try:
+            for _ in range(ab_rounds):
+                for mode in ab:
+                    cache_mod.DEVICE_STEP_SLOTS = mode == "derived"
+                    ab[mode].append(_median_us(lambda: cache.reserve(), steps))
+        finally:
+            cache_mod.DEVICE_STEP_SLOTS = flag
+        res["append_step_copied_us"] = ab["copied"]
+        res["append_step_derived_us"] = ab["derived"]
     res["cache_stats"] = cache.stats()
     for k, v in res.items():
         if k.endswith("_us"):
-            print(f"{k:28s} {v:10.1f} us")
+            vals = v if isinstance(v, list) else [v]
+            print(f"{k:28s} " + " ".join(f"{x:10.1f}" for x in vals) + " us")
     print(f"append-only steps rebuilt the plan {res['append_step_rebuilds']} times")
     print(f"target 4: full plan {res['build_plan_us'] / 1e3:.2f} ms (<= 2 ms); append-only step "
           f"{res['append_step_us']:.1f} us for {len(leaves)} requests (<= 100 us)")

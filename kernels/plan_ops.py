@@ -11,6 +11,9 @@ host time) or a per-token host loop:
   token): the new slot goes to the end of each request's tail vnode and the vnode's
   length grows by one, from device-resident tail positions: one launch, no per-step
   host-to-device copy besides the slots themselves.
+* :func:`grow_tails_stack_launcher`: the same step when every request's new slot starts
+  a fresh page (always so at page size 1): the slots are read from a device mirror of
+  the page allocator's free stack, so the step copies nothing from the host.
 
 Both are prepared launches (:class:`kernels.tree_decode._KernelLaunch`) on CUDA: after
 the first call the compiled kernel is launched directly.
@@ -24,7 +27,8 @@ import triton.language as tl
 
 from .tree_decode import _KernelLaunch
 
-__all__ = ["RUN_FIELDS", "expand_runs", "expand_runs_launcher", "grow_tails_launcher"]
+__all__ = ["RUN_FIELDS", "expand_runs", "expand_runs_launcher", "grow_tails_launcher",
+           "grow_tails_stack_launcher"]
 
 #: A run table is ``[count, start_0, dst_0, len_0, start_1, dst_1, len_1, ...]`` (int32):
 #: entries ``dst_i + [0, len_i)`` of ``kv_indices`` get ``start_i + [0, len_i)``.
@@ -51,16 +55,33 @@ def _expand_runs_kernel(buf, runs_off, kv_off, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _grow_tails_kernel(buf, slots, tails, n, kv_off, len_off, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
-    slot = tl.load(slots + i, mask=m)
+def _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off):
     pos = tl.load(tails + i, mask=m)
     vnode = tl.load(tails + n + i, mask=m)
     start = tl.load(tails + 2 * n + i, mask=m)
     tl.store(buf + kv_off + pos, slot.to(tl.int32), mask=m)
     tl.store(buf + len_off + vnode, pos + 1 - start, mask=m)
     tl.store(tails + i, pos + 1, mask=m)
+
+
+@triton.jit
+def _grow_tails_kernel(buf, slots, tails, n, kv_off, len_off, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    slot = tl.load(slots + i, mask=m)
+    _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off)
+
+
+@triton.jit(do_not_specialize=["top"])
+def _grow_tails_stack_kernel(buf, slots, tails, free, top, n, kv_off, len_off,
+                             PAGE: tl.constexpr, BLOCK: tl.constexpr):
+    # Request i takes the page free[top - 1 - i] (the allocator's order) and its first
+    # slot; the slots are also written out for the caller.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    slot = tl.load(free + (top - 1 - i), mask=m, other=0).to(tl.int64) * PAGE
+    tl.store(slots + i, slot, mask=m)
+    _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off)
 
 
 def expand_runs_launcher(buf: torch.Tensor, runs_off: int, kv_off: int):
@@ -90,3 +111,16 @@ def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len
     return _KernelLaunch(_grow_tails_kernel, (triton.cdiv(max(n, 1), block),),
                          [buf, None, tails, n, int(kv_off), int(len_off)],
                          {"BLOCK": block}, slots=(1,))
+
+
+def grow_tails_stack_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int,
+                              len_off: int, page_size: int, block: int = 256):
+    """:func:`grow_tails_launcher` for a step whose new slots are fresh pages of the page
+    allocator, derived on the device: call it with ``(slots, free, top)``, where
+    ``free`` (int64) mirrors the allocator's free stack up to ``top``, its top before the
+    step's allocation, and ``slots`` (int64 ``[n]``) receives request ``i``'s slot
+    ``free[top - 1 - i] * page_size``. Nothing is copied from the host."""
+    n = tails.numel() // 3
+    return _KernelLaunch(_grow_tails_stack_kernel, (triton.cdiv(max(n, 1), block),),
+                         [buf, None, tails, None, None, n, int(kv_off), int(len_off)],
+                         {"PAGE": int(page_size), "BLOCK": block}, slots=(1, 3, 4))

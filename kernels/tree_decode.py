@@ -686,6 +686,12 @@ def _hooks_active() -> bool:
     return False
 
 
+def _alignment(args) -> list:
+    """Whether each per-call tensor's address is 16-byte aligned (None for a scalar:
+    per-call scalars must be parameters the kernel does not specialise on)."""
+    return [t.data_ptr() % 16 == 0 if isinstance(t, torch.Tensor) else None for t in args]
+
+
 class _KernelLaunch:
     """One prepared launch of a Triton kernel: fixed grid, arguments, compile-time
     constants and options; ``slots`` are the positions of the arguments given per call
@@ -697,7 +703,8 @@ class _KernelLaunch:
     this skips its per-call argument binding, specialisation key and cache lookup
     (tens of microseconds of host time for stage 1's ~40 arguments). Of the per-call
     tensors the JIT specialises on their dtypes (the caller keeps those fixed) and on
-    whether their addresses are 16-byte aligned: the direct path is taken only while
+    whether their addresses are 16-byte aligned (a per-call integer must be one of the
+    kernel's ``do_not_specialize`` parameters): the direct path is taken only while
     that alignment, the current device and the absence of launch hooks (profilers)
     are as on the first call, and only on CUDA; anything else goes through the JIT.
     """
@@ -728,7 +735,7 @@ class _KernelLaunch:
             args[i] = t
         ck = self.compiled
         if ck is not None and FAST_LAUNCH:
-            aligned = [t.data_ptr() % 16 == 0 for t in tensors]
+            aligned = _alignment(tensors)
             if aligned == self.aligned and not _hooks_active():
                 drv = triton.runtime.driver.active
                 device = drv.get_current_device()
@@ -743,7 +750,7 @@ class _KernelLaunch:
                 and tensors and tensors[0].device.type == "cuda"
                 and all(hasattr(out, a) for a in ("run", "function", "packed_metadata"))):
             self.compiled = out
-            self.aligned = [t.data_ptr() % 16 == 0 for t in tensors]
+            self.aligned = _alignment(tensors)
             self.device = triton.runtime.driver.active.get_current_device()
 
 

@@ -213,6 +213,82 @@ def test_out_of_pages_at_real_sizes(cuda, dtype):
     cache.check()
 
 
+# ============================================================================ device-derived slots
+
+
+@pytest.mark.parametrize("page_size", [1, 2])
+def test_append_steps_derive_their_slots_on_the_device(cuda, monkeypatch, page_size):
+    # reserve() for every live request: where every request takes a fresh page, the
+    # slots come from the device mirror of the free stack (no host-to-device copy) and
+    # equal the cache's own record; frees (a prune) are copied to the mirror once, at
+    # the next such step; attention stays exact throughout.
+    import treecache.cache as cache_mod
+    from treecache.plan import DecodePlan
+
+    cache = TreeKVCache(2, 32, 8, HEAD_DIM, 8192, page_size=page_size, dtype=torch.float16,
+                        device=cuda, plan_headroom=64)
+    model = Model(2, 32, 8, HEAD_DIM, torch.float16, cuda, 3)
+    for n in (96, 130):
+        r = cache.new_request()
+        model.new(r)
+        k, v = model.tokens(n)
+        cache.append(r, k, v)
+        model.append(r, k, v)
+        for _ in range(5):
+            model.fork(r, cache.fork(r))
+    calls = {"copied": 0, "derived": 0, "mirror": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(DecodePlan, "send_tails", counted("copied", DecodePlan.send_tails))
+    monkeypatch.setattr(DecodePlan, "send_tails_from_stack",
+                        counted("derived", DecodePlan.send_tails_from_stack))
+    alloc = cache.pool.allocator
+    monkeypatch.setattr(alloc, "stack_entries", counted("mirror", alloc.stack_entries))
+
+    def step(check):
+        reqs = cache.requests
+        slots = cache.reserve()
+        want = np.array([cache.slots(r)[-1] for r in reqs])
+        assert np.array_equal(slots.cpu().numpy(), want)
+        write_step(cache, model, reqs, slots)
+        if check:
+            for layer in range(cache.num_layers):
+                assert_attends(cache, model, model.queries(len(reqs)), layer)
+
+    step(check=True)  # first step: new leaves, a re-plan
+    before = dict(calls)
+    for i in range(2 * page_size):
+        step(check=(i % 2 == 1))
+    # Every request takes a fresh page once every page_size steps; the other steps
+    # (page_size > 1) copy their slots with the plan update.
+    assert calls["derived"] - before["derived"] == 2
+    assert calls["copied"] - before["copied"] == 2 * (page_size - 1)
+    assert before["mirror"] == 0 and calls["mirror"] == 1  # the whole stack, once
+    # Free pages (prunes: more pages than the next step takes), re-plan, then steps
+    # again: the mirror gets the freed entries once.
+    free = alloc.num_free
+    for victim in cache.requests[::2]:
+        cache.prune(victim)
+        model.prune(victim)
+    assert alloc.num_free - free > len(cache.requests)
+    step(check=True)
+    mirrored = calls["mirror"]
+    for i in range(2 * page_size):
+        step(check=(i % 2 == 1))
+    assert calls["mirror"] == mirrored + 1
+    cache.check()
+    # The same operations with the mirror off give the same slots (host-determined).
+    monkeypatch.setattr(cache_mod, "DEVICE_STEP_SLOTS", False)
+    derived = calls["derived"]
+    step(check=True)
+    assert calls["derived"] == derived
+
+
 # ============================================================================ CUDA graphs
 
 

@@ -222,6 +222,65 @@ def test_check_detects_corruption():
         a.check()
 
 
+# ------------------------------------------------------------------------- mirror
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mirror_range_keeps_a_copy_that_predicts_allocations(seed):
+    # A copy of the free stack kept in sync only through mirror_range / mark_mirrored
+    # (as the cache's device mirror is) predicts every allocation: allocate(n) hands out
+    # mirror[top - 1 - i], across random allocations and frees (double frees included,
+    # which change nothing).
+    rng = np.random.default_rng(seed)
+    a = PageAllocator(int(rng.integers(4, 40)), int(rng.integers(1, 4)))
+    mirror = np.full(a.num_pages, -1, dtype=np.int64)
+    used: list[int] = []
+    copied = 0
+    for _ in range(200):
+        if used and rng.random() < 0.4:
+            k = int(rng.integers(1, len(used) + 1))
+            pick = rng.choice(len(used), size=k, replace=False)
+            pages = np.array([used[i] for i in pick])
+            if rng.random() < 0.1:
+                pages = np.concatenate([pages, pages[:1]])  # one released twice: refused
+                with pytest.raises(TreeCacheError, match="double free"):
+                    a.decref(pages)
+                continue
+            a.decref(pages)
+            used = [p for i, p in enumerate(used) if i not in set(pick.tolist())]
+            continue
+        n = int(rng.integers(0, a.num_free + 1))
+        top = a.num_free
+        lo, hi = a.mirror_range(top)
+        if lo < hi:
+            mirror[lo:hi] = a.stack_entries(lo, hi)
+            copied += hi - lo
+            a.mark_mirrored(hi)
+        assert a.mirror_range(top)[0] >= top  # nothing left to copy
+        pages = a.allocate(n)
+        assert ids(pages) == ids(mirror[top - 1 - np.arange(n)])
+        used += ids(pages)
+        a.check()
+    # The mirror is written only where frees changed the stack, not every step.
+    assert copied < 200 * a.num_pages
+
+
+def test_mirror_range_after_frees():
+    a = PageAllocator(6, 1)
+    assert a.mirror_range(6) == (0, 6)  # nothing mirrored yet
+    a.mark_mirrored(6)
+    assert a.mirror_range(6)[0] >= 6
+    got = a.allocate(4)  # pages 0..3
+    assert a.mirror_range(6)[0] >= 6  # allocations change no entry
+    a.decref(got[[1, 3]])  # pages 1 and 3 pushed at entries 2, 3
+    assert a.mirror_range(a.num_free) == (2, 4)
+    assert ids(a.stack_entries(2, 4)) == [3, 1]
+    with pytest.raises(ValueError, match="lo <= hi"):
+        a.stack_entries(3, 2)
+    with pytest.raises(ValueError, match="hi must lie"):
+        a.mark_mirrored(7)
+
+
 # ------------------------------------------------------------------------- KV pool
 
 

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from kernels.backend import interpreter_enabled
-from kernels.plan_ops import RUN_FIELDS, expand_runs, expand_runs_launcher, grow_tails_launcher
+from kernels.plan_ops import (
+    RUN_FIELDS,
+    expand_runs,
+    expand_runs_launcher,
+    grow_tails_launcher,
+    grow_tails_stack_launcher,
+)
 from treecache.plan import FastTreeParams, PlanBuffers, PlanInput, _expand_ranges, build_plan
 
 NO_ADJUST = dict(para_threshs1=(0, 0), para_threshs2=(0, 0))
@@ -80,6 +86,40 @@ def test_grow_tails_kernel_writes_slots_lengths_and_positions():
         assert np.array_equal(got[100 + vnode], pos + k + 1 - start)
         assert np.array_equal(tails[:b].cpu().numpy(), pos + k + 1)
     assert (buf[:100] == -1).all() and (buf[100 + b:1000] == -1).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_grow_tails_from_the_free_stack_matches_copied_slots(page_size):
+    # The step that reads its slots from a free-stack mirror writes the same buffer and
+    # positions as the step given those slots, and returns them; entries of the mirror
+    # at and above ``top`` are never read (poisoned).
+    rng = np.random.default_rng(7)
+    dev = _device()
+    b = 300
+    pos = np.arange(b) * 5 + 3
+    vnode = rng.permutation(b)
+    start = pos - rng.integers(0, 3, size=b)
+    tails0 = np.concatenate([pos, vnode, start]).astype(np.int32)
+    bufs, tails = [], []
+    for _ in range(2):
+        bufs.append(torch.full((5000,), -1, dtype=torch.int32, device=dev))
+        tails.append(torch.from_numpy(tails0.copy()).to(dev))
+    copied = grow_tails_launcher(bufs[0], tails[0], 1000, 100, block=128)
+    derived = grow_tails_stack_launcher(bufs[1], tails[1], 1000, 100, page_size, block=128)
+    free = rng.permutation(4 * b).astype(np.int64)
+    free_dev = torch.from_numpy(free).to(dev)
+    top = free.size - 50
+    free_dev[top:] = -9
+    for k in range(3):
+        want = free[top - 1 - np.arange(b)] * page_size
+        out = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        derived(out, free_dev, top)
+        copied(torch.from_numpy(want).to(dev))
+        assert np.array_equal(out.cpu().numpy(), want)
+        assert torch.equal(bufs[0], bufs[1]) and torch.equal(tails[0], tails[1])
+        assert np.array_equal(bufs[1].cpu().numpy()[1000 + pos + k], want.astype(np.int32))
+        top -= b
 
 
 def _stand_in(num_qo_heads, head_dim, **caps):
@@ -178,3 +218,32 @@ def test_every_request_step_on_the_device_copy_matches_the_cpu_plan():
     sl = new(2)
     assert cpu.extend_tails(np.array([0, 2]), sl) and dev.extend_tails(np.array([0, 2]), sl)
     same()
+
+
+@pytest.mark.skipif(not interpreter_enabled(), reason="a CPU stand-in for a device buffer "
+                    "runs kernels in the interpreter only (the GPU cache tests cover CUDA)")
+def test_every_request_step_from_the_free_stack_on_a_device_copy():
+    # DecodePlan.send_tails_from_stack against extend_tails(None, slots) on twin plans
+    # whose device copy is a separate (CPU) tensor: the same device buffer after each
+    # step, the slots returned; an update that is not a device step is refused (None).
+    seqlen = np.array([40, 10, 10, 5], dtype=np.int64)
+    inp = PlanInput(parent=np.array([-1, 0, 0, 0]), seqlen=seqlen,
+                    tok_ptr=np.concatenate([[0], np.cumsum(seqlen)[:-1]]),
+                    req_end=np.array([1, 2, 3]), growable=np.ones(3, dtype=bool))
+    kw = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, params=FastTreeParams(),
+              headroom=8, **NO_ADJUST)
+    plans = [build_plan(inp, buffers=_stand_in(4, 16, kv_entries=256), **kw) for _ in range(2)]
+    assert all(p.buffers.dev is not p.buffers.host for p in plans)
+    free = torch.arange(200, 100, -1, dtype=torch.int64)  # stack: next page is free[top - 1]
+    top = 100
+    for step in range(5):
+        want = free[top - 1 - np.arange(3)].numpy() * 2
+        assert plans[0].extend_tails(None, want)
+        upd = plans[1].prepare_tails(None, want)
+        got = plans[1].send_tails_from_stack(upd, free, top, 2)
+        assert got.tolist() == want.tolist()
+        assert torch.equal(plans[0].buffers.dev, plans[1].buffers.dev), step
+        top -= 3
+    upd = plans[1].prepare_tails(np.array([0]), np.array([5]))
+    assert plans[1].send_tails_from_stack(upd, free, top, 2) is None
+

@@ -62,6 +62,12 @@ __all__ = ["TreeKVCache"]
 
 logger = logging.getLogger(__name__)
 
+#: Append-only steps in which every request takes a fresh page (every step at page size
+#: 1) derive the new slots on the device from a mirror of the page allocator's free
+#: stack instead of copying them from the host (CUDA; other devices copy). The mirror
+#: is brought up to date after pages are freed, with one copy of the changed entries.
+DEVICE_STEP_SLOTS = True
+
 
 class _Node:
     """A run of tokens. ``slots`` and ``pages`` are lists of int64 arrays (in order)."""
@@ -229,6 +235,10 @@ class TreeKVCache:
         self._buffers = PlanBuffers(self.num_qo_heads, self.head_dim, self.device)
         # Device half of a plan tail update, sent with the next slots (see _to_device).
         self._pending_plan_update = None
+        # The allocator's top before a step in which every request took a fresh page,
+        # and the device mirror of its free stack (see _to_device).
+        self._pending_stack_top = None
+        self._free_dev: torch.Tensor | None = None
         self.plan_rebuilds = 0
         self.plan_version = 0
 
@@ -788,7 +798,11 @@ class TreeKVCache:
             tailfree = self._nd_tailfree[nodes]
             fresh = tailfree == 0
             n_fresh = int(np.count_nonzero(fresh))
+        top = self.pool.allocator.num_free
         new_pages = self.pool.allocator.allocate(n_fresh)  # raises before any change
+        # When every request takes a fresh page, its slot starts the page
+        # free_stack[top - 1 - i]: the device can derive the slots (see _to_device).
+        self._pending_stack_top = top if n_fresh == nodes.size else None
         if n_fresh == nodes.size:  # every tail page is full (always so with page_size 1)
             slots = new_pages * p if p != 1 else new_pages
             self._nd_tailpage[nodes] = new_pages
@@ -889,12 +903,33 @@ class TreeKVCache:
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
         upd, self._pending_plan_update = self._pending_plan_update, None
+        top, self._pending_stack_top = self._pending_stack_top, None
         if self.device.type == "cpu":
             return torch.from_numpy(slots.copy())  # the cache keeps ``slots`` itself
         if upd is None:
             return to_device_async(slots, self.device)
+        if top is not None and DEVICE_STEP_SLOTS:
+            # Every request took a fresh page: the device reads the pages from its
+            # mirror of the free stack; no copy.
+            out = self._plan.send_tails_from_stack(upd, self._free_stack_mirror(top), top,
+                                                   self.page_size)
+            if out is not None:
+                return out
         # The slots travel with the plan's tail update (one copy).
         return self._plan.send_tails(upd, slots)
+
+    def _free_stack_mirror(self, hi: int) -> torch.Tensor:
+        """The device mirror of the page allocator's free stack, valid up to entry ``hi``
+        (entries that changed since the last call are copied: after frees only)."""
+        alloc = self.pool.allocator
+        if self._free_dev is None:
+            self._free_dev = torch.empty(alloc.num_pages, dtype=torch.int64, device=self.device)
+        lo, hi = alloc.mirror_range(hi)
+        if lo < hi:
+            src = torch.from_numpy(alloc.stack_entries(lo, hi)).pin_memory()
+            self._free_dev[lo:hi].copy_(src, non_blocking=True)
+            alloc.mark_mirrored(hi)
+        return self._free_dev
 
     def _topo_order(self) -> list[_Node]:
         roots = [nd for nd in self._nodes.values() if nd.parent is None]

@@ -39,6 +39,9 @@ class PageAllocator:
         self._free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int64)
         self._top = self.num_pages
         self.refcount = np.zeros(self.num_pages, dtype=np.int32)
+        # Entries [0, _mirrored) of the stack equal those of a copy kept elsewhere (the
+        # cache's device mirror, see mirror_range); frees lower it, allocations keep it.
+        self._mirrored = 0
 
     @property
     def num_free(self) -> int:
@@ -91,8 +94,34 @@ class PageAllocator:
         k = freed.size
         # Push in reverse so that the lowest freed page is handed out first.
         self._free[self._top:self._top + k] = freed[::-1]
+        self._mirrored = min(self._mirrored, self._top)
         self._top += k
         return k
+
+    def mirror_range(self, hi: int) -> tuple[int, int]:
+        """The entries ``[lo, hi)`` of the free stack that a mirror (a copy of the stack
+        kept elsewhere, e.g. on a GPU) must receive so that its first ``hi`` entries
+        equal the stack's; ``lo >= hi`` when it has them already. Call
+        :meth:`mark_mirrored` once they are copied.
+
+        Entries change only when pages are freed (pushed at the top), so a mirror
+        stays valid across allocations: after ``allocate(n)`` the pages handed out are
+        ``stack[top - n : top]`` of the stack before, in reverse order.
+        """
+        return self._mirrored, int(hi)
+
+    def stack_entries(self, lo: int, hi: int) -> np.ndarray:
+        """A copy of the free stack's entries ``[lo, hi)``; ``hi`` may exceed the top:
+        the entries above it are the pages handed out last (until pages are freed)."""
+        if not 0 <= lo <= hi <= self.num_pages:
+            raise ValueError(f"need 0 <= lo <= hi <= {self.num_pages}, got [{lo}, {hi})")
+        return self._free[lo:hi].copy()
+
+    def mark_mirrored(self, hi: int) -> None:
+        """The mirror now holds the stack's entries ``[0, hi)``."""
+        if not 0 <= hi <= self.num_pages:
+            raise ValueError(f"hi must lie in [0, {self.num_pages}], got {hi}")
+        self._mirrored = max(self._mirrored, int(hi))
 
     def free_pages(self) -> np.ndarray:
         """The free stack (copy), next page to be handed out last."""

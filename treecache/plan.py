@@ -39,7 +39,13 @@ from kernels import (
     torch_tree_decode,
 )
 from kernels.backend import interpreter_enabled
-from kernels.plan_ops import RUN_FIELDS, expand_runs, expand_runs_launcher, grow_tails_launcher
+from kernels.plan_ops import (
+    RUN_FIELDS,
+    expand_runs,
+    expand_runs_launcher,
+    grow_tails_launcher,
+    grow_tails_stack_launcher,
+)
 from kernels.tree_decode import MAX_BLOCK_M, tree_decode_launcher
 
 from .errors import PlanMismatchError, ShapeMismatchError, UnsupportedConfigError
@@ -771,6 +777,25 @@ class DecodePlan:
         out = self.buffers.send(upd[0], upd[1], prefix=slots)
         return torch.from_numpy(slots) if out is None else out
 
+    def send_tails_from_stack(self, upd, free_stack: torch.Tensor, top: int,
+                              page_size: int) -> torch.Tensor | None:
+        """:meth:`send_tails` for an every-request step whose slots are fresh pages taken
+        from a page allocator: request ``i``'s slot is ``free_stack[top - 1 - i] *
+        page_size``, read on the device from ``free_stack`` (int64, the plan's device; a
+        mirror of the allocator's free stack up to ``top``, its top before the
+        allocation), so nothing is copied from the host. Returns the slots (int64, on
+        the device), or None where the update is not a device step (then use
+        :meth:`send_tails`)."""
+        if not isinstance(upd, _TailSteps) or upd.launch is None:
+            return None
+        b = self.buffers
+        if upd.stack_launch is None or upd.stack_launch.consts["PAGE"] != page_size:
+            upd.stack_launch = grow_tails_stack_launcher(
+                b.dev, upd.tails, b.offsets["kv_indices"], b.offsets["vnode_kv_len"], page_size)
+        slots = torch.empty(self.num_requests, dtype=torch.int64, device=b.dev.device)
+        upd.stack_launch(slots, free_stack, int(top))
+        return slots
+
     def _prepare_all_tails(self, slots: np.ndarray):
         """:meth:`prepare_tails` for every request in order (the model loop's step).
 
@@ -819,7 +844,8 @@ class _TailSteps:
     (host path) or a prepared device step (``launch``) with the tail positions kept
     on the device."""
 
-    __slots__ = ("kv_pos", "tail_len", "room", "positions", "values", "launch")
+    __slots__ = ("kv_pos", "tail_len", "room", "positions", "values", "launch", "tails",
+                 "stack_launch")
 
     def __init__(self, plan: DecodePlan, tv: np.ndarray):
         b = tv.size
@@ -828,13 +854,13 @@ class _TailSteps:
         start = plan.vnode_kv_start_host[tv]
         self.kv_pos = start + self.tail_len
         self.room = int((plan.tail_limit - self.kv_pos).min()) if b else 0
-        self.launch = None
+        self.launch = self.tails = self.stack_launch = None
         self.positions = self.values = None
         dev = buffers.dev
         if b and dev is not buffers.host and (dev.device.type == "cuda" or interpreter_enabled()):
-            tails = to_device_async(
+            self.tails = to_device_async(
                 np.concatenate([self.kv_pos, tv, start]).astype(np.int32), dev.device)
-            self.launch = grow_tails_launcher(dev, tails, buffers.offsets["kv_indices"],
+            self.launch = grow_tails_launcher(dev, self.tails, buffers.offsets["kv_indices"],
                                               buffers.offsets["vnode_kv_len"])
         else:
             self.positions = np.empty(2 * b, dtype=np.int64)
