@@ -8,6 +8,7 @@ per case next to the defaults. Used to choose the defaults; see benchmarks/RESUL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import itertools
 import json
@@ -406,23 +407,24 @@ def chain(out_path=None):
 KV_TILE_CONFIGS = ([32, 32], [64, 32], [128, 32], [64, 64])
 
 
-def kv_tiles_eager(out_path=None):
-    """Whole decode on every case for the phases' KV tiles (``TSKs``) of
-    :data:`KV_TILE_CONFIGS`, the first being the default: CUDA-graph replay (warm L2)
-    and eager calls timed like the seed (``do_bench``, L2 flushed), the slower of two
-    alternating repeats. The earlier tile sweeps timed graph replays only."""
+def _plans_sweep(configs, labels, make_params, out_path, setting=None) -> None:
+    """Whole decode on every case (seed suite and extras) with the planner parameters
+    ``make_params(config, hq, hk)`` of each configuration, the first being the default;
+    ``setting(config)``, if given, is a context manager around the plan's building and
+    first call (which prepares its launches). CUDA-graph replay (warm L2) and eager
+    calls timed like the seed (``do_bench``, L2 flushed), the slower of two alternating
+    repeats; ratios to the first and the rows as JSON."""
     dev = torch.device("cuda")
     rows = []
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         runs = []
-        for tsk in KV_TILE_CONFIGS:
-            p = FastTreeParams.for_heads(hq, hk)
-            p.set_kv_tile_sizes(tsk)
-            meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, params=p,
-                                           device=dev)
-            plan = meta.plan
-            o = torch.full_like(q, float("nan"))
-            plan.run(q, k, v, o, check=False)
+        for config in configs:
+            with setting(config) if setting else contextlib.nullcontext():
+                meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128,
+                                               params=make_params(config, hq, hk), device=dev)
+                plan = meta.plan
+                o = torch.full_like(q, float("nan"))
+                plan.run(q, k, v, o, check=False)
             runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
         ref = runs[0][1]
         err = max(((o.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -431,21 +433,74 @@ def kv_tiles_eager(out_path=None):
         rows.append(dict(case=spec, hq=hq, hk=hk, graph_us=g_us, eager_us=e_us,
                          max_rel_diff=err))
         print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
-            f"{t} {gu:.1f}/{eu:.1f}" for t, gu, eu in zip(KV_TILE_CONFIGS, g_us, e_us))
+            f"{c} {gu:.1f}/{eu:.1f}" for c, gu, eu in zip(labels, g_us, e_us))
             + f" (graph/eager us), max rel diff {err:.1e}", flush=True)
-    for i, tsk in enumerate(KV_TILE_CONFIGS):
+    for i, label in enumerate(labels):
         for kind in ("graph", "eager"):
-            _print_ratios(f"{kind}, TSKs {tsk}",
+            _print_ratios(f"{kind}, {label}",
                           [r[f"{kind}_us"][i] / r[f"{kind}_us"][0] for r in rows])
     if out_path:
         with open(out_path, "w") as f:
-            json.dump({"configs": KV_TILE_CONFIGS, "rows": rows}, f, indent=1)
+            json.dump({"configs": configs, "rows": rows}, f, indent=1)
+
+
+def kv_tiles_eager(out_path=None):
+    """The phases' KV tiles (``TSKs``) of :data:`KV_TILE_CONFIGS`, every case, replayed
+    and eager (:func:`_plans_sweep`). The earlier tile sweeps timed graph replays
+    only."""
+    def make_params(tsk, hq, hk):
+        p = FastTreeParams.for_heads(hq, hk)
+        p.set_kv_tile_sizes(tsk)
+        return p
+
+    _plans_sweep(KV_TILE_CONFIGS, [f"TSKs {t}" for t in KV_TILE_CONFIGS], make_params,
+                 out_path)
+
+
+#: Wide-tile launches (the shared-prefix phase as a launch of its own): (label, phase-0
+#: KV tile, pipeline stages or None for the default, register cap or None for the
+#: default); the first is the default.
+WIDE_TILE_CONFIGS = (("kv 32, 2 stages", 32, None, None), ("kv 64, 3 stages", 64, 3, None),
+                     ("kv 64, 3 stages, no cap", 64, 3, 0))
+
+
+def wide_tile(out_path=None):
+    """The wide-tile launches' KV tile, pipeline stages and register cap of
+    :data:`WIDE_TILE_CONFIGS`, every case, replayed and eager (:func:`_plans_sweep`).
+    A stand-alone kernel over the shared root of ``1,1024 2048,32`` 32/8
+    (``python -m benchmarks.wide_tile_probe``) ran 97 us with the default tile and
+    89 us with a 64-token KV tile and 3 stages."""
+    def make_params(config, hq, hk):
+        p = FastTreeParams.for_heads(hq, hk)
+        p.set_kv_tile_sizes([config[1], p.TSKs[1]])
+        return p
+
+    @contextlib.contextmanager
+    def setting(config):
+        _, _, stages, cap = config
+        orig_launch, orig_cap = td.default_launch, td.WIDE_TILE_MAX_REGISTERS
+
+        def launch(bm, bn, bd, group=1):
+            w, st = orig_launch(bm, bn, bd, group)
+            return w, (stages if stages and bm >= 64 else st)
+
+        td.default_launch = launch
+        if cap is not None:
+            td.WIDE_TILE_MAX_REGISTERS = cap
+        try:
+            yield
+        finally:
+            td.default_launch, td.WIDE_TILE_MAX_REGISTERS = orig_launch, orig_cap
+
+    _plans_sweep(WIDE_TILE_CONFIGS, [c[0] for c in WIDE_TILE_CONFIGS], make_params, out_path,
+                 setting)
 
 
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
     ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),
+    ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),
     ("chain", chain, "two phase launches chained (dependent launch) against before"),
     ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),
     ("small-tile-regs", small_tile_regs,
