@@ -28,7 +28,7 @@ import torch
 from kernels import reference_decode, select_backend
 from treecache import fasttree_preparation, qkv_preparation, tree_stats
 from treecache.fasttree import tree_plan_input
-from treecache.plan import PlanInput, build_plan, path_token_indices
+from treecache.plan import DEFAULT_KV_SPLIT_SIZES, PlanInput, build_plan, path_token_indices
 
 from .suite import HEAD_CONFIGS, SEED_TREES, SEED_US, extra_cases, quick_cases
 
@@ -221,6 +221,23 @@ def _ablations(plan, q, k, v, sm, device):
     return res
 
 
+def _rule_split_ablation(plan, nodes, ptrs, b, hq, hk, q, k, v, sm, device):
+    """Where the plan chose its KV chunk length (``kv_split_sizes=None``) other than the
+    seed's rule would have: graph and eager times of the rule's plan."""
+    inp = tree_plan_input(nodes, ptrs, b)
+    rule = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=HEAD_DIM, device=device,
+                      kv_split_sizes=DEFAULT_KV_SPLIT_SIZES)
+    if rule.kv_split_sizes == plan.kv_split_sizes and rule.phases == plan.phases:
+        return {}
+    o = torch.empty_like(q)
+
+    def run():
+        rule.run(q, k, v, o, sm_scale=sm, check=False)
+
+    return {"graph_rule_split_us": _graph_time(run, device),
+            "eager_rule_split_us": _bench(run, device)}
+
+
 def _flat_ablation(nodes, ptrs, b, hq, hk, q, k, v, sm, ref, device):
     """Graph time and error of the flat plan (one group per request end node, whole
     paths, stage 1 writing single-partial outputs directly)."""
@@ -289,12 +306,14 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
     res = dict(case=name, hq=hq, hk=hk, requests=b, nodes=st["num_nodes"],
                unique_tokens=st["unique_tokens"], logical_tokens=st["logical_tokens"],
                vnodes=plan.num_vnodes, phases=[list(p) for p in plan.phases],
+               kv_split_sizes=list(plan.kv_split_sizes),
                ours_us=t_ours, ours_graph_us=t_graph, ours_cached_us=t_cached, rel_err=err,
                prep_ms=prep_ms,
                plan_ms=statistics.median(plan_times))
     if ablations and device.type == "cuda":
         res.update(_ablations(plan, q, k, v, sm, device))
         res.update(_flat_ablation(nodes, ptrs, b, hq, hk, q, k, v, sm, ref, device))
+        res.update(_rule_split_ablation(plan, nodes, ptrs, b, hq, hk, q, k, v, sm, device))
     bytes_ = 2 * st["unique_tokens"] * hk * HEAD_DIM * 2 + 2 * b * hq * HEAD_DIM * 2
     res["roofline_us"] = bytes_ / COPY_BW * 1e6
     # Attention FLOPs (q.k and p.v over every request's whole path, 2 FLOPs a MAC).
@@ -374,7 +393,9 @@ def summarize(results):
                           ("graph_offsets64_us", "with 64-bit address arithmetic"),
                           ("graph_no_pdl_us", "with stage 2 as a plain launch"),
                           ("graph_no_short_kv_us",
-                           "with the requested phase-1 KV tile (no SHORT_KV_TILE)")):
+                           "with the requested phase-1 KV tile (no SHORT_KV_TILE)"),
+                          ("graph_rule_split_us",
+                           "with the seed's KV chunk rule instead of the plan's choice")):
             rs = [r for r in abl if r.get(key)]
             if not rs:
                 continue
@@ -382,7 +403,9 @@ def summarize(results):
             lines.append(f"ablation: graph time {what} / with = {ratio:.3f} (geomean of "
                          f"{len(rs)} cases)")
         for key, what in (("eager_jit_launch_us", "with every launch through the JIT"),
-                          ("eager_no_chain_us", "with the phase launches not chained")):
+                          ("eager_no_chain_us", "with the phase launches not chained"),
+                          ("eager_rule_split_us",
+                           "with the seed's KV chunk rule instead of the plan's choice")):
             rs = [r for r in abl if r.get(key)]
             if rs:
                 ratio = _geomean([r[key] / r["ours_us"] for r in rs])

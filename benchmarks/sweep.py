@@ -407,9 +407,10 @@ def chain(out_path=None):
 KV_TILE_CONFIGS = ([32, 32], [64, 32], [128, 32], [64, 64])
 
 
-def _plans_sweep(configs, labels, make_params, out_path, setting=None) -> None:
-    """Whole decode on every case (seed suite and extras) with the planner parameters
-    ``make_params(config, hq, hk)`` of each configuration, the first being the default;
+def _plans_sweep(configs, labels, make_kwargs, out_path, setting=None) -> None:
+    """Whole decode on every case (seed suite and extras) with the plan that
+    ``fasttree_preparation(..., **make_kwargs(config, hq, hk))`` builds for each
+    configuration, the first being the default;
     ``setting(config)``, if given, is a context manager around the plan's building and
     first call (which prepares its launches). CUDA-graph replay (warm L2) and eager
     calls timed like the seed (``do_bench``, L2 flushed), the slower of two alternating
@@ -421,7 +422,7 @@ def _plans_sweep(configs, labels, make_params, out_path, setting=None) -> None:
         for config in configs:
             with setting(config) if setting else contextlib.nullcontext():
                 meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128,
-                                               params=make_params(config, hq, hk), device=dev)
+                                               device=dev, **make_kwargs(config, hq, hk))
                 plan = meta.plan
                 o = torch.full_like(q, float("nan"))
                 plan.run(q, k, v, o, check=False)
@@ -448,12 +449,12 @@ def kv_tiles_eager(out_path=None):
     """The phases' KV tiles (``TSKs``) of :data:`KV_TILE_CONFIGS`, every case, replayed
     and eager (:func:`_plans_sweep`). The earlier tile sweeps timed graph replays
     only."""
-    def make_params(tsk, hq, hk):
+    def make_kwargs(tsk, hq, hk):
         p = FastTreeParams.for_heads(hq, hk)
         p.set_kv_tile_sizes(tsk)
-        return p
+        return {"params": p}
 
-    _plans_sweep(KV_TILE_CONFIGS, [f"TSKs {t}" for t in KV_TILE_CONFIGS], make_params,
+    _plans_sweep(KV_TILE_CONFIGS, [f"TSKs {t}" for t in KV_TILE_CONFIGS], make_kwargs,
                  out_path)
 
 
@@ -470,10 +471,10 @@ def wide_tile(out_path=None):
     A stand-alone kernel over the shared root of ``1,1024 2048,32`` 32/8
     (``python -m benchmarks.wide_tile_probe``) ran 97 us with the default tile and
     89 us with a 64-token KV tile and 3 stages."""
-    def make_params(config, hq, hk):
+    def make_kwargs(config, hq, hk):
         p = FastTreeParams.for_heads(hq, hk)
         p.set_kv_tile_sizes([config[1], p.TSKs[1]])
-        return p
+        return {"params": p}
 
     @contextlib.contextmanager
     def setting(config):
@@ -492,8 +493,26 @@ def wide_tile(out_path=None):
         finally:
             td.default_launch, td.WIDE_TILE_MAX_REGISTERS = orig_launch, orig_cap
 
-    _plans_sweep(WIDE_TILE_CONFIGS, [c[0] for c in WIDE_TILE_CONFIGS], make_params, out_path,
+    _plans_sweep(WIDE_TILE_CONFIGS, [c[0] for c in WIDE_TILE_CONFIGS], make_kwargs, out_path,
                  setting)
+
+
+#: KV chunk lengths of :func:`split_sizes`: None is the default rule (1024-token chunks,
+#: 128 in a phase with too few programs); a number is that chunk in both phases.
+SPLIT_CONFIGS = (None, 1024, 512, 256, 128, 64)
+
+
+def split_sizes(out_path=None):
+    """KV chunk lengths of :data:`SPLIT_CONFIGS` (the same in both phases, the seed's
+    switch to shorter chunks off), every case, replayed and eager (:func:`_plans_sweep`):
+    the data for a chunk length chosen per plan."""
+    def make_kwargs(chunk, hq, hk):
+        if chunk is None:
+            return {}
+        return {"KV_SPLIT_SIZES": (chunk, chunk), "para_threshs1": (0, 0)}
+
+    _plans_sweep(SPLIT_CONFIGS, ["default" if c is None else f"chunk {c}" for c in SPLIT_CONFIGS],
+                 make_kwargs, out_path)
 
 
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
@@ -501,6 +520,7 @@ def wide_tile(out_path=None):
 SWEEPS = (
     ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),
     ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),
+    ("split-sizes", split_sizes, "KV chunk lengths in both phases, every case"),
     ("chain", chain, "two phase launches chained (dependent launch) against before"),
     ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),
     ("small-tile-regs", small_tile_regs,

@@ -7,7 +7,7 @@ The planner has three kinds of knobs (docs/CONFIGURATION_GUIDE.md):
 * tiles: ``TSQs`` (requests per vnode, phase 0 and phase 1) and ``TSKs`` (KV tokens per
   inner-loop step of each phase);
 * ``KV_SPLIT_SIZES``: the KV chunk length of a vnode, and the shorter one used when a
-  phase has too few programs.
+  phase has too few programs (``None``, the library's default: each plan chooses).
 
 The sweep runs in two rounds. Round 1 tries every tile and chunk combination with the
 seed's weights (0.66, 0.33, 0.1); round 2 tries a grid of weights with the best tiles
@@ -15,8 +15,8 @@ of round 1. Settings that produce the same plan are timed once. Every plan's out
 checked against the dense float32 reference (``kernels.reference_decode``) before it is
 timed; a plan that fails the check is reported and never chosen. At the end the best
 setting, ``FastTreeParams()`` (the seed's defaults) and ``FastTreeParams.for_heads``
-(the project's defaults) are timed again side by side, so that the winner of many noisy
-timings is not credited with its lucky draw.
+with the chunk length each plan chooses (the project's defaults) are timed again side
+by side, so that the winner of many noisy timings is not credited with its lucky draw.
 
 Query tiles are given as *rows*: a stage-1 program holds ``q_tile * group`` (query,
 head) rows, so the sweep asks for ``q_tile = rows // group`` and the same rows mean the
@@ -168,7 +168,8 @@ class Tuner:
         plan = self.plan(params, splits)
         sig = self.signature(plan)
         row = dict(alpha=params.alpha, beta=params.beta, gamma=params.gamma,
-                   TSQs=list(params.TSQs), TSKs=list(params.TSKs), splits=list(splits),
+                   TSQs=list(params.TSQs), TSKs=list(params.TSKs),
+                   splits=None if splits is None else list(splits),
                    q_tiles=list(plan.q_tiles), kv_tiles=list(plan.kv_tiles),
                    used_splits=list(plan.kv_split_sizes), vnodes=plan.num_vnodes,
                    phases=len(plan.phases), kv_read=plan.kv_tokens_read(),
@@ -274,7 +275,7 @@ def main() -> int:
     heads_params = FastTreeParams.for_heads(hq, hk)
     seed_row = tuner.evaluate(seed_params, DEFAULT_KV_SPLIT_SIZES)
     bar.update()
-    heads_row = tuner.evaluate(heads_params, DEFAULT_KV_SPLIT_SIZES)
+    heads_row = tuner.evaluate(heads_params, None)
     bar.update()
     results = []
     for rows, tiles, splits in round1:
@@ -327,7 +328,7 @@ def main() -> int:
     contenders = {
         "best of the sweep": (best_params, best["splits"]),
         "FastTreeParams()": (seed_params, DEFAULT_KV_SPLIT_SIZES),
-        f"for_heads({hq}, {hk})": (heads_params, DEFAULT_KV_SPLIT_SIZES),
+        f"for_heads({hq}, {hk})": (heads_params, None),
     }
     plans = {name: tuner.plan(prm, spl) for name, (prm, spl) in contenders.items()}
     times = {name: [] for name in plans}

@@ -22,6 +22,7 @@ from kernels import reference_decode
 from treecache import plan as plan_module
 from treecache.errors import PlanMismatchError, TreeCacheError, UnsupportedConfigError
 from treecache.plan import (
+    DEFAULT_KV_SPLIT_SIZES,
     DecodePlan,
     FastTreeParams,
     PlanBuffers,
@@ -31,8 +32,10 @@ from treecache.plan import (
 )
 
 # Thresholds of 0 switch off the seed's parallelism adjustment (smaller KV chunks, then
-# one tile shape for both phases), so that tiles and chunks are exactly what is asked.
-NO_ADJUST = dict(para_threshs1=(0, 0), para_threshs2=(0, 0))
+# one tile shape for both phases), and explicit chunk lengths switch off the choice per
+# plan, so that tiles and chunks are exactly what is asked.
+NO_ADJUST = dict(kv_split_sizes=DEFAULT_KV_SPLIT_SIZES, para_threshs1=(0, 0),
+                 para_threshs2=(0, 0))
 
 
 # ------------------------------------------------------------------------- helpers
@@ -246,7 +249,7 @@ def test_gamma_penalises_split_k():
 @pytest.mark.parametrize("length, split", [(1000, 100), (1000, 128), (37, 5), (8, 8), (8, 100)])
 def test_kv_chunking(length, split):
     inp = plan_input([-1], [length], [0])
-    plan = build(inp, kv_split_sizes=(split, split), **NO_ADJUST)
+    plan = build(inp, **dict(NO_ADJUST, kv_split_sizes=(split, split)))
     n = -(-length // split)
     assert plan.num_vnodes == n
     last = length - split * (n - 1)
@@ -259,7 +262,7 @@ def test_kv_chunk_shared_by_every_query_tile():
     # 20 requests on one 250-token node, q tiles 8: 3 chunks x 3 tiles = 9 vnodes, and
     # each chunk has one mid row per request (60 rows).
     inp = plan_input([-1], [250], [0] * 20)
-    plan = build(inp, params=FastTreeParams(TSQs=[8, 8]), kv_split_sizes=(100, 100), **NO_ADJUST)
+    plan = build(inp, params=FastTreeParams(TSQs=[8, 8]), **dict(NO_ADJUST, kv_split_sizes=(100, 100)))
     assert plan.num_vnodes == 9 and plan.num_mid_rows == 60
     assert [(kl, ql) for _, kl, _, ql in vnode_table(plan)] == [
         (100, 8), (100, 8), (100, 4), (100, 8), (100, 8), (100, 4), (50, 8), (50, 8), (50, 4)]
@@ -346,6 +349,89 @@ def test_phase_zero_only():
     inp = plan_input([-1], [10], [0] * 17)
     plan = build(inp, **NO_ADJUST)
     assert [tuple(p) for p in plan.phases] == [(0, 1, 64, 32)]
+
+
+# ------------------------------------------------- chunk length chosen per plan
+
+
+def estimated_cost(plan: DecodePlan, group: int) -> float:
+    """The estimate of plan_module._split_costs, computed from a built plan's vnodes."""
+    kv_len = plan.vnode_kv_len_host[:plan.num_vnodes]
+    total = 0.0
+    for ph in plan.phases:
+        if ph.num_vnodes == 0:
+            continue
+        steps = -(-kv_len[ph.vnode_offset:ph.vnode_offset + ph.num_vnodes] // ph.kv_tile)
+        work = ((steps.sum() + plan_module.AUTO_PROGRAM_STEPS * ph.num_vnodes)
+                * plan.num_kv_heads / plan_module.AUTO_SLOTS)
+        total += max(float(steps.max()), work)
+    rows = plan.num_mid_rows * group * plan.num_kv_heads
+    return total + plan_module.AUTO_PARTIAL_WEIGHT * rows / (132 * 64)
+
+
+CHOICE_TREES = ["1,2,64 8,256,32", "1,256 256,32", "1,10 4000,400", "1,4,16,512 1024,256,128,32",
+                "1,16,64 1024,256,32", "1,4,8,256 8,256,256,32"]
+
+
+@pytest.mark.parametrize("spec", CHOICE_TREES)
+@pytest.mark.parametrize("hq, hk", [(32, 32), (32, 8), (16, 1)])
+def test_chunk_length_chosen_by_the_estimate(spec, hq, hk):
+    # kv_split_sizes=None: the plan is the rule's, or the plan with one chunk length for
+    # both phases, whichever the estimate (recomputed here from each built plan) rates
+    # lower; the rule wins ties, the shorter chunk loses ties.
+    from treecache.tree import generate_tree_from_spec, kv_ptrs
+    from treecache.fasttree import tree_plan_input
+
+    nodes = generate_tree_from_spec(spec)
+    inp = tree_plan_input(nodes, kv_ptrs(nodes), sum(1 for n in nodes if n.num_children == 0))
+    kw = dict(num_qo_heads=hq, num_kv_heads=hk, head_dim=128,
+              params=FastTreeParams.for_heads(hq, hk))
+    calls = []
+    estimate = plan_module._split_costs
+
+    def spy(*args):
+        calls.append(args)
+        return estimate(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan_module, "_split_costs", spy)
+        chosen = build_plan(inp, **kw)
+    rule = build_plan(inp, kv_split_sizes=DEFAULT_KV_SPLIT_SIZES, **kw)
+    best, best_cost = rule, estimated_cost(rule, hq // hk)
+    groups, q_tiles, kv_tiles = calls[0][:3]
+    for c in plan_module.AUTO_KV_CHUNKS:
+        p = build_plan(inp, kv_split_sizes=(c, c), para_threshs1=(0, 0), **kw)
+        cost = estimated_cost(p, hq // hk)
+        # The vectorised estimate over the planner's groups equals the plan's own.
+        assert estimate(groups, q_tiles, kv_tiles, [(c, c)], hq // hk, hk)[0] == (
+            pytest.approx(cost, rel=1e-12))
+        if cost < best_cost - 1e-9:
+            best, best_cost = p, cost
+    assert chosen.kv_split_sizes == best.kv_split_sizes
+    assert vnode_table(chosen) == vnode_table(best)
+    assert chosen.phases == best.phases
+    check_plan(chosen, inp, hq // hk)
+
+
+def test_chunk_length_choice_can_be_turned_off(monkeypatch):
+    from treecache.tree import generate_tree_from_spec, kv_ptrs
+    from treecache.fasttree import tree_plan_input
+
+    nodes = generate_tree_from_spec("1,4,16,512 1024,256,128,32")
+    inp = tree_plan_input(nodes, kv_ptrs(nodes), 512)
+    kw = dict(num_qo_heads=16, num_kv_heads=1, head_dim=128,
+              params=FastTreeParams.for_heads(16, 1))
+    rule = build_plan(inp, kv_split_sizes=DEFAULT_KV_SPLIT_SIZES, **kw)
+    assert rule.kv_split_sizes == (1024, 128)
+    # Here the estimate picks 512-token chunks (measured 0.74x the rule's time).
+    assert build_plan(inp, **kw).kv_split_sizes == (512, 512)
+    assert build_plan(inp, flat=True, **kw).kv_split_sizes == build_plan(
+        inp, flat=True, kv_split_sizes=DEFAULT_KV_SPLIT_SIZES, **kw).kv_split_sizes
+    monkeypatch.setattr(plan_module, "AUTO_MAX_KV_ENTRIES", 1000)  # a larger plan
+    assert vnode_table(build_plan(inp, **kw)) == vnode_table(rule)
+    monkeypatch.setattr(plan_module, "AUTO_MAX_KV_ENTRIES", 10**9)
+    monkeypatch.setattr(plan_module, "AUTO_KV_CHUNKS", ())
+    assert vnode_table(build_plan(inp, **kw)) == vnode_table(rule)
 
 
 # ----------------------------------------------------------------- tree shapes
@@ -942,7 +1028,8 @@ def test_extend_tails_chunked_and_split_q():
     # the tail is its last chunk.
     inp = plan_input([-1, 0, 0], [4, 14, 4], [1, 2], growable=[True, True])
     params = FastTreeParams(alpha=0.0, beta=0.33, gamma=0.1)
-    plan = build(inp, params=params, kv_split_sizes=(8, 8), headroom=2, **NO_ADJUST)
+    plan = build(inp, params=params, headroom=2,
+                 **dict(NO_ADJUST, kv_split_sizes=(8, 8)))
     assert plan.node_assignments == [0, 1, 1]
     paths = expected_paths(inp)
     q, k, v = _qkv(plan, 30, seed=4)
@@ -986,8 +1073,8 @@ def forests(draw):
         alpha=draw(st.sampled_from([0.0, 0.66, 5.0])), beta=draw(st.sampled_from([0.0, 0.33, 2.0])),
         gamma=draw(st.sampled_from([0.0, 0.1, 10.0])),
         TSQs=[draw(tiles), draw(tiles)], TSKs=[draw(st.sampled_from([16, 32, 64])), 128])
-    split = draw(st.sampled_from([(1024, 128), (16, 4), (7, 3)]))
-    thresh = draw(st.sampled_from([NO_ADJUST, {}]))
+    split = draw(st.sampled_from([(1024, 128), (16, 4), (7, 3), None]))  # None: chosen
+    thresh = draw(st.sampled_from([dict(para_threshs1=(0, 0), para_threshs2=(0, 0)), {}]))
     flat = draw(st.booleans())
     return inp, group, dict(params=params, kv_split_sizes=split, flat=flat, **thresh)
 

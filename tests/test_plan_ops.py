@@ -17,9 +17,17 @@ from kernels.plan_ops import (
     grow_tails_launcher,
     grow_tails_stack_launcher,
 )
-from treecache.plan import FastTreeParams, PlanBuffers, PlanInput, _expand_ranges, build_plan
+from treecache.plan import (
+    DEFAULT_KV_SPLIT_SIZES,
+    FastTreeParams,
+    PlanBuffers,
+    PlanInput,
+    _expand_ranges,
+    build_plan,
+)
 
-NO_ADJUST = dict(para_threshs1=(0, 0), para_threshs2=(0, 0))
+NO_ADJUST = dict(kv_split_sizes=DEFAULT_KV_SPLIT_SIZES, para_threshs1=(0, 0),
+                 para_threshs2=(0, 0))
 
 needs_triton = pytest.mark.skipif(
     not (interpreter_enabled() or torch.cuda.is_available()),

@@ -44,7 +44,6 @@ from .errors import (
 )
 from .pages import KVPool
 from .plan import (
-    DEFAULT_KV_SPLIT_SIZES,
     DEFAULT_PARA_THRESHS1,
     DEFAULT_PARA_THRESHS2,
     SUPPORTED_HEAD_DIMS,
@@ -139,7 +138,8 @@ class TreeKVCache:
         KV entries reserved after each growing request's tail in the plan: this many
         append-only steps run without a re-plan.
     kv_split_sizes, para_threshs1, para_threshs2 :
-        Planner chunking and thresholds (see :func:`treecache.plan.build_plan`).
+        Planner chunking and thresholds (see :func:`treecache.plan.build_plan`; None, the
+        default: each plan chooses its chunk length).
 
     Examples
     --------
@@ -166,7 +166,7 @@ class TreeKVCache:
         sm_scale: float | None = None,
         logit_cap: float = 0.0,
         plan_headroom: int = 64,
-        kv_split_sizes: Sequence[int] = DEFAULT_KV_SPLIT_SIZES,
+        kv_split_sizes: Sequence[int] | None = None,
         para_threshs1: Sequence[int] = DEFAULT_PARA_THRESHS1,
         para_threshs2: Sequence[int] = DEFAULT_PARA_THRESHS2,
     ):
@@ -205,7 +205,8 @@ class TreeKVCache:
         self.sm_scale = 1.0 / math.sqrt(self.head_dim) if sm_scale is None else float(sm_scale)
         self.logit_cap = float(logit_cap or 0.0)
         self.plan_headroom = int(plan_headroom)
-        self._plan_kw = dict(kv_split_sizes=tuple(kv_split_sizes),
+        splits = None if kv_split_sizes is None else tuple(kv_split_sizes)
+        self._plan_kw = dict(kv_split_sizes=splits,
                              para_threshs1=tuple(para_threshs1),
                              para_threshs2=tuple(para_threshs2))
 

@@ -29,7 +29,6 @@ from .errors import UnsupportedConfigError
 
 from .errors import PlanMismatchError, ShapeMismatchError
 from .plan import (
-    DEFAULT_KV_SPLIT_SIZES,
     DEFAULT_PARA_THRESHS1,
     DEFAULT_PARA_THRESHS2,
     DecodePlan,
@@ -137,7 +136,7 @@ def fasttree_preparation(
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    KV_SPLIT_SIZES: Sequence[int] = DEFAULT_KV_SPLIT_SIZES,
+    KV_SPLIT_SIZES: Sequence[int] | None = None,
     para_threshs1: Sequence[int] = DEFAULT_PARA_THRESHS1,
     para_threshs2: Sequence[int] = DEFAULT_PARA_THRESHS2,
     params: FastTreeParams | None = None,
@@ -158,7 +157,8 @@ def fasttree_preparation(
     num_qo_heads, num_kv_heads, head_dim : int
         Attention shape; head_dim in {16, 32, 64, 128, 256}.
     KV_SPLIT_SIZES, para_threshs1, para_threshs2 : two ints each
-        KV chunking and the parallelism thresholds (see :func:`treecache.plan.build_plan`).
+        KV chunking and the parallelism thresholds (see :func:`treecache.plan.build_plan`);
+        ``KV_SPLIT_SIZES=None`` (default) lets the plan choose its chunk length.
     params : FastTreeParams, optional
         Cost model and tiles; never modified.
     device : torch device, optional

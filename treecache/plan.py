@@ -65,6 +65,23 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_SPLIT_SIZES = (1024, 128)
+#: KV chunk lengths a plan built with ``kv_split_sizes=None`` weighs against the seed's
+#: rule (:data:`DEFAULT_KV_SPLIT_SIZES`, shorter chunks where a phase has few programs),
+#: each for both phases, by an estimate of the plan's time in KV steps
+#: (:func:`_split_costs`: the longest program against all programs' steps over
+#: :data:`AUTO_SLOTS` at a time, plus the partials); () turns the choice off. The
+#: weights were fitted to a sweep of these chunk lengths on the 51 benchmark cases on an
+#: H100 (benchmarks/RESULTS.md, v14), where the best length per case would have been
+#: 0.956x the rule's time under graph replay (0.68-1.0x per case).
+AUTO_KV_CHUNKS = (1024, 512, 256, 128, 64)
+AUTO_SLOTS = 528
+AUTO_PROGRAM_STEPS = 4
+AUTO_PARTIAL_WEIGHT = 1.0
+#: Plans whose groups hold more KV entries than this keep the rule without an estimate:
+#: of the benchmark's trees, the largest seed tree (280,000-420,000 entries), where the
+#: estimate would cost ~0.2 ms of the 2 ms planning target and would change the chunk
+#: only at 16/1, which the sweep measured 1.03x slower.
+AUTO_MAX_KV_ENTRIES = 200_000
 DEFAULT_PARA_THRESHS1 = (132, 528)
 DEFAULT_PARA_THRESHS2 = (132, 132)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -1166,6 +1183,44 @@ class _Tiling:
         self.par = [x * int(num_kv_heads) for x in self.nv_phase]
 
 
+def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
+                 num_kv_heads: int) -> np.ndarray:
+    """Estimated cost of the plan over ``groups`` with each pair of KV chunk lengths
+    (phase 0, phase 1) of ``chunks``, in KV steps (see :data:`AUTO_KV_CHUNKS`): per
+    phase the longer of its longest program's KV steps and its total KV steps (plus
+    :data:`AUTO_PROGRAM_STEPS` per program) spread over :data:`AUTO_SLOTS` programs at a
+    time, plus :data:`AUTO_PARTIAL_WEIGHT` per 8,448 partial rows x heads (132 SMs x 64
+    rows). Float arithmetic (exact for these integers), one pass over
+    ``[chunks, groups]`` per phase."""
+    pairs = np.asarray(chunks, dtype=np.float64).reshape(-1, 2)
+    ph1 = groups.nreq <= q_tiles[1]
+    cost = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64)
+    total = np.zeros(pairs.shape[0])
+    kv1 = None
+    for phase in (1, 0):  # phase 1 first: its KV tile depends on its vnodes
+        mask = ph1 if phase else ~ph1
+        if not mask.any():
+            continue
+        length = groups.length[mask].astype(np.float64)
+        nreq = groups.nreq[mask].astype(np.float64)
+        nqt = np.ceil(nreq / q_tiles[phase])
+        c = pairs[:, phase:phase + 1]
+        nch = np.ceil(length / c)  # [chunks, groups]
+        nv = nch @ nqt
+        kv = np.full_like(nv, kv_tiles[phase])
+        if phase:
+            # The planner's short-vnode rule for phase 1's KV tile (see _materialise).
+            if SHORT_KV_TILE and kv_tiles[1] > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP:
+                kv[length @ nqt <= SHORT_KV_MAX_MEAN * nv] = SHORT_KV_TILE
+        kv = kv[:, None]
+        last = length - (nch - 1) * c  # the last chunk's length
+        steps = (nch - 1) @ nqt * np.ceil(c[:, 0] / kv[:, 0]) + np.ceil(last / kv) @ nqt
+        longest = np.ceil(np.minimum(length.max(), c[:, 0]) / kv[:, 0])
+        work = (steps + AUTO_PROGRAM_STEPS * nv) * num_kv_heads / AUTO_SLOTS
+        total += np.maximum(longest, work) + cost * (nch @ nreq)
+    return total
+
+
 def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarray,
                        req_end: np.ndarray, node_tokens: np.ndarray | None = None) -> list[np.ndarray]:
     """KV slots of every request's whole path, root first (vectorised over requests).
@@ -1250,7 +1305,7 @@ def build_plan(
     num_kv_heads: int,
     head_dim: int,
     params: FastTreeParams | None = None,
-    kv_split_sizes: Sequence[int] = DEFAULT_KV_SPLIT_SIZES,
+    kv_split_sizes: Sequence[int] | None = None,
     para_threshs1: Sequence[int] = DEFAULT_PARA_THRESHS1,
     para_threshs2: Sequence[int] = DEFAULT_PARA_THRESHS2,
     device: torch.device | str = "cpu",
@@ -1268,8 +1323,12 @@ def build_plan(
         Attention shape; ``num_qo_heads`` must be a multiple of ``num_kv_heads``.
     params : FastTreeParams, optional
         Cost model and tiles (defaults if omitted). Never modified.
-    kv_split_sizes : (int, int)
-        KV chunk length, and the smaller one used when a phase has too few programs.
+    kv_split_sizes : (int, int), optional
+        KV chunk length, and the smaller one used when a phase has too few programs
+        (the seed's rule). None (default): the rule with
+        :data:`DEFAULT_KV_SPLIT_SIZES`, or, where a single chunk length for both phases
+        has a lower estimated cost, that one (see :data:`AUTO_KV_CHUNKS`; flat plans
+        keep the rule).
     para_threshs1, para_threshs2 : (int, int)
         Program-count thresholds per phase that trigger the smaller chunk, then a single
         tile shape for both phases (the seed's rule).
@@ -1303,6 +1362,9 @@ def build_plan(
                      params.kv_group_num, group)
     if group > MAX_BLOCK_M:
         raise UnsupportedConfigError(f"GQA group size {group} exceeds {MAX_BLOCK_M}")
+    auto = kv_split_sizes is None and bool(AUTO_KV_CHUNKS) and not flat
+    if kv_split_sizes is None:
+        kv_split_sizes = DEFAULT_KV_SPLIT_SIZES
     splits_in = [int(x) for x in kv_split_sizes]
     if len(splits_in) != 2 or min(splits_in) < 1:
         raise PlanMismatchError(f"KV_SPLIT_SIZES must be two positive ints, got {kv_split_sizes!r}")
@@ -1324,6 +1386,8 @@ def build_plan(
     else:
         assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
     groups = _Groups(topo, assign, chain)
+    # Before the rule's adjustment: the plans of single chunk lengths start from here.
+    base = (assign, chain, groups, tuple(q_tiles), tuple(kv_tiles))
     tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
     par = tiling.par
     # The seed's adjustment loop (not for flat plans): smaller KV chunks when a phase has
@@ -1346,6 +1410,26 @@ def build_plan(
             kv_tiles = [kv_tiles[retile]] * 2
             assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
             groups = _Groups(topo, assign, chain)
+            tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
+            par = tiling.par
+    if auto and 0 < int(base[2].length.sum()) <= AUTO_MAX_KV_ENTRIES:
+        # The chunk length chosen per plan: the rule's plan against one chunk length
+        # for both phases (over the cost model's own groups), by estimated cost; the
+        # rule's plan is costed in the same pass unless it re-ran the cost model.
+        cand = [(c, c) for c in AUTO_KV_CHUNKS]
+        same = groups is base[2]
+        costs = _split_costs(base[2], base[3], base[4], ([splits] if same else []) + cand,
+                             group, num_kv_heads)
+        if same:
+            rule_cost, costs = costs[0], costs[1:]
+        else:
+            rule_cost = _split_costs(groups, q_tiles, kv_tiles, [splits], group,
+                                     num_kv_heads)[0]
+        best = int(costs.argmin())
+        if costs[best] < rule_cost:
+            assign, chain, groups = base[:3]
+            q_tiles, kv_tiles = list(base[3]), list(base[4])
+            splits = [int(AUTO_KV_CHUNKS[best])] * 2
             tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
             par = tiling.par
     logger.debug("plan: parallelism %s, q tiles %s, kv tiles %s, kv splits %s",
