@@ -51,6 +51,18 @@ def write_step(cache, model, reqs, slots):
         model.append(r, k[:, i:i + 1], v[:, i:i + 1])
 
 
+def add_prompts(cache, model, lengths, forks):
+    """A new request per prompt length, its tokens appended, then forked ``forks`` times."""
+    for n in lengths:
+        r = cache.new_request()
+        model.new(r)
+        k, v = model.tokens(n)
+        cache.append(r, k, v)
+        model.append(r, k, v)
+        for _ in range(forks):
+            model.fork(r, cache.fork(r))
+
+
 # ============================================================================ random operations
 
 
@@ -228,14 +240,7 @@ def test_append_steps_derive_their_slots_on_the_device(cuda, monkeypatch, page_s
     cache = TreeKVCache(2, 32, 8, HEAD_DIM, 8192, page_size=page_size, dtype=torch.float16,
                         device=cuda, plan_headroom=64)
     model = Model(2, 32, 8, HEAD_DIM, torch.float16, cuda, 3)
-    for n in (96, 130):
-        r = cache.new_request()
-        model.new(r)
-        k, v = model.tokens(n)
-        cache.append(r, k, v)
-        model.append(r, k, v)
-        for _ in range(5):
-            model.fork(r, cache.fork(r))
+    add_prompts(cache, model, (96, 130), forks=5)
     calls = {"copied": 0, "derived": 0, "mirror": 0}
 
     def counted(name, fn):
@@ -297,15 +302,7 @@ def _beam_like_cache(device, dtype, num_layers, plan_headroom, num_qo_heads=32, 
     cache = TreeKVCache(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, 16_384, dtype=dtype,
                         device=device, plan_headroom=plan_headroom)
     model = Model(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, dtype, device, 0)
-    for n in (256, 384, 128):
-        r = cache.new_request()
-        model.new(r)
-        k, v = model.tokens(n)
-        cache.append(r, k, v)
-        model.append(r, k, v)
-        for _ in range(7):
-            f = cache.fork(r)
-            model.fork(r, f)
+    add_prompts(cache, model, (256, 384, 128), forks=7)
     reqs = cache.requests
     write_step(cache, model, reqs, cache.reserve(reqs))
     return cache, model, reqs

@@ -58,6 +58,7 @@ __all__ = [
     "build_plan",
     "path_token_indices",
     "DEFAULT_KV_SPLIT_SIZES",
+    "AUTO_KV_CHUNKS",
     "DEFAULT_PARA_THRESHS1",
     "DEFAULT_PARA_THRESHS2",
 ]
@@ -1196,7 +1197,6 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     ph1 = groups.nreq <= q_tiles[1]
     cost = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64)
     total = np.zeros(pairs.shape[0])
-    kv1 = None
     for phase in (1, 0):  # phase 1 first: its KV tile depends on its vnodes
         mask = ph1 if phase else ~ph1
         if not mask.any():
