@@ -5,6 +5,11 @@ synchronisation, many calls) for a few trees, with the prepared launches calling
 compiled kernels directly (``kernels.tree_decode.FAST_LAUNCH``, the default) and with
 every launch through Triton's JIT, alternating in the same run; then prints a cProfile
 summary of the default path. ``--out FILE`` writes the times as JSON.
+
+``--floor`` instead times calls that do nothing: graphs of 1-3 empty Triton kernels
+replayed as the benchmark replays a decode call, the same kernels launched eagerly and
+timed like the seed (``do_bench``, L2 flushed), and a 1.3 MB copy (the KV of
+``1,2,64 8,256,32`` at 16/1): the fixed cost below every small case of target 3.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 from treecache import fasttree_preparation, qkv_preparation
 from treecache.tree import generate_tree_from_spec
@@ -39,10 +45,50 @@ def _host_us(call, n=300):
     return host
 
 
+@triton.jit
+def _empty_kernel(x):
+    pass
+
+
+def floor(out=None):
+    """Graph-replay and eager times of 1-3 empty kernels and of a small copy (see the
+    module docstring)."""
+    import triton.testing
+
+    from .kernel import _graph_time
+
+    dev = torch.device("cuda")
+    x = torch.zeros(1, device=dev)
+    rows = []
+    for n in (1, 2, 3):
+        def call(n=n):
+            for _ in range(n):
+                _empty_kernel[(1,)](x)
+
+        rows.append(dict(what=f"{n} empty kernel(s)", graph_us=_graph_time(call, dev),
+                         eager_us=triton.testing.do_bench(call, warmup=25, rep=100,
+                                                          return_mode="median") * 1e3))
+    src = torch.empty(2568 * 256, dtype=torch.float16, device=dev)  # K and V, one head
+    dst = torch.empty_like(src)
+    rows.append(dict(what="1.3 MB device copy", graph_us=_graph_time(lambda: dst.copy_(src), dev),
+                     eager_us=triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100,
+                                                      return_mode="median") * 1e3))
+    for r in rows:
+        print(f"{r['what']:22s} graph replay {r['graph_us']:6.2f} us, eager {r['eager_us']:6.2f} us")
+    if out:
+        Path(out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), results=rows),
+                                        indent=1))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="host time of eager decode calls")
     ap.add_argument("--out", default=None, help="write a JSON file here")
+    ap.add_argument("--floor", action="store_true",
+                    help="time calls that do nothing (empty kernels, a small copy) instead")
     args = ap.parse_args(argv)
+    if args.floor:
+        return floor(args.out)
     dev = torch.device("cuda")
     rows = []
     saved = td.FAST_LAUNCH
