@@ -123,14 +123,14 @@ def _flash_varlen(q, k_tree, v_tree, slots, device):
 
 
 @contextlib.contextmanager
-def _patched(name, value):
-    """Set ``kernels.tree_decode.<name>`` to ``value`` for the block."""
-    saved = getattr(td, name)
-    setattr(td, name, value)
+def _patched(name, value, module=td):
+    """Set ``module.<name>`` (default: ``kernels.tree_decode``) to ``value`` for the block."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(td, name, saved)
+        setattr(module, name, saved)
 
 
 def _ablations(plan, q, k, v, sm, device):
@@ -221,10 +221,9 @@ def _ablations(plan, q, k, v, sm, device):
     return res
 
 
-def _rule_split_ablation(plan, nodes, ptrs, b, hq, hk, q, k, v, sm, device):
+def _rule_split_ablation(plan, inp, hq, hk, q, k, v, sm, device):
     """Where the plan chose its KV chunk length (``kv_split_sizes=None``) other than the
     seed's rule would have: graph and eager times of the rule's plan."""
-    inp = tree_plan_input(nodes, ptrs, b)
     rule = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=HEAD_DIM, device=device,
                       kv_split_sizes=DEFAULT_KV_SPLIT_SIZES)
     if rule.kv_split_sizes == plan.kv_split_sizes and rule.phases == plan.phases:
@@ -238,12 +237,9 @@ def _rule_split_ablation(plan, nodes, ptrs, b, hq, hk, q, k, v, sm, device):
             "eager_rule_split_us": _bench(run, device)}
 
 
-def _flat_ablation(nodes, ptrs, b, hq, hk, q, k, v, sm, ref, device):
+def _flat_ablation(inp, hq, hk, q, k, v, sm, ref, device):
     """Graph time and error of the flat plan (one group per request end node, whole
     paths, stage 1 writing single-partial outputs directly)."""
-    from treecache.fasttree import tree_plan_input
-
-    inp = tree_plan_input(nodes, ptrs, b)
     plan = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=HEAD_DIM, device=device,
                       flat=True)
     o = torch.full_like(q, float("nan"))
@@ -312,8 +308,8 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
                plan_ms=statistics.median(plan_times))
     if ablations and device.type == "cuda":
         res.update(_ablations(plan, q, k, v, sm, device))
-        res.update(_flat_ablation(nodes, ptrs, b, hq, hk, q, k, v, sm, ref, device))
-        res.update(_rule_split_ablation(plan, nodes, ptrs, b, hq, hk, q, k, v, sm, device))
+        res.update(_flat_ablation(inp, hq, hk, q, k, v, sm, ref, device))
+        res.update(_rule_split_ablation(plan, inp, hq, hk, q, k, v, sm, device))
     bytes_ = 2 * st["unique_tokens"] * hk * HEAD_DIM * 2 + 2 * b * hq * HEAD_DIM * 2
     res["roofline_us"] = bytes_ / COPY_BW * 1e6
     # Attention FLOPs (q.k and p.v over every request's whole path, 2 FLOPs a MAC).

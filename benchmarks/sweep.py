@@ -19,7 +19,7 @@ import torch
 from treecache import FastTreeParams, fasttree_preparation, qkv_preparation
 from treecache.tree import generate_tree_from_spec
 
-from .kernel import _graph_time
+from .kernel import _graph_time, _patched
 
 # The package re-exports a function named tree_decode; fetch the module itself.
 td = importlib.import_module("kernels.tree_decode")
@@ -276,14 +276,12 @@ def small_tile_regs(out_path=None):
         mode = plan.launch_modes
         runs, ref = [], None
         for stages, regs in configs:
-            td.default_launch, td._register_cap = patched(stages, regs)
-            try:
+            launch, cap = patched(stages, regs)
+            with _patched("default_launch", launch), _patched("_register_cap", cap):
                 o = torch.full_like(q, float("nan"))
                 fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
                                              **mode, **t)
                 fn(q, k, v, o)
-            finally:
-                td.default_launch, td._register_cap = orig_launch, orig_cap
             ref = o.clone() if ref is None else ref
             runs.append((fn, o, bool(torch.equal(o, ref))))
         times = [[] for _ in configs]
@@ -338,13 +336,9 @@ def finish(out_path=None):
 
     dev = torch.device("cuda")
     rows = []
-    rule = plan_module.FINISH_MIN_GROUP
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
-        plan_module.FINISH_MIN_GROUP = 1  # every group size
-        try:
+        with _patched("FINISH_MIN_GROUP", 1, plan_module):  # every group size
             meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
-        finally:
-            plan_module.FINISH_MIN_GROUP = rule
         plan = meta.plan
         if not plan.finish:
             continue
@@ -374,7 +368,6 @@ def chain(out_path=None):
     and eager calls timed like the seed (``do_bench``, L2 flushed), the slower of two
     alternating repeats; also whether the output keeps its bits."""
     dev = torch.device("cuda")
-    rule = td.CHAIN_PHASES
     rows = []
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
@@ -385,14 +378,11 @@ def chain(out_path=None):
         t = plan.kernel_tensors(q.dtype)
         runs = []
         for chained in (False, True):
-            td.CHAIN_PHASES = chained
-            try:
+            with _patched("CHAIN_PHASES", chained):
                 o = torch.full_like(q, float("nan"))
                 fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
                                              **plan.launch_modes, **t)
                 fn(q, k, v, o)
-            finally:
-                td.CHAIN_PHASES = rule
             runs.append((fn, o))
         same = bool(torch.equal(runs[0][1], runs[1][1])) and not bool(runs[1][1].isnan().any())
         g_us, e_us = _time_pair(runs, q, k, v, dev)
@@ -476,22 +466,20 @@ def wide_tile(out_path=None):
         p.set_kv_tile_sizes([config[1], p.TSKs[1]])
         return {"params": p}
 
+    orig_launch = td.default_launch
+
     @contextlib.contextmanager
     def setting(config):
         _, _, stages, cap = config
-        orig_launch, orig_cap = td.default_launch, td.WIDE_TILE_MAX_REGISTERS
 
         def launch(bm, bn, bd, group=1):
             w, st = orig_launch(bm, bn, bd, group)
             return w, (stages if stages and bm >= 64 else st)
 
-        td.default_launch = launch
-        if cap is not None:
-            td.WIDE_TILE_MAX_REGISTERS = cap
-        try:
+        no_cap = contextlib.nullcontext()
+        with _patched("default_launch", launch), (
+                no_cap if cap is None else _patched("WIDE_TILE_MAX_REGISTERS", cap)):
             yield
-        finally:
-            td.default_launch, td.WIDE_TILE_MAX_REGISTERS = orig_launch, orig_cap
 
     _plans_sweep(WIDE_TILE_CONFIGS, [c[0] for c in WIDE_TILE_CONFIGS], make_kwargs, out_path,
                  setting)

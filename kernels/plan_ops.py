@@ -15,8 +15,9 @@ host time) or a per-token host loop:
   a fresh page (always so at page size 1): the slots are read from a device mirror of
   the page allocator's free stack, so the step copies nothing from the host.
 
-Both are prepared launches (:class:`kernels.tree_decode._KernelLaunch`) on CUDA: after
-the first call the compiled kernel is launched directly.
+The expansion and both tail steps are prepared launches
+(:class:`kernels.tree_decode._KernelLaunch`) on CUDA: after the first call the compiled
+kernel is launched directly.
 """
 
 from __future__ import annotations

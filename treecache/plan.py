@@ -913,6 +913,29 @@ def _depths(parent: np.ndarray) -> np.ndarray:
     return np.bincount(np.concatenate(passes), minlength=n).astype(np.int64, copy=False)
 
 
+def _walk_paths(parent: np.ndarray, req_end: np.ndarray):
+    """Every request's path, walked up from its end node, one numpy pass per level:
+    ``(path_req, path_node, has_up)`` with one entry per (request, node on its path).
+    Levels follow each other (level 0: the end nodes in request order), and level l + 1
+    holds, in order, the entries of level l whose node has a parent (``has_up``).
+    Raises ValueError when a path runs into a cycle."""
+    r, cur = np.arange(req_end.size, dtype=np.int64), req_end
+    rs, ns, has_up = [], [], []
+    while cur.size:
+        up = parent[cur]
+        keep = up >= 0
+        rs.append(r)
+        ns.append(cur)
+        has_up.append(keep)
+        if len(ns) > parent.size:
+            raise ValueError("parent array has a cycle")
+        r, cur = r[keep], up[keep]
+    if not ns:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=bool)
+    return np.concatenate(rs), np.concatenate(ns), np.concatenate(has_up)
+
+
 def _effective_q_tile(tile: int, group: int) -> int:
     return max(1, min(int(tile), MAX_BLOCK_M // group))
 
@@ -932,28 +955,10 @@ class _Topology:
         self.req_end = req_end = np.asarray(inp.req_end, dtype=np.int64)
         #: Whether some node holds no tokens.
         self.empty_nodes = np.count_nonzero(self.seqlen) < n
-        # Every request's path, walked up from its end node, one numpy pass per level:
-        # entry i is request path_req[i] at node path_node[i]. Levels follow each other
-        # (level 0: the end nodes in request order), and level l + 1 holds, in order, the
-        # entries of level l whose node has a parent.
-        r, cur = np.arange(req_end.size, dtype=np.int64), req_end
-        rs, ns, has_up = [], [], []
-        while cur.size:
-            up = parent[cur]
-            keep = up >= 0
-            rs.append(r)
-            ns.append(cur)
-            has_up.append(keep)
-            if len(ns) > n:
-                raise ValueError("parent array has a cycle")
-            r, cur = r[keep], up[keep]
-        if ns:
-            self.path_req = np.concatenate(rs)
-            self.path_node = np.concatenate(ns)
-            # Hence the entries above level 0 were reached from these nodes, in order.
-            self.path_below = self.path_node[np.concatenate(has_up)]
-        else:
-            self.path_req = self.path_node = self.path_below = np.zeros(0, dtype=np.int64)
+        # Every request's path: entry i is request path_req[i] at node path_node[i].
+        self.path_req, self.path_node, has_up = _walk_paths(parent, req_end)
+        # The entries above level 0 were reached from these nodes, in order.
+        self.path_below = self.path_node[has_up]
         # Requests through each node: the entries of all paths at that node.
         self.nq = np.bincount(self.path_node, minlength=n).astype(np.int64, copy=False)
         # Children CSR, children in increasing id order (the seed's edge order).
@@ -1184,6 +1189,18 @@ class _Tiling:
         self.par = [x * int(num_kv_heads) for x in self.nv_phase]
 
 
+def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes) -> np.ndarray:
+    """Phase 1's KV tile for vnodes holding ``tokens`` KV entries in all, ``vnodes`` of
+    them (numbers or arrays, elementwise): :data:`SHORT_KV_TILE` where they average at
+    most :data:`SHORT_KV_MAX_MEAN` entries and the GQA group is at most
+    :data:`SHORT_KV_MAX_GROUP`, else ``kv_tile``."""
+    vnodes = np.asarray(vnodes)
+    if not (SHORT_KV_TILE and kv_tile > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP):
+        return np.full(vnodes.shape, kv_tile, dtype=np.int64)
+    short = (vnodes > 0) & (np.asarray(tokens) <= SHORT_KV_MAX_MEAN * vnodes)
+    return np.where(short, SHORT_KV_TILE, kv_tile).astype(np.int64)
+
+
 def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
                  num_kv_heads: int) -> np.ndarray:
     """Estimated cost of the plan over ``groups`` with each pair of KV chunk lengths
@@ -1207,11 +1224,10 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
         c = pairs[:, phase:phase + 1]
         nch = np.ceil(length / c)  # [chunks, groups]
         nv = nch @ nqt
-        kv = np.full_like(nv, kv_tiles[phase])
         if phase:
-            # The planner's short-vnode rule for phase 1's KV tile (see _materialise).
-            if SHORT_KV_TILE and kv_tiles[1] > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP:
-                kv[length @ nqt <= SHORT_KV_MAX_MEAN * nv] = SHORT_KV_TILE
+            kv = _phase1_kv_tile(kv_tiles[1], group, length @ nqt, nv).astype(np.float64)
+        else:
+            kv = np.full_like(nv, kv_tiles[0])
         kv = kv[:, None]
         last = length - (nch - 1) * c  # the last chunk's length
         steps = (nch - 1) @ nqt * np.ceil(c[:, 0] / kv[:, 0]) + np.ceil(last / kv) @ nqt
@@ -1235,17 +1251,8 @@ def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarr
     if b == 0:
         return []
     depth = _depths(parent)
-    rs, ns, ds = [np.arange(b)], [req_end], [depth[req_end]]
-    r, cur = rs[0], req_end
-    while r.size:
-        p = parent[cur]
-        up = p >= 0
-        r, cur = r[up], p[up]
-        rs.append(r)
-        ns.append(cur)
-        ds.append(depth[cur])
-    r, nodes, dd = np.concatenate(rs), np.concatenate(ns), np.concatenate(ds)
-    order = np.lexsort((dd, r))
+    r, nodes, _ = _walk_paths(parent, req_end)
+    order = np.lexsort((depth[nodes], r))
     r, nodes = r[order], nodes[order]
     pos = _expand_ranges(tok_ptr[nodes], seqlen[nodes])
     toks = pos if node_tokens is None else np.asarray(node_tokens)[pos]
@@ -1609,9 +1616,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
                                 v_g, v_kv_start, v_kv_len)
 
     kv_tiles = list(kv_tiles)
-    if (SHORT_KV_TILE and kv_tiles[1] > SHORT_KV_TILE and hq // max(hk, 1) <= SHORT_KV_MAX_GROUP
-            and n1 and v_kv_len[n0:].sum() / n1 <= SHORT_KV_MAX_MEAN):
-        kv_tiles[1] = int(SHORT_KV_TILE)
+    kv_tiles[1] = int(_phase1_kv_tile(kv_tiles[1], hq // max(hk, 1), int(v_kv_len[n0:].sum()), n1))
     phases = []
     if n0:
         phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0]))
