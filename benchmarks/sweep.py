@@ -17,6 +17,7 @@ import math
 import torch
 
 from treecache import FastTreeParams, fasttree_preparation, qkv_preparation
+from treecache.plan import DEFAULT_KV_SPLIT_SIZES
 from treecache.tree import generate_tree_from_spec
 
 from .kernel import _graph_time, _patched
@@ -495,11 +496,11 @@ def split_sizes(out_path=None):
     switch to shorter chunks off), every case, replayed and eager (:func:`_plans_sweep`):
     the data for a chunk length chosen per plan."""
     def make_kwargs(chunk, hq, hk):
-        if chunk is None:
-            return {}
+        if chunk is None:  # the rule itself, not the plan's own choice (the default)
+            return {"KV_SPLIT_SIZES": DEFAULT_KV_SPLIT_SIZES}
         return {"KV_SPLIT_SIZES": (chunk, chunk), "para_threshs1": (0, 0)}
 
-    _plans_sweep(SPLIT_CONFIGS, ["default" if c is None else f"chunk {c}" for c in SPLIT_CONFIGS],
+    _plans_sweep(SPLIT_CONFIGS, ["rule" if c is None else f"chunk {c}" for c in SPLIT_CONFIGS],
                  make_kwargs, out_path)
 
 
