@@ -329,7 +329,8 @@ def _report_pair(rows, label: str, out_path) -> None:
 def finish(out_path=None):
     """Plans that finish in phase 1 (``DecodePlan.finish``: phase 1 merges each request's
     partials, no stage 2) against the same plans with stage 2, whole decode on every case
-    where a plan can finish (for any GQA group, not only ``FINISH_MIN_GROUP``'s):
+    where a plan can finish (for any GQA group and phase-1 size, not only those of
+    ``FINISH_MIN_GROUP`` and ``FINISH_MIN_PROGRAMS``):
     CUDA-graph replay (warm L2) and eager calls timed like the seed (``do_bench``, L2
     flushed), the slower of two alternating repeats; also the largest difference between
     the two outputs."""
@@ -338,7 +339,8 @@ def finish(out_path=None):
     dev = torch.device("cuda")
     rows = []
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
-        with _patched("FINISH_MIN_GROUP", 1, plan_module):  # every group size
+        with _patched("FINISH_MIN_GROUP", 1, plan_module), \
+                _patched("FINISH_MIN_PROGRAMS", 0, plan_module):  # every finishable plan
             meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
         plan = meta.plan
         if not plan.finish:
@@ -356,8 +358,9 @@ def finish(out_path=None):
             diff = float("nan")
         g_us, e_us = _time_pair(runs, q, k, v, dev)
         rows.append(dict(case=spec, hq=hq, hk=hk, phases=[list(p) for p in plan.phases],
+                         phase1_programs=plan.phases[-1].num_vnodes * hk,
                          graph_us=g_us, eager_us=e_us, max_abs_diff=diff))
-        print(f"{spec[:34]} {hq}/{hk}: stage 2 {g_us[0]:.1f}/{e_us[0]:.1f} us, finish "
+        print(f"{spec[:34]} {hq}/{hk} ({plan.phases[-1].num_vnodes * hk} phase-1 programs): stage 2 {g_us[0]:.1f}/{e_us[0]:.1f} us, finish "
               f"{g_us[1]:.1f}/{e_us[1]:.1f} us (graph/eager), max diff {diff:.2e}", flush=True)
     _report_pair(rows, "finish", out_path)
 

@@ -112,6 +112,13 @@ SHORT_KV_MAX_GROUP = 4
 #: (each phase-1 program there merges one request's partials for one or a few heads,
 #: one dependent gather after another).
 FINISH_MIN_GROUP = 16
+#: ... and whose phase 1 has at least this many programs (vnodes x KV heads); None or
+#: 0: no such condition. A smaller phase 1 shares one launch with phase 0 and stage 2
+#: merges: measured on an H100 (benchmarks/RESULTS.md, v15), ``1,2,64 8,256,32`` 16/1
+#: (64 phase-1 programs, six partials a request) took 7.9 us replayed with stage 2
+#: against 10.7 us merging in phase 1; every other 16/1 case has >= 256 phase-1
+#: programs and merged faster in phase 1 or as fast (0.80-1.02x).
+FINISH_MIN_PROGRAMS = 128
 
 
 def _default_tsqs() -> list[int]:
@@ -509,7 +516,7 @@ class DecodePlan:
     needs_stage2: bool = True
     #: Two phases, every request with exactly one partial in phase 1: phase 1 merges each
     #: request's partials and writes its output, with no stage 2 (see
-    #: :data:`FINISH_MIN_GROUP`).
+    #: :data:`FINISH_MIN_GROUP` and :data:`FINISH_MIN_PROGRAMS`).
     finish: bool = False
     #: With float16 inputs, stage 1 stores the partial outputs in float16 (in the
     #: first half of each float32 row of ``buffers.mid_o``: half the partial traffic);
@@ -1629,7 +1636,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     single = req_cnt == 1
     req_start = np.add.accumulate(req_cnt) - req_cnt
     finish = False
-    if FINISH_MIN_GROUP and hq // max(hk, 1) >= FINISH_MIN_GROUP and n0 and n1:
+    if (FINISH_MIN_GROUP and hq // max(hk, 1) >= FINISH_MIN_GROUP and n0
+            and n1 * hk >= (FINISH_MIN_PROGRAMS or 0)):
         # Every request with exactly one partial in phase 1: phase 1 merges (no stage 2).
         last = tiling.phase1[gid.repeat(rows_g)]
         finish = bool((np.bincount(mid_q_rows[last], minlength=b) == 1).all())
