@@ -330,7 +330,7 @@ def finish(out_path=None):
     """Plans that finish in phase 1 (``DecodePlan.finish``: phase 1 merges each request's
     partials, no stage 2) against the same plans with stage 2, whole decode on every case
     where a plan can finish (for any GQA group and phase-1 size, not only those of
-    ``FINISH_MIN_GROUP`` and ``FINISH_MIN_PROGRAMS``):
+    ``FINISH_MIN_GROUP``, ``FINISH_MIN_PROGRAMS`` and ``FINISH_MAX_PROGRAMS``):
     CUDA-graph replay (warm L2) and eager calls timed like the seed (``do_bench``, L2
     flushed), the slower of two alternating repeats; also the largest difference between
     the two outputs."""
@@ -340,7 +340,8 @@ def finish(out_path=None):
     rows = []
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         with _patched("FINISH_MIN_GROUP", 1, plan_module), \
-                _patched("FINISH_MIN_PROGRAMS", 0, plan_module):  # every finishable plan
+                _patched("FINISH_MIN_PROGRAMS", 0, plan_module), \
+                _patched("FINISH_MAX_PROGRAMS", 0, plan_module):  # every finishable plan
             meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
         plan = meta.plan
         if not plan.finish:

@@ -511,12 +511,15 @@ def test_flat_plan_one_partial_per_request():
 
 def expected_finish(plan: DecodePlan, group: int) -> bool:
     """Whether a plan may merge in phase 1, from its tables: two phases, a group of at
-    least FINISH_MIN_GROUP, at least FINISH_MIN_PROGRAMS programs in phase 1, and every
-    request with exactly one mid row in phase 1."""
+    least FINISH_MIN_GROUP, FINISH_MIN_PROGRAMS to FINISH_MAX_PROGRAMS programs in phase 1,
+    and every request with exactly one mid row in phase 1."""
     live = [ph for ph in plan.phases if ph.num_vnodes]
-    if (len(live) != 2 or not plan_module.FINISH_MIN_GROUP
-            or group < plan_module.FINISH_MIN_GROUP
-            or live[1].num_vnodes * plan.num_kv_heads < (plan_module.FINISH_MIN_PROGRAMS or 0)):
+    if len(live) != 2 or not plan_module.FINISH_MIN_GROUP or group < plan_module.FINISH_MIN_GROUP:
+        return False
+    programs = live[1].num_vnodes * plan.num_kv_heads
+    if programs < (plan_module.FINISH_MIN_PROGRAMS or 0):
+        return False
+    if plan_module.FINISH_MAX_PROGRAMS and programs > plan_module.FINISH_MAX_PROGRAMS:
         return False
     mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
     counts = [0] * plan.num_requests
@@ -526,16 +529,18 @@ def expected_finish(plan: DecodePlan, group: int) -> bool:
     return all(c == 1 for c in counts)
 
 
-@pytest.mark.parametrize("group,rule,programs,finish",
-                         [(1, 1, 0, True), (16, 16, 0, True), (8, 16, 0, False),
-                          (16, 0, 0, False), (16, 16, 20, True), (16, 16, 21, False),
-                          (16, 16, None, True)])
-def test_finish_flag_and_result(monkeypatch, group, rule, programs, finish):
+@pytest.mark.parametrize("group,rule,programs,most,finish",
+                         [(1, 1, 0, 0, True), (16, 16, 0, 0, True), (8, 16, 0, 0, False),
+                          (4, 4, 0, 0, True), (16, 0, 0, 0, False), (16, 16, 20, 0, True),
+                          (16, 16, 21, 0, False), (16, 16, None, None, True),
+                          (16, 16, 0, 20, True), (16, 16, 0, 19, False)])
+def test_finish_flag_and_result(monkeypatch, group, rule, programs, most, finish):
     # A shared root (phase 0) and one leaf per request (phase 1, 20 programs): each
     # request has one partial in phase 1, so the plan finishes there when the group is
-    # large enough and phase 1 has enough programs.
+    # large enough and phase 1 has enough programs, and not too many.
     monkeypatch.setattr(plan_module, "FINISH_MIN_GROUP", rule)
     monkeypatch.setattr(plan_module, "FINISH_MIN_PROGRAMS", programs)
+    monkeypatch.setattr(plan_module, "FINISH_MAX_PROGRAMS", most)
     inp = plan_input([-1] + [0] * 20, [300] + [3 + i for i in range(20)], list(range(1, 21)))
     plan = build(inp, group=group, hk=1, head_dim=16)
     assert len(plan.phases) == 2

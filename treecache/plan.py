@@ -103,22 +103,24 @@ HALF_PARTIALS = True
 SHORT_KV_TILE = 16
 SHORT_KV_MAX_MEAN = 20
 SHORT_KV_MAX_GROUP = 4
-#: Plans for GQA groups of at least this many query heads per KV head whose two phases
-#: give every request exactly one partial in phase 1 merge in phase 1 instead of a
-#: stage-2 launch (:attr:`DecodePlan.finish`); None or 0: never. Measured on an H100
-#: against stage 2 (``python -m benchmarks.sweep --finish``, benchmarks/RESULTS.md,
-#: v13): on the eleven 16/1 cases where it applies 0.896x the time under graph replay
-#: (0.82-0.99x) and 0.977x eager (0.86-1.02x); at 32/8 0.84-1.19x, at 32/32 1.09-1.38x
-#: (each phase-1 program there merges one request's partials for one or a few heads,
-#: one dependent gather after another).
-FINISH_MIN_GROUP = 16
-#: ... and whose phase 1 has at least this many programs (vnodes x KV heads); None or
-#: 0: no such condition. A smaller phase 1 shares one launch with phase 0 and stage 2
-#: merges: measured on an H100 (benchmarks/RESULTS.md, v15), ``1,2,64 8,256,32`` 16/1
-#: (64 phase-1 programs, six partials a request) took 7.9 us replayed with stage 2
-#: against 10.7 us merging in phase 1; every other 16/1 case has >= 256 phase-1
-#: programs and merged faster in phase 1 or as fast (0.80-1.02x).
+#: Plans whose two phases give every request exactly one partial in phase 1 merge in
+#: phase 1 instead of a stage-2 launch (:attr:`DecodePlan.finish`) when their GQA group
+#: has at least this many query heads per KV head (None or 0: never) and phase 1 has
+#: between :data:`FINISH_MIN_PROGRAMS` and :data:`FINISH_MAX_PROGRAMS` programs (vnodes
+#: x KV heads). Measured on an H100 against stage 2 (``python -m benchmarks.sweep
+#: --finish``, benchmarks/RESULTS.md, v15, two runs): 16/1 plans of 256-1024 phase-1
+#: programs 0.77-0.99x the time replayed and 0.81-1.03x eager; 32/8 plans of 512-4096
+#: 0.88-0.97x replayed (one repeat of one case 1.8x) and 0.92-0.97x eager, of 8192
+#: 1.03-1.19x; 32/32 plans (2048-32768) 1.18-1.38x (each phase-1 program there merges one
+#: request's partials for one head, one dependent gather after another).
+FINISH_MIN_GROUP = 4
+#: A smaller phase 1 shares one launch with phase 0 and stage 2 merges:
+#: ``1,2,64 8,256,32`` 16/1 (64 phase-1 programs, six partials a request) takes 7.8 us
+#: replayed with stage 2 against 10.2 us merging in phase 1 (v15). None or 0: no bound.
 FINISH_MIN_PROGRAMS = 128
+#: A larger phase 1 keeps stage 2 (the 32/8 plans of 8192 phase-1 programs above).
+#: None or 0: no bound.
+FINISH_MAX_PROGRAMS = 4096
 
 
 def _default_tsqs() -> list[int]:
@@ -516,7 +518,7 @@ class DecodePlan:
     needs_stage2: bool = True
     #: Two phases, every request with exactly one partial in phase 1: phase 1 merges each
     #: request's partials and writes its output, with no stage 2 (see
-    #: :data:`FINISH_MIN_GROUP` and :data:`FINISH_MIN_PROGRAMS`).
+    #: :data:`FINISH_MIN_GROUP`, :data:`FINISH_MIN_PROGRAMS` and :data:`FINISH_MAX_PROGRAMS`).
     finish: bool = False
     #: With float16 inputs, stage 1 stores the partial outputs in float16 (in the
     #: first half of each float32 row of ``buffers.mid_o``: half the partial traffic);
@@ -1637,7 +1639,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     req_start = np.add.accumulate(req_cnt) - req_cnt
     finish = False
     if (FINISH_MIN_GROUP and hq // max(hk, 1) >= FINISH_MIN_GROUP and n0
-            and n1 * hk >= (FINISH_MIN_PROGRAMS or 0)):
+            and n1 * hk >= (FINISH_MIN_PROGRAMS or 0)
+            and (not FINISH_MAX_PROGRAMS or n1 * hk <= FINISH_MAX_PROGRAMS)):
         # Every request with exactly one partial in phase 1: phase 1 merges (no stage 2).
         last = tiling.phase1[gid.repeat(rows_g)]
         finish = bool((np.bincount(mid_q_rows[last], minlength=b) == 1).all())
