@@ -361,8 +361,9 @@ def finish(out_path=None):
         rows.append(dict(case=spec, hq=hq, hk=hk, phases=[list(p) for p in plan.phases],
                          phase1_programs=plan.phases[-1].num_vnodes * hk,
                          graph_us=g_us, eager_us=e_us, max_abs_diff=diff))
-        print(f"{spec[:34]} {hq}/{hk} ({plan.phases[-1].num_vnodes * hk} phase-1 programs): stage 2 {g_us[0]:.1f}/{e_us[0]:.1f} us, finish "
-              f"{g_us[1]:.1f}/{e_us[1]:.1f} us (graph/eager), max diff {diff:.2e}", flush=True)
+        print(f"{spec[:34]} {hq}/{hk} ({rows[-1]['phase1_programs']} phase-1 programs): "
+              f"stage 2 {g_us[0]:.1f}/{e_us[0]:.1f} us, finish {g_us[1]:.1f}/{e_us[1]:.1f} us "
+              f"(graph/eager), max diff {diff:.2e}", flush=True)
     _report_pair(rows, "finish", out_path)
 
 

@@ -111,7 +111,7 @@ SHORT_KV_MAX_GROUP = 4
 #: --finish``, benchmarks/RESULTS.md, v15, two runs): 16/1 plans of 256-1024 phase-1
 #: programs 0.77-0.99x the time replayed and 0.81-1.03x eager; 32/8 plans of 512-4096
 #: 0.88-0.97x replayed (one repeat of one case 1.8x) and 0.92-0.97x eager, of 8192
-#: 1.03-1.19x; 32/32 plans (2048-32768) 1.18-1.38x (each phase-1 program there merges one
+#: 1.03-1.19x; 32/32 plans (2048-32768) 1.18-1.38x replayed (each phase-1 program there merges one
 #: request's partials for one head, one dependent gather after another).
 FINISH_MIN_GROUP = 4
 #: A smaller phase 1 shares one launch with phase 0 and stage 2 merges:
@@ -1638,7 +1638,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     single = req_cnt == 1
     req_start = np.add.accumulate(req_cnt) - req_cnt
     finish = False
-    if (FINISH_MIN_GROUP and hq // max(hk, 1) >= FINISH_MIN_GROUP and n0
+    if (FINISH_MIN_GROUP and hq // max(hk, 1) >= FINISH_MIN_GROUP and n0 and n1
             and n1 * hk >= (FINISH_MIN_PROGRAMS or 0)
             and (not FINISH_MAX_PROGRAMS or n1 * hk <= FINISH_MAX_PROGRAMS)):
         # Every request with exactly one partial in phase 1: phase 1 merges (no stage 2).
