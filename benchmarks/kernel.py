@@ -68,7 +68,17 @@ def _bench(fn, device):
     return statistics.median(times) * 1e6
 
 
-def _graph_time(fn, device):
+#: Calls captured in one graph for the "calls per graph" time (a model's decode step
+#: captures one attention call per layer in one graph).
+CALLS_PER_GRAPH = 32
+
+
+def _graph_time(fn, device, calls=1):
+    """Microseconds per call of ``fn`` under CUDA-graph replay: a graph of ``calls``
+    calls, replayed back to back (50 calls in all per repeat), the median of 5 repeats.
+    With one call per graph every call pays a graph launch, and a slow host can hold
+    the GPU back on calls of a few microseconds; with many, the calls run back to back
+    on the GPU as a model's captured decode step runs its layers."""
     if device.type != "cuda":
         return None
     s = torch.cuda.Stream()
@@ -79,18 +89,20 @@ def _graph_time(fn, device):
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for _ in range(calls):
+            fn()
+    replays = max(1, 50 // calls)
     # Time many replays with events; report per-call median over repeats.
     reps = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        for _ in range(50):
+        for _ in range(replays):
             g.replay()
         end.record()
         torch.cuda.synchronize()
-        reps.append(start.elapsed_time(end) * 1e3 / 50)
+        reps.append(start.elapsed_time(end) * 1e3 / (replays * calls))
     return statistics.median(reps)
 
 
@@ -285,6 +297,7 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
         err = float("nan")
     t_ours = _bench(ours, device)
     t_graph = _graph_time(ours, device)
+    t_graph_many = _graph_time(ours, device, calls=CALLS_PER_GRAPH)
     t_cached = None
     if device.type == "cuda":
         # The graph-cached call (DecodePlan.run(graph=True)): capture, then check a replay.
@@ -303,7 +316,8 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
                unique_tokens=st["unique_tokens"], logical_tokens=st["logical_tokens"],
                vnodes=plan.num_vnodes, phases=[list(p) for p in plan.phases],
                kv_split_sizes=list(plan.kv_split_sizes),
-               ours_us=t_ours, ours_graph_us=t_graph, ours_cached_us=t_cached, rel_err=err,
+               ours_us=t_ours, ours_graph_us=t_graph, ours_cached_us=t_cached,
+               ours_graph_many_us=t_graph_many, rel_err=err,
                prep_ms=prep_ms,
                plan_ms=statistics.median(plan_times))
     if ablations and device.type == "cuda":
@@ -374,6 +388,12 @@ def summarize(results):
             worst = max(r["ours_graph_us"] for r in small)
             lines.append(f"target 3: worst CUDA-graph time on {len(small)} cases with roofline "
                          f"< 5 us = {worst:.1f} us (<= 10)")
+            many = [r["ours_graph_many_us"] for r in small if r.get("ours_graph_many_us")]
+            if many:
+                lines.append(f"  (not the target's measure) {CALLS_PER_GRAPH} calls per graph, as "
+                             f"in a model's captured decode step: {min(many):.1f}-"
+                             f"{max(many):.1f} us per call; within 10 us: "
+                             f"{sum(x <= 10 for x in many)} of {len(many)}")
     abl = [r for r in results if r.get("graph_no_hint_us")]
     if abl:
         for key, what in (("graph_no_hint_us", "without the contiguity hint"),
@@ -416,8 +436,9 @@ def summarize(results):
 
 def markdown(results, device_name):
     head = ("| case | Hq/Hk | B | tokens | roofline us | ours us | cached us | graph us | "
+            f"graph x{CALLS_PER_GRAPH} us | "
             "seed us | vs seed | /roofline | flat plan us | FA2 us | plan ms | rel err |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 
     def f(x, fmt="{:.1f}"):
         return "-" if x is None else fmt.format(x)
@@ -428,7 +449,7 @@ def markdown(results, device_name):
         rows.append(
             f"| `{r['case']}` | {r['hq']}/{r['hk']} | {r['requests']} | {r['unique_tokens']} | "
             f"{r['roofline_us']:.1f} | {r['ours_us']:.1f} | {f(r.get('ours_cached_us'))} | "
-            f"{f(r.get('ours_graph_us'))} | "
+            f"{f(r.get('ours_graph_us'))} | {f(r.get('ours_graph_many_us'))} | "
             f"{f(r.get('seed_us'))} | {f(vs, '{:.2f}x')} | {r['ours_us'] / r['roofline_us']:.2f} | "
             f"{f(r.get('flat_plan_us'))} | {f(r.get('fa2_us'))} | {r['plan_ms']:.2f} | "
             f"{r['rel_err']:.1e} |")

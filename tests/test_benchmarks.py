@@ -5,13 +5,14 @@ import math
 
 import pytest
 
-from benchmarks.kernel import main, summarize
+from benchmarks.kernel import CALLS_PER_GRAPH, main, summarize
 
 
-def _case(name, seed, ours, cached, graph, roofline, hq=32, hk=8, logical=1000, err=1e-4):
+def _case(name, seed, ours, cached, graph, roofline, hq=32, hk=8, logical=1000, err=1e-4,
+          many=None):
     return dict(case=name, hq=hq, hk=hk, seed_us=seed, ours_us=ours, ours_cached_us=cached,
-                ours_graph_us=graph, roofline_us=roofline, logical_tokens=logical,
-                rel_err=err)
+                ours_graph_us=graph, ours_graph_many_us=many, roofline_us=roofline,
+                logical_tokens=logical, rel_err=err)
 
 
 def test_summary_lines_report_each_target():
@@ -33,6 +34,22 @@ def test_summary_lines_report_each_target():
     assert "target 3: worst CUDA-graph time on 1 cases with roofline < 5 us = 5.0 us" in text
     # Target 5 over every case, the extra one included (it fails the bound).
     assert "target 5: max relative error = 3.00e-03 over 3 cases (<= 2e-3 fp16); failing: 1" in text
+    # No calls-per-graph times: no such line.
+    assert "calls per graph" not in text
+
+
+def test_summary_reports_calls_per_graph_beside_target_3():
+    results = [
+        _case("b", seed=10.0, ours=20.0, cached=10.0, graph=11.0, roofline=2.0, many=3.5),
+        _case("c", seed=10.0, ours=20.0, cached=10.0, graph=14.0, roofline=3.0, many=12.5),
+        _case("big", seed=100.0, ours=50.0, cached=40.0, graph=25.0, roofline=60.0, many=1.0),
+    ]
+    text = "\n".join(summarize(results))
+    # The target's line is still the one-call-per-graph time; the other line is beside it
+    # and counts only the small cases.
+    assert "target 3: worst CUDA-graph time on 2 cases with roofline < 5 us = 14.0 us" in text
+    assert (f"  (not the target's measure) {CALLS_PER_GRAPH} calls per graph, as in a model's "
+            "captured decode step: 3.5-12.5 us per call; within 10 us: 1 of 2") in text
 
 
 def test_quick_run_writes_results(tmp_path):
