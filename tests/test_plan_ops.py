@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kernels.backend import interpreter_enabled
+from plan_helpers import NO_ADJUST, plan_input
 from kernels.plan_ops import (
     RUN_FIELDS,
     expand_runs,
@@ -17,17 +18,7 @@ from kernels.plan_ops import (
     grow_tails_launcher,
     grow_tails_stack_launcher,
 )
-from treecache.plan import (
-    DEFAULT_KV_SPLIT_SIZES,
-    FastTreeParams,
-    PlanBuffers,
-    PlanInput,
-    _expand_ranges,
-    build_plan,
-)
-
-NO_ADJUST = dict(kv_split_sizes=DEFAULT_KV_SPLIT_SIZES, para_threshs1=(0, 0),
-                 para_threshs2=(0, 0))
+from treecache.plan import FastTreeParams, PlanBuffers, _expand_ranges, build_plan
 
 needs_triton = pytest.mark.skipif(
     not (interpreter_enabled() or torch.cuda.is_available()),
@@ -139,10 +130,7 @@ def _stand_in(num_qo_heads, head_dim, **caps):
 
 
 def _contiguous_input():
-    seqlen = np.array([300, 17, 9, 40, 1, 260], dtype=np.int64)
-    tok_ptr = np.concatenate([[0], np.cumsum(seqlen)[:-1]])
-    return PlanInput(parent=np.array([-1, 0, 0, 1, 1, -1]), seqlen=seqlen, tok_ptr=tok_ptr,
-                     req_end=np.array([3, 4, 2, 5, 1]))
+    return plan_input([-1, 0, 0, 1, 1, -1], [300, 17, 9, 40, 1, 260], [3, 4, 2, 5, 1])
 
 
 def test_contiguous_plan_expanded_on_the_device_copy():
@@ -175,10 +163,7 @@ def test_every_request_step_on_the_device_copy_matches_the_cpu_plan():
     # CPU plan: the device copy's kv entries and vnode lengths, the host mirrors and
     # the refusal at the headroom limit agree, also after single and subset appends
     # (which rebuild the device tail positions).
-    seqlen = np.array([40, 10, 10, 5], dtype=np.int64)
-    inp = PlanInput(parent=np.array([-1, 0, 0, 0]), seqlen=seqlen,
-                    tok_ptr=np.concatenate([[0], np.cumsum(seqlen)[:-1]]),
-                    req_end=np.array([1, 2, 3]), growable=np.array([True, True, True]))
+    inp = plan_input([-1, 0, 0, 0], [40, 10, 10, 5], [1, 2, 3], growable=[True, True, True])
     kw = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, params=FastTreeParams(),
               headroom=6, **NO_ADJUST)
     cpu = build_plan(inp, **kw)
@@ -234,10 +219,7 @@ def test_every_request_step_from_the_free_stack_on_a_device_copy():
     # DecodePlan.send_tails_from_stack against extend_tails(None, slots) on twin plans
     # whose device copy is a separate (CPU) tensor: the same device buffer after each
     # step, the slots returned; an update that is not a device step is refused (None).
-    seqlen = np.array([40, 10, 10, 5], dtype=np.int64)
-    inp = PlanInput(parent=np.array([-1, 0, 0, 0]), seqlen=seqlen,
-                    tok_ptr=np.concatenate([[0], np.cumsum(seqlen)[:-1]]),
-                    req_end=np.array([1, 2, 3]), growable=np.ones(3, dtype=bool))
+    inp = plan_input([-1, 0, 0, 0], [40, 10, 10, 5], [1, 2, 3], growable=[True] * 3)
     kw = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, params=FastTreeParams(),
               headroom=8, **NO_ADJUST)
     plans = [build_plan(inp, buffers=_stand_in(4, 16, kv_entries=256), **kw) for _ in range(2)]
