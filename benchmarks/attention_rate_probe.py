@@ -26,6 +26,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from .kernel import _bench
+
 #: (case, KV heads, query rows per KV head, root tokens, target in us for the whole case)
 SHAPES = (
     ("1,1024 2048,32 32/8", 8, 4096, 2048, 66.0),
@@ -42,7 +44,6 @@ def _backends():
 
 
 def run(out_path=None) -> list[dict]:
-    import triton.testing
     from torch.nn.attention import sdpa_kernel
 
     dev = torch.device("cuda")
@@ -59,8 +60,7 @@ def run(out_path=None) -> list[dict]:
                 with sdpa_kernel(backend):
                     out = F.scaled_dot_product_attention(q, k, v)
                     err = ((out.float() - ref).norm() / ref.norm()).item()
-                    us = triton.testing.do_bench(lambda: F.scaled_dot_product_attention(q, k, v),
-                                                 warmup=25, rep=100, return_mode="median") * 1e3
+                    us = _bench(lambda: F.scaled_dot_product_attention(q, k, v), dev)
             except RuntimeError as exc:  # the backend does not take this shape here
                 rows.append(dict(shape=name, backend=label, error=str(exc).splitlines()[0]))
                 print(f"{name}: {label} not available ({str(exc).splitlines()[0][:80]})",

@@ -31,6 +31,8 @@ from treecache.fasttree import tree_plan_input
 from treecache.plan import build_plan
 from treecache.tree import generate_tree_from_spec
 
+from .kernel import _patched
+
 LARGEST = "1,4,16,64,256,1024 256,8,256,64,32,256"
 
 
@@ -143,15 +145,11 @@ def main(argv=None):
         # A/B in one run, alternating: slots copied from the host (before v14) against
         # derived on the device. After the re-plan, whose time grows with the tokens
         # that steps add.
-        flag = cache_mod.DEVICE_STEP_SLOTS
         ab = {"copied": [], "derived": []}
-        try:
-            for _ in range(ab_rounds):
-                for mode in ab:
-                    cache_mod.DEVICE_STEP_SLOTS = mode == "derived"
+        for _ in range(ab_rounds):
+            for mode in ab:
+                with _patched("DEVICE_STEP_SLOTS", mode == "derived", cache_mod):
                     ab[mode].append(_median_us(lambda: cache.reserve(), steps))
-        finally:
-            cache_mod.DEVICE_STEP_SLOTS = flag
         res["append_step_copied_us"] = ab["copied"]
         res["append_step_derived_us"] = ab["derived"]
     res["cache_stats"] = cache.stats()

@@ -53,9 +53,7 @@ def _empty_kernel(x):
 def floor(out=None):
     """Graph-replay and eager times of 1-3 empty kernels and of a small copy (see the
     module docstring)."""
-    import triton.testing
-
-    from .kernel import _graph_time
+    from .kernel import _bench, _graph_time
 
     dev = torch.device("cuda")
     x = torch.zeros(1, device=dev)
@@ -66,13 +64,11 @@ def floor(out=None):
                 _empty_kernel[(1,)](x)
 
         rows.append(dict(what=f"{n} empty kernel(s)", graph_us=_graph_time(call, dev),
-                         eager_us=triton.testing.do_bench(call, warmup=25, rep=100,
-                                                          return_mode="median") * 1e3))
+                         eager_us=_bench(call, dev)))
     src = torch.empty(2568 * 256, dtype=torch.float16, device=dev)  # K and V, one head
     dst = torch.empty_like(src)
     rows.append(dict(what="1.3 MB device copy", graph_us=_graph_time(lambda: dst.copy_(src), dev),
-                     eager_us=triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100,
-                                                      return_mode="median") * 1e3))
+                     eager_us=_bench(lambda: dst.copy_(src), dev)))
     for r in rows:
         print(f"{r['what']:22s} graph replay {r['graph_us']:6.2f} us, eager {r['eager_us']:6.2f} us")
     if out:

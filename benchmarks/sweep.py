@@ -20,7 +20,7 @@ from treecache import FastTreeParams, fasttree_preparation, qkv_preparation
 from treecache.plan import DEFAULT_KV_SPLIT_SIZES
 from treecache.tree import generate_tree_from_spec
 
-from .kernel import _graph_time, _patched
+from .kernel import _bench, _graph_time, _patched
 
 # The package re-exports a function named tree_decode; fetch the module itself.
 td = importlib.import_module("kernels.tree_decode")
@@ -303,14 +303,11 @@ def small_tile_regs(out_path=None):
 def _time_pair(runs, q, k, v, dev):
     """CUDA-graph replay and eager (``do_bench``, L2 flushed) times in us of each
     ``(launch, output)`` of ``runs``: the slower of two alternating repeats."""
-    import triton.testing
-
     graph, eager = [[] for _ in runs], [[] for _ in runs]
     for _ in range(2):
         for i, (fn, o) in enumerate(runs):
             graph[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
-            eager[i].append(triton.testing.do_bench(
-                lambda: fn(q, k, v, o), warmup=25, rep=100, return_mode="median") * 1e3)
+            eager[i].append(_bench(lambda: fn(q, k, v, o), dev))
     return [max(x) for x in graph], [max(x) for x in eager]
 
 
