@@ -364,6 +364,64 @@ def finish(out_path=None):
     _report_pair(rows, "finish", out_path)
 
 
+#: Warps of every finishing launch in :func:`finish_warps`; 0: the default rule
+#: (:func:`kernels.tree_decode.default_launch`, with ``FEW_FINISH_WARPS`` on launches of
+#: at most ``FEW_FINISH_MAX_PROGRAMS`` programs).
+FINISH_WARPS_CONFIGS = (0, 2, 4, 8)
+
+
+def _finish_warps_setting(warps):
+    """Every finishing launch on at least ``warps`` warps (0: the default rule)."""
+    if not warps:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(_patched("FEW_FINISH_MAX_PROGRAMS", 1 << 30))
+    stack.enter_context(_patched("FEW_FINISH_WARPS", warps))
+    return stack
+
+
+def finish_warps(out_path=None):
+    """Warps of the finishing launch (:data:`FINISH_WARPS_CONFIGS`) on every plan that
+    finishes, whole decode, replayed and eager, the slower of two alternating repeats;
+    the largest output difference. The rule's default is the first; the program count
+    of each finishing launch is printed beside its times."""
+    dev = torch.device("cuda")
+    rows = []
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
+        meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
+        plan = meta.plan
+        if not plan.finish:
+            continue
+        t = plan.kernel_tensors(q.dtype)
+        runs = []
+        for warps in FINISH_WARPS_CONFIGS:
+            with _finish_warps_setting(warps):
+                o = torch.full_like(q, float("nan"))
+                fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
+                                             **plan.launch_modes, **t)
+                fn(q, k, v, o)
+            runs.append((fn, o))
+        diff = max((o.float() - runs[0][1].float()).abs().max().item() for _, o in runs)
+        if any(bool(o.isnan().any()) for _, o in runs):
+            diff = float("nan")
+        g_us, e_us = _time_pair(runs, q, k, v, dev)
+        programs = plan.phases[-1].num_vnodes * hk
+        rows.append(dict(case=spec, hq=hq, hk=hk, finish_programs=programs, graph_us=g_us,
+                         eager_us=e_us, max_abs_diff=diff))
+        print(f"{spec[:34]} {hq}/{hk} ({programs} finishing programs): " + "; ".join(
+            f"warps {w or 'rule'} {gu:.1f}/{eu:.1f}"
+            for w, gu, eu in zip(FINISH_WARPS_CONFIGS, g_us, e_us))
+            + f" (graph/eager us), max diff {diff:.1e}", flush=True)
+    for i, w in enumerate(FINISH_WARPS_CONFIGS):
+        label = f"{w} warps" if w else "the rule's warps"
+        for kind in ("graph", "eager"):
+            _print_ratios(f"{kind}, finishing launch on {label}",
+                          [r[f"{kind}_us"][i] / r[f"{kind}_us"][0] for r in rows])
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"configs": FINISH_WARPS_CONFIGS, "rows": rows}, f, indent=1)
+
+
 def chain(out_path=None):
     """Plans whose two stage-1 phases are two launches: the second as a programmatic
     dependent launch of the first (``CHAIN_PHASES``) against the previous launches (one
@@ -509,6 +567,7 @@ def split_sizes(out_path=None):
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
+    ("finish-warps", finish_warps, "warps of the finishing launch, every plan that finishes"),
     ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),
     ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),
     ("split-sizes", split_sizes, "KV chunk lengths in both phases, every case"),

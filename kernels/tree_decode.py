@@ -593,8 +593,12 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     warps_arg, stages_arg = num_warps, num_stages
     launches = [default_launch(*blk, group=group) for blk in blocks]
+    total = sum(ph.num_vnodes for ph in phases)
     if num_warps is None:
         num_warps = max(w for w, _ in launches)
+        if (finish is not None and FEW_FINISH_MAX_PROGRAMS
+                and total * hk <= FEW_FINISH_MAX_PROGRAMS):
+            num_warps = max(num_warps, int(FEW_FINISH_WARPS))
     if num_stages is None:
         num_stages = min(st for _, st in launches)
     # Shared memory: the compiled kernel holds the buffers of the KV loop of each tile
@@ -620,7 +624,6 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
 
         return launch_parts
     first = phases[0]
-    total = sum(ph.num_vnodes for ph in phases)
     slot0 = vnode_slot0 if vnode_slot0 is not None else vnode_kv_start
     direct = o is not None
     out = o if direct else q
@@ -664,6 +667,15 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         return kernel
     return lambda q, k, v, o: kernel(q, k, v, q)
 
+
+#: A finishing stage-1 launch (the merge in phase 1) of at most this many programs
+#: (vnodes x KV heads; 0: none) runs on at least :data:`FEW_FINISH_WARPS` warps instead
+#: of :func:`default_launch`'s one or two for its small tiles: with few programs each
+#: one's merge of the earlier partials is the call's tail. Measured on an H100
+#: (benchmarks/RESULTS.md, v16): 4 warps 0.92-0.95x replayed on the three finishing
+#: plans of 256 programs; 1.04-1.24x slower on those of 1,024 and more.
+FEW_FINISH_MAX_PROGRAMS = 256
+FEW_FINISH_WARPS = 4
 
 #: Prepared launches call Triton's compiled kernel directly after their first call
 #: (:class:`_KernelLaunch`); False: every call goes through the JIT. Measured on an

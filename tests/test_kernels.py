@@ -687,6 +687,36 @@ def test_default_launch_rule():
     assert default_launch(128, 32, 128) == (8, 2)
 
 
+@pytest.mark.parametrize("hq,hk", [(16, 1), (32, 8), (8, 8)])
+def test_few_program_finish_launch_warps(monkeypatch, hq, hk):
+    # A finishing launch of at most FEW_FINISH_MAX_PROGRAMS programs (vnodes x KV heads)
+    # runs on FEW_FINISH_WARPS warps; larger ones, launches that do not finish, and
+    # launches with the rule off keep default_launch's warps (1 with GQA, 2 without).
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    assert td.FEW_FINISH_MAX_PROGRAMS == 256 and td.FEW_FINISH_WARPS == 4
+    small = 1 if hq // hk > 1 else 2
+    q, k, v = make_qkv(2, 8, hq, hk, 128, torch.float16)
+    idx = torch.zeros(1024, dtype=torch.int32)
+    mid_o = torch.zeros(4, hq, 128)
+    mid_lse = torch.zeros(4, hq)
+
+    def warps(num_vnodes, finish=True):
+        ph = Phase(0, num_vnodes, 1, 32)
+        launch = td._stage1_launcher(
+            q, k, v, mid_o, mid_lse, idx, idx, idx, idx, idx, idx, ph, 0.1,
+            o=torch.empty_like(q), req_mid_len=idx, finish=(idx, idx) if finish else None)
+        return launch.consts["num_warps"]
+
+    limit = td.FEW_FINISH_MAX_PROGRAMS // hk
+    assert warps(limit) == 4
+    assert warps(limit + 1) == small
+    assert warps(limit, finish=False) == small
+    monkeypatch.setattr(td, "FEW_FINISH_MAX_PROGRAMS", 0)
+    assert warps(1) == small
+
+
 def test_kernel_launch_binds_arguments_and_keeps_no_tensors():
     """A prepared launch puts the per-call tensors into their slots, passes the other
     arguments, constants and options through to the JIT, keeps none of the caller's
