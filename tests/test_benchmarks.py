@@ -66,7 +66,8 @@ def test_quick_run_writes_results(tmp_path):
 @pytest.mark.parametrize("module", ["benchmarks.host", "benchmarks.sweep", "benchmarks.launch",
                                     "benchmarks.beam_memory", "benchmarks.wide_tile_probe",
                                     "benchmarks.attention_rate_probe",
-                                    "benchmarks.leaf_read_probe"])
+                                    "benchmarks.leaf_read_probe",
+                                    "benchmarks.cascade_probe"])
 def test_benchmark_modules_import(module):
     import importlib
 
