@@ -20,13 +20,12 @@ reported as such.
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
 from .kernel import _bench
+from .probe_io import probe_main, write_rows
 
 #: (case, KV heads, query rows per KV head, root tokens, target in us for the whole case)
 SHAPES = (
@@ -71,18 +70,12 @@ def run(out_path=None) -> list[dict]:
                              rel_err=err, target_us=target))
             print(f"{name}: {label} {us:.1f} us, {tflops:.0f} TFLOP/s, rel err {err:.1e} "
                   f"(whole case allowed {target:.0f} us)", flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+    write_rows(out_path, rows, torch=torch.__version__)
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="JSON file for the results")
-    args = ap.parse_args(argv)
-    run(args.out)
+    probe_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

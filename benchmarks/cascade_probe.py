@@ -21,13 +21,12 @@ this path; it bounds what one would gain.
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 
 import torch
 
 from .kernel import _bench, _graph_time
+from .probe_io import probe_main, write_rows
 
 LOG2E = 1.4426950408889634
 #: (tree, Hq, Hk): two-level trees whose root every request shares.
@@ -158,17 +157,12 @@ def run(out_path=None) -> list[dict]:
         print(f"{spec} {hq}/{hk} (root {row['root_tokens']} tokens, {row['root_gflop']:.1f} "
               f"GFLOP): {parts} (graph/eager us); cascade vs library rel diff "
               f"{row['rel_diff_vs_library']:.1e}", flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+    write_rows(out_path, rows, torch=torch.__version__)
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    run(ap.parse_args(argv).out)
+    probe_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ Each attention kernel is checked against float32 math. Times are ``do_bench`` me
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import torch
 import triton
 import triton.language as tl
 
 from .kernel import _bench, _graph_time
+from .probe_io import probe_main, write_rows
 
 HEADS, D = 32, 128
 #: (leaves, tokens per leaf)
@@ -272,16 +271,12 @@ def run(out_path=None) -> list[dict]:
             print(f"{name}: {label}: eager {eager:.1f} us ({nbytes / eager / 1e6:.2f} TB/s), "
                   f"graph {graph:.1f} us ({nbytes / graph / 1e6:.2f} TB/s)", flush=True)
         print(f"{name}: library phases {lib['phases']}, {lib['modes']}", flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "rows": rows}, f, indent=1)
+    write_rows(out_path, rows)
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    run(ap.parse_args(argv).out)
+    probe_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -323,6 +323,35 @@ def _report_pair(rows, label: str, out_path) -> None:
             json.dump(rows, f, indent=1)
 
 
+def _report_configs(rows, labels, configs, out_path) -> None:
+    """Summary lines of a sweep over several configurations (each against the first,
+    graph and eager) and its rows, with the configurations, as JSON."""
+    for i, label in enumerate(labels):
+        for kind in ("graph", "eager"):
+            _print_ratios(f"{kind}, {label}",
+                          [r[f"{kind}_us"][i] / r[f"{kind}_us"][0] for r in rows])
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"configs": configs, "rows": rows}, f, indent=1)
+
+
+def _launch_runs(plan, q, k, v, variants):
+    """The plan's launches prepared once per ``(setting, modes)`` of ``variants`` (a
+    context manager around the preparation and first call, and launch modes over the
+    plan's own), each with its own output, poisoned with NaN and then written by one
+    call: ``[(launch, output)]``."""
+    t = plan.kernel_tensors(q.dtype)
+    runs = []
+    for setting, modes in variants:
+        with setting:
+            o = torch.full_like(q, float("nan"))
+            fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
+                                         **dict(plan.launch_modes, **modes), **t)
+            fn(q, k, v, o)
+        runs.append((fn, o))
+    return runs
+
+
 def finish(out_path=None):
     """Plans that finish in phase 1 (``DecodePlan.finish``: phase 1 merges each request's
     partials, no stage 2) against the same plans with stage 2, whole decode on every case
@@ -343,14 +372,8 @@ def finish(out_path=None):
         plan = meta.plan
         if not plan.finish:
             continue
-        t = plan.kernel_tensors(q.dtype)
-        runs = []
-        for fin in (False, True):
-            o = torch.full_like(q, float("nan"))
-            fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
-                                         **dict(plan.launch_modes, finish=fin), **t)
-            fn(q, k, v, o)
-            runs.append((fn, o))
+        runs = _launch_runs(plan, q, k, v, [(contextlib.nullcontext(), {"finish": fin})
+                                            for fin in (False, True)])
         diff = (runs[1][1].float() - runs[0][1].float()).abs().max().item()
         if runs[1][1].isnan().any():
             diff = float("nan")
@@ -370,14 +393,15 @@ def finish(out_path=None):
 FINISH_WARPS_CONFIGS = (0, 2, 4, 8)
 
 
+@contextlib.contextmanager
 def _finish_warps_setting(warps):
-    """Every finishing launch on at least ``warps`` warps (0: the default rule)."""
+    """Every finishing launch on at least ``warps`` warps (0: the default rule), from
+    entering the block to leaving it."""
     if not warps:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(_patched("FEW_FINISH_MAX_PROGRAMS", 1 << 30))
-    stack.enter_context(_patched("FEW_FINISH_WARPS", warps))
-    return stack
+        yield
+        return
+    with _patched("FEW_FINISH_MAX_PROGRAMS", 1 << 30), _patched("FEW_FINISH_WARPS", warps):
+        yield
 
 
 def finish_warps(out_path=None):
@@ -392,15 +416,8 @@ def finish_warps(out_path=None):
         plan = meta.plan
         if not plan.finish:
             continue
-        t = plan.kernel_tensors(q.dtype)
-        runs = []
-        for warps in FINISH_WARPS_CONFIGS:
-            with _finish_warps_setting(warps):
-                o = torch.full_like(q, float("nan"))
-                fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
-                                             **plan.launch_modes, **t)
-                fn(q, k, v, o)
-            runs.append((fn, o))
+        runs = _launch_runs(plan, q, k, v, [(_finish_warps_setting(w), {})
+                                            for w in FINISH_WARPS_CONFIGS])
         diff = max((o.float() - runs[0][1].float()).abs().max().item() for _, o in runs)
         if any(bool(o.isnan().any()) for _, o in runs):
             diff = float("nan")
@@ -412,14 +429,9 @@ def finish_warps(out_path=None):
             f"warps {w or 'rule'} {gu:.1f}/{eu:.1f}"
             for w, gu, eu in zip(FINISH_WARPS_CONFIGS, g_us, e_us))
             + f" (graph/eager us), max diff {diff:.1e}", flush=True)
-    for i, w in enumerate(FINISH_WARPS_CONFIGS):
-        label = f"{w} warps" if w else "the rule's warps"
-        for kind in ("graph", "eager"):
-            _print_ratios(f"{kind}, finishing launch on {label}",
-                          [r[f"{kind}_us"][i] / r[f"{kind}_us"][0] for r in rows])
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"configs": FINISH_WARPS_CONFIGS, "rows": rows}, f, indent=1)
+    _report_configs(rows, [f"finishing launch on {w} warps" if w
+                           else "finishing launch on the rule's warps"
+                           for w in FINISH_WARPS_CONFIGS], FINISH_WARPS_CONFIGS, out_path)
 
 
 def chain(out_path=None):
@@ -436,15 +448,8 @@ def chain(out_path=None):
         live = [ph for ph in plan.phases if ph.num_vnodes]
         if plan.finish or len(live) != 2 or td.merge_phases(live, hq // hk, hk):
             continue
-        t = plan.kernel_tensors(q.dtype)
-        runs = []
-        for chained in (False, True):
-            with _patched("CHAIN_PHASES", chained):
-                o = torch.full_like(q, float("nan"))
-                fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
-                                             **plan.launch_modes, **t)
-                fn(q, k, v, o)
-            runs.append((fn, o))
+        runs = _launch_runs(plan, q, k, v, [(_patched("CHAIN_PHASES", chained), {})
+                                            for chained in (False, True)])
         same = bool(torch.equal(runs[0][1], runs[1][1])) and not bool(runs[1][1].isnan().any())
         g_us, e_us = _time_pair(runs, q, k, v, dev)
         rows.append(dict(case=spec, hq=hq, hk=hk, phases=[list(p) for p in plan.phases],
@@ -487,13 +492,7 @@ def _plans_sweep(configs, labels, make_kwargs, out_path, setting=None) -> None:
         print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
             f"{c} {gu:.1f}/{eu:.1f}" for c, gu, eu in zip(labels, g_us, e_us))
             + f" (graph/eager us), max rel diff {err:.1e}", flush=True)
-    for i, label in enumerate(labels):
-        for kind in ("graph", "eager"):
-            _print_ratios(f"{kind}, {label}",
-                          [r[f"{kind}_us"][i] / r[f"{kind}_us"][0] for r in rows])
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"configs": configs, "rows": rows}, f, indent=1)
+    _report_configs(rows, labels, configs, out_path)
 
 
 def kv_tiles_eager(out_path=None):

@@ -72,3 +72,21 @@ def test_benchmark_modules_import(module):
     import importlib
 
     assert hasattr(importlib.import_module(module), "main")
+
+
+def test_finish_warps_setting_patches_only_inside_its_block():
+    # The finish-warps sweep makes all its settings before it enters them one at a time:
+    # making one must not patch anything, entering it must, leaving it must restore.
+    import importlib
+
+    from benchmarks.sweep import _finish_warps_setting
+
+    td = importlib.import_module("kernels.tree_decode")
+    before = (td.FEW_FINISH_MAX_PROGRAMS, td.FEW_FINISH_WARPS)
+    settings = [_finish_warps_setting(w) for w in (0, 2, 8)]
+    assert (td.FEW_FINISH_MAX_PROGRAMS, td.FEW_FINISH_WARPS) == before
+    with settings[0]:
+        assert (td.FEW_FINISH_MAX_PROGRAMS, td.FEW_FINISH_WARPS) == before
+    with settings[2]:
+        assert td.FEW_FINISH_WARPS == 8 and td.FEW_FINISH_MAX_PROGRAMS >= 1 << 20
+    assert (td.FEW_FINISH_MAX_PROGRAMS, td.FEW_FINISH_WARPS) == before
