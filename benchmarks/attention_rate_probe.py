@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernel import _bench
-from .probe_io import probe_main, write_rows
+from .probe_common import probe_main, write_rows
 
 #: (case, KV heads, query rows per KV head, root tokens, target in us for the whole case)
 SHAPES = (

@@ -21,12 +21,11 @@ this path; it bounds what one would gain.
 
 from __future__ import annotations
 
-import importlib
 
 import torch
 
 from .kernel import _bench, _graph_time
-from .probe_io import probe_main, write_rows
+from .probe_common import last_phase_call, library_plan, probe_main, write_rows
 
 LOG2E = 1.4426950408889634
 #: (tree, Hq, Hk): two-level trees whose root every request shares.
@@ -41,17 +40,9 @@ def _cudnn(q, k, v, scale):
 
 
 def _case(spec, hq, hk, dev):
-    from treecache import fasttree_preparation, qkv_preparation
-    from treecache.tree import generate_tree_from_spec
-
-    td = importlib.import_module("kernels.tree_decode")
-    nodes = generate_tree_from_spec(spec)
-    q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
-                                             build_cache=False)
+    q, k, v, ptrs, plan = library_plan(spec, hq, hk, 128, dev)
     b, d, g = q.shape[0], q.shape[2], hq // hk
     scale = d ** -0.5
-    meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, d, device=dev)
-    plan = meta.plan
     o_lib = torch.empty_like(q)
 
     def library():
@@ -59,18 +50,12 @@ def _case(spec, hq, hk, dev):
 
     library()
     t = plan.kernel_tensors(q.dtype)
-    last = [ph for ph in plan.phases if ph.num_vnodes][-1]
+    leaves, last = last_phase_call(plan, q, k, v, scale)
     # Each request's one mid row in the leaves' phase (one query per leaf vnode).
     qs = t["vnode_q_start"][last.vnode_offset:last.vnode_offset + last.num_vnodes].long()
     reqs = t["mid_q_rows"][qs].long()
     leaf_row = torch.empty(b, dtype=torch.long, device=dev)
     leaf_row[reqs] = qs
-
-    def leaves():
-        td.tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
-                              t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
-                              t["vnode_q_len"], t["mid_q_rows"], last, scale,
-                              vnode_slot0=t["vnode_slot0"])
 
     r0, r1 = ptrs[0], ptrs[1]
     k_root = k[r0:r1].permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, Hk, N, D]

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .kernel import _bench, _graph_time
-from .probe_io import probe_main, write_rows
+from .probe_common import last_phase_call, library_plan, probe_main, write_rows
 
 HEADS, D = 32, 128
 #: (leaves, tokens per leaf)
@@ -162,29 +162,12 @@ def _read_kernel(X, Out, BLOCK: tl.constexpr):
 def _library_time(leaves: int, tokens: int, dev):
     """The library on ``1,L 16,T`` at 32/32: eager and replayed times of the whole
     decode and of its last stage-1 phase (the leaves) launched alone, and the phases."""
-    import importlib
-
-    from treecache import fasttree_preparation, qkv_preparation
-    from treecache.tree import generate_tree_from_spec
-
-    td = importlib.import_module("kernels.tree_decode")
-    nodes = generate_tree_from_spec(f"1,{leaves} 16,{tokens}")
-    q, _, _, _, k, v, ptrs = qkv_preparation(nodes, HEADS, HEADS, D, dev, torch.float16,
-                                             build_cache=False)
-    meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], HEADS, HEADS, D, device=dev)
-    plan = meta.plan
+    q, k, v, _, plan = library_plan(f"1,{leaves} 16,{tokens}", HEADS, HEADS, D, dev)
     o = torch.empty_like(q)
-    t = plan.kernel_tensors(q.dtype)
-    last = [ph for ph in plan.phases if ph.num_vnodes][-1]
+    leaves_phase, _ = last_phase_call(plan, q, k, v, D ** -0.5)
 
     def whole():
         plan.run(q, k, v, o, check=False)
-
-    def leaves_phase():
-        td.tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
-                              t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
-                              t["vnode_q_len"], t["mid_q_rows"], last, D ** -0.5,
-                              vnode_slot0=t["vnode_slot0"])
 
     whole()
     leaves_phase()

@@ -256,7 +256,8 @@ def small_tile_regs(out_path=None):
     orig_launch, orig_cap = td.default_launch, td._register_cap
     configs = [(None, None), (1, None), (None, 64), (1, 64), (None, 80), (1, 80), (None, 96)]
 
-    def patched(stages, regs):
+    @contextlib.contextmanager
+    def setting(stages, regs):
         def launch(bm, bn, bd, group=1):
             w, st = orig_launch(bm, bn, bd, group)
             return w, (stages if bm <= 16 and stages is not None else st)
@@ -267,30 +268,21 @@ def small_tile_regs(out_path=None):
                 return regs
             return orig_cap(shapes, num_warps, device_type)
 
-        return launch, cap
+        with _patched("default_launch", launch), _patched("_register_cap", cap):
+            yield
 
     rows = []
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=False):
         meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128, device=dev)
         plan = meta.plan
-        t = plan.kernel_tensors(q.dtype)
-        mode = plan.launch_modes
-        runs, ref = [], None
-        for stages, regs in configs:
-            launch, cap = patched(stages, regs)
-            with _patched("default_launch", launch), _patched("_register_cap", cap):
-                o = torch.full_like(q, float("nan"))
-                fn = td.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=0.088,
-                                             **mode, **t)
-                fn(q, k, v, o)
-            ref = o.clone() if ref is None else ref
-            runs.append((fn, o, bool(torch.equal(o, ref))))
+        runs = _launch_runs(plan, q, k, v, [(setting(*c), {}) for c in configs])
+        same = [bool(torch.equal(o, runs[0][1])) for _, o in runs]
         times = [[] for _ in configs]
         for _ in range(2):
-            for i, (fn, o, _) in enumerate(runs):
+            for i, (fn, o) in enumerate(runs):
                 times[i].append(_graph_time(lambda: fn(q, k, v, o), dev))
         us = [max(x) for x in times]
-        rows.append(dict(case=spec, hq=hq, hk=hk, us=us, same_bits=[r[2] for r in runs]))
+        rows.append(dict(case=spec, hq=hq, hk=hk, us=us, same_bits=same))
         print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
             f"{c} {u:.1f}us" for c, u in zip(configs, us)), flush=True)
     for i, c in enumerate(configs):
