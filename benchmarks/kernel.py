@@ -324,8 +324,7 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
         res.update(_ablations(plan, q, k, v, sm, device))
         res.update(_flat_ablation(inp, hq, hk, q, k, v, sm, ref, device))
         res.update(_rule_split_ablation(plan, inp, hq, hk, q, k, v, sm, device))
-    bytes_ = 2 * st["unique_tokens"] * hk * HEAD_DIM * 2 + 2 * b * hq * HEAD_DIM * 2
-    res["roofline_us"] = bytes_ / COPY_BW * 1e6
+    res["roofline_us"] = roofline_bytes(st["unique_tokens"], b, hq, hk) / COPY_BW * 1e6
     # Attention FLOPs (q.k and p.v over every request's whole path, 2 FLOPs a MAC).
     flops = 4 * hq * HEAD_DIM * st["logical_tokens"]
     res["gflop"] = flops / 1e9
@@ -348,6 +347,13 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
         if out_fa is not None:
             res["fa2_rel_err"] = ((out_fa.float() - ref).norm() / ref.norm()).item()
     return res
+
+
+def roofline_bytes(unique_tokens: int, requests: int, hq: int, hk: int,
+                   head_dim: int = HEAD_DIM) -> int:
+    """Bytes of the roofline (PERF.md): every unique token's K and V once, each
+    request's query and output once, float16."""
+    return 2 * unique_tokens * hk * head_dim * 2 + 2 * requests * hq * head_dim * 2
 
 
 def _geomean(xs):

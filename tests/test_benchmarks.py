@@ -67,7 +67,8 @@ def test_quick_run_writes_results(tmp_path):
                                     "benchmarks.beam_memory", "benchmarks.wide_tile_probe",
                                     "benchmarks.attention_rate_probe",
                                     "benchmarks.leaf_read_probe",
-                                    "benchmarks.cascade_probe"])
+                                    "benchmarks.cascade_probe",
+                                    "benchmarks.read_floor_probe"])
 def test_benchmark_modules_import(module):
     import importlib
 
@@ -90,3 +91,19 @@ def test_finish_warps_setting_patches_only_inside_its_block():
     with settings[2]:
         assert td.FEW_FINISH_WARPS == 8 and td.FEW_FINISH_MAX_PROGRAMS >= 1 << 20
     assert (td.FEW_FINISH_MAX_PROGRAMS, td.FEW_FINISH_WARPS) == before
+
+
+def test_read_floor_probe_lists_the_target2_cases():
+    # Target 2 covers the cases whose roofline is at least 50 us: 14 seed cases (PERF.md)
+    # and two of the project's; each case's bytes give its roofline at 3.00 TB/s.
+    from benchmarks.kernel import roofline_bytes
+    from benchmarks.read_floor_probe import target2_cases
+
+    cases = target2_cases()
+    assert len(cases) == 16
+    assert all(c["roofline_us"] >= 50.0 for c in cases)
+    worst = [c for c in cases if c["case"] == "1,1024 2048,32" and (c["hq"], c["hk"]) == (32, 8)]
+    assert len(worst) == 1
+    # 34,816 unique tokens x 8 KV heads, 1,024 queries x 32 heads, head_dim 128, fp16.
+    assert worst[0]["bytes"] == roofline_bytes(34816, 1024, 32, 8) == 2 * 34816 * 8 * 128 * 2 + 2 * 1024 * 32 * 128 * 2
+    assert abs(worst[0]["roofline_us"] - 53.1) < 0.05
