@@ -3,7 +3,7 @@
 
 ``python -m benchmarks.read_floor_probe [--out FILE]`` reads a float16 buffer of N bytes
 with a streaming kernel (each program loads one block and stores its sum; the fastest of
-four block and warp shapes at each size) for N on a ladder from 4 MB to 1 GiB and for the
+four block and warp shapes at each size) for N on a ladder from 4 MiB to 1 GiB and for the
 roofline bytes of every case of target 2 (roofline >= 50 us). Each size is timed four ways:
 
 * ``do_bench``: ``triton.testing.do_bench``'s median, as the benchmark times eager calls
@@ -28,19 +28,16 @@ import triton
 import triton.language as tl
 
 from treecache import tree_stats
-from treecache.tree import generate_tree_from_spec
 
-from .kernel import COPY_BW, _graph_time, roofline_bytes
+from .kernel import COPY_BW, TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO, _graph_time, roofline_bytes
 from .probe_common import probe_main, write_rows
-from .suite import HEAD_CONFIGS, SEED_TREES, extra_cases
+from .suite import suite_cases
 
 MB = 1 << 20
 LADDER_MB = (4, 16, 32, 64, 128, 192, 256, 384, 512, 1024)
 #: (elements a program reads, warps): the read kernel's shapes; each size keeps its fastest.
 SHAPES = ((8192, 4), (8192, 8), (32768, 8), (65536, 16))
 FLUSH_BYTES = 256 * MB  # the buffer triton.testing.do_bench clears before each call
-TARGET2_MIN_ROOFLINE_US = 50.0
-TARGET2_RATIO = 1.25
 
 
 @triton.jit
@@ -53,10 +50,8 @@ def _read_kernel(X, Out, n, BLOCK: tl.constexpr):
 
 def target2_cases() -> list[dict]:
     """Every benchmark case whose roofline is at least 50 us, with its bytes."""
-    cases = [(spec, generate_tree_from_spec(spec), heads)
-             for spec in SEED_TREES for heads in HEAD_CONFIGS] + extra_cases()
     out = []
-    for name, nodes, (hq, hk) in cases:
+    for name, nodes, (hq, hk) in suite_cases():
         st = tree_stats(nodes)
         nbytes = roofline_bytes(st["unique_tokens"], st["num_requests"], hq, hk)
         roofline = nbytes / COPY_BW * 1e6

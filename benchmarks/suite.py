@@ -121,6 +121,14 @@ def extra_cases() -> list[tuple[str, list[KVTreeNode], tuple[int, int]]]:
     return out
 
 
+def suite_cases(extra: bool = True) -> list[tuple[str, list[KVTreeNode], tuple[int, int]]]:
+    """The seed suite's 45 cases (every tree at every head layout) and, with ``extra``,
+    the project's: (name, tree, (Hq, Hk))."""
+    cases = [(spec, generate_tree_from_spec(spec), heads)
+             for spec in SEED_TREES for heads in HEAD_CONFIGS]
+    return cases + extra_cases() if extra else cases
+
+
 def quick_cases():
     """Tiny cases for a CPU smoke run."""
     return [

@@ -113,14 +113,10 @@ def kv_tiles(out_path=None):
 def _suite(extra: bool):
     """Every seed case (with ``extra``, also the project's forest, beam and speculative
     cases), one at a time, with its GPU inputs: ``(name, nodes, hq, hk, q, k, v, ptrs)``."""
-    from .suite import HEAD_CONFIGS, SEED_TREES, extra_cases
+    from .suite import suite_cases
 
     dev = torch.device("cuda")
-    cases = [(spec, generate_tree_from_spec(spec), heads)
-             for spec in SEED_TREES for heads in HEAD_CONFIGS]
-    if extra:
-        cases += extra_cases()
-    for name, nodes, (hq, hk) in cases:
+    for name, nodes, (hq, hk) in suite_cases(extra):
         q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, 128, dev, torch.float16,
                                                  build_cache=False)
         yield name, nodes, hq, hk, q, k, v, ptrs
