@@ -42,6 +42,8 @@ HEAD_DIM = 128
 #: Target 2: time <= TARGET2_RATIO x roofline on the cases of roofline >= TARGET2_MIN_ROOFLINE_US.
 TARGET2_MIN_ROOFLINE_US = 50.0
 TARGET2_RATIO = 1.25
+TARGET3_MAX_ROOFLINE_US = 5.0
+TARGET3_US = 10.0
 
 
 def _progress(it, total, desc):
@@ -392,7 +394,8 @@ def summarize(results):
                              f"{r['ours_us'] / r['roofline_us']:.2f}x roofline; {gflop:.1f} "
                              f"GFLOP: {got:.0f} TFLOP/s achieved, {need:.0f} TFLOP/s needed "
                              f"for 1.25x ({need / (TENSOR_PEAK / 1e12):.0%} of the tensor peak)")
-        small = [r for r in seed if r["roofline_us"] < 5 and r.get("ours_graph_us")]
+        small = [r for r in seed
+                 if r["roofline_us"] < TARGET3_MAX_ROOFLINE_US and r.get("ours_graph_us")]
         if small:
             worst = max(r["ours_graph_us"] for r in small)
             lines.append(f"target 3: worst CUDA-graph time on {len(small)} cases with roofline "

@@ -68,7 +68,8 @@ def test_quick_run_writes_results(tmp_path):
                                     "benchmarks.attention_rate_probe",
                                     "benchmarks.leaf_read_probe",
                                     "benchmarks.cascade_probe",
-                                    "benchmarks.read_floor_probe"])
+                                    "benchmarks.read_floor_probe",
+                                    "benchmarks.floor_bound"])
 def test_benchmark_modules_import(module):
     import importlib
 
@@ -107,3 +108,68 @@ def test_read_floor_probe_lists_the_target2_cases():
     # 34,816 unique tokens x 8 KV heads, 1,024 queries x 32 heads, head_dim 128, fp16.
     assert worst[0]["bytes"] == roofline_bytes(34816, 1024, 32, 8) == 2 * 34816 * 8 * 128 * 2 + 2 * 1024 * 32 * 128 * 2
     assert abs(worst[0]["roofline_us"] - 53.1) < 0.05
+
+
+def test_read_floor_interpolates_the_measured_ladder():
+    from benchmarks.floor_bound import read_floor_us
+
+    ladder = [(4e6, 6.0), (16e6, 12.0), (64e6, 30.0)]
+    # At the measured sizes: the measured times.
+    for b, t in ladder:
+        assert read_floor_us(b, ladder, empty_us=4.0) == pytest.approx(t)
+    # Between two sizes: on the straight line in log-log (8e6 is halfway from 4e6 to 16e6).
+    assert read_floor_us(8e6, ladder, 4.0) == pytest.approx(math.sqrt(6.0 * 12.0))
+    # Below the smallest: linear from the empty kernel; above the largest: its bandwidth.
+    assert read_floor_us(0, ladder, 4.0) == 4.0
+    assert read_floor_us(2e6, ladder, 4.0) == pytest.approx(5.0)
+    assert read_floor_us(128e6, ladder, 4.0) == pytest.approx(60.0)
+    sizes = [1e6 * x for x in (0.5, 1, 3, 4, 5, 10, 16, 40, 64, 100, 1000)]
+    times = [read_floor_us(b, ladder, 4.0) for b in sizes]
+    assert times == sorted(times)
+
+
+def test_case_bounds_take_the_larger_floor():
+    from benchmarks.floor_bound import case_bounds, summary
+
+    probe = {"copy_bw": 3e12, "rows": [
+        {"kind": "ladder", "bytes": 4e6, "do_bench_us": 6.0, "graph_us": 4.0},
+        {"kind": "ladder", "bytes": 400e6, "do_bench_us": 140.0, "graph_us": 130.0},
+        {"kind": "target2", "bytes": 1.0, "do_bench_us": 1.0, "graph_us": 1.0}]}
+    launch = {"results": [{"what": "1 empty kernel(s)", "graph_us": 3.0, "eager_us": 4.0}]}
+    kernel = {"results": [
+        # 400 MB (roofline 133.3 us at 3 TB/s) and little arithmetic: bound by the read.
+        dict(case="mem", hq=32, hk=32, roofline_us=400e6 / 3e12 * 1e6, gflop=1.0,
+             seed_us=280.0, ours_us=175.0, ours_graph_us=170.0),
+        # 2 MB and 11 GFLOP: at 550 TFLOP/s the arithmetic takes 20 us, the read 5 us.
+        dict(case="flops", hq=16, hk=1, roofline_us=2e6 / 3e12 * 1e6, gflop=11.0,
+             seed_us=60.0, ours_us=30.0, ours_graph_us=25.0),
+    ]}
+    mem, flops = case_bounds(kernel, probe, launch, rate_tflops=550.0)
+    assert mem["eager_floor_us"] == pytest.approx(140.0) and mem["eager_bound"] == "read"
+    assert mem["graph_floor_us"] == pytest.approx(130.0)
+    assert flops["read_eager_us"] == pytest.approx(5.0)
+    assert flops["eager_floor_us"] == pytest.approx(20.0) and flops["graph_bound"] == "compute"
+    assert mem["seed_over_floor"] == pytest.approx(2.0)
+    assert flops["ours_over_floor"] == pytest.approx(1.5)
+    lines = summary([mem, flops])
+    assert lines[0].startswith("target 1 bound: geomean seed / floor = 2.45x over 2 cases")
+    # The memory case's floor is 1.05x its roofline: within target 2's 1.25x.
+    assert "worst floor / roofline = 1.05 on 1 cases (target 1.25); floor over the target on 0" in lines[1]
+    # The arithmetic case's graph floor (20 us) is over target 3's 10 us.
+    assert "graph floor over 10 us on 1 of 1 cases; flops 16/1: 20.0 us (compute)" in lines[2]
+
+
+def test_stored_results_are_never_faster_than_their_floor():
+    # Every measured time in the stored H100 results (the seed's and ours) is at least
+    # the floor computed for its case: the bound is a lower bound of what was measured.
+    from benchmarks.floor_bound import (KERNEL_JSON, LAUNCH_JSON, READ_FLOOR_JSON,
+                                        case_bounds)
+
+    loaded = [json.loads(p.read_text()) for p in (KERNEL_JSON, READ_FLOOR_JSON, LAUNCH_JSON)]
+    bounds = case_bounds(*loaded)
+    assert len(bounds) == len(loaded[0]["results"]) >= 45
+    for b in bounds:
+        assert b["ours_us"] >= b["eager_floor_us"]
+        assert b["ours_graph_us"] >= b["graph_floor_us"]
+        if b["seed_us"]:
+            assert b["seed_us"] >= b["eager_floor_us"]
