@@ -29,7 +29,7 @@ import json
 import math
 from pathlib import Path
 
-from .kernel import (TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO, TARGET3_MAX_ROOFLINE_US,
+from .kernel import (HEAD_DIM, TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO, TARGET3_MAX_ROOFLINE_US,
                      TARGET3_US, _geomean)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,7 +80,8 @@ def case_bounds(kernel: dict, probe: dict, launch: dict,
     out = []
     for r in kernel["results"]:
         nbytes = r["roofline_us"] * 1e-6 * bw
-        compute = r["gflop"] * 1e9 / (rate_tflops * 1e12) * 1e6
+        gflop = r.get("gflop") or 4 * r["hq"] * HEAD_DIM * r["logical_tokens"] / 1e9
+        compute = gflop * 1e9 / (rate_tflops * 1e12) * 1e6
         read_e = read_floor_us(nbytes, eager_ladder, empty["eager_us"])
         read_g = read_floor_us(nbytes, graph_ladder, empty["graph_us"])
         eager, graph = max(read_e, compute), max(read_g, compute)
@@ -106,7 +107,7 @@ def summary(bounds: list[dict]) -> list[str]:
     t2_out = [b for b in t2 if b["eager_floor_us"] > TARGET2_RATIO * b["roofline_us"]]
     t3 = [b for b in seeded if b["roofline_us"] < TARGET3_MAX_ROOFLINE_US]
     t3_out = [b for b in t3 if b["graph_floor_us"] > TARGET3_US]
-    worst2 = max(b["eager_floor_us"] / b["roofline_us"] for b in t2)
+    worst2 = max((b["eager_floor_us"] / b["roofline_us"] for b in t2), default=float("nan"))
     return [
         f"target 1 bound: geomean seed / floor = {t1:.2f}x over {len(seeded)} cases "
         f"(target {TARGET1_SPEEDUP}x; measured {ours:.2f}x)",
@@ -141,7 +142,13 @@ def main(argv=None) -> list[str]:
                     help="attention TFLOP/s of the compute floor")
     ap.add_argument("--table", action="store_true", help="print the per-case table too")
     args = ap.parse_args(argv)
-    loaded = [json.loads(Path(p).read_text()) for p in (args.kernel, args.read_floor, args.launch)]
+    loaded = []
+    for flag, path in (("--kernel", args.kernel), ("--read-floor", args.read_floor),
+                       ("--launch", args.launch)):
+        try:
+            loaded.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            ap.error(f"{flag}: cannot read a JSON result from {path!r} ({e})")
     bounds = case_bounds(*loaded, rate_tflops=args.rate)
     if args.table:
         print(markdown(bounds))

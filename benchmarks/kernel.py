@@ -42,6 +42,7 @@ HEAD_DIM = 128
 #: Target 2: time <= TARGET2_RATIO x roofline on the cases of roofline >= TARGET2_MIN_ROOFLINE_US.
 TARGET2_MIN_ROOFLINE_US = 50.0
 TARGET2_RATIO = 1.25
+#: Target 3: graph time <= TARGET3_US on the cases of roofline < TARGET3_MAX_ROOFLINE_US.
 TARGET3_MAX_ROOFLINE_US = 5.0
 TARGET3_US = 10.0
 
