@@ -551,6 +551,25 @@ def split_sizes(out_path=None):
                  make_kwargs, out_path)
 
 
+#: Rows of the shared-prefix phase's query tile (queries x GQA group); the first is the
+#: default (``FastTreeParams.for_heads``).
+PHASE0_ROWS_CONFIGS = (64, 32, 16)
+
+
+def phase0_rows(out_path=None):
+    """Query-tile rows of the first phase (:data:`PHASE0_ROWS_CONFIGS`; the plan built
+    for each, the leaves' tile unchanged), every case, replayed and eager
+    (:func:`_plans_sweep`): fewer rows give more, shorter programs on the shared
+    prefixes at the cost of more re-reads of them."""
+    def make_kwargs(rows, hq, hk):
+        params = FastTreeParams.for_heads(hq, hk)
+        params.TSQs = [max(1, rows // (hq // hk)), params.TSQs[1]]
+        return {"params": params}
+
+    _plans_sweep(PHASE0_ROWS_CONFIGS, [f"{r} rows" for r in PHASE0_ROWS_CONFIGS],
+                 make_kwargs, out_path)
+
+
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
@@ -558,6 +577,7 @@ SWEEPS = (
     ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),
     ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),
     ("split-sizes", split_sizes, "KV chunk lengths in both phases, every case"),
+    ("phase0-rows", phase0_rows, "query-tile rows of the shared-prefix phase, every case"),
     ("chain", chain, "two phase launches chained (dependent launch) against before"),
     ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),
     ("small-tile-regs", small_tile_regs,
