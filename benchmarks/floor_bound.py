@@ -29,8 +29,8 @@ import json
 import math
 from pathlib import Path
 
-from .kernel import (HEAD_DIM, TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO, TARGET3_MAX_ROOFLINE_US,
-                     TARGET3_US, _geomean)
+from .kernel import (HEAD_DIM, TARGET1_SPEEDUP, TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO,
+                     TARGET3_MAX_ROOFLINE_US, TARGET3_US, _geomean)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KERNEL_JSON = RESULTS / "h100_kernel_v16.json"
@@ -38,8 +38,6 @@ READ_FLOOR_JSON = RESULTS / "h100_v17_read_floor_probe.json"
 LAUNCH_JSON = RESULTS / "h100_v14_launch_floor.json"
 #: TFLOP/s of the fastest dense attention measured on the H100 (cuDNN, v15 probe).
 BEST_ATTENTION_TFLOPS = 553.0
-
-TARGET1_SPEEDUP = 2.0
 
 
 def read_floor_us(nbytes: float, ladder: list[tuple[float, float]], empty_us: float) -> float:

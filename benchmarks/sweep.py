@@ -563,7 +563,7 @@ def phase0_rows(out_path=None):
     prefixes at the cost of more re-reads of them."""
     def make_kwargs(rows, hq, hk):
         params = FastTreeParams.for_heads(hq, hk)
-        params.TSQs = [max(1, rows // (hq // hk)), params.TSQs[1]]
+        params.set_q_tile_sizes([max(1, rows // (hq // hk)), params.TSQs[1]])
         return {"params": params}
 
     _plans_sweep(PHASE0_ROWS_CONFIGS, [f"{r} rows" for r in PHASE0_ROWS_CONFIGS],
