@@ -4,7 +4,8 @@
 ``python -m benchmarks.read_floor_probe [--out FILE]`` reads a float16 buffer of N bytes
 with a streaming kernel (each program loads one block and stores its sum; the fastest of
 four block and warp shapes at each size) for N on a ladder from 4 MiB to 1 GiB and for the
-roofline bytes of every case of target 2 (roofline >= 50 us). Each size is timed four ways:
+roofline bytes of every case of target 2 (roofline >= 50 us). Each size is timed four ways,
+and the first of them once more with evict-first loads (``do_bench_evict_first``):
 
 * ``do_bench``: ``triton.testing.do_bench``'s median, as the benchmark times eager calls
   and as PERF.md timed the seed. Before each call it zeroes a 256 MB buffer, which leaves
@@ -41,10 +42,10 @@ FLUSH_BYTES = 256 * MB  # the buffer triton.testing.do_bench clears before each 
 
 
 @triton.jit
-def _read_kernel(X, Out, n, BLOCK: tl.constexpr):
+def _read_kernel(X, Out, n, BLOCK: tl.constexpr, EVICT: tl.constexpr = ""):
     i = tl.program_id(0)
     offs = i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    x = tl.load(X + offs, mask=offs < n, other=0.0, eviction_policy=EVICT)
     tl.store(Out + i, tl.sum(x.to(tl.float32), axis=0))
 
 
@@ -76,8 +77,9 @@ def _event_loop(fn, flush, reps: int = 100) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
 
 
-def _readers(buf: torch.Tensor):
-    """One call per read shape, each reading all of ``buf``."""
+def _readers(buf: torch.Tensor, evict: str = ""):
+    """One call per read shape, each reading all of ``buf`` (loads with the L2 eviction
+    policy ``evict``)."""
     n = buf.numel()
     calls = []
     for block, warps in SHAPES:
@@ -85,19 +87,22 @@ def _readers(buf: torch.Tensor):
         sums = torch.empty(grid, device=buf.device)
 
         def call(block=block, warps=warps, grid=grid, sums=sums):
-            _read_kernel[(grid,)](buf, sums, n, BLOCK=block, num_warps=warps)
+            _read_kernel[(grid,)](buf, sums, n, BLOCK=block, EVICT=evict, num_warps=warps)
 
         calls.append(call)
     return calls
 
 
 def time_read(nbytes: int, dev, flush_buf: torch.Tensor, flush_read) -> dict:
-    """The four times of a plain read of ``nbytes`` (the best read shape in each);
-    ``flush_read()`` reads all of ``flush_buf``."""
+    """The four times of a plain read of ``nbytes`` (the best read shape in each), and
+    ``do_bench``'s with evict-first loads; ``flush_read()`` reads all of ``flush_buf``."""
     buf = torch.randn(nbytes // 2, device=dev, dtype=torch.float16)
     calls = _readers(buf)
-    times = {"do_bench": [], "zero_flush": [], "read_flush": [], "graph": []}
-    for call in calls:
+    times = {"do_bench": [], "zero_flush": [], "read_flush": [], "graph": [],
+             "do_bench_evict_first": []}
+    for call, call_ef in zip(calls, _readers(buf, "evict_first")):
+        times["do_bench_evict_first"].append(
+            triton.testing.do_bench(call_ef, warmup=25, rep=100, return_mode="median") * 1e3)
         times["do_bench"].append(triton.testing.do_bench(call, warmup=25, rep=100,
                                                          return_mode="median") * 1e3)
         times["zero_flush"].append(_event_loop(call, flush_buf.zero_))
@@ -122,7 +127,8 @@ def run(out_path=None) -> list[dict]:
         print(f"read {mb} MiB: do_bench {row['do_bench_us']:.1f} us "
               f"({row['do_bench_tb_s']:.2f} TB/s), zero flush {row['zero_flush_us']:.1f}, "
               f"read flush {row['read_flush_us']:.1f} ({row['read_flush_tb_s']:.2f} TB/s), "
-              f"graph {row['graph_us']:.1f} ({row['graph_tb_s']:.2f} TB/s)", flush=True)
+              f"graph {row['graph_us']:.1f} ({row['graph_tb_s']:.2f} TB/s), do_bench with "
+              f"evict-first loads {row['do_bench_evict_first_us']:.1f}", flush=True)
     for case in target2_cases():
         row = dict(kind="target2", **case,
                    **time_read(case["bytes"], dev, flush_buf, flush_read))
