@@ -69,6 +69,7 @@ def test_quick_run_writes_results(tmp_path):
                                     "benchmarks.leaf_read_probe",
                                     "benchmarks.cascade_probe",
                                     "benchmarks.read_floor_probe",
+                                    "benchmarks.warm_probe",
                                     "benchmarks.floor_bound"])
 def test_benchmark_modules_import(module):
     import importlib
