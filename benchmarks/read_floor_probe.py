@@ -61,15 +61,19 @@ def target2_cases() -> list[dict]:
     return out
 
 
-def _event_loop(fn, flush, reps: int = 100) -> float:
+def _event_loop(fn, flush, reps: int = 100, spin_cycles: int = 0) -> float:
     """Median microseconds of ``fn`` over ``reps`` calls, ``flush()`` before each, timed
-    with events around the call alone (``do_bench``'s loop)."""
+    with events around the call alone (``do_bench``'s loop). ``spin_cycles`` > 0: after
+    each flush the GPU also spins that many clock cycles, touching no memory, so that
+    the host has issued the timed launches before they are due."""
     fn()
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for start, end in events:
         flush()
+        if spin_cycles:
+            torch.cuda._sleep(spin_cycles)
         start.record()
         fn()
         end.record()

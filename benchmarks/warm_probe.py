@@ -32,7 +32,7 @@ import torch
 
 from .kernel import _graph_time
 from .probe_common import library_plan, probe_main, write_rows
-from .read_floor_probe import FLUSH_BYTES
+from .read_floor_probe import FLUSH_BYTES, _event_loop as _flush_loop
 
 #: GPU clock cycles the spin before each timed region lasts.
 SPIN_CYCLES = 100_000
@@ -40,21 +40,10 @@ SPIN_CYCLES = 100_000
 REPEATS = 5
 
 
-def _event_loop(fn, flush, reps: int = 100) -> float:
-    """Median microseconds of ``fn`` over ``reps`` timed regions, each after ``flush()``
-    and a spin of :data:`SPIN_CYCLES`."""
-    fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        flush()
-        torch.cuda._sleep(SPIN_CYCLES)
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+def _event_loop(fn, flush) -> float:
+    """The read-floor probe's timing loop with a spin of :data:`SPIN_CYCLES` after
+    each flush."""
+    return _flush_loop(fn, flush, spin_cycles=SPIN_CYCLES)
 
 
 #: (tree, query heads, KV heads): the target-3 cases but the one out of reach, and
