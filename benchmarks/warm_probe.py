@@ -19,9 +19,9 @@ and partial buffers) and times, with the benchmark's flush before every timed re
 (their code and whatever else a launch brings in); ``kernels_warm - data_warm`` what
 fetching the call's data from memory (and writing back the dirty lines it displaces)
 costs over finding it in L2. Each time is the median of five repeats (alternating between
-the kinds of region) of a median over 100 timed regions; before each region the GPU also spins for ~50 us (touching no memory),
-so that the host has issued the region's launches before it starts (a region of two
-calls takes the host longer than the flush alone).
+the kinds of region) of a median over 100 timed regions. Before each region the GPU also
+spins for ~50 us (touching no memory), so that the host has issued the region's launches
+before it starts (a region of two calls takes the host longer than the flush alone).
 """
 
 from __future__ import annotations
@@ -79,11 +79,11 @@ def time_case(spec: str, hq: int, hk: int, dev, flush: torch.Tensor) -> dict:
                  graph=_graph_time(a, dev))
         for key, val in t.items():
             times.setdefault(key, []).append(val)
-    best = {key: statistics.median(vals) for key, vals in times.items()}
-    row = dict(case=spec, hq=hq, hk=hk, cold_us=best["cold"], graph_us=best["graph"],
-               kernels_warm_us=best["a_then_b"] - best["cold"],
-               data_warm_us=best["a_then_a"] - best["cold"],
-               after_other_us=best["x_then_b"] - best["x"], other_heads=list(other))
+    med = {key: statistics.median(vals) for key, vals in times.items()}
+    row = dict(case=spec, hq=hq, hk=hk, cold_us=med["cold"], graph_us=med["graph"],
+               kernels_warm_us=med["a_then_b"] - med["cold"],
+               data_warm_us=med["a_then_a"] - med["cold"],
+               after_other_us=med["x_then_b"] - med["x"], other_heads=list(other))
     row["kernels_part_us"] = row["cold_us"] - row["kernels_warm_us"]
     row["data_part_us"] = row["kernels_warm_us"] - row["data_warm_us"]
     return row
