@@ -570,6 +570,21 @@ def phase0_rows(out_path=None):
                  make_kwargs, out_path)
 
 
+#: Weights of the merge chain in the planner's KV-chunk estimate
+#: (``treecache.plan.AUTO_MERGE_WEIGHT``); the first is the reference (off).
+MERGE_WEIGHT_CONFIGS = (0.0, 4.0, 8.0)
+
+
+def merge_chain(out_path=None):
+    """The planner's KV-chunk choice with the merge chain weighed in
+    (:data:`MERGE_WEIGHT_CONFIGS`), every case, replayed and eager (:func:`_plans_sweep`):
+    plans whose requests collect many partials choose longer chunks."""
+    plan_module = importlib.import_module("treecache.plan")
+    _plans_sweep(MERGE_WEIGHT_CONFIGS, [f"merge weight {w:g}" for w in MERGE_WEIGHT_CONFIGS],
+                 lambda config, hq, hk: {}, out_path,
+                 setting=lambda config: _patched("AUTO_MERGE_WEIGHT", config, plan_module))
+
+
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
@@ -578,6 +593,7 @@ SWEEPS = (
     ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),
     ("split-sizes", split_sizes, "KV chunk lengths in both phases, every case"),
     ("phase0-rows", phase0_rows, "query-tile rows of the shared-prefix phase, every case"),
+    ("merge-chain", merge_chain, "the merge chain in the planner's KV-chunk estimate, every case"),
     ("chain", chain, "two phase launches chained (dependent launch) against before"),
     ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),
     ("small-tile-regs", small_tile_regs,

@@ -46,7 +46,7 @@ from kernels.plan_ops import (
     grow_tails_launcher,
     grow_tails_stack_launcher,
 )
-from kernels.tree_decode import MAX_BLOCK_M, tree_decode_launcher
+from kernels.tree_decode import MAX_BLOCK_M, stage2_blocks, tree_decode_launcher
 
 from .errors import PlanMismatchError, ShapeMismatchError, UnsupportedConfigError
 
@@ -78,6 +78,12 @@ AUTO_KV_CHUNKS = (1024, 512, 256, 128, 64)
 AUTO_SLOTS = 528
 AUTO_PROGRAM_STEPS = 4
 AUTO_PARTIAL_WEIGHT = 1.0
+#: The merge's serial chain in that estimate: the request with the most partials is
+#: merged in ceil(partials / partials per step) dependent steps (stage 2's shape,
+#: :func:`kernels.tree_decode.stage2_blocks`); every step beyond
+#: :data:`AUTO_MERGE_FREE_STEPS` adds :data:`AUTO_MERGE_WEIGHT` KV steps. 0: off.
+AUTO_MERGE_WEIGHT = 4.0
+AUTO_MERGE_FREE_STEPS = 2
 #: Plans whose groups hold more KV entries than this keep the rule without an estimate:
 #: of the benchmark's trees, the largest seed tree (280,000-420,000 entries), where the
 #: estimate would cost ~0.2 ms of the 2 ms planning target and would change the chunk
@@ -1243,7 +1249,28 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
         longest = np.ceil(np.minimum(length.max(), c[:, 0]) / kv[:, 0])
         work = (steps + AUTO_PROGRAM_STEPS * nv) * num_kv_heads / AUTO_SLOTS
         total += np.maximum(longest, work) + cost * (nch @ nreq)
+    if AUTO_MERGE_WEIGHT:
+        total += AUTO_MERGE_WEIGHT * _merge_chain_steps(groups, q_tiles, pairs,
+                                                        group * num_kv_heads)
     return total
+
+
+def _merge_chain_steps(groups: _Groups, q_tiles, pairs: np.ndarray, num_heads: int) -> np.ndarray:
+    """For each pair of chunk lengths (phase 0, phase 1) of ``pairs``: the merge steps of
+    the request with the most partials, less :data:`AUTO_MERGE_FREE_STEPS` (at least 0)."""
+    pr = groups.pair_req
+    if pr.size == 0:
+        return np.zeros(pairs.shape[0])
+    order = pr.argsort(kind="stable")
+    by_req = pr[order]
+    starts = np.flatnonzero(np.r_[True, by_req[1:] != by_req[:-1]])
+    ph1 = groups.nreq <= q_tiles[1]
+    chunk = np.where(ph1[None, :], pairs[:, 1:2], pairs[:, 0:1])  # [pairs, groups]
+    nch = np.ceil(groups.length[None, :] / chunk)
+    parts = np.add.reduceat(np.repeat(nch, groups.nreq, axis=1)[:, order], starts, axis=1)
+    # Stage 2's partials per step (its shape does not depend on the head dimension).
+    per_step = stage2_blocks(int(by_req[-1]) + 1, num_heads, 128)[1]
+    return np.maximum(np.ceil(parts.max(axis=1) / per_step) - AUTO_MERGE_FREE_STEPS, 0.0)
 
 
 def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarray,
