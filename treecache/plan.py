@@ -1166,6 +1166,7 @@ class _Groups:
 
     def __init__(self, topo: _Topology, assign: np.ndarray, chain_len: np.ndarray):
         b = topo.req_end.size
+        self.num_requests = b
         # Pairs (request, group node): the end node, plus the parent of every split-K
         # node on the path, i.e. the path entries above level 0 reached from a split-K node.
         keep = np.empty(topo.path_node.size, dtype=bool)
@@ -1223,7 +1224,8 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     phase the longer of its longest program's KV steps and its total KV steps (plus
     :data:`AUTO_PROGRAM_STEPS` per program) spread over :data:`AUTO_SLOTS` programs at a
     time, plus :data:`AUTO_PARTIAL_WEIGHT` per 8,448 partial rows x heads (132 SMs x 64
-    rows). Float arithmetic (exact for these integers), one pass over
+    rows), plus :data:`AUTO_MERGE_WEIGHT` per merge step (:func:`_merge_chain_steps`).
+    Float arithmetic (exact for these integers), one pass over
     ``[chunks, groups]`` per phase."""
     pairs = np.asarray(chunks, dtype=np.float64).reshape(-1, 2)
     ph1 = groups.nreq <= q_tiles[1]
@@ -1269,7 +1271,7 @@ def _merge_chain_steps(groups: _Groups, q_tiles, pairs: np.ndarray, num_heads: i
     nch = np.ceil(groups.length[None, :] / chunk)
     parts = np.add.reduceat(np.repeat(nch, groups.nreq, axis=1)[:, order], starts, axis=1)
     # Stage 2's partials per step (its shape does not depend on the head dimension).
-    per_step = stage2_blocks(int(by_req[-1]) + 1, num_heads, 128)[1]
+    per_step = stage2_blocks(groups.num_requests, num_heads, 128)[1]
     return np.maximum(np.ceil(parts.max(axis=1) / per_step) - AUTO_MERGE_FREE_STEPS, 0.0)
 
 
