@@ -1260,19 +1260,18 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
 def _merge_chain_steps(groups: _Groups, q_tiles, pairs: np.ndarray, num_heads: int) -> np.ndarray:
     """For each pair of chunk lengths (phase 0, phase 1) of ``pairs``: the merge steps of
     the request with the most partials, less :data:`AUTO_MERGE_FREE_STEPS` (at least 0)."""
-    pr = groups.pair_req
-    if pr.size == 0:
+    if groups.pair_req.size == 0:
         return np.zeros(pairs.shape[0])
-    order = pr.argsort(kind="stable")
-    by_req = pr[order]
-    starts = np.flatnonzero(np.r_[True, by_req[1:] != by_req[:-1]])
     ph1 = groups.nreq <= q_tiles[1]
-    chunk = np.where(ph1[None, :], pairs[:, 1:2], pairs[:, 0:1])  # [pairs, groups]
-    nch = np.ceil(groups.length[None, :] / chunk)
-    parts = np.add.reduceat(np.repeat(nch, groups.nreq, axis=1)[:, order], starts, axis=1)
+    most = np.empty(pairs.shape[0])
+    for i, (c0, c1) in enumerate(pairs):
+        # Each (request, group) pair contributes its group's chunk count.
+        nch = np.ceil(groups.length / np.where(ph1, c1, c0))
+        most[i] = np.bincount(groups.pair_req, weights=np.repeat(nch, groups.nreq),
+                              minlength=groups.num_requests).max()
     # Stage 2's partials per step (its shape does not depend on the head dimension).
     per_step = stage2_blocks(groups.num_requests, num_heads, 128)[1]
-    return np.maximum(np.ceil(parts.max(axis=1) / per_step) - AUTO_MERGE_FREE_STEPS, 0.0)
+    return np.maximum(np.ceil(most / per_step) - AUTO_MERGE_FREE_STEPS, 0.0)
 
 
 def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarray,
