@@ -29,8 +29,8 @@ import json
 import math
 from pathlib import Path
 
-from .kernel import (HEAD_DIM, TARGET1_SPEEDUP, TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO,
-                     TARGET3_MAX_ROOFLINE_US, TARGET3_US, _geomean)
+from .kernel import (TARGET1_SPEEDUP, TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO,
+                     TARGET3_MAX_ROOFLINE_US, TARGET3_US, _geomean, case_gflop)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KERNEL_JSON = RESULTS / "h100_kernel_v19.json"
@@ -78,8 +78,7 @@ def case_bounds(kernel: dict, probe: dict, launch: dict,
     out = []
     for r in kernel["results"]:
         nbytes = r["roofline_us"] * 1e-6 * bw
-        gflop = r.get("gflop") or 4 * r["hq"] * HEAD_DIM * r["logical_tokens"] / 1e9
-        compute = gflop * 1e9 / (rate_tflops * 1e12) * 1e6
+        compute = case_gflop(r) * 1e9 / (rate_tflops * 1e12) * 1e6
         read_e = read_floor_us(nbytes, eager_ladder, empty["eager_us"])
         read_g = read_floor_us(nbytes, graph_ladder, empty["graph_us"])
         eager, graph = max(read_e, compute), max(read_g, compute)

@@ -333,8 +333,7 @@ def run_case(name, nodes, hq, hk, device, dtype, with_baselines=True, ablations=
         res.update(_flat_ablation(inp, hq, hk, q, k, v, sm, ref, device))
         res.update(_rule_split_ablation(plan, inp, hq, hk, q, k, v, sm, device))
     res["roofline_us"] = roofline_bytes(st["unique_tokens"], b, hq, hk) / COPY_BW * 1e6
-    # Attention FLOPs (q.k and p.v over every request's whole path, 2 FLOPs a MAC).
-    flops = 4 * hq * HEAD_DIM * st["logical_tokens"]
+    flops = attention_flops(hq, st["logical_tokens"])
     res["gflop"] = flops / 1e9
     res["compute_floor_us"] = flops / TENSOR_PEAK * 1e6
     res["seed_us"] = SEED_US.get((name, (hq, hk)))
@@ -364,6 +363,18 @@ def roofline_bytes(unique_tokens: int, requests: int, hq: int, hk: int,
     return 2 * unique_tokens * hk * head_dim * 2 + 2 * requests * hq * head_dim * 2
 
 
+def attention_flops(hq: int, logical_tokens: int, head_dim: int = HEAD_DIM) -> int:
+    """Attention FLOPs of a decode call: q.k and p.v over every request's whole path
+    (``logical_tokens`` in all), 2 FLOPs a multiply-add."""
+    return 4 * hq * head_dim * logical_tokens
+
+
+def case_gflop(r: dict) -> float:
+    """A result row's attention GFLOP: its ``gflop``, else from its logical tokens (rows
+    written before the field)."""
+    return r.get("gflop") or attention_flops(r["hq"], r["logical_tokens"]) / 1e9
+
+
 def _geomean(xs):
     xs = [x for x in xs if x and x > 0 and math.isfinite(x)]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
@@ -391,7 +402,7 @@ def summarize(results):
                          f"{TARGET2_MIN_ROOFLINE_US:g} us = {worst:.2f}x (<= {TARGET2_RATIO:g}); "
                          f"cases over: {len(over)}")
             for r in big:
-                gflop = r.get("gflop") or 4 * r["hq"] * HEAD_DIM * r["logical_tokens"] / 1e9
+                gflop = case_gflop(r)
                 need = gflop * 1e3 / (TARGET2_RATIO * r["roofline_us"])
                 got = gflop * 1e3 / r["ours_us"]
                 lines.append(f"  {r['case'][:34]} {r['hq']}/{r['hk']}: {r['ours_us']:.1f} us = "
