@@ -17,6 +17,7 @@ import math
 import torch
 
 from treecache import FastTreeParams, fasttree_preparation, qkv_preparation
+from treecache import plan as plan_module
 from treecache.plan import DEFAULT_KV_SPLIT_SIZES
 from treecache.tree import generate_tree_from_spec
 
@@ -348,8 +349,6 @@ def finish(out_path=None):
     CUDA-graph replay (warm L2) and eager calls timed like the seed (``do_bench``, L2
     flushed), the slower of two alternating repeats; also the largest difference between
     the two outputs."""
-    from treecache import plan as plan_module
-
     dev = torch.device("cuda")
     rows = []
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
@@ -579,7 +578,6 @@ def merge_chain(out_path=None):
     """The planner's KV-chunk choice with the merge chain weighed in
     (:data:`MERGE_WEIGHT_CONFIGS`), every case, replayed and eager (:func:`_plans_sweep`):
     plans whose requests collect many partials choose longer chunks."""
-    plan_module = importlib.import_module("treecache.plan")
     _plans_sweep(MERGE_WEIGHT_CONFIGS, [f"merge weight {w:g}" for w in MERGE_WEIGHT_CONFIGS],
                  lambda config, hq, hk: {}, out_path,
                  setting=lambda config: _patched("AUTO_MERGE_WEIGHT", config, plan_module))
