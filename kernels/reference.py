@@ -93,6 +93,7 @@ def torch_tree_decode(
     direct: bool = False,
     needs_stage2: bool = True,
     finish: bool = False,
+    kv_mask: torch.Tensor | None = None,
     max_chunk_elems: int = 1 << 24,
 ) -> torch.Tensor:
     """Torch implementation of :func:`kernels.tree_decode.tree_decode` (same arguments).
@@ -100,7 +101,8 @@ def torch_tree_decode(
     ``vnode_slot0`` (a contiguity hint), ``direct``, ``needs_stage2`` and ``finish``
     (where the Triton kernels write outputs and merge partials) are accepted and change
     nothing here: every partial goes through the mid buffers and the merge, with the
-    same result.
+    same result. ``kv_mask`` (row masks of the kv entries) is applied as the kernel
+    applies it.
 
     Vnodes are processed in batches whose padded ``[rows, tokens, heads, dim]`` working
     set stays under ``max_chunk_elems`` elements, so memory stays bounded on large plans.
@@ -121,6 +123,7 @@ def torch_tree_decode(
         kv_start, kv_len = kv_start[order], kv_len[order]
         q_start, q_len = q_start[order], q_len[order]
         kv_idx_cpu = kv_indices.cpu().long()
+        mask_cpu = None if kv_mask is None else kv_mask.cpu().long()
         q_rows_cpu = mid_q_rows.cpu().long()
         kl, ql = kv_len.tolist(), q_len.tolist()
         v0 = 0
@@ -137,7 +140,7 @@ def torch_tree_decode(
             _torch_stage1_batch(
                 q, k, v, mid_o, mid_lse, kv_idx_cpu, q_rows_cpu,
                 kv_start[v0:v1], kv_len[v0:v1], q_start[v0:v1], q_len[v0:v1],
-                max(max_t, 1), max(max_q, 1), group, sm_scale, logit_cap,
+                max(max_t, 1), max(max_q, 1), group, sm_scale, logit_cap, mask_cpu,
             )
             v0 = v1
     _torch_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows)
@@ -146,8 +149,9 @@ def torch_tree_decode(
 
 def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
                         kv_start, kv_len, q_start, q_len, max_t, max_q, group,
-                        sm_scale, logit_cap):
-    """Stage 1 for a batch of vnodes (index arrays on the CPU), padded to the batch max."""
+                        sm_scale, logit_cap, kv_mask=None):
+    """Stage 1 for a batch of vnodes (index arrays on the CPU), padded to the batch max;
+    ``kv_mask``: the kv entries' row masks (int64 on the CPU), or None."""
     dev = q.device
     hk, d = k.shape[1], k.shape[2]
     t_ar = torch.arange(max_t, device="cpu")
@@ -168,7 +172,15 @@ def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
     vv = vv.permute(0, 2, 1, 3)
     s = torch.matmul(qq, kk.transpose(-1, -2)) * sm_scale  # [nv, Hk, Qm*G, T]
     s = softcap_logits(s, logit_cap) * LOG2E
-    s = s.masked_fill(~tok_ok.to(dev)[:, None, None, :], float("-inf"))
+    if kv_mask is None:
+        s = s.masked_fill(~tok_ok.to(dev)[:, None, None, :], float("-inf"))
+    else:
+        # Row r of a vnode attends entry j where bit min(r, 31) of its mask is set.
+        bits = kv_mask[pos]  # [nv, T]
+        row_bit = q_ar.clamp(max=31)
+        seen = ((bits[:, None, :] >> row_bit[None, :, None]) & 1).bool() & tok_ok[:, None, :]
+        seen = seen[:, :, None, :].expand(nv, qm, group, max_t).reshape(nv, 1, qm * group, max_t)
+        s = s.masked_fill(~seen.to(dev), float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp2(s - m)

@@ -129,10 +129,11 @@ def _tanh(x):
 @triton.jit
 def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
              stride_kt, stride_kh, stride_vt, stride_vh,
-             qk_scale, logit_cap, offs_d, d_ok,
+             qk_scale, logit_cap, offs_d, d_ok, KvMask, row_bit,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, USE_CAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-             UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr, OFF32: tl.constexpr):
+             UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr, OFF32: tl.constexpr,
+             HAS_MASK: tl.constexpr):
     """Online softmax of one tile of rows over ``kv_len`` KV slots.
 
     The slots are ``slot0, slot0 + 1, ...`` when ``slot0 >= 0`` (the index loads are
@@ -140,7 +141,9 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
     the kernel holds one set of pipeline buffers. ``OFF32``: every element offset of
     ``K`` and ``V`` fits in int32, so addresses are computed in 32-bit arithmetic.
     Without a padded head dimension (``HEAD_DIM == BLOCK_D``) the loads are masked
-    along the KV axis only.
+    along the KV axis only. ``HAS_MASK``: row ``r`` attends KV entry ``j`` only where
+    bit ``row_bit[r]`` of ``KvMask[kv_start + j]`` is set (a row may then see no entry
+    of a tile, or none at all: its output is 0 with an lse of -inf).
     """
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -174,10 +177,20 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
             s = logit_cap * _tanh(s * qk_scale / logit_cap) * 1.4426950408889634
         else:
             s = s * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if HAS_MASK:
+            bits = tl.load(KvMask + kv_start + n, mask=n_ok, other=0)
+            seen = ((bits[None, :] >> row_bit[:, None]) & 1) != 0
+            s = tl.where(seen & n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row that has seen no entry yet keeps m = -inf: exponents from 0 instead.
+            m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(Vh + (slot[:, None] * stride_vt + offs_d[None, :]), mask=v_mask,
                      other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -233,7 +246,7 @@ def _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
 def _stage1_vnode(
     vid, kv_head,
     Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-    KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+    KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0, KvMask,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
     qk_scale, logit_cap,
@@ -241,6 +254,7 @@ def _stage1_vnode(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr,
     DIRECT: tl.constexpr, OFF32: tl.constexpr, FINISH: tl.constexpr, PDL_WAIT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Stage 1 for vnode ``vid`` and one KV head (one tile shape).
 
@@ -276,7 +290,9 @@ def _stage1_vnode(
     acc, m_i, l_i = _kv_loop(
         q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
         stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, logit_cap, offs_d, d_ok,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, HAS_SLOT0, OFF32)
+        KvMask, tl.minimum(q_in_vnode, 31),
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, USE_CAP, DOT_PRECISION, UPCAST, HAS_SLOT0, OFF32,
+        HAS_MASK)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -311,7 +327,7 @@ def _stage1_vnode(
 @triton.jit
 def _stage1_kernel(
     Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-    KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+    KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0, KvMask,
     stride_qb, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
@@ -340,6 +356,7 @@ def _stage1_kernel(
     FINISH: tl.constexpr,
     PDL_WAIT: tl.constexpr,
     WAIT_AT_END: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     if PDL_TRIGGER:
         # Let stage 2 (a programmatic dependent launch) be scheduled now; it waits for
@@ -354,27 +371,27 @@ def _stage1_kernel(
         if pid < num_first:
             _stage1_vnode(
                 vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-                KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+                KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0, KvMask,
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT)
+                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK)
         else:
             _stage1_vnode(
                 vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-                KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+                KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0, KvMask,
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT)
+                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK)
     else:
         _stage1_vnode(
             vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-            KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0,
+            KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0, KvMask,
             stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-            HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT)
+            HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK)
     if WAIT_AT_END:
         # A programmatic dependent launch that reads nothing of the launch before it: it
         # runs beside that launch and only its end waits for it, so that this grid ends
@@ -514,6 +531,7 @@ def tree_decode_stage1(
     vnode_slot0: torch.Tensor | None = None,
     o: torch.Tensor | None = None,
     req_mid_len: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
 ) -> None:
     """Launch stage 1 for one phase, or for two adjacent phases in one launch.
 
@@ -541,10 +559,17 @@ def tree_decode_stage1(
         *Direct* mode: a query row whose request has exactly one partial
         (``req_mid_len[r] == 1``) is written to ``o`` instead of the mid buffers (run
         stage 2 with ``skip_single=True``, or not at all when every request has one).
+    kv_mask : int32 Tensor ``[len(kv_indices)]``, optional
+        Row masks: query ``i`` of a vnode attends the vnode's KV entry ``j`` only where
+        bit ``min(i, 31)`` of ``kv_mask[vnode_kv_start[v] + j]`` is set, so one vnode
+        may hold the queries of up to 32 requests over the union of their contexts
+        (entries every query attends carry -1). A query that sees none of its vnode's
+        entries gets an empty partial (log-sum-exp ``-inf``).
     """
     _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                      vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap,
-                     num_warps, num_stages, vnode_slot0, o, req_mid_len)(q, k, v, o)
+                     num_warps, num_stages, vnode_slot0, o, req_mid_len,
+                     kv_mask=kv_mask)(q, k, v, o)
 
 
 def _noop(q, k, v, o) -> None:
@@ -555,7 +580,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
                      vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap=0.0,
                      num_warps=None, num_stages=None, vnode_slot0=None, o=None,
                      req_mid_len=None, pdl=False, finish=None, pdl_wait=False,
-                     wait_at_end=False):
+                     wait_at_end=False, kv_mask=None):
     """Everything :func:`tree_decode_stage1` decides, done once: returns
     ``launch(q, k, v, o)``, which launches stage 1 for tensors of the same dtypes,
     shapes and strides as the ones given here (the other tensors are bound).
@@ -616,7 +641,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         parts = [_stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start,
                                   vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, ph,
                                   sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0, o,
-                                  req_mid_len, pdl) for ph in phases]
+                                  req_mid_len, pdl, kv_mask=kv_mask) for ph in phases]
 
         def launch_parts(q, k, v, o):
             for part in parts:
@@ -648,7 +673,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
         OFF32=_offsets_fit_int32(k) and _offsets_fit_int32(v), PDL_TRIGGER=bool(pdl),
         FINISH=finish is not None, PDL_WAIT=bool(pdl_wait), WAIT_AT_END=bool(wait_at_end),
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_MASK=kv_mask is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if pdl_wait or wait_at_end:
         consts["launch_pdl"] = True
@@ -661,7 +686,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         (q, k, v, mid_o, mid_lse, o if direct else q, count)
         + (tuple(finish) if finish is not None else (count, count))
         + (kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len,
-           mid_q_rows, slot0) + strides,
+           mid_q_rows, slot0, kv_mask if kv_mask is not None else kv_indices) + strides,
         consts, slots=(0, 1, 2, 5))
     if direct:
         return kernel
@@ -893,6 +918,7 @@ def tree_decode(
     direct: bool = False,
     needs_stage2: bool = True,
     finish: bool = False,
+    kv_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tree decode attention: stage 1 (one launch, or one per phase: see
     :func:`merge_phases`), then stage 2.
@@ -903,8 +929,9 @@ def tree_decode(
     every request with exactly one partial in the second): no stage 2; the second phase
     merges (see :func:`tree_decode_launcher`).
 
-    Writes ``o``. ``vnode_slot0`` is the optional contiguity hint of
-    :func:`tree_decode_stage1`; ``mid_o`` may be float32 or ``q``'s dtype.
+    Writes ``o``. ``vnode_slot0`` is the optional contiguity hint and ``kv_mask`` the
+    optional row masks of :func:`tree_decode_stage1`; ``mid_o`` may be float32 or
+    ``q``'s dtype.
 
     Shapes: ``q``, ``o`` ``[B, Hq, D]``; ``k``, ``v`` ``[S, Hk, D]`` with ``Hq % Hk == 0``;
     ``mid_o`` ``[R, Hq, D]`` float32 or ``q``'s dtype; ``mid_lse`` ``[R, Hq]`` float32,
@@ -918,7 +945,8 @@ def tree_decode(
             ("vnode_q_len", vnode_q_len), ("mid_q_rows", mid_q_rows),
             ("req_mid_start", req_mid_start), ("req_mid_len", req_mid_len),
             ("req_mid_rows", req_mid_rows),
-        ) + ((("vnode_slot0", vnode_slot0),) if vnode_slot0 is not None else ()):
+        ) + ((("vnode_slot0", vnode_slot0),) if vnode_slot0 is not None else ()) + (
+                (("kv_mask", kv_mask),) if kv_mask is not None else ()):
             _check_index(name, t, q.device)
     tree_decode_launcher(
         q, k, v, o, kv_indices=kv_indices, vnode_kv_start=vnode_kv_start,
@@ -926,7 +954,7 @@ def tree_decode(
         mid_q_rows=mid_q_rows, req_mid_start=req_mid_start, req_mid_len=req_mid_len,
         req_mid_rows=req_mid_rows, mid_o=mid_o, mid_lse=mid_lse, phases=phases,
         sm_scale=sm_scale, logit_cap=logit_cap, vnode_slot0=vnode_slot0, direct=direct,
-        needs_stage2=needs_stage2, finish=finish)(q, k, v, o)
+        needs_stage2=needs_stage2, finish=finish, kv_mask=kv_mask)(q, k, v, o)
     return o
 
 
@@ -955,6 +983,7 @@ def tree_decode_launcher(
     needs_stage2: bool = True,
     overlap: bool | None = None,
     finish: bool = False,
+    kv_mask: torch.Tensor | None = None,
 ):
     """Prepare every launch of :func:`tree_decode` once (launch grouping, tile and
     launch sizes, strides, compile-time constants) and return ``launch(q, k, v, o)``.
@@ -1004,7 +1033,7 @@ def tree_decode_launcher(
             req_mid_len=req_mid_len if writes_out else None,
             pdl=pdl and (i == 0 or with_stage2), wait_at_end=chained and i == 1,
             finish=(req_mid_start, req_mid_rows) if finishing else None,
-            pdl_wait=pdl and finishing)
+            pdl_wait=pdl and finishing, kv_mask=kv_mask)
 
     stage1 = [stage1_launcher(i, grp) for i, grp in enumerate(groups)]
     stage2 = None

@@ -47,8 +47,10 @@ def i32(values) -> torch.Tensor:
 class Case:
     """Index arrays for a list of vnodes, plus each request's slots for the oracle.
 
-    ``vnodes`` is a list of ``(query_rows, kv_slots)``; vnode ``v`` owns consecutive mid
-    rows. ``phases`` is a list of ``(first_vnode, num_vnodes, kv_tile)``; each phase's
+    ``vnodes`` is a list of ``(query_rows, kv_slots)`` or ``(query_rows, kv_slots,
+    masks)``, ``masks`` one row mask per slot (bit ``min(i, 31)``: query ``i`` of the
+    vnode attends the slot); with any masks the case passes ``kv_mask`` (-1 for
+    unmasked vnodes). Vnode ``v`` owns consecutive mid rows. ``phases`` is a list of ``(first_vnode, num_vnodes, kv_tile)``; each phase's
     ``q_tile`` is its largest vnode query count. ``spare_mid_rows`` extra rows are
     allocated past the used ones (they must stay untouched).
     """
@@ -58,10 +60,12 @@ class Case:
         self.num_requests = num_requests
         kv_indices, kv_start, kv_len = [], [], []
         q_start, q_len, mid_q_rows = [], [], []
-        for rows, slots in vnodes:
+        kv_mask = []
+        for rows, slots, *masks in vnodes:
             kv_start.append(len(kv_indices))
             kv_len.append(len(slots))
             kv_indices.extend(slots)
+            kv_mask.extend(masks[0] if masks else [-1] * len(slots))
             q_start.append(len(mid_q_rows))
             q_len.append(len(rows))
             mid_q_rows.extend(rows)
@@ -84,6 +88,10 @@ class Case:
             req_mid_start=i32(req_start), req_mid_len=i32(req_len),
             req_mid_rows=i32(req_mid_rows or [0]),
         )
+        if any(len(vn) == 3 for vn in vnodes):
+            # int32 bit patterns: bit 31 set reads as a negative number.
+            self.index["kv_mask"] = i32(m - (1 << 32) if m >= 1 << 31 else m
+                                        for m in (kv_mask or [0]))
         if phases is None:
             phases = [(0, len(vnodes), kv_tile)]
         self.phases = [
@@ -93,9 +101,11 @@ class Case:
         ]
         # What the oracle sees: each request attends the slots of all its vnodes.
         self.request_slots = [[] for _ in range(num_requests)]
-        for rows, slots in vnodes:
-            for r in rows:
-                self.request_slots[r].extend(slots)
+        for rows, slots, *masks in vnodes:
+            for i, r in enumerate(rows):
+                bit = 1 << min(i, 31)
+                self.request_slots[r].extend(
+                    s for j, s in enumerate(slots) if not masks or masks[0][j] & bit)
         self.spare = spare_mid_rows
 
     def run(self, impl, q, k, v, sm_scale, logit_cap=0.0, mid_dtype=torch.float32,
@@ -286,6 +296,42 @@ def test_two_phases_permuted_slots(impl):
     o, mid_o, mid_lse = case.run(impl, q, k, v, 0.125)
     ref = reference_decode(q, k, v, case.request_slots, 0.125)
     check_output(case, o, mid_o, mid_lse, ref, torch.float16)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_row_masks(impl, dtype):
+    # A masked vnode holds four requests over the union of their contexts: a prefix all
+    # attend, runs of one, two or three of them, and a run nobody attends. Request 3
+    # attends none of it (an empty partial there) and has a vnode of its own; a vnode of
+    # 40 queries without masks (rows past 31 read bit 31 of -1) shares the launch.
+    def bits(*rows):
+        return sum(1 << r for r in rows)
+
+    runs = [(list(range(0, 20)), bits(0, 1, 2)), (list(range(20, 30)), bits(0)),
+            (list(range(30, 45)), bits(1, 2)), (list(range(45, 47)), 0),
+            (list(range(47, 52)), bits(2))]
+    slots = [s_ for run, _ in runs for s_ in run]
+    masks = [m for run, m in runs for _ in run]
+    vnodes = [([0, 1, 2, 3], slots, masks), ([3], list(range(52, 60))),
+              (list(range(4, 44)), list(range(60, 75)))]
+    case = Case(vnodes, 44, kv_tile=16)
+    assert case.request_slots[0] == list(range(0, 30))
+    assert case.request_slots[2] == list(range(0, 20)) + list(range(30, 45)) + list(range(47, 52))
+    assert case.request_slots[3] == list(range(52, 60))
+    q, k, v = make_qkv(44, 75, 4, 2, 32, dtype, seed=12)
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.2)
+    ref = reference_decode(q, k, v, case.request_slots, 0.2)
+    check_output(case, o, mid_o, mid_lse, ref, dtype)
+    # Request 3's partial in the masked vnode is empty: lse -inf.
+    assert torch.isneginf(mid_lse[3]).all()
+    # Without masks the same vnodes give other outputs (the masks are applied).
+    unmasked = dict(case.index)
+    del unmasked["kv_mask"]
+    o2 = torch.full_like(q, float("nan"))
+    IMPLS[impl](q, k, v, o2, mid_o=mid_o.clone(), mid_lse=mid_lse.clone(),
+                phases=case.phases, sm_scale=0.2, **unmasked)
+    assert rel_err(o2[:3], ref[:3]) > 10 * TOL[dtype]
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
