@@ -583,6 +583,26 @@ def merge_chain(out_path=None):
                  setting=lambda config: _patched("AUTO_MERGE_WEIGHT", config, plan_module))
 
 
+#: (FUSE_PHASE1, FINISH_MIN_GROUP) of the fusion sweep.
+FUSE_CONFIGS = [(False, plan_module.FINISH_MIN_GROUP), (True, plan_module.FINISH_MIN_GROUP),
+                (True, 1)]
+
+
+@contextlib.contextmanager
+def _fuse_setting(config):
+    with _patched("FUSE_PHASE1", config[0], plan_module), \
+            _patched("FINISH_MIN_GROUP", config[1], plan_module):
+        yield
+
+
+def fuse(out_path=None):
+    """Phase-1 groups fused into masked vnodes (:data:`treecache.plan.FUSE_PHASE1`) against
+    unfused plans, and fused with the merge in phase 1 at every GQA group, every case,
+    replayed and eager (:func:`_plans_sweep`)."""
+    _plans_sweep(FUSE_CONFIGS, ["unfused", "fused", "fused, finish at any group"],
+                 lambda config, hq, hk: {}, out_path, setting=_fuse_setting)
+
+
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
@@ -591,6 +611,7 @@ SWEEPS = (
     ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),
     ("split-sizes", split_sizes, "KV chunk lengths in both phases, every case"),
     ("phase0-rows", phase0_rows, "query-tile rows of the shared-prefix phase, every case"),
+    ("fuse", fuse, "phase-1 groups fused into masked vnodes against unfused, every case"),
     ("merge-chain", merge_chain, "the merge chain in the planner's KV-chunk estimate, every case"),
     ("chain", chain, "two phase launches chained (dependent launch) against before"),
     ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),

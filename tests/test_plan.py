@@ -70,12 +70,19 @@ def plan_slots(plan: DecodePlan) -> list[list[int]]:
     """Sorted KV slots each request attends through the plan's vnodes."""
     # The device copy: GPU plans may expand their kv entries there only.
     kv = plan.buffers.dev_view("kv_indices", plan.num_kv_entries).cpu().numpy()
+    mask = (plan.buffers.dev_view("kv_mask", plan.num_kv_entries).cpu().numpy()
+            if plan.masked else None)
     mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
     out = [[] for _ in range(plan.num_requests)]
     for ks, kl, qs, ql in vnode_table(plan):
         slots = kv[ks:ks + kl].tolist()
-        for j in range(qs, qs + ql):
-            out[mid_q_rows[j]] += slots
+        for i, j in enumerate(range(qs, qs + ql)):
+            if mask is None:
+                out[mid_q_rows[j]] += slots
+            else:
+                # A masked plan: query i of the vnode attends entries with bit min(i, 31).
+                seen = (mask[ks:ks + kl] >> min(i, 31)) & 1
+                out[mid_q_rows[j]] += [x for x, m in zip(slots, seen) if m]
     return [sorted(s) for s in out]
 
 
@@ -113,6 +120,8 @@ def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
              ("req_mid_start", b), ("req_mid_len", b)]
     if plan.buffers.dev is plan.buffers.host or inp.node_tokens is not None:
         names.append(("kv_indices", plan.num_kv_entries))
+    if plan.masked:
+        names.append(("kv_mask", plan.num_kv_entries))
     for name, n in names:
         assert plan.buffers.dev_view(name, n).cpu().tolist() == host(plan, name, n), name
     # A contiguity hint is a promise: the vnode's slots are slot0, slot0 + 1, ... In the
@@ -522,10 +531,12 @@ def test_flat_plan_one_partial_per_request():
 
 def expected_finish(plan: DecodePlan, group: int) -> bool:
     """Whether a plan may merge in phase 1, from its tables: two phases, a group of at
-    least FINISH_MIN_GROUP, FINISH_MIN_PROGRAMS to FINISH_MAX_PROGRAMS programs in phase 1,
+    least FINISH_MIN_GROUP or a fused (masked) phase 1, FINISH_MIN_PROGRAMS to FINISH_MAX_PROGRAMS programs in phase 1,
     and every request with exactly one mid row in phase 1."""
     live = [ph for ph in plan.phases if ph.num_vnodes]
-    if len(live) != 2 or not plan_module.FINISH_MIN_GROUP or group < plan_module.FINISH_MIN_GROUP:
+    if len(live) != 2 or not plan_module.FINISH_MIN_GROUP:
+        return False
+    if group < plan_module.FINISH_MIN_GROUP and not plan.masked:
         return False
     programs = live[1].num_vnodes * plan.num_kv_heads
     if programs < (plan_module.FINISH_MIN_PROGRAMS or 0):
@@ -1170,3 +1181,95 @@ def test_upload_expands_runs_where_the_device_buffer_lives():
     for name, m in (("vnode_kv_start", plan.num_vnodes), ("vnode_kv_len", plan.num_vnodes),
                     ("vnode_slot0", plan.num_vnodes), ("mid_q_rows", plan.num_mid_rows)):
         assert torch.equal(plan.tensors()[name][:m], cpu.tensors()[name][:m]), name
+
+
+# ---------------------------------------------------------- fused phase 1
+
+
+def phase1_partials(plan: DecodePlan) -> np.ndarray:
+    """Mid rows of every request in the plan's last phase."""
+    mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
+    counts = np.zeros(plan.num_requests, dtype=np.int64)
+    last = plan.phases[-1]
+    for _, _, qs, ql in vnode_table(plan)[last.vnode_offset:]:
+        for j in range(qs, qs + ql):
+            counts[mid_q_rows[j]] += 1
+    return counts
+
+
+# Levels of 16-token nodes: with the default tiles (FastTreeParams.for_heads) the top
+# levels are phase 0 and the groups below them each give a request a phase-1 partial.
+DEEP_SPEC = "1,2,4,8,16,128 16,16,16,16,16,16"
+
+
+def deep_input() -> PlanInput:
+    from treecache.fasttree import tree_plan_input
+    from treecache.tree import generate_tree_from_spec, kv_ptrs
+
+    nodes = generate_tree_from_spec(DEEP_SPEC)
+    return tree_plan_input(nodes, kv_ptrs(nodes))
+
+
+@pytest.mark.parametrize("node_tokens", [False, True], ids=["seed-layout", "slot-table"])
+def test_fused_phase1_one_partial_per_request(monkeypatch, node_tokens):
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    inp = deep_input()
+    if node_tokens:
+        inp = attrs.evolve(inp, node_tokens=np.random.default_rng(3).permutation(
+            int(inp.seqlen.sum())).astype(np.int32))
+    monkeypatch.setattr(plan_module, "FUSE_PHASE1", False)
+    plain = build(inp, group=1, hk=2, params=None)
+    monkeypatch.setattr(plan_module, "FUSE_PHASE1", True)
+    fused = build(inp, group=1, hk=2, params=None)  # check_plan: every request sees its path once
+    assert not plain.masked and fused.masked
+    assert len(plain.phases) == len(fused.phases) == 2
+    assert phase1_partials(plain).max() >= 2
+    assert (phase1_partials(fused) == 1).all()
+    assert fused.num_vnodes < plain.num_vnodes
+    # Phase 0 is untouched; fused vnodes hold at most the phase's q tile (<= 32).
+    assert fused.phases[0] == plain.phases[0]
+    assert fused.phases[1].q_tile <= 32
+    # The masks: -1 outside fused vnodes; inside, each entry is attended by someone.
+    mask = host(fused, "kv_mask", fused.num_kv_entries)
+    assert all(m == -1 for m in mask[:vnode_table(fused)[fused.phases[1].vnode_offset][0]])
+    assert all(m != 0 for m in mask)
+    # Fused plans merge in phase 1 at every group (the program bounds allow it here).
+    assert fused.finish == expected_finish(fused, 1)
+
+
+def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
+    inp = deep_input()
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 10 ** 6)
+    assert not build(inp, params=None).masked
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    assert build(inp, params=None).masked
+    # Growth headroom: tails must stay one request's vnodes.
+    grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
+    plan = build(grow, headroom=4, params=None)
+    assert not plan.masked and (plan.tail_vnode >= 0).any()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_plan_matches_reference(monkeypatch, backend):
+    from kernels.backend import interpreter_enabled
+
+    on_gpu = torch.cuda.is_available() and not interpreter_enabled()
+    if backend == "triton" and not (on_gpu or interpreter_enabled()):
+        pytest.skip("Triton needs a GPU or the interpreter")
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    inp = deep_input()
+    dev = torch.device("cuda" if on_gpu else "cpu")
+    plan = build_plan(inp, num_qo_heads=2, num_kv_heads=2, head_dim=32, device=dev)
+    assert plan.masked
+    g = torch.Generator().manual_seed(21)
+    b, s = inp.req_end.size, int(inp.seqlen.sum())
+    q = torch.randn(b, 2, 32, generator=g).to(dev, torch.float16)
+    k = torch.randn(s, 2, 32, generator=g).to(dev, torch.float16)
+    v = torch.randn(s, 2, 32, generator=g).to(dev, torch.float16)
+    o = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o, backend=backend)
+    slots = [torch.as_tensor(p, device=dev) for p in expected_paths(inp)]
+    ref = reference_decode(q, k, v, slots, 1 / math.sqrt(32))
+    assert not torch.isnan(o).any()
+    err = ((o.float() - ref).norm() / ref.norm()).item()
+    assert err <= 2e-3

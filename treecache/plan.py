@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import attrs
 import numpy as np
@@ -111,7 +111,8 @@ SHORT_KV_MAX_MEAN = 20
 SHORT_KV_MAX_GROUP = 4
 #: Plans whose two phases give every request exactly one partial in phase 1 merge in
 #: phase 1 instead of a stage-2 launch (:attr:`DecodePlan.finish`) when their GQA group
-#: has at least this many query heads per KV head (None or 0: never) and phase 1 has
+#: has at least this many query heads per KV head or their phase 1 is fused
+#: (:data:`FUSE_PHASE1`; None or 0: never) and phase 1 has
 #: between :data:`FINISH_MIN_PROGRAMS` and :data:`FINISH_MAX_PROGRAMS` programs (vnodes
 #: x KV heads). Measured on an H100 against stage 2 (``python -m benchmarks.sweep
 #: --finish``, benchmarks/RESULTS.md, v15, two runs): 16/1 plans of 256-1024 phase-1
@@ -127,6 +128,23 @@ FINISH_MIN_PROGRAMS = 128
 #: A larger phase 1 keeps stage 2 (the 32/8 plans of 8192 phase-1 programs above).
 #: None or 0: no bound.
 FINISH_MAX_PROGRAMS = 4096
+#: Fuse phase-1 groups that share requests into one masked vnode each (a plan without
+#: growth headroom; False: never). The phase-1 groups of a request (its leaf, and the
+#: nodes above it whose other children the cost model split off) each give it a
+#: partial; a fused vnode holds the requests of such a set of groups (at most the
+#: phase's q tile, at most 32) over all their chains, every kv entry with a mask of the
+#: queries that attend it, so each of its requests has one partial in phase 1. Fused
+#: are sets of at least two groups whose chains hold at most the phase's KV chunk.
+#: Such plans merge in phase 1 (:data:`FINISH_MIN_GROUP`). Measured on an H100
+#: (``python -m benchmarks.sweep --fuse``, benchmarks/RESULTS.md, v20): the six deep
+#: 32/32 seed trees 0.88-0.92x replayed and 0.89-0.93x eager, two deep 32/8 trees
+#: 0.97x; without the merge in phase 1 (stage 2 merging two partials a request)
+#: 1.02-1.04x slower at 32/32. No other plan of the 51 cases is fused.
+FUSE_PHASE1 = True
+#: Fusion is skipped where it would leave phase 1 fewer programs (vnodes x KV heads)
+#: than this (the fused plans measured had 2,048; a guard against a phase of a few long
+#: programs, not a measured bound). None or 0: no bound.
+FUSE_MIN_PROGRAMS = 1024
 
 
 def _default_tsqs() -> list[int]:
@@ -316,8 +334,10 @@ class PlanBuffers:
             self.offsets[name] = off
             off += caps[name]
         self.offsets["kv_indices"] = off
-        self.caps = dict(caps, kv_indices=self.cap_kv)
-        total = off + self.cap_kv
+        # Row masks of a masked plan's kv entries (DecodePlan.masked), one per entry.
+        self.offsets["kv_mask"] = off + self.cap_kv
+        self.caps = dict(caps, kv_indices=self.cap_kv, kv_mask=self.cap_kv)
+        total = off + 2 * self.cap_kv
         pin = self.device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int32, device="cpu", pin_memory=pin)
         self.host_np = self.host.numpy()
@@ -400,8 +420,10 @@ class PlanBuffers:
             self.dev.index_copy_(0, packed[n:n + m], packed[n + m:].view(torch.int32)[:m])
         return None if prefix is None else packed[:n]
 
-    def upload(self, kv_used: int, runs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Copy the small regions and the first ``kv_used`` kv entries to the device.
+    def upload(self, kv_used: int, runs: tuple[np.ndarray, np.ndarray] | None = None,
+               masks: bool = False) -> None:
+        """Copy the small regions and the first ``kv_used`` kv entries to the device
+        (``masks``: their row masks too).
 
         ``runs=(starts, lens)``: the kv entries are the runs ``arange(s, s + l)`` one after
         the other, expanded where the device buffer lives: in the staging buffer on the
@@ -419,6 +441,9 @@ class PlanBuffers:
         else:
             end = self._stage_runs(*runs)
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
+        if masks and kv_used:
+            m0 = self.offsets["kv_mask"]
+            self.dev[m0:m0 + kv_used].copy_(self.host[m0:m0 + kv_used], non_blocking=True)
         if self.device.type == "cuda":
             if self._uploaded is None:
                 self._uploaded = torch.cuda.Event()
@@ -530,6 +555,10 @@ class DecodePlan:
     #: first half of each float32 row of ``buffers.mid_o``: half the partial traffic);
     #: other dtypes, or ``False``, keep float32 partials. See :data:`HALF_PARTIALS`.
     half_partials: bool = True
+    #: Some phase-1 vnodes hold several requests over the union of their contexts, each
+    #: kv entry with a mask of the queries that attend it (``kv_mask``; see
+    #: :data:`FUSE_PHASE1`).
+    masked: bool = False
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
@@ -573,6 +602,8 @@ class DecodePlan:
             mid_o=b.mid_o,
             mid_lse=b.mid_lse,
         )
+        if self.masked:
+            t["kv_mask"] = b.dev_view("kv_mask")
         self._tensor_cache = (b.generation, t)
         return t
 
@@ -1205,6 +1236,62 @@ class _Tiling:
         self.par = [x * int(num_kv_heads) for x in self.nv_phase]
 
 
+class _EffTiling(NamedTuple):
+    """What :func:`_materialise` reads of a :class:`_Tiling` after phase-1 fusion."""
+
+    phase1: np.ndarray
+    nch: np.ndarray
+    nv_phase: tuple
+    par: list
+
+
+def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int):
+    """Sets of phase-1 groups to fuse into masked vnodes (see :data:`FUSE_PHASE1`), or
+    None when no set qualifies.
+
+    A request's phase-1 groups lie on its path; the one with the most requests holds
+    all requests of every phase-1 group linked to it through shared requests (the
+    groups below it reached through split-K edges), so it names the set. Returns
+    ``(eff, rep, seg_bits)``: the new group of every group (sets first by their
+    naming group's id, the others keep their order), the group each new group takes
+    its requests and tiles from, and every group's mask (its requests' bits among
+    its set's requests in that group's order; -1 outside the sets)."""
+    ng = groups.node.size
+    ph1 = tiling.phase1
+    nreq = groups.nreq
+    pair_g = np.arange(ng, dtype=np.int64).repeat(nreq)
+    sel = ph1[pair_g]
+    if not sel.any():
+        return None
+    pg, pr = pair_g[sel], groups.pair_req[sel]
+    # Per request, its phase-1 group with the most requests (ties: the lowest id).
+    order = np.lexsort((pg, -nreq[pg], pr))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = pr[order][1:] != pr[order][:-1]
+    top_of_req = np.full(b, -1, dtype=np.int64)
+    top_of_req[pr[order][first]] = pg[order][first]
+    top = np.full(ng, -1, dtype=np.int64)
+    top[pg] = top_of_req[pr]
+    members = np.bincount(top[top >= 0], minlength=ng)
+    total = np.bincount(top[top >= 0], weights=groups.length[top >= 0], minlength=ng)
+    ok = (members >= 2) & (total <= tiling.split) & ph1 & (nreq <= 32)
+    in_set = (top >= 0) & ok[np.maximum(top, 0)]
+    if not in_set.any():
+        return None
+    # New groups: each set under its naming group's id, every other group alone.
+    key = np.where(in_set, top, np.arange(ng))
+    rep, eff = np.unique(key, return_inverse=True)
+    # Bits: a request's position among its set's requests (the naming group's order).
+    local = np.zeros(b, dtype=np.int64)
+    own = (pair_g == top_of_req[groups.pair_req]) & ok[pair_g]
+    at = own.nonzero()[0]
+    local[groups.pair_req[at]] = at - groups.req_start[pair_g[at]]
+    bits = np.left_shift(np.int64(1), local[groups.pair_req])
+    # Every group holds at least one request: its pairs are one non-empty run.
+    seg_bits = np.where(in_set, np.bitwise_or.reduceat(bits, groups.req_start), -1)
+    return eff.astype(np.int64), rep.astype(np.int64), seg_bits.astype(np.int64)
+
+
 def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes) -> np.ndarray:
     """Phase 1's KV tile for vnodes holding ``tokens`` KV entries in all, ``vnodes`` of
     them (numbers or arrays, elementwise): :data:`SHORT_KV_TILE` where they average at
@@ -1591,12 +1678,6 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         grow_g[tail_g] = headroom
     grown = tail_req is not None and tail_req.size > 0
 
-    # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom.
-    span = length + grow_g if grown else length
-    kv_end = np.add.accumulate(span)
-    kv_total = int(kv_end[-1]) if ng else 0
-    kv_base = kv_end - span
-
     # Chain nodes of each group, top (oldest ancestor) first: walk up the split-Q edges
     # (assign is 0/1, read as bool), one level per pass, then sort the entries by group.
     # The levels are concatenated top level first, so the stable sort keeps each chain
@@ -1619,6 +1700,50 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         cg, cn = cg[order], cn[order]
     seg_len = seqlen[cn]
     seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
+    pair_req, req_start = groups.pair_req, groups.req_start
+    seg_mask = None
+    if FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32:
+        fused = _fuse_phase1(groups, tiling, b)
+        if fused is not None:
+            eff, rep, _ = fused
+            is_set = np.bincount(eff, minlength=rep.size) > 1
+            ph1_rep = tiling.phase1[rep]
+            n1_fused = int(np.where(is_set, 1, nv_g[rep])[ph1_rep].sum())
+            if n1_fused * hk < (FUSE_MIN_PROGRAMS or 0):
+                fused = None
+        if fused is not None:
+            # The fused sets become groups: one chunk, one q tile, their chains one
+            # after the other (the groups' segments re-sorted by their new group).
+            eff, rep, seg_bits = fused
+            ng = rep.size
+            gid = np.arange(ng, dtype=np.int64)
+            seg_mask = seg_bits[cg]
+            cg = eff[cg]
+            order = cg.argsort(kind="stable")
+            cg, cn, seg_len, seg_start, seg_mask = (
+                cg[order], cn[order], seg_len[order], seg_start[order], seg_mask[order])
+            length = np.bincount(cg, weights=seg_len, minlength=ng).astype(np.int64)
+            nreq = nreq[rep]
+            is_set = np.bincount(eff, minlength=ng) > 1
+            split_g = np.where(is_set, np.maximum(length, 1), split_g[rep])
+            qt_g = qt_g[rep]
+            nch = -(-length // split_g)
+            nqt = nqt[rep]
+            nv_g = nch * nqt
+            phase1 = tiling.phase1[rep]
+            n1 = int(nv_g[phase1].sum())
+            n0 = int(nv_g.sum()) - n1
+            nv = n0 + n1
+            par = [n0 * hk, n1 * hk]
+            pair_req = groups.pair_req
+            req_start = req_start[rep]
+            tiling = _EffTiling(phase1, nch, (n0, n1), par)
+
+    # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom.
+    span = length + grow_g if grown else length
+    kv_end = np.add.accumulate(span)
+    kv_total = int(kv_end[-1]) if ng else 0
+    kv_base = kv_end - span
 
     # Vnodes: (group, kv chunk, q tile), phase-0 groups first (a stable order by phase),
     # so the vnode arrays come out in launch order. within: index among the group's vnodes.
@@ -1642,12 +1767,12 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     q_off = v_tile * qt_v
     v_q_start = mid_base[v_g] + v_chunk * nreq_v + q_off
     v_q_len = np.minimum(qt_v, nreq_v - q_off)
-    if nmid == groups.pair_req.size:  # one chunk per group: the rows are the pairs
-        mid_q_rows = groups.pair_req
+    if seg_mask is None and nmid == pair_req.size:  # one chunk per group: the pairs
+        mid_q_rows = pair_req
     else:
         m_g = gid.repeat(rows_g)
         m_off = np.arange(nmid, dtype=np.int64) - mid_base[m_g]
-        mid_q_rows = groups.pair_req[groups.req_start[m_g] + m_off % nreq[m_g]]
+        mid_q_rows = pair_req[req_start[m_g] + m_off % nreq[m_g]]
 
     v_slot0 = _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g if grown else None,
                                 v_g, v_kv_start, v_kv_len)
@@ -1666,7 +1791,10 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     single = req_cnt == 1
     req_start = np.add.accumulate(req_cnt) - req_cnt
     finish = False
-    if (FINISH_MIN_GROUP and hq // max(hk, 1) >= FINISH_MIN_GROUP and n0 and n1
+    # Fused (masked) phase-1 vnodes merge their rows' partials side by side, so such
+    # plans finish at every GQA group.
+    if (FINISH_MIN_GROUP and (hq // max(hk, 1) >= FINISH_MIN_GROUP or seg_mask is not None)
+            and n0 and n1
             and n1 * hk >= (FINISH_MIN_PROGRAMS or 0)
             and (not FINISH_MAX_PROGRAMS or n1 * hk <= FINISH_MAX_PROGRAMS)):
         # Every request with exactly one partial in phase 1: phase 1 merges (no stage 2).
@@ -1720,7 +1848,10 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             kv_host[dest] = chain_tokens
         else:
             kv_host[:] = chain_tokens
-    buffers.upload(kv_total, runs=runs)
+    if seg_mask is not None:
+        # Each segment's entries carry its mask (int32: bit 31 wraps to the sign bit).
+        hv("kv_mask", kv_total)[:] = np.repeat(seg_mask, seg_len).astype(np.int32)
+    buffers.upload(kv_total, runs=runs, masks=seg_mask is not None)
     buffers.serial += 1
 
     return DecodePlan(
@@ -1734,5 +1865,5 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         vnode_kv_len_host=v_kv_len.copy(), generation=buffers.generation,
         serial=buffers.serial, direct=bool(single.any()),
         needs_stage2=not bool(single.all()) if b else True, finish=finish,
-        half_partials=HALF_PARTIALS,
+        half_partials=HALF_PARTIALS, masked=seg_mask is not None,
     )
