@@ -195,7 +195,8 @@ def _ablations(plan, q, k, v, sm, device):
                                   t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
                                   t["vnode_q_len"], t["mid_q_rows"], grp, sm,
                                   vnode_slot0=t["vnode_slot0"], o=o if plan.direct else None,
-                                  req_mid_len=t["req_mid_len"] if plan.direct else None)
+                                  req_mid_len=t["req_mid_len"] if plan.direct else None,
+                                  kv_mask=t.get("kv_mask"))
         if plan.needs_stage2 or not plan.direct:
             td.tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
                                   t["req_mid_len"], t["req_mid_rows"], skip_single=plan.direct)

@@ -245,7 +245,11 @@ def _default_configs(group: int):
     return [(1, 1.0), (2, 1.0), (4, 1.0)]
 
 
-if __name__ == "__main__":
+def main(argv=None):
     from benchmarks.probe_common import probe_main
 
-    probe_main(run, __doc__)
+    probe_main(run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -35,7 +35,7 @@ def last_phase_call(plan, q, k, v, sm_scale: float):
         td.tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
                               t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
                               t["vnode_q_len"], t["mid_q_rows"], last, sm_scale,
-                              vnode_slot0=t["vnode_slot0"])
+                              vnode_slot0=t["vnode_slot0"], kv_mask=t.get("kv_mask"))
 
     return call, last
 

@@ -60,7 +60,8 @@ def phase0(out_path=None):
                 us = triton.testing.do_bench(lambda: td.tree_decode_stage1(
                     q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"], t["vnode_kv_start"],
                     t["vnode_kv_len"], t["vnode_q_start"], t["vnode_q_len"], t["mid_q_rows"],
-                    ph, 0.088, num_warps=warps, num_stages=stages), return_mode="median") * 1e3
+                    ph, 0.088, num_warps=warps, num_stages=stages, kv_mask=t.get("kv_mask")),
+                    return_mode="median") * 1e3
             except Exception:  # noqa: BLE001 - out of resources
                 us = None
             res.append((us or 1e9, rows0, warps, stages))
@@ -583,23 +584,25 @@ def merge_chain(out_path=None):
                  setting=lambda config: _patched("AUTO_MERGE_WEIGHT", config, plan_module))
 
 
-#: (FUSE_PHASE1, FINISH_MIN_GROUP) of the fusion sweep.
-FUSE_CONFIGS = [(False, plan_module.FINISH_MIN_GROUP), (True, plan_module.FINISH_MIN_GROUP),
-                (True, 1)]
+#: Planner settings of the fusion sweep (treecache.plan attributes), the first the
+#: unfused plans.
+FUSE_CONFIGS = [dict(FUSE_PHASE1=False), {}, dict(FUSE_PACK=True, FUSE_MIN_PROGRAMS=0)]
 
 
 @contextlib.contextmanager
 def _fuse_setting(config):
-    with _patched("FUSE_PHASE1", config[0], plan_module), \
-            _patched("FINISH_MIN_GROUP", config[1], plan_module):
+    with contextlib.ExitStack() as stack:
+        for name, value in config.items():
+            stack.enter_context(_patched(name, value, plan_module))
         yield
 
 
 def fuse(out_path=None):
-    """Phase-1 groups fused into masked vnodes (:data:`treecache.plan.FUSE_PHASE1`) against
-    unfused plans, and fused with the merge in phase 1 at every GQA group, every case,
-    replayed and eager (:func:`_plans_sweep`)."""
-    _plans_sweep(FUSE_CONFIGS, ["unfused", "fused", "fused, finish at any group"],
+    """Phase-1 groups fused into masked vnodes (:data:`treecache.plan.FUSE_PHASE1`, the
+    default) against unfused plans, and with single-request groups packed too
+    (``FUSE_PACK``, no program bound), every case, replayed and eager
+    (:func:`_plans_sweep`)."""
+    _plans_sweep(FUSE_CONFIGS, ["unfused", "fused", "fused and packed"],
                  lambda config, hq, hk: {}, out_path, setting=_fuse_setting)
 
 

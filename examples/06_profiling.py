@@ -76,7 +76,8 @@ def main():
         nbytes = 2 * tokens * hk * d * esz + rows * hq * d * (esz + psz) + rows * hq * 4
         us = bench(lambda ph=ph: tree_decode_stage1(
             q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"], t["vnode_kv_start"],
-            t["vnode_kv_len"], t["vnode_q_start"], t["vnode_q_len"], t["mid_q_rows"], ph, sm),
+            t["vnode_kv_len"], t["vnode_q_start"], t["vnode_q_len"], t["mid_q_rows"], ph, sm,
+            vnode_slot0=t["vnode_slot0"], kv_mask=t.get("kv_mask")),
             device)
         total_us += us
         total_bytes += nbytes

@@ -24,6 +24,9 @@ Index arrays (all int32, on the device of ``q``):
 * ``vnode_slot0[v]`` (optional hint): ``>= 0`` when vnode ``v``'s slots are the contiguous
   run ``vnode_slot0[v] + [0, kv_len[v])``; stage 1 then computes the slots instead of
   loading them. ``kv_indices`` must hold the same slots either way.
+* ``kv_mask[j]`` (optional row masks): query ``i`` of a vnode attends its KV entry ``j``
+  only where bit ``min(i, 31)`` is set (-1: every query), so that one vnode may hold
+  several requests over the union of their contexts.
 
 Partial outputs (``mid_o``) are float32 or the dtype of ``q`` (plans use float16 for
 float16 inputs, else float32); their log-sum-exps (``mid_lse``) are always float32.

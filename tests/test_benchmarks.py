@@ -70,6 +70,7 @@ def test_quick_run_writes_results(tmp_path):
                                     "benchmarks.cascade_probe",
                                     "benchmarks.read_floor_probe",
                                     "benchmarks.warm_probe",
+                                    "benchmarks.masked_probe",
                                     "benchmarks.floor_bound"])
 def test_benchmark_modules_import(module):
     import importlib
@@ -174,3 +175,38 @@ def test_stored_results_are_never_faster_than_their_floor():
         assert b["ours_graph_us"] >= b["graph_floor_us"]
         if b["seed_us"]:
             assert b["seed_us"] >= b["eager_floor_us"]
+
+
+@pytest.mark.parametrize("reqs, weight", [(2, 1.0), (4, 0.25), (4, 100.0)])
+def test_masked_probe_plans_match_the_reference(reqs, weight):
+    # The probe's masked plans (groups of requests over the union of their contexts,
+    # shared nodes by the weight rule) give every request its path, through the torch
+    # implementation of the kernels with the plan's masks.
+    import math
+
+    import torch
+
+    from benchmarks.masked_probe import masked_plan
+    from kernels import Phase, reference_decode, torch_tree_decode
+    from treecache.fasttree import tree_plan_input
+    from treecache.plan import path_token_indices
+    from treecache.tree import generate_tree_from_spec, kv_ptrs
+
+    nodes = generate_tree_from_spec("1,2,8 32,16,4")
+    inp = tree_plan_input(nodes, kv_ptrs(nodes))
+    arrays, phases, info = masked_plan(inp, 4, 2, reqs, weight, head_dim=16)
+    assert info["masked_vnodes"] == -(-8 // reqs)
+    assert isinstance(phases[-1], Phase)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(8, 4, 16, generator=g)
+    k = torch.randn(int(inp.seqlen.sum()), 2, 16, generator=g)
+    v = torch.randn_like(k)
+    t = {name: torch.as_tensor(a, dtype=torch.int32) for name, a in arrays.items()}
+    o = torch.full_like(q, float("nan"))
+    rows = int(arrays["mid_q_rows"].size)
+    torch_tree_decode(q, k, v, o, mid_o=torch.empty(rows, 4, 16),
+                      mid_lse=torch.empty(rows, 4), phases=phases, sm_scale=0.25, **t)
+    slots = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
+    ref = reference_decode(q, k, v, [torch.from_numpy(s) for s in slots], 0.25)
+    assert ((o - ref).norm() / ref.norm()).item() < 1e-5
+    assert not math.isnan(o.sum().item())

@@ -212,6 +212,8 @@ def test_overlapped_phases_match_sequential_launches(cuda, monkeypatch, chain):
     launches, eager and replayed, on the caller's stream and on another one, and
     ordered against work queued before and after."""
     nodes, q, k, v, ptrs, slots = _spec_inputs("1,256 300,24", 32, 32, cuda)
+    # Unfused (packing would make it a plan that merges in phase 1).
+    monkeypatch.setattr(tc.plan, "FUSE_PHASE1", False)
     meta, _ = tc.fasttree_preparation(nodes, ptrs, q.shape[0], 32, 32, 128, device=cuda)
     plan = meta.plan
     assert len([ph for ph in plan.phases if ph.num_vnodes]) == 2

@@ -373,10 +373,13 @@ CHOICE_TREES = ["1,2,64 8,256,32", "1,256 256,32", "1,10 4000,400", "1,4,16,512 
 
 @pytest.mark.parametrize("spec", CHOICE_TREES)
 @pytest.mark.parametrize("hq, hk", [(32, 32), (32, 8), (16, 1)])
-def test_chunk_length_chosen_by_the_estimate(spec, hq, hk):
+def test_chunk_length_chosen_by_the_estimate(monkeypatch, spec, hq, hk):
     # kv_split_sizes=None: the plan is the rule's, or the plan with one chunk length for
     # both phases, whichever the estimate (recomputed here from each built plan) rates
-    # lower; the rule wins ties, the shorter chunk loses ties.
+    # lower; the rule wins ties, the shorter chunk loses ties. The choice is made on
+    # the cost model's groups, before any fusion of phase 1: plans unfused here, so
+    # that their tables are those groups'.
+    monkeypatch.setattr(plan_module, "FUSE_PHASE1", False)
     from treecache.tree import generate_tree_from_spec, kv_ptrs
     from treecache.fasttree import tree_plan_input
 
@@ -1273,3 +1276,41 @@ def test_fused_plan_matches_reference(monkeypatch, backend):
     assert not torch.isnan(o).any()
     err = ((o.float() - ref).norm() / ref.norm()).item()
     assert err <= 2e-3
+
+
+@settings(max_examples=100, deadline=None)
+@given(forests(), st.booleans())
+def test_random_forests_fused_and_packed(case, pack):
+    # Every fusion the planner may make keeps each request's path once (check_plan reads
+    # the masks), with sets of one to many groups and packed single-request groups.
+    inp, group, kwargs = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+        mp.setattr(plan_module, "FUSE_PACK_MIN_PROGRAMS", 0)
+        mp.setattr(plan_module, "FUSE_PACK", pack)
+        plan = build(inp, group=group, hk=1, **kwargs)
+    if plan.masked:
+        mask = np.asarray(host(plan, "kv_mask", plan.num_kv_entries))
+        assert (mask != 0).all()
+        assert plan.finish == expected_finish(plan, group)
+
+
+def test_packed_leaves_share_vnodes(monkeypatch):
+    # 40 leaves of one request under a shared root: packing puts q_tile of them in a
+    # vnode (16 at group 1), each leaf's entries masked to its own request.
+    inp = plan_input([-1] + [0] * 40, [100] + [5] * 40, list(range(1, 41)))
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    monkeypatch.setattr(plan_module, "FUSE_PACK_MIN_PROGRAMS", 0)
+    monkeypatch.setattr(plan_module, "FUSE_PACK", False)
+    plain = build(inp, params=None, **NO_ADJUST)
+    monkeypatch.setattr(plan_module, "FUSE_PACK", True)
+    packed = build(inp, params=None, **NO_ADJUST)
+    assert not plain.masked and packed.masked
+    assert plain.phases[-1].num_vnodes == 40
+    assert packed.phases[-1].num_vnodes == 3  # 16 + 16 + 8 requests
+    # Outside the program bounds nothing packs.
+    monkeypatch.setattr(plan_module, "FUSE_PACK_MAX_PROGRAMS", 2)
+    assert not build(inp, params=None, **NO_ADJUST).masked
+    mask = host(packed, "kv_mask", packed.num_kv_entries)
+    off = vnode_table(packed)[packed.phases[-1].vnode_offset][0]
+    assert mask[off:off + 10] == [1] * 5 + [2] * 5

@@ -76,7 +76,9 @@ class FastTreeMetadata(tuple):
     (request of every mid row), ``vnode_to_q_offs``/``_lens``, ``req_to_vnode_entries``
     (mid rows of every request), ``req_to_vnode_offs``/``_lens``, ``mid_o`` ``[rows, Hq, D]``
     float32, ``mid_lse`` ``[rows, Hq]`` float32 (base-2), ``phase_node_nums`` and
-    ``phase_node_offsets`` (lists of two ints).
+    ``phase_node_offsets`` (lists of two ints). A masked plan (``plan.masked``) also
+    reads row masks of the kv entries (``plan.tensors()["kv_mask"]``), which the 13
+    entries do not hold; :func:`fasttree_decode` applies them.
     """
 
     plan: DecodePlan

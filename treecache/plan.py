@@ -145,6 +145,19 @@ FUSE_PHASE1 = True
 #: than this (the fused plans measured had 2,048; a guard against a phase of a few long
 #: programs, not a measured bound). None or 0: no bound.
 FUSE_MIN_PROGRAMS = 1024
+#: Also pack phase-1 groups of one request each (leaves whose chains hold at most the
+#: phase's KV chunk / q tile) a q tile at a time into masked vnodes (see
+#: :func:`_fuse_phase1`) where the fused phase 1 then has from
+#: :data:`FUSE_PACK_MIN_PROGRAMS` to :data:`FUSE_PACK_MAX_PROGRAMS` programs (instead
+#: of the :data:`FUSE_MIN_PROGRAMS` bound); elsewhere fuse without packing. Measured on an H100 (``python -m benchmarks.sweep
+#: --fuse``, benchmarks/RESULTS.md, v20), packed against fused plans: the nine plans of
+#: 256-1024 packed phase-1 programs 0.70-1.02x replayed (`1,256 256,32` 32/8 29.9 ->
+#: 20.8 us, `1,4,16,512 1024,256,128,32` 32/32 172.3 -> 160.4), those of 2048 0.96-1.12x
+#: (`1,1024 2048,32` 32/8 171 -> 191 us), hence the upper bound (fitted on that
+#: sweep); the lower one is the smallest measured (no smaller plan packs).
+FUSE_PACK = True
+FUSE_PACK_MIN_PROGRAMS = 256
+FUSE_PACK_MAX_PROGRAMS = 1024
 
 
 def _default_tsqs() -> list[int]:
@@ -1241,29 +1254,37 @@ class _EffTiling(NamedTuple):
 
     phase1: np.ndarray
     nch: np.ndarray
-    nv_phase: tuple
-    par: list
 
 
-def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int):
+def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bool):
     """Sets of phase-1 groups to fuse into masked vnodes (see :data:`FUSE_PHASE1`), or
     None when no set qualifies.
 
     A request's phase-1 groups lie on its path; the one with the most requests holds
     all requests of every phase-1 group linked to it through shared requests (the
-    groups below it reached through split-K edges), so it names the set. Returns
-    ``(eff, rep, seg_bits)``: the new group of every group (sets first by their
-    naming group's id, the others keep their order), the group each new group takes
-    its requests and tiles from, and every group's mask (its requests' bits among
-    its set's requests in that group's order; -1 outside the sets)."""
+    groups below it reached through split-K edges): it names their *component*. A
+    component of at least two groups whose chains hold at most the phase's KV chunk is
+    a set; with ``pack`` (:data:`FUSE_PACK`), components of one group of one request whose chain
+    holds at most the chunk / ``q_tile`` are packed ``q_tile`` at a time, in group
+    order. Returns ``(eff, rep, seg_bits, rows, row_start, row_len)``: the new group
+    of every group (each set under its first naming group's id, the others keep
+    theirs), the group each new group takes its tiles from, every group's mask (its
+    requests' bits among its set's rows; -1 outside the sets), and the new groups'
+    requests (``rows[row_start[e] : row_start[e] + row_len[e]]``)."""
     ng = groups.node.size
+    gid = np.arange(ng, dtype=np.int64)
     ph1 = tiling.phase1
     nreq = groups.nreq
-    pair_g = np.arange(ng, dtype=np.int64).repeat(nreq)
+    pair_g = gid.repeat(nreq)
     sel = ph1[pair_g]
     if not sel.any():
         return None
     pg, pr = pair_g[sel], groups.pair_req[sel]
+    packable = (ph1 & (nreq == 1) & (groups.length * q_tile <= tiling.split)
+                if pack and q_tile > 1 else None)
+    if (np.bincount(pr, minlength=b).max() < 2
+            and (packable is None or np.count_nonzero(packable) < 2)):
+        return None  # no request has two phase-1 groups, and nothing to pack
     # Per request, its phase-1 group with the most requests (ties: the lowest id).
     order = np.lexsort((pg, -nreq[pg], pr))
     first = np.ones(order.size, dtype=bool)
@@ -1272,24 +1293,41 @@ def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int):
     top_of_req[pr[order][first]] = pg[order][first]
     top = np.full(ng, -1, dtype=np.int64)
     top[pg] = top_of_req[pr]
-    members = np.bincount(top[top >= 0], minlength=ng)
-    total = np.bincount(top[top >= 0], weights=groups.length[top >= 0], minlength=ng)
-    ok = (members >= 2) & (total <= tiling.split) & ph1 & (nreq <= 32)
-    in_set = (top >= 0) & ok[np.maximum(top, 0)]
+    has_top = top >= 0
+    members = np.bincount(top[has_top], minlength=ng)
+    total = np.bincount(top[has_top], weights=groups.length[has_top], minlength=ng)
+    is_top = has_top & (top == gid)
+    # Set of every naming group (-1: none), numbered by the set's first naming group.
+    set_of = np.full(ng, -1, dtype=np.int64)
+    multi = is_top & (members >= 2) & (total <= tiling.split) & (nreq <= 32)
+    set_of[multi] = gid[multi]
+    if packable is not None:
+        single = (is_top & (members == 1) & packable).nonzero()[0]
+        if single.size > 1:
+            set_of[single] = single[(np.arange(single.size) // q_tile) * q_tile]
+    in_set = has_top & (set_of[np.maximum(top, 0)] >= 0)
     if not in_set.any():
         return None
-    # New groups: each set under its naming group's id, every other group alone.
-    key = np.where(in_set, top, np.arange(ng))
+    key = np.where(in_set, set_of[np.maximum(top, 0)], gid)
     rep, eff = np.unique(key, return_inverse=True)
-    # Bits: a request's position among its set's requests (the naming group's order).
+    # The new groups' rows: a set's naming groups' requests one after the other, every
+    # other group's own.
+    src = (~in_set | (is_top & in_set)).nonzero()[0]
+    src = src[np.argsort(eff[src], kind="stable")]
+    rows = groups.pair_req[_expand_ranges(groups.req_start[src], nreq[src])]
+    row_len = np.bincount(eff[src], weights=nreq[src], minlength=rep.size).astype(np.int64)
+    row_start = np.add.accumulate(row_len) - row_len
+    # Bits: a request's position among its set's rows.
+    pos = np.arange(rows.size, dtype=np.int64) - row_start.repeat(row_len)
     local = np.zeros(b, dtype=np.int64)
-    own = (pair_g == top_of_req[groups.pair_req]) & ok[pair_g]
-    at = own.nonzero()[0]
-    local[groups.pair_req[at]] = at - groups.req_start[pair_g[at]]
+    e_of_row = np.arange(rep.size).repeat(row_len)
+    set_row = np.bincount(eff[in_set], minlength=rep.size)[e_of_row] > 0
+    local[rows[set_row]] = pos[set_row]
     bits = np.left_shift(np.int64(1), local[groups.pair_req])
     # Every group holds at least one request: its pairs are one non-empty run.
     seg_bits = np.where(in_set, np.bitwise_or.reduceat(bits, groups.req_start), -1)
-    return eff.astype(np.int64), rep.astype(np.int64), seg_bits.astype(np.int64)
+    return (eff.astype(np.int64), rep.astype(np.int64), seg_bits.astype(np.int64),
+            rows.astype(np.int64), row_start, row_len)
 
 
 def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes) -> np.ndarray:
@@ -1703,18 +1741,34 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     pair_req, req_start = groups.pair_req, groups.req_start
     seg_mask = None
     if FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32:
-        fused = _fuse_phase1(groups, tiling, b)
-        if fused is not None:
-            eff, rep, _ = fused
+        fused = None
+        packs = (False,)
+        if FUSE_PACK and q_tiles[1] > 1:
+            # Packing at most shrinks phase 1 to a q tile's share of its vnodes: try it
+            # only where that can land within its program bounds.
+            lo = -(-int(nv_g[tiling.phase1].sum()) // int(q_tiles[1])) * hk
+            hi = int(nv_g[tiling.phase1].sum()) * hk
+            if (lo <= (FUSE_PACK_MAX_PROGRAMS or lo)
+                    and hi >= (FUSE_PACK_MIN_PROGRAMS or 0)):
+                packs = (True, False)
+        for pack in packs:
+            fused = _fuse_phase1(groups, tiling, b, int(q_tiles[1]), pack)
+            if fused is None:
+                continue
+            eff, rep = fused[:2]
             is_set = np.bincount(eff, minlength=rep.size) > 1
-            ph1_rep = tiling.phase1[rep]
-            n1_fused = int(np.where(is_set, 1, nv_g[rep])[ph1_rep].sum())
-            if n1_fused * hk < (FUSE_MIN_PROGRAMS or 0):
+            programs = int(np.where(is_set, 1, nv_g[rep])[tiling.phase1[rep]].sum()) * hk
+            if pack and not ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
+                             <= (FUSE_PACK_MAX_PROGRAMS or programs)):
+                fused = None  # outside the measured range: try without packing
+            elif not pack and programs < (FUSE_MIN_PROGRAMS or 0):
                 fused = None
+            else:
+                break
         if fused is not None:
             # The fused sets become groups: one chunk, one q tile, their chains one
             # after the other (the groups' segments re-sorted by their new group).
-            eff, rep, seg_bits = fused
+            eff, rep, seg_bits, pair_req, req_start, nreq = fused
             ng = rep.size
             gid = np.arange(ng, dtype=np.int64)
             seg_mask = seg_bits[cg]
@@ -1723,21 +1777,18 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             cg, cn, seg_len, seg_start, seg_mask = (
                 cg[order], cn[order], seg_len[order], seg_start[order], seg_mask[order])
             length = np.bincount(cg, weights=seg_len, minlength=ng).astype(np.int64)
-            nreq = nreq[rep]
             is_set = np.bincount(eff, minlength=ng) > 1
             split_g = np.where(is_set, np.maximum(length, 1), split_g[rep])
             qt_g = qt_g[rep]
             nch = -(-length // split_g)
-            nqt = nqt[rep]
+            nqt = -(-nreq // qt_g)
             nv_g = nch * nqt
             phase1 = tiling.phase1[rep]
             n1 = int(nv_g[phase1].sum())
             n0 = int(nv_g.sum()) - n1
             nv = n0 + n1
             par = [n0 * hk, n1 * hk]
-            pair_req = groups.pair_req
-            req_start = req_start[rep]
-            tiling = _EffTiling(phase1, nch, (n0, n1), par)
+            tiling = _EffTiling(phase1, nch)
 
     # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom.
     span = length + grow_g if grown else length
