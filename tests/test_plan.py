@@ -1253,17 +1253,20 @@ def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fused_plan_matches_reference(monkeypatch, backend):
+@pytest.mark.parametrize("finish", [False, True], ids=["stage2", "finish"])
+def test_fused_plan_matches_reference(monkeypatch, backend, finish):
+    # A fused plan merged by stage 2, or by its masked phase 1 (the finishing launch).
     from kernels.backend import interpreter_enabled
 
     on_gpu = torch.cuda.is_available() and not interpreter_enabled()
     if backend == "triton" and not (on_gpu or interpreter_enabled()):
         pytest.skip("Triton needs a GPU or the interpreter")
     monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    monkeypatch.setattr(plan_module, "FINISH_MIN_PROGRAMS", 0 if finish else 10 ** 6)
     inp = deep_input()
     dev = torch.device("cuda" if on_gpu else "cpu")
     plan = build_plan(inp, num_qo_heads=2, num_kv_heads=2, head_dim=32, device=dev)
-    assert plan.masked
+    assert plan.masked and plan.finish == finish
     g = torch.Generator().manual_seed(21)
     b, s = inp.req_end.size, int(inp.seqlen.sum())
     q = torch.randn(b, 2, 32, generator=g).to(dev, torch.float16)

@@ -139,7 +139,8 @@ FINISH_MAX_PROGRAMS = 4096
 #: (``python -m benchmarks.sweep --fuse``, benchmarks/RESULTS.md, v20): the six deep
 #: 32/32 seed trees 0.88-0.92x replayed and 0.89-0.93x eager, two deep 32/8 trees
 #: 0.97x; without the merge in phase 1 (stage 2 merging two partials a request)
-#: 1.02-1.04x slower at 32/32. No other plan of the 51 cases is fused.
+#: 1.02-1.04x slower at 32/32. Without :data:`FUSE_PACK` no other plan of the 51 cases
+#: is fused; with it nine more are packed.
 FUSE_PHASE1 = True
 #: Fusion is skipped where it would leave phase 1 fewer programs (vnodes x KV heads)
 #: than this (the fused plans measured had 2,048; a guard against a phase of a few long
