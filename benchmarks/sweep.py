@@ -584,9 +584,11 @@ def merge_chain(out_path=None):
                  setting=lambda config: _patched("AUTO_MERGE_WEIGHT", config, plan_module))
 
 
-#: Planner settings of the fusion sweep (treecache.plan attributes), the first the
-#: unfused plans.
-FUSE_CONFIGS = [dict(FUSE_PHASE1=False), {}, dict(FUSE_PACK=True, FUSE_MIN_PROGRAMS=0)]
+#: Planner settings of the fusion sweep (treecache.plan attributes): unfused plans,
+#: fused ones without packing, and fused and packed ones without program bounds (the
+#: settings of ``h100_v20_pack_sweep.json``).
+FUSE_CONFIGS = [dict(FUSE_PHASE1=False), dict(FUSE_PACK=False),
+                dict(FUSE_MIN_PROGRAMS=0, FUSE_PACK_MIN_PROGRAMS=0, FUSE_PACK_MAX_PROGRAMS=None)]
 
 
 @contextlib.contextmanager
@@ -598,10 +600,10 @@ def _fuse_setting(config):
 
 
 def fuse(out_path=None):
-    """Phase-1 groups fused into masked vnodes (:data:`treecache.plan.FUSE_PHASE1`, the
-    default) against unfused plans, and with single-request groups packed too
-    (``FUSE_PACK``, no program bound), every case, replayed and eager
-    (:func:`_plans_sweep`)."""
+    """Phase-1 groups fused into masked vnodes (:data:`treecache.plan.FUSE_PHASE1`)
+    without packing, and with single-request groups packed too (``FUSE_PACK``) with no
+    program bounds, against unfused plans, every case, replayed and eager
+    (:func:`_plans_sweep`). The default plans are one of the last two per case."""
     _plans_sweep(FUSE_CONFIGS, ["unfused", "fused", "fused and packed"],
                  lambda config, hq, hk: {}, out_path, setting=_fuse_setting)
 
