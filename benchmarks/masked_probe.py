@@ -32,19 +32,14 @@ SHARED_CHUNK = 1024
 
 def _dfs_order(parent: np.ndarray) -> np.ndarray:
     """Preorder position of every node (children in id order)."""
-    n = parent.size
-    children = [[] for _ in range(n)]
+    from treecache.tree import _preorder
+
+    children = [[] for _ in range(parent.size)]
     roots = []
     for i, p in enumerate(parent.tolist()):
         (children[p] if p >= 0 else roots).append(i)
-    pos = np.empty(n, dtype=np.int64)
-    stack = roots[::-1]
-    k = 0
-    while stack:
-        x = stack.pop()
-        pos[x] = k
-        k += 1
-        stack.extend(children[x][::-1])
+    pos = np.empty(parent.size, dtype=np.int64)
+    pos[_preorder(roots, children)] = np.arange(parent.size)
     return pos
 
 
@@ -56,6 +51,7 @@ def masked_plan(inp, hq: int, hk: int, reqs_per_vnode: int, weight: float,
     time; a node becomes a shared vnode when ``weight`` x the bytes its re-reads by
     further groups would cost exceed its requests' partial bytes (write and read)."""
     from kernels.tree_decode import Phase
+    from treecache.plan import _walk_paths
 
     group = hq // hk
     parent = np.asarray(inp.parent, dtype=np.int64)
@@ -63,28 +59,23 @@ def masked_plan(inp, hq: int, hk: int, reqs_per_vnode: int, weight: float,
     tok_ptr = np.asarray(inp.tok_ptr, dtype=np.int64)
     req_end = np.asarray(inp.req_end, dtype=np.int64)
     b = req_end.size
+    n = parent.size
     pos = _dfs_order(parent)
     order = np.argsort(pos[req_end], kind="stable")
-    paths = []
-    for r in range(b):
-        x, path = int(req_end[r]), []
-        while x >= 0:
-            path.append(x)
-            x = int(parent[x])
-        paths.append(path[::-1])
     gsize = int(reqs_per_vnode)
     groups = [order[i:i + gsize] for i in range(0, b, gsize)]
+    # (request, node) for every node of every request's path; each request's group.
+    path_req, path_node, _ = _walk_paths(parent, req_end)
+    group_of = np.empty(b, dtype=np.int64)
+    group_of[order] = np.arange(b) // gsize
     # Requests through each node and groups that hold it.
-    nq = np.zeros(parent.size, dtype=np.int64)
-    ng = np.zeros(parent.size, dtype=np.int64)
-    for g in groups:
-        seen = set()
-        for r in g.tolist():
-            for x in paths[r]:
-                nq[x] += 1
-                seen.add(x)
-        for x in seen:
-            ng[x] += 1
+    nq = np.bincount(path_node, minlength=n)
+    ng = np.bincount(np.unique(group_of[path_req] * n + path_node) % n, minlength=n)
+    # Each request's path nodes, root first.
+    paths = [[] for _ in range(b)]
+    for r, x in zip(path_req.tolist(), path_node.tolist()):
+        paths[r].append(x)
+    paths = [p[::-1] for p in paths]
     reread = (ng - 1) * seqlen * 2 * head_dim * 2 * hk
     partial = nq * hq * (head_dim * 2 + 4) * 2
     shared = (ng > 1) & (weight * reread > partial) & (seqlen > 0)
@@ -175,12 +166,6 @@ def masked_call(arrays, phases, q, k, v, o, sm_scale: float, half: bool = True):
     return call
 
 
-def _rel_err(o, ref):
-    if torch.isnan(o).any():
-        return float("nan")
-    return ((o.float() - ref).norm() / ref.norm()).item()
-
-
 def run(out_path=None, cases=None, configs=None):
     from benchmarks import kernel as bk
     from benchmarks.probe_common import write_rows
@@ -211,7 +196,7 @@ def run(out_path=None, cases=None, configs=None):
             meta.plan.run(q, k, v, o, sm_scale=sm, backend=backend, check=False)
 
         lib()
-        row = dict(case=name, hq=hq, hk=hk, requests=b, lib_err=_rel_err(o, ref),
+        row = dict(case=name, hq=hq, hk=hk, requests=b, lib_err=bk.rel_err(o, ref),
                    lib_us=bk._bench(lib, dev), lib_graph_us=bk._graph_time(lib, dev))
         group = hq // hk
         for reqs, weight in (configs or _default_configs(group)):
@@ -222,7 +207,7 @@ def run(out_path=None, cases=None, configs=None):
             o.fill_(float("nan"))
             call()
             key = f"masked_r{reqs}_w{weight:g}"
-            row[key] = dict(info, err=_rel_err(o, ref), us=bk._bench(call, dev),
+            row[key] = dict(info, err=bk.rel_err(o, ref), us=bk._bench(call, dev),
                             graph_us=bk._graph_time(call, dev))
         rows.append(row)
         best = min((v_ for k_, v_ in row.items() if k_.startswith("masked_")),

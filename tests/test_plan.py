@@ -532,6 +532,17 @@ def test_flat_plan_one_partial_per_request():
     assert_both_backends_match_reference(plan, inp, num_slots=53, seed=3)
 
 
+def phase1_partials(plan: DecodePlan) -> np.ndarray:
+    """Mid rows of every request in the plan's last phase."""
+    mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
+    counts = np.zeros(plan.num_requests, dtype=np.int64)
+    last = plan.phases[-1]
+    for _, _, qs, ql in vnode_table(plan)[last.vnode_offset:]:
+        for j in range(qs, qs + ql):
+            counts[mid_q_rows[j]] += 1
+    return counts
+
+
 def expected_finish(plan: DecodePlan, group: int) -> bool:
     """Whether a plan may merge in phase 1, from its tables: two phases, a group of at
     least FINISH_MIN_GROUP or a fused (masked) phase 1, FINISH_MIN_PROGRAMS to FINISH_MAX_PROGRAMS programs in phase 1,
@@ -546,12 +557,7 @@ def expected_finish(plan: DecodePlan, group: int) -> bool:
         return False
     if plan_module.FINISH_MAX_PROGRAMS and programs > plan_module.FINISH_MAX_PROGRAMS:
         return False
-    mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
-    counts = [0] * plan.num_requests
-    for _, _, qs, ql in vnode_table(plan)[live[1].vnode_offset:]:
-        for j in range(qs, qs + ql):
-            counts[mid_q_rows[j]] += 1
-    return all(c == 1 for c in counts)
+    return bool((phase1_partials(plan) == 1).all())
 
 
 @pytest.mark.parametrize("group,rule,programs,most,finish",
@@ -1187,17 +1193,6 @@ def test_upload_expands_runs_where_the_device_buffer_lives():
 
 
 # ---------------------------------------------------------- fused phase 1
-
-
-def phase1_partials(plan: DecodePlan) -> np.ndarray:
-    """Mid rows of every request in the plan's last phase."""
-    mid_q_rows = host(plan, "mid_q_rows", plan.num_mid_rows)
-    counts = np.zeros(plan.num_requests, dtype=np.int64)
-    last = plan.phases[-1]
-    for _, _, qs, ql in vnode_table(plan)[last.vnode_offset:]:
-        for j in range(qs, qs + ql):
-            counts[mid_q_rows[j]] += 1
-    return counts
 
 
 # Levels of 16-token nodes: with the default tiles (FastTreeParams.for_heads) the top

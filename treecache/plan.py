@@ -1747,8 +1747,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         if FUSE_PACK and q_tiles[1] > 1:
             # Packing at most shrinks phase 1 to a q tile's share of its vnodes: try it
             # only where that can land within its program bounds.
-            lo = -(-int(nv_g[tiling.phase1].sum()) // int(q_tiles[1])) * hk
             hi = int(nv_g[tiling.phase1].sum()) * hk
+            lo = -(-hi // (int(q_tiles[1]) * hk)) * hk
             if (lo <= (FUSE_PACK_MAX_PROGRAMS or lo)
                     and hi >= (FUSE_PACK_MIN_PROGRAMS or 0)):
                 packs = (True, False)
@@ -1757,6 +1757,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             if fused is None:
                 continue
             eff, rep = fused[:2]
+            # New groups of two or more old ones: one vnode each.
             is_set = np.bincount(eff, minlength=rep.size) > 1
             programs = int(np.where(is_set, 1, nv_g[rep])[tiling.phase1[rep]].sum()) * hk
             if pack and not ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
@@ -1778,7 +1779,6 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             cg, cn, seg_len, seg_start, seg_mask = (
                 cg[order], cn[order], seg_len[order], seg_start[order], seg_mask[order])
             length = np.bincount(cg, weights=seg_len, minlength=ng).astype(np.int64)
-            is_set = np.bincount(eff, minlength=ng) > 1
             split_g = np.where(is_set, np.maximum(length, 1), split_g[rep])
             qt_g = qt_g[rep]
             nch = -(-length // split_g)

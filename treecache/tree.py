@@ -880,22 +880,29 @@ def tree_stats(nodes: Sequence[KVTreeNode]) -> dict[str, int | float]:
     }
 
 
+def _preorder(roots: Sequence[int], children: Sequence[Sequence[int]]) -> list[int]:
+    """Node ids in depth-first preorder: each root in turn, then its subtrees, children
+    in the order given."""
+    out: list[int] = []
+    stack = list(reversed(roots))
+    while stack:
+        v = stack.pop()
+        out.append(v)
+        stack.extend(reversed(children[v]))
+    return out
+
+
 def _tidy_layout(topo: _Topology) -> tuple[list[float], list[int]]:
     """x (leaves at 0, 1, 2, ... in depth-first order; parents centred) and depth."""
     n = len(topo.parent)
-    preorder: list[int] = []
-    stack = list(reversed(topo.roots))
-    while stack:
-        v = stack.pop()
-        preorder.append(v)
-        stack.extend(reversed(topo.children[v]))
+    order = _preorder(topo.roots, topo.children)
     x = [0.0] * n
     next_leaf = 0
-    for v in preorder:
+    for v in order:
         if not topo.children[v]:
             x[v] = float(next_leaf)
             next_leaf += 1
-    for v in reversed(preorder):
+    for v in reversed(order):
         kids = topo.children[v]
         if kids:
             x[v] = (x[kids[0]] + x[kids[-1]]) / 2
