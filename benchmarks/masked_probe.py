@@ -133,6 +133,7 @@ def masked_plan(inp, hq: int, hk: int, reqs_per_vnode: int, weight: float,
     arrays = {k: np.asarray(a, dtype=np.int64) for k, a in arrays.items()}
     info = dict(shared_nodes=int(shared.sum()), shared_vnodes=n0, masked_vnodes=n1,
                 kv_entries=len(kv_idx), mid_rows=int(mid_q_rows.size),
+                max_masked_len=int(max(v_kv_len[n0:], default=0)),
                 max_partials=int(req_cnt.max()))
     return arrays, phases, info
 
@@ -166,7 +167,7 @@ def masked_call(arrays, phases, q, k, v, o, sm_scale: float, half: bool = True):
     return call
 
 
-def run(out_path=None, cases=None, configs=None):
+def run(out_path=None, cases=None, configs=None, max_len=None):
     from benchmarks import kernel as bk
     from benchmarks.probe_common import write_rows
     from benchmarks.suite import quick_cases, suite_cases
@@ -199,10 +200,13 @@ def run(out_path=None, cases=None, configs=None):
         row = dict(case=name, hq=hq, hk=hk, requests=b, lib_err=bk.rel_err(o, ref),
                    lib_us=bk._bench(lib, dev), lib_graph_us=bk._graph_time(lib, dev))
         group = hq // hk
-        for reqs, weight in (configs or _default_configs(group)):
+        for reqs, weight in (configs(group) if callable(configs)
+                             else configs or _default_configs(group)):
             if reqs * group > 128 or reqs > 32:
                 continue
             arrays, phases, info = masked_plan(inp, hq, hk, reqs, weight)
+            if max_len is not None and info["max_masked_len"] > max_len:
+                continue
             call = masked_call(arrays, phases, q, k, v, o, sm)
             o.fill_(float("nan"))
             call()
@@ -230,10 +234,26 @@ def _default_configs(group: int):
     return [(1, 1.0), (2, 1.0), (4, 1.0)]
 
 
-def main(argv=None):
-    from benchmarks.probe_common import probe_main
+def _inline_configs(group: int):
+    """Every node inlined (weight 0: no shared vnodes), a masked vnode of 16, 32 or 64
+    query rows (at most 32 requests)."""
+    return sorted({(min(32, max(1, rows // group)), 0.0) for rows in (16, 32, 64)})
 
-    probe_main(run, __doc__, argv)
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--inline", action="store_true",
+                    help="only plans with every node inlined (no shared vnodes), of 16, 32 "
+                         "and 64 query rows a vnode, where no masked vnode holds more than "
+                         "1,024 KV entries")
+    args = ap.parse_args(argv)
+    if args.inline:
+        run(args.out, configs=_inline_configs, max_len=1024)
+    else:
+        run(args.out)
 
 
 if __name__ == "__main__":

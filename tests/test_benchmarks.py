@@ -63,6 +63,15 @@ def test_quick_run_writes_results(tmp_path):
     assert "target 5: max relative error" in (tmp_path / "results.md").read_text()
 
 
+def test_masked_probe_inline_configs():
+    from benchmarks.masked_probe import _inline_configs
+
+    # 16, 32 and 64 query rows a vnode, at most 32 requests.
+    assert _inline_configs(1) == [(16, 0.0), (32, 0.0)]
+    assert _inline_configs(4) == [(4, 0.0), (8, 0.0), (16, 0.0)]
+    assert _inline_configs(16) == [(1, 0.0), (2, 0.0), (4, 0.0)]
+
+
 @pytest.mark.parametrize("module", ["benchmarks.host", "benchmarks.sweep", "benchmarks.launch",
                                     "benchmarks.beam_memory", "benchmarks.wide_tile_probe",
                                     "benchmarks.attention_rate_probe",
@@ -177,7 +186,7 @@ def test_stored_results_are_never_faster_than_their_floor():
             assert b["seed_us"] >= b["eager_floor_us"]
 
 
-@pytest.mark.parametrize("reqs, weight", [(2, 1.0), (4, 0.25), (4, 100.0)])
+@pytest.mark.parametrize("reqs, weight", [(2, 1.0), (4, 0.25), (4, 100.0), (4, 0.0)])
 def test_masked_probe_plans_match_the_reference(reqs, weight):
     # The probe's masked plans (groups of requests over the union of their contexts,
     # shared nodes by the weight rule) give every request its path, through the torch
@@ -197,6 +206,11 @@ def test_masked_probe_plans_match_the_reference(reqs, weight):
     arrays, phases, info = masked_plan(inp, 4, 2, reqs, weight, head_dim=16)
     assert info["masked_vnodes"] == -(-8 // reqs)
     assert isinstance(phases[-1], Phase)
+    if weight == 0:  # every node inlined: one masked phase, one partial a request
+        assert info["shared_nodes"] == 0 and info["max_partials"] == 1
+        assert len(phases) == 1
+        # The union of 4 neighbouring leaves' paths: root, one child, 4 leaves.
+        assert info["max_masked_len"] == 32 + 16 + 4 * 4
     g = torch.Generator().manual_seed(5)
     q = torch.randn(8, 4, 16, generator=g)
     k = torch.randn(int(inp.seqlen.sum()), 2, 16, generator=g)
