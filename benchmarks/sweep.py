@@ -592,7 +592,7 @@ FUSE_CONFIGS = [dict(FUSE_PHASE1=False), dict(FUSE_PACK=False),
 
 
 @contextlib.contextmanager
-def _fuse_setting(config):
+def _plan_settings(config):
     with contextlib.ExitStack() as stack:
         for name, value in config.items():
             stack.enter_context(_patched(name, value, plan_module))
@@ -605,7 +605,21 @@ def fuse(out_path=None):
     program bounds, against unfused plans, every case, replayed and eager
     (:func:`_plans_sweep`). The default plans are one of the last two per case."""
     _plans_sweep(FUSE_CONFIGS, ["unfused", "fused", "fused and packed"],
-                 lambda config, hq, hk: {}, out_path, setting=_fuse_setting)
+                 lambda config, hq, hk: {}, out_path, setting=_plan_settings)
+
+
+#: Planner settings of the inline sweep: no inlining, the defaults, and the defaults
+#: with half the program bound (256: the plans of its first form, ``h100_v21_inline_sweep.json``,
+#: whose second setting also left GQA group 1 out).
+INLINE_CONFIGS = [dict(INLINE=False), dict(), dict(INLINE_MIN_PROGRAMS=256)]
+
+
+def inline(out_path=None):
+    """Whole request paths inlined into masked vnodes (:data:`treecache.plan.INLINE`)
+    with the default bounds and with a program bound of 256, against plans without,
+    every case, replayed and eager (:func:`_plans_sweep`)."""
+    _plans_sweep(INLINE_CONFIGS, ["not inlined", "inlined", "inlined from 256 programs"],
+                 lambda config, hq, hk: {}, out_path, setting=_plan_settings)
 
 
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
@@ -617,6 +631,7 @@ SWEEPS = (
     ("split-sizes", split_sizes, "KV chunk lengths in both phases, every case"),
     ("phase0-rows", phase0_rows, "query-tile rows of the shared-prefix phase, every case"),
     ("fuse", fuse, "phase-1 groups fused into masked vnodes against unfused, every case"),
+    ("inline", inline, "whole request paths inlined into masked vnodes against not, every case"),
     ("merge-chain", merge_chain, "the merge chain in the planner's KV-chunk estimate, every case"),
     ("chain", chain, "two phase launches chained (dependent launch) against before"),
     ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),

@@ -1312,3 +1312,128 @@ def test_packed_leaves_share_vnodes(monkeypatch):
     mask = host(packed, "kv_mask", packed.num_kv_entries)
     off = vnode_table(packed)[packed.phases[-1].vnode_offset][0]
     assert mask[off:off + 10] == [1] * 5 + [2] * 5
+
+
+# ---------------------------------------------------------- inlined request paths
+
+
+@settings(max_examples=60, deadline=None)
+@given(forests())
+def test_preorder_positions_match_a_depth_first_walk(case):
+    inp = case[0]
+    parent = inp.parent.tolist()
+    children = [[] for _ in parent]
+    roots = []
+    for i, p in enumerate(parent):
+        (children[p] if p >= 0 else roots).append(i)
+    walk = []
+
+    def visit(x):
+        walk.append(x)
+        for c in children[x]:
+            visit(c)
+
+    for r in roots:
+        visit(r)
+    pos = plan_module._preorder_positions(plan_module._Topology(inp))
+    assert pos.tolist() == np.argsort(walk).tolist()
+
+
+def inline_settings(mp, programs=0, max_kv=1024):
+    mp.setattr(plan_module, "INLINE_MIN_PROGRAMS", programs)
+    mp.setattr(plan_module, "INLINE_MAX_KV", max_kv)
+
+
+def test_inline_plan_one_masked_launch(monkeypatch):
+    # DEEP_SPEC: 128 leaves under 16 level-4 nodes (8 each). At GQA group 4 a vnode holds
+    # 64 // 4 = 16 neighbouring leaves: the paths' union is 4 shared nodes, two level-4
+    # nodes and 16 leaves, 22 nodes of 16 tokens.
+    inline_settings(monkeypatch)
+    inp = deep_input()
+    plan = build(inp, group=4, hk=2, params=None)  # check_plan: each path once
+    assert plan.masked and len(plan.phases) == 1
+    assert plan.phases[0].q_tile == 16 and plan.num_vnodes == 128 // 16
+    assert not plan.needs_stage2 and plan.direct and not plan.finish
+    assert plan.num_mid_rows == inp.req_end.size
+    assert {kl for _, kl, _, _ in vnode_table(plan)} == {22 * 16}
+    mask = np.asarray(host(plan, "kv_mask", plan.num_kv_entries))
+    assert (mask != 0).all()
+    # The shared nodes are attended by all 16 requests of a vnode, a leaf by one.
+    assert (mask == 0xFFFF).sum() == 8 * 4 * 16
+    assert sorted(set(mask[np.bitwise_and(mask, mask - 1) == 0].tolist())) == [
+        1 << i for i in range(16)]
+
+
+def inlined(inp, group, hk=1, **kw) -> bool:
+    """Whether the plan built for ``inp`` is not the one built with INLINE off."""
+    plan = build(inp, group=group, hk=hk, params=None, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan_module, "INLINE", False)
+        off = build(inp, group=group, hk=hk, params=None, **kw)
+    return (vnode_table(plan), plan.phases) != (vnode_table(off), off.phases)
+
+
+def test_inline_plan_conditions(monkeypatch):
+    inp = deep_input()
+    inline_settings(monkeypatch)
+    assert inlined(inp, 2) and inlined(inp, 1, hk=2)
+    # Not over the KV bound (at group 2 a vnode holds 32 leaves: the union of their paths
+    # is 41 nodes of 16 tokens, one path 6) or under the program bound, not in flat
+    # plans, and not with growth headroom (tails must stay one request's vnodes).
+    with pytest.MonkeyPatch.context() as mp:
+        inline_settings(mp, max_kv=6 * 16)  # one path fits, no union of 32 does
+        assert not inlined(inp, 2)
+    with pytest.MonkeyPatch.context() as mp:
+        inline_settings(mp, programs=128 // 32 * 2 + 1)  # 4 vnodes x 2 heads = 8
+        assert not inlined(inp, 2, hk=2)
+        inline_settings(mp, programs=128 // 32 * 2)
+        assert inlined(inp, 2, hk=2)
+    assert not inlined(inp, 2, flat=True)
+    grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
+    plan = build(grow, group=2, hk=1, headroom=4, params=None)
+    assert not plan.masked and (plan.tail_vnode >= 0).any()
+    # A request without tokens keeps the usual plan.
+    assert not inlined(plan_input([-1, 0, 0], [0, 0, 3], [1, 2]), 4)
+    assert inlined(plan_input([-1, 0, 0], [2, 0, 3], [1, 2]), 4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("group", [1, 2, 4, 16])
+def test_inline_plan_matches_reference(monkeypatch, backend, group):
+    from kernels.backend import interpreter_enabled
+
+    on_gpu = torch.cuda.is_available() and not interpreter_enabled()
+    if backend == "triton" and not (on_gpu or interpreter_enabled()):
+        pytest.skip("Triton needs a GPU or the interpreter")
+    inline_settings(monkeypatch)
+    inp = deep_input()
+    dev = torch.device("cuda" if on_gpu else "cpu")
+    plan = build_plan(inp, num_qo_heads=group, num_kv_heads=1, head_dim=32, device=dev)
+    assert plan.masked and len(plan.phases) == 1 and not plan.needs_stage2
+    g = torch.Generator().manual_seed(22)
+    b, s = inp.req_end.size, int(inp.seqlen.sum())
+    q = torch.randn(b, group, 32, generator=g).to(dev, torch.float16)
+    k = torch.randn(s, 1, 32, generator=g).to(dev, torch.float16)
+    v = torch.randn(s, 1, 32, generator=g).to(dev, torch.float16)
+    o = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o, backend=backend)
+    slots = [torch.as_tensor(p, device=dev) for p in expected_paths(inp)]
+    ref = reference_decode(q, k, v, slots, 1 / math.sqrt(32))
+    assert not torch.isnan(o).any()
+    assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
+
+
+@settings(max_examples=100, deadline=None)
+@given(forests())
+def test_random_forests_inlined(case):
+    # Wherever the planner inlines, each request attends its path once (check_plan reads
+    # the masks) from a single masked phase without stage 2.
+    inp, group, kwargs = case
+    with pytest.MonkeyPatch.context() as mp:
+        inline_settings(mp, max_kv=10 ** 6)
+        plan = build(inp, group=group, hk=1, **kwargs)
+    expect = not kwargs["flat"] and min(map(len, expected_paths(inp))) > 0
+    if expect:
+        assert plan.masked and len(plan.phases) == 1 and not plan.needs_stage2
+        assert plan.phases[0].q_tile == min(32, 64 // group)
+        assert plan.num_vnodes == -(-inp.req_end.size // plan.phases[0].q_tile)

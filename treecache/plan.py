@@ -159,6 +159,21 @@ FUSE_MIN_PROGRAMS = 1024
 FUSE_PACK = True
 FUSE_PACK_MIN_PROGRAMS = 256
 FUSE_PACK_MAX_PROGRAMS = 1024
+#: Inline whole request paths: a plan without growth headroom may instead be one
+#: masked phase whose vnodes each hold ``min(32, INLINE_ROWS // group)`` requests,
+#: neighbours in depth-first order of their end nodes, over the union of their paths
+#: (every node read once per vnode that needs it, its entries masked to the requests
+#: through it). Every request then has one partial, written by stage 1 as its output:
+#: one launch, no merge. Used where every vnode holds at most :data:`INLINE_MAX_KV`
+#: entries and the phase has at least :data:`INLINE_MIN_PROGRAMS` programs (vnodes x KV
+#: heads). Measured on an H100 (``python -m benchmarks.sweep --inline``,
+#: benchmarks/RESULTS.md, v21): the six deep seed trees at 32/8 0.68-0.90x replayed and
+#: 0.71-0.90x eager, the deep 16-token tree at 32/32 0.955x; at 16/1 (256 programs) five
+#: of six plans 1.05-1.11x slower, hence the program bound.
+INLINE = True
+INLINE_ROWS = 64
+INLINE_MAX_KV = 1024
+INLINE_MIN_PROGRAMS = 512
 
 
 def _default_tsqs() -> list[int]:
@@ -1331,6 +1346,74 @@ def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bo
             rows.astype(np.int64), row_start, row_len)
 
 
+def _preorder_positions(topo: _Topology) -> np.ndarray:
+    """Every node's position in a depth-first preorder of the forest (roots, and each
+    node's children, in increasing id order): subtree sizes bottom-up, then offsets
+    top-down, one numpy pass per level."""
+    n = topo.n
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    parent, order = topo.parent, topo.bfs_order
+    depth = topo.depth[order]
+    bounds = np.searchsorted(depth, np.arange(int(depth[-1]) + 2))
+    size = np.ones(n, dtype=np.int64)
+    for d in range(len(bounds) - 2, 0, -1):
+        lvl = order[bounds[d]:bounds[d + 1]]
+        size += np.bincount(parent[lvl], weights=size[lvl], minlength=n).astype(np.int64)
+    pos = np.zeros(n, dtype=np.int64)
+    for d in range(len(bounds) - 1):
+        lvl = order[bounds[d]:bounds[d + 1]]  # ids increasing
+        if d:
+            lvl = lvl[parent[lvl].argsort(kind="stable")]  # by parent, then id
+        s = size[lvl]
+        before = np.add.accumulate(s) - s  # exclusive prefix over the level
+        if d:
+            p = parent[lvl]
+            first = np.ones(lvl.size, dtype=bool)
+            first[1:] = p[1:] != p[:-1]
+            # Subtract the prefix at each parent's first child: siblings before it.
+            start = np.maximum.accumulate(np.where(first, np.arange(lvl.size), 0))
+            pos[lvl] = pos[p] + 1 + before - before[start]
+        else:
+            pos[lvl] = before
+    return pos
+
+
+def _inline_blocks(topo: _Topology, reqs: int, max_len: int):
+    """A plan of whole request paths (see :data:`INLINE`): requests in depth-first order
+    of their end nodes, ``reqs`` a block; each block's segments are the nodes on its
+    requests' paths, once each, with the bits of the requests through them. None where
+    some block would hold more than ``max_len`` entries. Returns ``(rows, seg_block,
+    seg_node, seg_bits, length)``: the requests in block order, the segments (by block,
+    then node id) and every block's entries."""
+    b = topo.req_end.size
+    seqlen = topo.seqlen
+    path_len = np.bincount(topo.path_req, weights=seqlen[topo.path_node], minlength=b)
+    if b == 0 or path_len.max() > max_len or path_len.min() == 0:
+        return None
+    pos = _preorder_positions(topo)
+    rows = np.argsort(pos[topo.req_end], kind="stable")
+    rank = np.empty(b, dtype=np.int64)
+    rank[rows] = np.arange(b, dtype=np.int64)
+    block, bit = np.divmod(rank, reqs)
+    key = block[topo.path_req] * topo.n + topo.path_node
+    srt = key.argsort(kind="stable")
+    key = key[srt]
+    first = np.ones(key.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    starts = first.nonzero()[0]
+    bits = np.bitwise_or.reduceat(np.left_shift(np.int64(1), bit[topo.path_req[srt]]), starts)
+    seg_block, seg_node = np.divmod(key[starts], topo.n)
+    keep = seqlen[seg_node] > 0
+    if not keep.all():
+        seg_block, seg_node, bits = seg_block[keep], seg_node[keep], bits[keep]
+    nblocks = -(-b // reqs)
+    length = np.bincount(seg_block, weights=seqlen[seg_node], minlength=nblocks).astype(np.int64)
+    if length.max() > max_len:
+        return None
+    return rows, seg_block, seg_node, bits, length
+
+
 def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes) -> np.ndarray:
     """Phase 1's KV tile for vnodes holding ``tokens`` KV entries in all, ``vnodes`` of
     them (numbers or arrays, elementwise): :data:`SHORT_KV_TILE` where they average at
@@ -1607,7 +1690,7 @@ def build_plan(
 
     return _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits,
                         req_q, req_k, num_qo_heads, num_kv_heads, head_dim, device,
-                        buffers, headroom)
+                        buffers, headroom, inline_ok=not flat)
 
 
 def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
@@ -1690,7 +1773,7 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
 
 
 def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, req_q, req_k,
-                 hq, hk, d, device, buffers, headroom) -> DecodePlan:
+                 hq, hk, d, device, buffers, headroom, inline_ok=True) -> DecodePlan:
     parent, seqlen = topo.parent, topo.seqlen
     b = topo.req_end.size
     ng = groups.node.size
@@ -1741,7 +1824,29 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
     pair_req, req_start = groups.pair_req, groups.req_start
     seg_mask = None
-    if FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32:
+    group = hq // max(hk, 1)
+    inline = None
+    inline_reqs = max(1, min(32, INLINE_ROWS // group))
+    if (INLINE and inline_ok and not grown
+            and -(-b // inline_reqs) * hk >= (INLINE_MIN_PROGRAMS or 0)):
+        inline = _inline_blocks(topo, inline_reqs, INLINE_MAX_KV)
+    if inline is not None:
+        # One masked phase: a vnode per block of requests over their paths' union.
+        pair_req, cg, cn, seg_mask, length = inline
+        ng = length.size
+        gid = np.arange(ng, dtype=np.int64)
+        seg_len = seqlen[cn]
+        seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
+        nreq = np.minimum(inline_reqs, b - gid * inline_reqs)
+        req_start = gid * inline_reqs
+        ones = np.ones(ng, dtype=np.int64)
+        split_g, qt_g, nqt, nv_g = np.maximum(length, 1), ones * inline_reqs, ones, ones
+        n0, n1 = 0, ng
+        nv = ng
+        par = [0, ng * hk]
+        tiling = _EffTiling(np.ones(ng, dtype=bool), ones)
+        q_tiles = [int(q_tiles[0]), inline_reqs]
+    elif FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32:
         fused = None
         packs = (False,)
         if FUSE_PACK and q_tiles[1] > 1:
