@@ -1241,6 +1241,11 @@ def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
     assert not build(inp, params=None).masked
     monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
     assert build(inp, params=None).masked
+    total = int(inp.seqlen.sum())  # the groups hold at least every token once
+    monkeypatch.setattr(plan_module, "FUSE_MAX_KV_ENTRIES", total - 1)
+    assert not build(inp, params=None).masked
+    monkeypatch.setattr(plan_module, "FUSE_MAX_KV_ENTRIES", None)
+    assert build(inp, params=None).masked
     # Growth headroom: tails must stay one request's vnodes.
     grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
     plan = build(grow, headroom=4, params=None)
@@ -1437,3 +1442,17 @@ def test_random_forests_inlined(case):
         assert plan.masked and len(plan.phases) == 1 and not plan.needs_stage2
         assert plan.phases[0].q_tile == min(32, 64 // group)
         assert plan.num_vnodes == -(-inp.req_end.size // plan.phases[0].q_tile)
+
+
+@settings(max_examples=100, deadline=None)
+@given(forests(), st.integers(1, 32), st.integers(0, 200))
+def test_inline_blocks_bounds_only_reject_what_is_over(case, reqs, max_len):
+    # The early bounds (average reads per block, longest path) never turn down a plan
+    # whose blocks all fit.
+    topo = plan_module._Topology(case[0])
+    full = plan_module._inline_blocks(topo, reqs, 10 ** 9)
+    got = plan_module._inline_blocks(topo, reqs, max_len)
+    if full is None:  # an empty request
+        assert got is None
+    else:
+        assert (got is None) == (int(full[4].max()) > max_len)

@@ -146,6 +146,12 @@ FUSE_PHASE1 = True
 #: than this (the fused plans measured had 2,048; a guard against a phase of a few long
 #: programs, not a measured bound). None or 0: no bound.
 FUSE_MIN_PROGRAMS = 1024
+#: Plans whose groups hold more KV entries than this are not fused (the analysis is
+#: skipped): a bound on planning time. On the largest seed tree (about 300,000 entries,
+#: never fused) the analysis made a plan 1.82 instead of 1.57 ms on the GPU machine's
+#: host (32/8, medians of 200 interleaved builds, benchmarks/RESULTS.md, v21); the
+#: masked plans of the benchmark hold at most 51,200.
+FUSE_MAX_KV_ENTRIES = 200_000
 #: Also pack phase-1 groups of one request each (leaves whose chains hold at most the
 #: phase's KV chunk / q tile) a q tile at a time into masked vnodes (see
 #: :func:`_fuse_phase1`) where the fused phase 1 then has from
@@ -1388,8 +1394,13 @@ def _inline_blocks(topo: _Topology, reqs: int, max_len: int):
     then node id) and every block's entries."""
     b = topo.req_end.size
     seqlen = topo.seqlen
+    nblocks = -(-b // reqs)
+    # A node is read by at least ceil(requests through it / reqs) blocks: where that
+    # many reads average over max_len per block, some block is over (O(nodes)).
+    if b == 0 or int(seqlen @ -(-topo.nq // reqs)) > max_len * nblocks:
+        return None
     path_len = np.bincount(topo.path_req, weights=seqlen[topo.path_node], minlength=b)
-    if b == 0 or path_len.max() > max_len or path_len.min() == 0:
+    if path_len.max() > max_len or path_len.min() == 0:
         return None
     pos = _preorder_positions(topo)
     rows = np.argsort(pos[topo.req_end], kind="stable")
@@ -1407,7 +1418,6 @@ def _inline_blocks(topo: _Topology, reqs: int, max_len: int):
     keep = seqlen[seg_node] > 0
     if not keep.all():
         seg_block, seg_node, bits = seg_block[keep], seg_node[keep], bits[keep]
-    nblocks = -(-b // reqs)
     length = np.bincount(seg_block, weights=seqlen[seg_node], minlength=nblocks).astype(np.int64)
     if length.max() > max_len:
         return None
@@ -1846,7 +1856,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         par = [0, ng * hk]
         tiling = _EffTiling(np.ones(ng, dtype=bool), ones)
         q_tiles = [int(q_tiles[0]), inline_reqs]
-    elif FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32:
+    elif (FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
+          and int(length.sum()) <= (FUSE_MAX_KV_ENTRIES or int(length.sum()))):
         fused = None
         packs = (False,)
         if FUSE_PACK and q_tiles[1] > 1:
