@@ -1252,33 +1252,46 @@ def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
     assert not plan.masked and (plan.tail_vnode >= 0).any()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("finish", [False, True], ids=["stage2", "finish"])
-def test_fused_plan_matches_reference(monkeypatch, backend, finish):
-    # A fused plan merged by stage 2, or by its masked phase 1 (the finishing launch).
+def decode_device(backend: str) -> torch.device:
+    """The device a decode test of ``backend`` runs on (skips Triton without a GPU or
+    the interpreter)."""
     from kernels.backend import interpreter_enabled
 
     on_gpu = torch.cuda.is_available() and not interpreter_enabled()
     if backend == "triton" and not (on_gpu or interpreter_enabled()):
         pytest.skip("Triton needs a GPU or the interpreter")
-    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
-    monkeypatch.setattr(plan_module, "FINISH_MIN_PROGRAMS", 0 if finish else 10 ** 6)
-    inp = deep_input()
-    dev = torch.device("cuda" if on_gpu else "cpu")
-    plan = build_plan(inp, num_qo_heads=2, num_kv_heads=2, head_dim=32, device=dev)
-    assert plan.masked and plan.finish == finish
-    g = torch.Generator().manual_seed(21)
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def decode_error(plan: DecodePlan, inp: PlanInput, backend: str, seed: int) -> float:
+    """Relative error of ``plan.run`` (float16, head_dim 32, NaN-poisoned output) against
+    the float32 reference over each request's path; fails on NaN."""
+    dev = plan.buffers.device
+    hq, hk = plan.num_qo_heads, plan.num_kv_heads
+    g = torch.Generator().manual_seed(seed)
     b, s = inp.req_end.size, int(inp.seqlen.sum())
-    q = torch.randn(b, 2, 32, generator=g).to(dev, torch.float16)
-    k = torch.randn(s, 2, 32, generator=g).to(dev, torch.float16)
-    v = torch.randn(s, 2, 32, generator=g).to(dev, torch.float16)
+    q = torch.randn(b, hq, 32, generator=g).to(dev, torch.float16)
+    k = torch.randn(s, hk, 32, generator=g).to(dev, torch.float16)
+    v = torch.randn(s, hk, 32, generator=g).to(dev, torch.float16)
     o = torch.full_like(q, float("nan"))
     plan.run(q, k, v, o, backend=backend)
     slots = [torch.as_tensor(p, device=dev) for p in expected_paths(inp)]
     ref = reference_decode(q, k, v, slots, 1 / math.sqrt(32))
     assert not torch.isnan(o).any()
-    err = ((o.float() - ref).norm() / ref.norm()).item()
-    assert err <= 2e-3
+    return ((o.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("finish", [False, True], ids=["stage2", "finish"])
+def test_fused_plan_matches_reference(monkeypatch, backend, finish):
+    # A fused plan merged by stage 2, or by its masked phase 1 (the finishing launch).
+    dev = decode_device(backend)
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    monkeypatch.setattr(plan_module, "FINISH_MIN_PROGRAMS", 0 if finish else 10 ** 6)
+    inp = deep_input()
+    plan = build_plan(inp, num_qo_heads=2, num_kv_heads=2, head_dim=32, device=dev)
+    assert plan.masked and plan.finish == finish
+    assert decode_error(plan, inp, backend, seed=21) <= 2e-3
 
 
 @settings(max_examples=100, deadline=None)
@@ -1405,27 +1418,12 @@ def test_inline_plan_conditions(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("group", [1, 2, 4, 16])
 def test_inline_plan_matches_reference(monkeypatch, backend, group):
-    from kernels.backend import interpreter_enabled
-
-    on_gpu = torch.cuda.is_available() and not interpreter_enabled()
-    if backend == "triton" and not (on_gpu or interpreter_enabled()):
-        pytest.skip("Triton needs a GPU or the interpreter")
+    dev = decode_device(backend)
     inline_settings(monkeypatch)
     inp = deep_input()
-    dev = torch.device("cuda" if on_gpu else "cpu")
     plan = build_plan(inp, num_qo_heads=group, num_kv_heads=1, head_dim=32, device=dev)
     assert plan.masked and len(plan.phases) == 1 and not plan.needs_stage2
-    g = torch.Generator().manual_seed(22)
-    b, s = inp.req_end.size, int(inp.seqlen.sum())
-    q = torch.randn(b, group, 32, generator=g).to(dev, torch.float16)
-    k = torch.randn(s, 1, 32, generator=g).to(dev, torch.float16)
-    v = torch.randn(s, 1, 32, generator=g).to(dev, torch.float16)
-    o = torch.full_like(q, float("nan"))
-    plan.run(q, k, v, o, backend=backend)
-    slots = [torch.as_tensor(p, device=dev) for p in expected_paths(inp)]
-    ref = reference_decode(q, k, v, slots, 1 / math.sqrt(32))
-    assert not torch.isnan(o).any()
-    assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
+    assert decode_error(plan, inp, backend, seed=22) <= 2e-3
 
 
 @settings(max_examples=100, deadline=None)
