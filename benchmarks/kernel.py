@@ -7,6 +7,9 @@ request's full context), the project's kernel with a tree-unaware plan (each req
 alone) as an ablation, the seed's time from PERF.md, host planning time, and the
 relative error against a float32 reference. Writes ``results.json``, ``results.md`` and
 ``results.png`` into ``--out`` and prints the summary lines of the performance targets.
+A long run can be split: ``--shard 1/2`` and ``--shard 2/2`` (into two output folders)
+run every other case each, and ``--merge DIR1 DIR2 --out DIR`` writes the whole run's
+files and summary from their results (no GPU needed).
 """
 
 from __future__ import annotations
@@ -524,6 +527,13 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="substring filter on case names")
     ap.add_argument("--no-baselines", action="store_true", help="skip FA2 and the flat plan")
     ap.add_argument("--no-extra", action="store_true", help="seed suite only")
+    ap.add_argument("--shard", default=None, metavar="K/N",
+                    help="run only the K-th of N interleaved parts of the cases (1 <= K <= "
+                         "N), so a long run can be split over several commands; --merge "
+                         "puts the parts together")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="run nothing: merge the results.json of these output folders "
+                         "(parts of one run, --shard) into --out, in suite order")
     ap.add_argument("--ablations", action="store_true",
                     help="also time the plan without the contiguity hint, with the other "
                          "partial dtype, with the v4 stage-2 shape, with the other stage-1 "
@@ -532,6 +542,9 @@ def main(argv=None):
                          "the requested phase-1 KV tile (graph replay) and with every launch "
                          "through the JIT (eager)")
     args = ap.parse_args(argv)
+    if args.merge:
+        name, results = merge_results([Path(d) / "results.json" for d in args.merge])
+        return _write_outputs(Path(args.out), name, results)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -539,17 +552,58 @@ def main(argv=None):
         cases = quick_cases()
     else:
         cases = suite_cases(extra=not args.no_extra)
+    indexed = list(enumerate(cases))
     if args.only:
-        cases = [c for c in cases if args.only in c[0]]
+        indexed = [(i, c) for i, c in indexed if args.only in c[0]]
+    if args.shard:
+        try:
+            part, parts = parse_shard(args.shard)
+        except ValueError as e:
+            ap.error(str(e))
+        indexed = indexed[part - 1::parts]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     results = []
-    for case, nodes, (hq, hk) in _progress(cases, len(cases), "cases"):
-        results.append(run_case(case, nodes, hq, hk, device, dtype,
-                                with_baselines=not args.no_baselines,
-                                ablations=args.ablations))
+    for index, (case, nodes, (hq, hk)) in _progress(indexed, len(indexed), "cases"):
+        res = run_case(case, nodes, hq, hk, device, dtype,
+                       with_baselines=not args.no_baselines, ablations=args.ablations)
+        results.append(dict(res, suite_index=index))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out)
+    return _write_outputs(Path(args.out), name, results)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with 1 <= K <= N, else ValueError naming the argument."""
+    try:
+        part, parts = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be K/N with integers, got {text!r}") from None
+    if not 1 <= part <= parts:
+        raise ValueError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return part, parts
+
+
+def merge_results(paths) -> tuple[str, list[dict]]:
+    """The device name and the results of several ``results.json`` files (parts of one
+    run), in suite order (``suite_index``); ValueError if they name different devices
+    or hold a case twice."""
+    names, results = set(), []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        names.add(data["device"])
+        results += data["results"]
+    if len(names) != 1:
+        raise ValueError(f"the parts were measured on different devices: {sorted(names)}")
+    keys = [(r["case"], r["hq"], r["hk"]) for r in results]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a case appears in more than one part")
+    results.sort(key=lambda r: r.get("suite_index", 0))
+    return names.pop(), results
+
+
+def _write_outputs(out: Path, name: str, results: list[dict]) -> list[dict]:
+    """results.json, results.md (table and summary lines) and results.png under ``out``;
+    prints the table and the summary."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(dict(device=name, results=results), indent=1))
     md = markdown(results, name)

@@ -63,6 +63,37 @@ def test_quick_run_writes_results(tmp_path):
     assert "target 5: max relative error" in (tmp_path / "results.md").read_text()
 
 
+def test_sharded_quick_runs_merge_into_one(tmp_path):
+    # Two parts of a quick run hold every other case; merged, they are the whole run in
+    # suite order, with its summary.
+    whole = main(["--quick", "--out", str(tmp_path / "all")])
+    parts = [main(["--quick", "--shard", f"{k}/2", "--out", str(tmp_path / f"p{k}")])
+             for k in (1, 2)]
+    keys = [(r["case"], r["hq"], r["hk"]) for r in whole]
+    assert [(r["case"], r["hq"], r["hk"]) for r in parts[0]] == keys[0::2]
+    assert [(r["case"], r["hq"], r["hk"]) for r in parts[1]] == keys[1::2]
+    merged = main(["--merge", str(tmp_path / "p2"), str(tmp_path / "p1"),
+                   "--out", str(tmp_path / "m")])
+    assert [(r["case"], r["hq"], r["hk"]) for r in merged] == keys
+    assert "target 5: max relative error" in (tmp_path / "m" / "results.md").read_text()
+    # A part given twice, or parts of different devices, are refused.
+    with pytest.raises(ValueError, match="more than one part"):
+        main(["--merge", str(tmp_path / "p1"), str(tmp_path / "p1"), "--out",
+              str(tmp_path / "x")])
+    data = json.loads((tmp_path / "p2" / "results.json").read_text())
+    (tmp_path / "p2" / "results.json").write_text(json.dumps(dict(data, device="other")))
+    with pytest.raises(ValueError, match="different devices"):
+        main(["--merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out",
+              str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "a/b", "1"])
+def test_shard_argument_is_checked(shard, capsys):
+    with pytest.raises(SystemExit):
+        main(["--quick", "--shard", shard, "--out", "unused"])
+    assert "--shard" in capsys.readouterr().err
+
+
 def test_masked_probe_inline_configs():
     from benchmarks.masked_probe import _inline_configs
 
