@@ -30,19 +30,6 @@ SHARED_Q_ROWS = 64
 SHARED_CHUNK = 1024
 
 
-def _dfs_order(parent: np.ndarray) -> np.ndarray:
-    """Preorder position of every node (children in id order)."""
-    from treecache.tree import _preorder
-
-    children = [[] for _ in range(parent.size)]
-    roots = []
-    for i, p in enumerate(parent.tolist()):
-        (children[p] if p >= 0 else roots).append(i)
-    pos = np.empty(parent.size, dtype=np.int64)
-    pos[_preorder(roots, children)] = np.arange(parent.size)
-    return pos
-
-
 def masked_plan(inp, hq: int, hk: int, reqs_per_vnode: int, weight: float,
                 kv_tile: int = 32, head_dim: int = 128):
     """Index arrays of a masked plan (numpy), its phases and counts.
@@ -51,25 +38,23 @@ def masked_plan(inp, hq: int, hk: int, reqs_per_vnode: int, weight: float,
     time; a node becomes a shared vnode when ``weight`` x the bytes its re-reads by
     further groups would cost exceed its requests' partial bytes (write and read)."""
     from kernels.tree_decode import Phase
-    from treecache.plan import _walk_paths
+    from treecache.plan import _preorder_positions, _Topology
 
     group = hq // hk
-    parent = np.asarray(inp.parent, dtype=np.int64)
-    seqlen = np.asarray(inp.seqlen, dtype=np.int64)
+    topo = _Topology(inp)
+    seqlen, req_end, n = topo.seqlen, topo.req_end, topo.n
     tok_ptr = np.asarray(inp.tok_ptr, dtype=np.int64)
-    req_end = np.asarray(inp.req_end, dtype=np.int64)
     b = req_end.size
-    n = parent.size
-    pos = _dfs_order(parent)
+    pos = _preorder_positions(topo)
     order = np.argsort(pos[req_end], kind="stable")
     gsize = int(reqs_per_vnode)
     groups = [order[i:i + gsize] for i in range(0, b, gsize)]
     # (request, node) for every node of every request's path; each request's group.
-    path_req, path_node, _ = _walk_paths(parent, req_end)
+    path_req, path_node = topo.path_req, topo.path_node
     group_of = np.empty(b, dtype=np.int64)
     group_of[order] = np.arange(b) // gsize
     # Requests through each node and groups that hold it.
-    nq = np.bincount(path_node, minlength=n)
+    nq = topo.nq
     ng = np.bincount(np.unique(group_of[path_req] * n + path_node) % n, minlength=n)
     # Each request's path nodes, root first.
     paths = [[] for _ in range(b)]
@@ -167,7 +152,14 @@ def masked_call(arrays, phases, q, k, v, o, sm_scale: float, half: bool = True):
     return call
 
 
-def run(out_path=None, cases=None, configs=None, max_len=None):
+def run(out_path=None, cases=None, configs=None, max_len=None, inline=False):
+    """Time the library and the masked plans of ``configs`` (``[(requests, weight)]``,
+    or a function of the GQA group giving them; default :func:`_default_configs`) on
+    every case (of ``cases`` if given), skipping plans with a masked vnode over
+    ``max_len`` entries. ``inline``: the configurations of :func:`_inline_configs`
+    with ``max_len`` 1,024."""
+    if inline:
+        configs, max_len = _inline_configs, 1024
     from benchmarks import kernel as bk
     from benchmarks.probe_common import write_rows
     from benchmarks.suite import quick_cases, suite_cases
@@ -241,19 +233,11 @@ def _inline_configs(group: int):
 
 
 def main(argv=None):
-    import argparse
+    from benchmarks.probe_common import probe_main
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--inline", action="store_true",
-                    help="only plans with every node inlined (no shared vnodes), of 16, 32 "
-                         "and 64 query rows a vnode, where no masked vnode holds more than "
-                         "1,024 KV entries")
-    args = ap.parse_args(argv)
-    if args.inline:
-        run(args.out, configs=_inline_configs, max_len=1024)
-    else:
-        run(args.out)
+    probe_main(run, __doc__, argv, flags=dict(
+        inline="only plans with every node inlined (no shared vnodes), of 16, 32 and 64 "
+               "query rows a vnode, where no masked vnode holds more than 1,024 KV entries"))
 
 
 if __name__ == "__main__":

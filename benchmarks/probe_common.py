@@ -40,12 +40,17 @@ def last_phase_call(plan, q, k, v, sm_scale: float):
     return call, last
 
 
-def probe_main(run, doc: str, argv=None) -> None:
-    """``python -m benchmarks.<probe> [--out FILE]``: run ``run(out_path)``; the first
-    line of ``doc`` (the probe's module docstring) is the command's description."""
+def probe_main(run, doc: str, argv=None, flags=None) -> None:
+    """``python -m benchmarks.<probe> [--out FILE] [--FLAG ...]``: run
+    ``run(out_path, **{flag: bool})`` for each of ``flags`` (``{name: help}``, boolean
+    switches); the first line of ``doc`` (the probe's module docstring) is the
+    command's description."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    run(ap.parse_args(argv).out)
+    for name, what in (flags or {}).items():
+        ap.add_argument(f"--{name}", action="store_true", help=what)
+    args = ap.parse_args(argv)
+    run(args.out, **{name: getattr(args, name) for name in (flags or {})})
 
 
 def write_rows(out_path, rows: list[dict], **fields) -> None:

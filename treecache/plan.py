@@ -1782,6 +1782,29 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
     return out
 
 
+def _chain_segments(assign: np.ndarray, parent: np.ndarray, group_node: np.ndarray):
+    """``(cg, cn)``: the chain nodes ``cn`` of every group ``cg`` (groups by id, each
+    chain top first). Walks up the split-Q edges (``assign`` is 0/1, read as bool), one
+    level per pass; the levels are concatenated top level first, so a stable sort by
+    group keeps each chain top first."""
+    gid = np.arange(group_node.size, dtype=np.int64)
+    split_q = assign.view(bool)
+    lg, ln = [gid], [group_node]
+    cur_g, cur = gid, group_node
+    while True:
+        up = split_q[cur]
+        cur_g, cur = cur_g[up], parent[cur[up]]
+        if not cur.size:
+            break
+        lg.append(cur_g)
+        ln.append(cur)
+    if len(lg) == 1:
+        return gid, group_node
+    cg, cn = np.concatenate(lg[::-1]), np.concatenate(ln[::-1])
+    order = cg.argsort(kind="stable")
+    return cg[order], cn[order]
+
+
 def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, req_q, req_k,
                  hq, hk, d, device, buffers, headroom, inline_ok=True) -> DecodePlan:
     parent, seqlen = topo.parent, topo.seqlen
@@ -1810,43 +1833,22 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         grow_g[tail_g] = headroom
     grown = tail_req is not None and tail_req.size > 0
 
-    # Chain nodes of each group, top (oldest ancestor) first: walk up the split-Q edges
-    # (assign is 0/1, read as bool), one level per pass, then sort the entries by group.
-    # The levels are concatenated top level first, so the stable sort keeps each chain
-    # top first.
-    split_q = assign.view(bool)
-    lg, ln = [gid], [groups.node]
-    cur_g, cur = gid, groups.node
-    while True:
-        up = split_q[cur]
-        cur_g, cur = cur_g[up], parent[cur[up]]
-        if not cur.size:
-            break
-        lg.append(cur_g)
-        ln.append(cur)
-    if len(lg) == 1:
-        cg, cn = gid, groups.node
-    else:
-        cg, cn = np.concatenate(lg[::-1]), np.concatenate(ln[::-1])
-        order = cg.argsort(kind="stable")
-        cg, cn = cg[order], cn[order]
-    seg_len = seqlen[cn]
-    seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
-    pair_req, req_start = groups.pair_req, groups.req_start
-    seg_mask = None
+    # A plan of whole request paths (INLINE) replaces the cost model's groups.
     group = hq // max(hk, 1)
     inline = None
     inline_reqs = max(1, min(32, INLINE_ROWS // group))
     if (INLINE and inline_ok and not grown
             and -(-b // inline_reqs) * hk >= (INLINE_MIN_PROGRAMS or 0)):
         inline = _inline_blocks(topo, inline_reqs, INLINE_MAX_KV)
-    if inline is not None:
+    seg_mask = None
+    if inline is None:
+        cg, cn = _chain_segments(assign, parent, groups.node)
+        pair_req, req_start = groups.pair_req, groups.req_start
+    else:
         # One masked phase: a vnode per block of requests over their paths' union.
         pair_req, cg, cn, seg_mask, length = inline
         ng = length.size
         gid = np.arange(ng, dtype=np.int64)
-        seg_len = seqlen[cn]
-        seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
         nreq = np.minimum(inline_reqs, b - gid * inline_reqs)
         req_start = gid * inline_reqs
         ones = np.ones(ng, dtype=np.int64)
@@ -1856,8 +1858,10 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         par = [0, ng * hk]
         tiling = _EffTiling(np.ones(ng, dtype=bool), ones)
         q_tiles = [int(q_tiles[0]), inline_reqs]
-    elif (FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
-          and int(length.sum()) <= (FUSE_MAX_KV_ENTRIES or int(length.sum()))):
+    seg_len = seqlen[cn]
+    seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
+    if (inline is None and FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
+            and int(length.sum()) <= (FUSE_MAX_KV_ENTRIES or int(length.sum()))):
         fused = None
         packs = (False,)
         if FUSE_PACK and q_tiles[1] > 1:
@@ -1946,7 +1950,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
                                 v_g, v_kv_start, v_kv_len)
 
     kv_tiles = list(kv_tiles)
-    kv_tiles[1] = int(_phase1_kv_tile(kv_tiles[1], hq // max(hk, 1), int(v_kv_len[n0:].sum()), n1))
+    kv_tiles[1] = int(_phase1_kv_tile(kv_tiles[1], group, int(v_kv_len[n0:].sum()), n1))
     phases = []
     if n0:
         phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0]))
@@ -1961,7 +1965,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     finish = False
     # Fused (masked) phase-1 vnodes merge their rows' partials side by side, so such
     # plans finish at every GQA group.
-    if (FINISH_MIN_GROUP and (hq // max(hk, 1) >= FINISH_MIN_GROUP or seg_mask is not None)
+    if (FINISH_MIN_GROUP and (group >= FINISH_MIN_GROUP or seg_mask is not None)
             and n0 and n1
             and n1 * hk >= (FINISH_MIN_PROGRAMS or 0)
             and (not FINISH_MAX_PROGRAMS or n1 * hk <= FINISH_MAX_PROGRAMS)):
