@@ -622,6 +622,31 @@ def inline(out_path=None):
                  lambda config, hq, hk: {}, out_path, setting=_plan_settings)
 
 
+#: Planner settings of the chunking sweep: the v21 plans (chunks cut at the chunk
+#: length, every phase of a masked plan reading masks); unmasked phases launched without
+#: masks; that with chunks of equal length; with a last chunk of at most a quarter
+#: chunk joining the others, of equal length or not; with a last chunk of at most a
+#: tenth joining the one before it.
+CHUNK_CONFIGS = [
+    dict(BALANCE_CHUNKS=False, CHUNK_TAIL_ABSORB=0.0, UNMASKED_PHASES=False),
+    dict(BALANCE_CHUNKS=False, CHUNK_TAIL_ABSORB=0.0),
+    dict(BALANCE_CHUNKS=True, CHUNK_TAIL_ABSORB=0.0),
+    dict(BALANCE_CHUNKS=True, CHUNK_TAIL_ABSORB=0.25),
+    dict(BALANCE_CHUNKS=False, CHUNK_TAIL_ABSORB=0.25),
+    dict(BALANCE_CHUNKS=False, CHUNK_TAIL_ABSORB=0.1),
+]
+
+
+def chunks(out_path=None):
+    """KV chunks of equal length (:data:`treecache.plan.BALANCE_CHUNKS`), with and
+    without a short last chunk absorbed, and unmasked phases of masked plans launched
+    without masks (:data:`treecache.plan.UNMASKED_PHASES`), against the v21 plans,
+    every case, replayed and eager (:func:`_plans_sweep`)."""
+    _plans_sweep(CHUNK_CONFIGS, ["v21", "unmasked phases", "equal chunks", "tail joined, equal",
+                  "tail joined", "tail of 1/10 joined"],
+                 lambda config, hq, hk: {}, out_path, setting=_plan_settings)
+
+
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
@@ -632,6 +657,7 @@ SWEEPS = (
     ("phase0-rows", phase0_rows, "query-tile rows of the shared-prefix phase, every case"),
     ("fuse", fuse, "phase-1 groups fused into masked vnodes against unfused, every case"),
     ("inline", inline, "whole request paths inlined into masked vnodes against not, every case"),
+    ("chunks", chunks, "KV chunks of equal length and unmasked phases against v21, every case"),
     ("merge-chain", merge_chain, "the merge chain in the planner's KV-chunk estimate, every case"),
     ("chain", chain, "two phase launches chained (dependent launch) against before"),
     ("finish", finish, "plans that merge in phase 1 against stage 2, every case"),

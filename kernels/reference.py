@@ -102,7 +102,7 @@ def torch_tree_decode(
     (where the Triton kernels write outputs and merge partials) are accepted and change
     nothing here: every partial goes through the mid buffers and the merge, with the
     same result. ``kv_mask`` (row masks of the kv entries) is applied as the kernel
-    applies it.
+    applies it: not in phases marked unmasked (``Phase.masked`` False).
 
     Vnodes are processed in batches whose padded ``[rows, tokens, heads, dim]`` working
     set stays under ``max_chunk_elems`` elements, so memory stays bounded on large plans.
@@ -114,6 +114,11 @@ def torch_tree_decode(
     if num_vnodes:
         first = min(ph.vnode_offset for ph in phases)
         sl = slice(first, first + num_vnodes)
+        # Vnodes whose masks apply (those of phases not marked unmasked).
+        v_masked = torch.ones(num_vnodes, dtype=torch.bool)
+        for ph in phases:
+            if not ph.masked:
+                v_masked[ph.vnode_offset - first:ph.vnode_offset - first + ph.num_vnodes] = False
         kv_start = vnode_kv_start[sl].long().cpu()
         kv_len = vnode_kv_len[sl].long().cpu()
         q_start = vnode_q_start[sl].long().cpu()
@@ -122,6 +127,7 @@ def torch_tree_decode(
         order = torch.argsort(kv_len * (q_len.max() + 1) + q_len)
         kv_start, kv_len = kv_start[order], kv_len[order]
         q_start, q_len = q_start[order], q_len[order]
+        v_masked = v_masked[order]
         kv_idx_cpu = kv_indices.cpu().long()
         mask_cpu = None if kv_mask is None else kv_mask.cpu().long()
         q_rows_cpu = mid_q_rows.cpu().long()
@@ -141,6 +147,7 @@ def torch_tree_decode(
                 q, k, v, mid_o, mid_lse, kv_idx_cpu, q_rows_cpu,
                 kv_start[v0:v1], kv_len[v0:v1], q_start[v0:v1], q_len[v0:v1],
                 max(max_t, 1), max(max_q, 1), group, sm_scale, logit_cap, mask_cpu,
+                v_masked[v0:v1],
             )
             v0 = v1
     _torch_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows)
@@ -149,9 +156,10 @@ def torch_tree_decode(
 
 def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
                         kv_start, kv_len, q_start, q_len, max_t, max_q, group,
-                        sm_scale, logit_cap, kv_mask=None):
+                        sm_scale, logit_cap, kv_mask=None, v_masked=None):
     """Stage 1 for a batch of vnodes (index arrays on the CPU), padded to the batch max;
-    ``kv_mask``: the kv entries' row masks (int64 on the CPU), or None."""
+    ``kv_mask``: the kv entries' row masks (int64 on the CPU), or None; ``v_masked``:
+    which vnodes they apply to (bool on the CPU; None: all)."""
     dev = q.device
     hk, d = k.shape[1], k.shape[2]
     t_ar = torch.arange(max_t, device="cpu")
@@ -177,6 +185,8 @@ def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
     else:
         # Row r of a vnode attends entry j where bit min(r, 31) of its mask is set.
         bits = kv_mask[pos]  # [nv, T]
+        if v_masked is not None:
+            bits = torch.where(v_masked[:, None], bits, torch.full_like(bits, -1))
         row_bit = q_ar.clamp(max=31)
         seen = ((bits[:, None, :] >> row_bit[None, :, None]) & 1).bool() & tok_ok[:, None, :]
         seen = seen[:, :, None, :].expand(nv, qm, group, max_t).reshape(nv, 1, qm * group, max_t)

@@ -81,12 +81,18 @@ class Phase(NamedTuple):
         Largest number of queries (requests) of any vnode in the phase.
     kv_tile : int
         KV tokens processed per inner-loop iteration.
+    masked : bool
+        Whether the phase's KV entries may carry row masks (``kv_mask``). False: a
+        promise that every entry of its vnodes has mask -1; a Triton launch of such
+        phases only neither compiles the mask test nor reads the masks, and the torch
+        implementation applies none there (default True: masks apply whenever given).
     """
 
     vnode_offset: int
     num_vnodes: int
     q_tile: int
     kv_tile: int
+    masked: bool = True
 
 
 def _next_pow2(x: int) -> int:
@@ -598,6 +604,8 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     phases = _phase_list(phase)
     if not phases:
         return _noop
+    if kv_mask is not None and not any(ph.masked for ph in phases):
+        kv_mask = None  # every entry of these phases attends every query
     if finish is not None and (o is None or len(phases) != 1):
         raise ValueError("a finishing launch runs one phase in direct mode")
     hq, d = q.shape[1], q.shape[2]

@@ -334,6 +334,50 @@ def test_row_masks(impl, dtype):
     assert rel_err(o2[:3], ref[:3]) > 10 * TOL[dtype]
 
 
+def test_unmasked_phase_skips_masks():
+    # Phase 0 is marked unmasked: its vnode's entries carry masks (the planner never
+    # gives such a phase any; here they would hide runs from requests 1 and 2), and they
+    # are not applied: a Triton launch of that phase alone compiles without the mask
+    # test, and the torch implementation skips them there. Phase 1's masked vnode
+    # applies its masks.
+    shared = list(range(0, 40))
+    vnodes = [([0, 1, 2], shared, [0b001] * 20 + [0b011] * 20),
+              ([0, 1], list(range(40, 60)), [0b01] * 10 + [0b10] * 10),
+              ([2], list(range(60, 70)))]
+    case = Case(vnodes, 3, phases=[(0, 1, 32), (1, 2, 16)])
+    want = [shared + list(range(40, 50)), shared + list(range(50, 60)),
+            shared + list(range(60, 70))]
+    q, k, v = make_qkv(3, 70, 4, 2, 32, torch.float32, seed=13)
+    ref = reference_decode(q, k, v, want, 0.2)
+    ix = case.index
+
+    def triton_by_phase(phases):
+        mid_o = torch.full((case.num_mid_rows, 4, 32), float("nan"))
+        mid_lse = torch.full((case.num_mid_rows, 4), float("nan"))
+        for ph in phases:
+            tree_decode_stage1(q, k, v, mid_o, mid_lse, ix["kv_indices"], ix["vnode_kv_start"],
+                               ix["vnode_kv_len"], ix["vnode_q_start"], ix["vnode_q_len"],
+                               ix["mid_q_rows"], ph, 0.2, kv_mask=ix["kv_mask"])
+        o = torch.full_like(q, float("nan"))
+        tree_decode_stage2(mid_o, mid_lse, o, ix["req_mid_start"], ix["req_mid_len"],
+                           ix["req_mid_rows"])
+        return o
+
+    unmasked = [case.phases[0]._replace(masked=False), case.phases[1]]
+    case.phases = unmasked
+    o_torch, _, _ = case.run("torch", q, k, v, 0.2)
+    for o in (o_torch, triton_by_phase(unmasked)):
+        assert not torch.isnan(o).any()
+        assert rel_err(o, ref) <= TOL[torch.float32]
+    # With phase 0 masked the same entries hide runs from requests 1 and 2: other outputs.
+    case.phases = [unmasked[0]._replace(masked=True), unmasked[1]]
+    o_torch, _, _ = case.run("torch", q, k, v, 0.2)
+    for o in (o_torch, triton_by_phase(case.phases)):
+        assert rel_err(o[:1], ref[:1]) <= TOL[torch.float32]
+        for r in (1, 2):
+            assert rel_err(o[r:r + 1], ref[r:r + 1]) > 10 * TOL[torch.float32]
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_query_rows_out_of_order(impl):
     # A vnode's query rows need not be sorted or adjacent; a vnode may hold a single

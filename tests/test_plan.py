@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import reference_decode
+from kernels import Phase, reference_decode
 from plan_helpers import NO_ADJUST, plan_input
 from treecache import plan as plan_module
 from treecache.errors import PlanMismatchError, TreeCacheError, UnsupportedConfigError
@@ -122,6 +122,14 @@ def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
         names.append(("kv_indices", plan.num_kv_entries))
     if plan.masked:
         names.append(("kv_mask", plan.num_kv_entries))
+        # A phase marked unmasked has no masks on its entries (its launches skip them).
+        mask = host(plan, "kv_mask", plan.num_kv_entries)
+        for ph in plan.phases:
+            if not ph.masked:
+                for ks, kl, _, _ in table[ph.vnode_offset:ph.vnode_offset + ph.num_vnodes]:
+                    assert all(m == -1 for m in mask[ks:ks + kl])
+    else:
+        assert all(ph.masked for ph in plan.phases)
     for name, n in names:
         assert plan.buffers.dev_view(name, n).cpu().tolist() == host(plan, name, n), name
     # A contiguity hint is a promise: the vnode's slots are slot0, slot0 + 1, ... In the
@@ -237,16 +245,38 @@ def test_gamma_penalises_split_k():
 # --------------------------------------------------------- chunks, tiles, phases
 
 
-@pytest.mark.parametrize("length, split", [(1000, 100), (1000, 128), (37, 5), (8, 8), (8, 100)])
-def test_kv_chunking(length, split):
+@pytest.mark.parametrize("length, split", [(1000, 100), (1000, 128), (37, 5), (8, 8), (8, 100),
+                                           (264, 128), (1010, 100), (1011, 100)])
+@pytest.mark.parametrize("absorb", [0.0, 0.1])
+def test_kv_chunking(monkeypatch, length, split, absorb):
+    # Whole chunks and the rest; with CHUNK_TAIL_ABSORB a rest of at most that fraction
+    # of a chunk joins the chunk before it (264 at 128: 128 + 136; 1010 at 100: ten
+    # chunks, the last 110; 1011 keeps its 11-entry rest).
+    monkeypatch.setattr(plan_module, "CHUNK_TAIL_ABSORB", absorb)
     inp = plan_input([-1], [length], [0])
     plan = build(inp, **dict(NO_ADJUST, kv_split_sizes=(split, split)))
     n = -(-length // split)
+    if n > 1 and length - split * (n - 1) <= absorb * split:
+        n -= 1
     assert plan.num_vnodes == n
     last = length - split * (n - 1)
     assert [kl for _, kl, _, _ in vnode_table(plan)] == [split] * (n - 1) + [last]
     assert [ks for ks, _, _, _ in vnode_table(plan)] == [i * split for i in range(n)]
     assert plan.num_mid_rows == n
+    if (length, split, absorb) == (264, 128, 0.1):
+        assert [kl for _, kl, _, _ in vnode_table(plan)] == [128, 136]
+
+
+@pytest.mark.parametrize("length, split, lens", [(264, 128, [88, 88, 88]), (1000, 128, [125] * 8),
+                                                 (37, 5, [5] * 7 + [2]), (8, 100, [8])])
+def test_kv_chunking_balanced(monkeypatch, length, split, lens):
+    # BALANCE_CHUNKS: the same number of chunks, of equal length up to the last (37 at 5
+    # keeps its 2-entry rest without CHUNK_TAIL_ABSORB).
+    monkeypatch.setattr(plan_module, "BALANCE_CHUNKS", True)
+    monkeypatch.setattr(plan_module, "CHUNK_TAIL_ABSORB", 0.0)
+    plan = build(plan_input([-1], [length], [0]), **dict(NO_ADJUST, kv_split_sizes=(split, split)))
+    assert [kl for _, kl, _, _ in vnode_table(plan)] == lens
+    assert [ks for ks, _, _, _ in vnode_table(plan)] == [sum(lens[:i]) for i in range(len(lens))]
 
 
 def test_kv_chunk_shared_by_every_query_tile():
@@ -290,7 +320,7 @@ def test_query_tiling():
     inp = plan_input([-1], [30], [0] * 40)
     plan = build(inp, params=FastTreeParams(TSQs=[16, 8], TSKs=[32, 64]), **NO_ADJUST)
     assert vnode_table(plan) == [(0, 30, 0, 16), (0, 30, 16, 16), (0, 30, 32, 8)]
-    assert [tuple(p) for p in plan.phases] == [(0, 3, 16, 32)]
+    assert list(plan.phases) == [Phase(0, 3, 16, 32)]
     assert plan.num_kv_entries == 30
     assert host(plan, "mid_q_rows", 40) == list(range(40))
 
@@ -302,7 +332,7 @@ def test_phases():
     plan = build(inp, **NO_ADJUST)
     assert plan.node_assignments == [0] * 21
     # Phase 1's vnodes are 5 tokens long: its KV tile 128 is lowered to SHORT_KV_TILE.
-    assert [tuple(p) for p in plan.phases] == [(0, 1, 64, 32), (1, 20, 16, 16)]
+    assert list(plan.phases) == [Phase(0, 1, 64, 32), Phase(1, 20, 16, 16)]
     assert plan.kv_tiles == (32, 16) and plan.requested_kv_tiles == (32, 128)
     table = vnode_table(plan)
     assert table[0] == (0, 50, 0, 20)
@@ -310,7 +340,7 @@ def test_phases():
     # 16 requests or fewer: everything in phase 1.
     inp = plan_input([-1] + [0] * 16, [50] + [5] * 16, list(range(1, 17)))
     plan = build(inp, **NO_ADJUST)
-    assert [tuple(p) for p in plan.phases] == [(0, 17, 16, 16)]
+    assert list(plan.phases) == [Phase(0, 17, 16, 16)]
 
 
 @pytest.mark.parametrize("leaves,group,enabled,expected", [
@@ -339,7 +369,7 @@ def test_short_kv_tile_rule(monkeypatch, leaves, group, enabled, expected):
 def test_phase_zero_only():
     inp = plan_input([-1], [10], [0] * 17)
     plan = build(inp, **NO_ADJUST)
-    assert [tuple(p) for p in plan.phases] == [(0, 1, 64, 32)]
+    assert list(plan.phases) == [Phase(0, 1, 64, 32)]
 
 
 # ------------------------------------------------- chunk length chosen per plan
@@ -378,8 +408,10 @@ def test_chunk_length_chosen_by_the_estimate(monkeypatch, spec, hq, hk):
     # both phases, whichever the estimate (recomputed here from each built plan) rates
     # lower; the rule wins ties, the shorter chunk loses ties. The choice is made on
     # the cost model's groups, before any fusion of phase 1: plans unfused here, so
-    # that their tables are those groups'.
+    # that their tables are those groups'; the estimate counts whole chunks and the
+    # rest, so short rests are not joined here.
     monkeypatch.setattr(plan_module, "FUSE_PHASE1", False)
+    monkeypatch.setattr(plan_module, "CHUNK_TAIL_ABSORB", 0.0)
     from treecache.tree import generate_tree_from_spec, kv_ptrs
     from treecache.fasttree import tree_plan_input
 
@@ -1224,15 +1256,30 @@ def test_fused_phase1_one_partial_per_request(monkeypatch, node_tokens):
     assert phase1_partials(plain).max() >= 2
     assert (phase1_partials(fused) == 1).all()
     assert fused.num_vnodes < plain.num_vnodes
-    # Phase 0 is untouched; fused vnodes hold at most the phase's q tile (<= 32).
-    assert fused.phases[0] == plain.phases[0]
-    assert fused.phases[1].q_tile <= 32
+    # Phase 0 is untouched but for its mark (no masks there: its launch skips them);
+    # fused vnodes hold at most the phase's q tile (<= 32).
+    assert fused.phases[0] == plain.phases[0]._replace(masked=False)
+    assert fused.phases[1].masked and fused.phases[1].q_tile <= 32
     # The masks: -1 outside fused vnodes; inside, each entry is attended by someone.
     mask = host(fused, "kv_mask", fused.num_kv_entries)
     assert all(m == -1 for m in mask[:vnode_table(fused)[fused.phases[1].vnode_offset][0]])
     assert all(m != 0 for m in mask)
     # Fused plans merge in phase 1 at every group (the program bounds allow it here).
     assert fused.finish == expected_finish(fused, 1)
+
+
+def test_unmasked_phases_switch(monkeypatch):
+    # UNMASKED_PHASES off: every phase of a masked plan is marked masked, the plan
+    # otherwise the same.
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    inp = deep_input()
+    on = build(inp, group=1, hk=2, params=None)
+    monkeypatch.setattr(plan_module, "UNMASKED_PHASES", False)
+    off = build(inp, group=1, hk=2, params=None)
+    assert [ph.masked for ph in on.phases] == [False, True]
+    assert [ph.masked for ph in off.phases] == [True, True]
+    assert [ph._replace(masked=True) for ph in on.phases] == list(off.phases)
+    assert vnode_table(on) == vnode_table(off)
 
 
 def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
@@ -1369,7 +1416,7 @@ def test_inline_plan_one_masked_launch(monkeypatch):
     inline_settings(monkeypatch)
     inp = deep_input()
     plan = build(inp, group=4, hk=2, params=None)  # check_plan: each path once
-    assert plan.masked and len(plan.phases) == 1
+    assert plan.masked and len(plan.phases) == 1 and plan.phases[0].masked
     assert plan.phases[0].q_tile == 16 and plan.num_vnodes == 128 // 16
     assert not plan.needs_stage2 and plan.direct and not plan.finish
     assert plan.num_mid_rows == inp.req_end.size

@@ -180,6 +180,27 @@ INLINE = True
 INLINE_ROWS = 64
 INLINE_MAX_KV = 1024
 INLINE_MIN_PROGRAMS = 512
+#: In a masked plan, a phase whose entries all attend every query of their vnode (phase
+#: 0 of a fused plan) is marked unmasked (``Phase.masked``): its launches skip the
+#: masks. False: every phase of a masked plan reads them (as before v22). Measured on
+#: an H100 (v22 sweep, as above): 0.988x replayed and 0.992x eager on the geomean of
+#: the 51 cases, the 14 fused plans 0.89-1.0x (``1,4,16,512 1024,256,128,32`` 32/8
+#: 87.0 -> 77.1 us replayed).
+UNMASKED_PHASES = True
+#: A chain's last KV chunk of at most this fraction of the chunk length joins the
+#: chunk before it (one vnode per q tile and one partial per request fewer): a
+#: 264-token chain at chunk 128 becomes 128 + 136 entries instead of 128 + 128 + 8.
+#: 0: never. Measured on an H100 with :data:`UNMASKED_PHASES` (``python -m
+#: benchmarks.sweep --chunks``, benchmarks/RESULTS.md, v22): 0.990x replayed and
+#: 0.992x eager on the geomean of the 51 cases; ``1,4,256 8,256,32`` 32/8 28.9 -> 23.2
+#: us replayed, the trees of 8-token roots 0.81-0.93x; at a quarter (0.25),
+#: ``1,2,64 8,256,32`` 16/1 (64 + 8 tokens joined) was 1.06x slower.
+CHUNK_TAIL_ABSORB = 0.1
+#: Cut chains into chunks of equal length (the same count, ``ceil(length / chunks)``
+#: entries each) instead of whole chunks and a shorter last one. Off: measured
+#: 1.006x slower on the geomean (v22 sweep above), ``spec 16x2048 + 3-2-2 drafts``
+#: 32/32 1.35x, where 2,049-token chains became three of 683 instead of 1024 + 1024 + 1.
+BALANCE_CHUNKS = False
 
 
 def _default_tsqs() -> list[int]:
@@ -1262,13 +1283,30 @@ class _Tiling:
         self.phase1 = ph1 = nreq <= q_tiles[1]
         self.split = np.where(ph1, splits[1], splits[0])
         self.q_tile = np.where(ph1, q_tiles[1], q_tiles[0])
-        self.nch = -(-groups.length // self.split)
+        #: KV chunks per group and their length (see :data:`BALANCE_CHUNKS`).
+        self.nch, self.chunk = _chunking(groups.length, self.split)
         self.nqt = -(-nreq // self.q_tile)
         self.nv = self.nch * self.nqt
         nv1 = int(np.add.reduce(self.nv[ph1]))
         self.nv_phase = (int(np.add.reduce(self.nv)) - nv1, nv1)
         #: Stage-1 programs per phase, as the seed's threshold rule counts them.
         self.par = [x * int(num_kv_heads) for x in self.nv_phase]
+
+
+def _chunking(length: np.ndarray, split: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(chunks, chunk length)`` of chains of ``length`` entries cut at ``split``
+    (elementwise): ``ceil(length / split)`` chunks of ``split`` entries, the last one
+    holding the rest; a last chunk of at most :data:`CHUNK_TAIL_ABSORB` x ``split``
+    entries joins the one before it; with :data:`BALANCE_CHUNKS` the chunks then have
+    equal lengths (up to one entry; the last may be shorter)."""
+    nch = -(-length // split)
+    if CHUNK_TAIL_ABSORB:
+        tail = length - (nch - 1) * split
+        nch = nch - ((nch > 1) & (tail <= CHUNK_TAIL_ABSORB * split))
+    if not BALANCE_CHUNKS:
+        return nch, split
+    chunk = np.maximum(-(-length // np.maximum(nch, 1)), 1)
+    return -(-length // chunk), chunk
 
 
 class _EffTiling(NamedTuple):
@@ -1444,6 +1482,8 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     :data:`AUTO_PROGRAM_STEPS` per program) spread over :data:`AUTO_SLOTS` programs at a
     time, plus :data:`AUTO_PARTIAL_WEIGHT` per 8,448 partial rows x heads (132 SMs x 64
     rows), plus :data:`AUTO_MERGE_WEIGHT` per merge step (:func:`_merge_chain_steps`).
+    Chains are cut into whole chunks and the rest (a rest that
+    :data:`CHUNK_TAIL_ABSORB` joins to the chunk before it is counted as its own).
     Float arithmetic (exact for these integers), one pass over
     ``[chunks, groups]`` per phase."""
     pairs = np.asarray(chunks, dtype=np.float64).reshape(-1, 2)
@@ -1811,7 +1851,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     b = topo.req_end.size
     ng = groups.node.size
     nreq, length = groups.nreq, groups.length
-    split_g, qt_g, nqt, nv_g = tiling.split, tiling.q_tile, tiling.nqt, tiling.nv
+    split_g, qt_g, nqt, nv_g = tiling.chunk, tiling.q_tile, tiling.nqt, tiling.nv
     par = tiling.par
     n0, n1 = tiling.nv_phase
     nv = n0 + n1
@@ -1901,7 +1941,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             length = np.bincount(cg, weights=seg_len, minlength=ng).astype(np.int64)
             split_g = np.where(is_set, np.maximum(length, 1), split_g[rep])
             qt_g = qt_g[rep]
-            nch = -(-length // split_g)
+            nch = np.where(is_set, 1, tiling.nch[rep])
             nqt = -(-nreq // qt_g)
             nv_g = nch * nqt
             phase1 = tiling.phase1[rep]
@@ -1929,7 +1969,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     split_v = split_g[v_g]
     kv_off = v_chunk * split_v
     v_kv_start = kv_base[v_g] + kv_off
-    v_kv_len = np.minimum(split_v, length[v_g] - kv_off)
+    # The last chunk holds the rest (more than a chunk where a short tail joined it).
+    v_kv_len = np.where(v_chunk == tiling.nch[v_g] - 1, length[v_g] - kv_off, split_v)
     # Mid rows: per group, per chunk, one per request of the group.
     rows_g = tiling.nch * nreq
     mid_end = np.add.accumulate(rows_g)
@@ -1951,11 +1992,17 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
 
     kv_tiles = list(kv_tiles)
     kv_tiles[1] = int(_phase1_kv_tile(kv_tiles[1], group, int(v_kv_len[n0:].sum()), n1))
+    # Which phases hold masked entries (phase-1 fusion masks phase 1 only).
+    masked_ph = [True, True]
+    if seg_mask is not None and UNMASKED_PHASES:
+        seg_ph1 = tiling.phase1[cg]
+        real = seg_mask != -1
+        masked_ph = [bool((real & ~seg_ph1).any()), bool((real & seg_ph1).any())]
     phases = []
     if n0:
-        phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0]))
+        phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0], masked_ph[0]))
     if n1:
-        phases.append(Phase(n0, n1, q_tiles[1], kv_tiles[1]))
+        phases.append(Phase(n0, n1, q_tiles[1], kv_tiles[1], masked_ph[1]))
 
     # Stage-2 map: each request's mid rows.
     req_order = mid_q_rows.argsort(kind="stable")
