@@ -115,7 +115,7 @@ def torch_tree_decode(
         first = min(ph.vnode_offset for ph in phases)
         sl = slice(first, first + num_vnodes)
         # Vnodes whose masks apply (those of phases not marked unmasked).
-        v_masked = torch.ones(num_vnodes, dtype=torch.bool)
+        v_masked = torch.ones(num_vnodes, dtype=torch.bool, device="cpu")
         for ph in phases:
             if not ph.masked:
                 v_masked[ph.vnode_offset - first:ph.vnode_offset - first + ph.num_vnodes] = False
