@@ -190,11 +190,11 @@ UNMASKED_PHASES = True
 #: A chain's last KV chunk of at most this fraction of the chunk length joins the
 #: chunk before it (one vnode per q tile and one partial per request fewer): a
 #: 264-token chain at chunk 128 becomes 128 + 136 entries instead of 128 + 128 + 8.
-#: 0: never. Measured on an H100 with :data:`UNMASKED_PHASES` (``python -m
-#: benchmarks.sweep --chunks``, benchmarks/RESULTS.md, v22): 0.990x replayed and
-#: 0.992x eager on the geomean of the 51 cases; ``1,4,256 8,256,32`` 32/8 28.9 -> 23.2
-#: us replayed, the trees of 8-token roots 0.81-0.93x; at a quarter (0.25),
-#: ``1,2,64 8,256,32`` 16/1 (64 + 8 tokens joined) was 1.06x slower.
+#: 0: never. Measured on an H100 (``python -m benchmarks.sweep --chunks``,
+#: benchmarks/RESULTS.md, v22) against plans with :data:`UNMASKED_PHASES` alone: 0.990x
+#: replayed and 0.992x eager on the geomean of the 51 cases; ``1,4,256 8,256,32`` 32/8
+#: 28.9 -> 23.2 us replayed, the trees of 8-token roots 0.81-0.93x; at a quarter
+#: (0.25), ``1,2,64 8,256,32`` 16/1 (64 + 8 tokens joined) was 1.06x slower.
 CHUNK_TAIL_ABSORB = 0.1
 #: Cut chains into chunks of equal length (the same count, ``ceil(length / chunks)``
 #: entries each) instead of whole chunks and a shorter last one. Off: measured
