@@ -1116,6 +1116,24 @@ def test_extend_tails_chunked_and_split_q():
     _check_run(plan, paths, q, k, v, "torch")
 
 
+def test_extend_tails_joined_last_chunk():
+    # One request over 42 tokens at chunk 20: the 2-token rest joins the chunk before it
+    # (20 + 22), and that last chunk is the tail that grows in place.
+    inp = plan_input([-1], [42], [0], growable=[True])
+    plan = build(inp, headroom=3, **dict(NO_ADJUST, kv_split_sizes=(20, 20)))
+    assert [kl for _, kl, _, _ in vnode_table(plan)] == [20, 22]
+    assert plan.tail_vnode[0] == 1
+    paths = expected_paths(inp)
+    q, k, v = _qkv(plan, 50, seed=5)
+    for slot in (42, 43, 44):
+        assert plan.extend_tails(np.array([0]), np.array([slot]))
+        paths[0].append(slot)
+    assert not plan.extend_tails(np.array([0]), np.array([45]))
+    assert [kl for _, kl, _, _ in vnode_table(plan)] == [20, 25]
+    assert plan_slots(plan) == [sorted(p) for p in paths]
+    _check_run(plan, paths, q, k, v, "torch")
+
+
 def test_no_headroom_without_growable():
     inp = plan_input([-1, 0], [10, 5], [1])
     plan = build(inp, headroom=4, **NO_ADJUST)
