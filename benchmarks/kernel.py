@@ -194,12 +194,7 @@ def _ablations(plan, q, k, v, sm, device):
 
     def other_grouping():
         for grp in groups:
-            td.tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
-                                  t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
-                                  t["vnode_q_len"], t["mid_q_rows"], grp, sm,
-                                  vnode_slot0=t["vnode_slot0"], o=o if plan.direct else None,
-                                  req_mid_len=t["req_mid_len"] if plan.direct else None,
-                                  kv_mask=t.get("kv_mask"))
+            plan.run_stage1(q, k, v, grp, sm, o=o if plan.direct else None)
         if plan.needs_stage2 or not plan.direct:
             td.tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
                                   t["req_mid_len"], t["req_mid_rows"], skip_single=plan.direct)

@@ -4,7 +4,6 @@ launch of one of its stage-1 phases alone, their command line and their JSON fil
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 import torch
@@ -27,15 +26,10 @@ def library_plan(spec: str, hq: int, hk: int, head_dim: int, dev: torch.device):
 def last_phase_call(plan, q, k, v, sm_scale: float):
     """``(call, phase)``: ``call()`` launches the plan's last stage-1 phase alone, its
     partials into the plan's mid buffers (no merge)."""
-    td = importlib.import_module("kernels.tree_decode")
-    t = plan.kernel_tensors(q.dtype)
     last = [ph for ph in plan.phases if ph.num_vnodes][-1]
 
     def call():
-        td.tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
-                              t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
-                              t["vnode_q_len"], t["mid_q_rows"], last, sm_scale,
-                              vnode_slot0=t["vnode_slot0"], kv_mask=t.get("kv_mask"))
+        plan.run_stage1(q, k, v, last, sm_scale)
 
     return call, last
 

@@ -20,7 +20,7 @@ import torch
 
 import treecache as tc
 from kernels import select_backend
-from kernels.tree_decode import tree_decode_stage1, tree_decode_stage2
+from kernels.tree_decode import tree_decode_stage2
 
 
 def bench(fn, device):
@@ -74,11 +74,7 @@ def main():
         tokens = int(lens[sl].sum())
         rows = int(qlens[sl].sum())
         nbytes = 2 * tokens * hk * d * esz + rows * hq * d * (esz + psz) + rows * hq * 4
-        us = bench(lambda ph=ph: tree_decode_stage1(
-            q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"], t["vnode_kv_start"],
-            t["vnode_kv_len"], t["vnode_q_start"], t["vnode_q_len"], t["mid_q_rows"], ph, sm,
-            vnode_slot0=t["vnode_slot0"], kv_mask=t.get("kv_mask")),
-            device)
+        us = bench(lambda ph=ph: plan.run_stage1(q, k, v, ph, sm), device)
         total_us += us
         total_bytes += nbytes
         print(f"stage 1 phase {i}: {ph.num_vnodes:5d} vnodes x {hk} heads, q tile {ph.q_tile}, "

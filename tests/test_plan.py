@@ -1328,9 +1328,11 @@ def decode_device(backend: str) -> torch.device:
     return torch.device("cuda" if on_gpu else "cpu")
 
 
-def decode_error(plan: DecodePlan, inp: PlanInput, backend: str, seed: int) -> float:
-    """Relative error of ``plan.run`` (float16, head_dim 32, NaN-poisoned output) against
-    the float32 reference over each request's path; fails on NaN."""
+def decode_error(plan: DecodePlan, inp: PlanInput, backend: str, seed: int,
+                 decode=None) -> float:
+    """Relative error of ``plan.run`` (or of ``decode(q, k, v, o)``; float16, head_dim
+    32, NaN-poisoned output) against the float32 reference over each request's path;
+    fails on NaN."""
     dev = plan.buffers.device
     hq, hk = plan.num_qo_heads, plan.num_kv_heads
     g = torch.Generator().manual_seed(seed)
@@ -1339,7 +1341,10 @@ def decode_error(plan: DecodePlan, inp: PlanInput, backend: str, seed: int) -> f
     k = torch.randn(s, hk, 32, generator=g).to(dev, torch.float16)
     v = torch.randn(s, hk, 32, generator=g).to(dev, torch.float16)
     o = torch.full_like(q, float("nan"))
-    plan.run(q, k, v, o, backend=backend)
+    if decode is None:
+        plan.run(q, k, v, o, backend=backend)
+    else:
+        decode(q, k, v, o)
     slots = [torch.as_tensor(p, device=dev) for p in expected_paths(inp)]
     ref = reference_decode(q, k, v, slots, 1 / math.sqrt(32))
     assert not torch.isnan(o).any()
@@ -1357,6 +1362,28 @@ def test_fused_plan_matches_reference(monkeypatch, backend, finish):
     plan = build_plan(inp, num_qo_heads=2, num_kv_heads=2, head_dim=32, device=dev)
     assert plan.masked and plan.finish == finish
     assert decode_error(plan, inp, backend, seed=21) <= 2e-3
+
+
+def test_run_stage1_phase_by_phase_matches_reference(monkeypatch):
+    # A fused plan (phase 0 unmasked, phase 1 masked) launched a phase at a time through
+    # run_stage1 (NaN-poisoned partials), then stage 2 over every mid row: the reference.
+    from kernels.tree_decode import tree_decode_stage2
+
+    dev = decode_device("triton")
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    inp = deep_input()
+    plan = build_plan(inp, num_qo_heads=2, num_kv_heads=2, head_dim=32, device=dev)
+    assert plan.masked and [ph.masked for ph in plan.phases] == [False, True]
+
+    def by_phase(q, k, v, o):
+        t = plan.kernel_tensors(q.dtype)
+        t["mid_o"].fill_(float("nan"))
+        for ph in plan.phases:
+            plan.run_stage1(q, k, v, ph, 1 / math.sqrt(32))
+        tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
+                           t["req_mid_len"], t["req_mid_rows"])
+
+    assert decode_error(plan, inp, "triton", seed=22, decode=by_phase) <= 2e-3
 
 
 @settings(max_examples=100, deadline=None)

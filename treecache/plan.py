@@ -46,7 +46,12 @@ from kernels.plan_ops import (
     grow_tails_launcher,
     grow_tails_stack_launcher,
 )
-from kernels.tree_decode import MAX_BLOCK_M, stage2_blocks, tree_decode_launcher
+from kernels.tree_decode import (
+    MAX_BLOCK_M,
+    stage2_blocks,
+    tree_decode_launcher,
+    tree_decode_stage1,
+)
 
 from .errors import PlanMismatchError, ShapeMismatchError, UnsupportedConfigError
 
@@ -676,6 +681,23 @@ class DecodePlan:
             half = mid.view(torch.float16)[..., :mid.shape[-1]]
             cached = self._half_cache = (t, dict(t, mid_o=half))
         return cached[1]
+
+    def run_stage1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phase,
+                   sm_scale: float, *, o: torch.Tensor | None = None, **launch) -> None:
+        """Launch stage 1 of ``phase`` (one of :attr:`phases`, or two adjacent ones in one
+        launch) alone, with this plan's index tensors, contiguity hints and row masks
+        (:meth:`kernel_tensors`): its partials go to the plan's mid buffers, or with
+        ``o`` (direct mode) single-partial requests' outputs to ``o``. For profiling and
+        ablations; :meth:`run` is the decode. ``launch``: further keywords of
+        :func:`kernels.tree_decode.tree_decode_stage1` (``logit_cap``, ``num_warps``,
+        ``num_stages``). Arguments are not checked."""
+        t = self.kernel_tensors(q.dtype)
+        tree_decode_stage1(q, k, v, t["mid_o"], t["mid_lse"], t["kv_indices"],
+                           t["vnode_kv_start"], t["vnode_kv_len"], t["vnode_q_start"],
+                           t["vnode_q_len"], t["mid_q_rows"], phase, sm_scale,
+                           vnode_slot0=t["vnode_slot0"], o=o,
+                           req_mid_len=None if o is None else t["req_mid_len"],
+                           kv_mask=t.get("kv_mask"), **launch)
 
     def kv_tokens_read(self) -> int:
         """KV tokens stage 1 reads per KV head (sum of vnode lengths)."""

@@ -880,22 +880,15 @@ def tree_stats(nodes: Sequence[KVTreeNode]) -> dict[str, int | float]:
     }
 
 
-def _preorder(roots: Sequence[int], children: Sequence[Sequence[int]]) -> list[int]:
-    """Node ids in depth-first preorder: each root in turn, then its subtrees, children
-    in the order given."""
-    out: list[int] = []
-    stack = list(reversed(roots))
-    while stack:
-        v = stack.pop()
-        out.append(v)
-        stack.extend(reversed(children[v]))
-    return out
-
-
 def _tidy_layout(topo: _Topology) -> tuple[list[float], list[int]]:
     """x (leaves at 0, 1, 2, ... in depth-first order; parents centred) and depth."""
     n = len(topo.parent)
-    order = _preorder(topo.roots, topo.children)
+    order: list[int] = []  # depth-first preorder, children in the order given
+    stack = list(reversed(topo.roots))
+    while stack:
+        v = stack.pop()
+        order.append(v)
+        stack.extend(reversed(topo.children[v]))
     x = [0.0] * n
     next_leaf = 0
     for v in order:
