@@ -647,9 +647,82 @@ def chunks(out_path=None):
                  lambda config, hq, hk: {}, out_path, setting=_plan_settings)
 
 
+#: The planner's choices side by side: (label, treecache.plan settings, build_plan
+#: keywords). The first is the default plan; then one KV chunk length for both phases
+#: (the seed's switch to shorter chunks off), no inlining, inlining from 128 programs
+#: (at 64 and at 32 query rows a vnode), no phase-1 fusion, the flat plan, and a
+#: shared-prefix query tile of 32 rows.
+PLAN_SPACE = (
+    [("default", {}, {})]
+    + [(f"chunk {c}", {}, dict(kv_split_sizes=(c, c), para_threshs1=(0, 0)))
+       for c in (1024, 512, 256, 128, 64)]
+    + [("no inline", dict(INLINE=False), {}),
+       ("inline 128", dict(INLINE_MIN_PROGRAMS=128), {}),
+       ("inline 128, 32 rows", dict(INLINE_MIN_PROGRAMS=128, INLINE_ROWS=32), {}),
+       ("no fusion", dict(FUSE_PHASE1=False), {}),
+       ("flat", {}, dict(flat=True)),
+       ("phase-0 32 rows", {}, dict(rows0=32))]
+)
+
+
+def plan_space_plans(inp, hq: int, hk: int, head_dim: int, device):
+    """The plan of each choice of :data:`PLAN_SPACE` for ``inp``, with a context manager
+    that enters the choice's settings again: ``[(plan, setting)]``."""
+    from treecache.plan import build_plan
+
+    out = []
+    for _, settings, build in PLAN_SPACE:
+        build = dict(build)
+        rows0 = build.pop("rows0", None)
+        if rows0 is not None:
+            params = FastTreeParams.for_heads(hq, hk)
+            params.set_q_tile_sizes([max(1, rows0 // (hq // hk)), params.TSQs[1]])
+            build["params"] = params
+        with _plan_settings(settings):
+            plan = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=head_dim,
+                              device=device, **build)
+        out.append((plan, _plan_settings(settings)))
+    return out
+
+
+def plan_space(out_path=None):
+    """Every case's plan under each choice of :data:`PLAN_SPACE`, replayed and eager
+    (timed as :func:`_plans_sweep` does): how much a better choice among the plans the
+    planner can already build would give, case by case (the best of them per case
+    against the default), and which choice wins where."""
+    from treecache import tree_stats
+    from treecache.fasttree import tree_plan_input
+
+    dev = torch.device("cuda")
+    labels = [c[0] for c in PLAN_SPACE]
+    rows = []
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
+        inp = tree_plan_input(nodes, ptrs, tree_stats(nodes)["num_requests"])
+        runs = []
+        for plan, setting in plan_space_plans(inp, hq, hk, q.shape[-1], dev):
+            with setting:  # the launches are prepared under the choice's settings
+                o = torch.full_like(q, float("nan"))
+                plan.run(q, k, v, o, check=False)
+            runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
+        ref = runs[0][1]
+        err = max(((o.float() - ref.float()).norm() / ref.float().norm()).item()
+                  for _, o in runs)
+        g_us, e_us = _time_pair(runs, q, k, v, dev)
+        rows.append(dict(case=spec, hq=hq, hk=hk, graph_us=g_us, eager_us=e_us,
+                         max_rel_diff=err))
+        best = min(range(len(labels)), key=lambda i: e_us[i])
+        print(f"{spec[:34]} {hq}/{hk}: default {g_us[0]:.1f}/{e_us[0]:.1f} us (graph/eager), "
+              f"best eager {labels[best]} {e_us[best]:.1f}, max rel diff {err:.1e}", flush=True)
+    for kind in ("graph", "eager"):
+        _print_ratios(f"{kind}, best of the plan space",
+                      [min(r[f"{kind}_us"]) / r[f"{kind}_us"][0] for r in rows])
+    _report_configs(rows, labels, [[c[0], c[1], c[2]] for c in PLAN_SPACE], out_path)
+
+
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
+    ("plan-space", plan_space, "the planner's plan choices side by side, every case"),
     ("finish-warps", finish_warps, "warps of the finishing launch, every plan that finishes"),
     ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),
     ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks.kernel import CALLS_PER_GRAPH, main, summarize
 
@@ -255,3 +256,33 @@ def test_masked_probe_plans_match_the_reference(reqs, weight):
     ref = reference_decode(q, k, v, [torch.from_numpy(s) for s in slots], 0.25)
     assert ((o - ref).norm() / ref.norm()).item() < 1e-5
     assert not math.isnan(o.sum().item())
+
+
+def test_plan_space_plans_decode_like_the_reference():
+    # Every choice of the plan-space sweep builds a plan that decodes correctly (torch
+    # implementation, NaN-poisoned output), and the choices do build other plans.
+    from benchmarks.suite import spec_tree
+    from benchmarks.sweep import PLAN_SPACE, plan_space_plans
+    from kernels import reference_decode
+    from treecache import qkv_preparation, tree_stats
+    from treecache.fasttree import tree_plan_input
+    from treecache.plan import path_token_indices
+
+    nodes = spec_tree(40, 3, (2, 2))
+    hq, hk, d = 8, 2, 32
+    gen = torch.Generator().manual_seed(5)
+    q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, d, "cpu", torch.float16,
+                                             generator=gen, build_cache=False)
+    inp = tree_plan_input(nodes, ptrs, tree_stats(nodes)["num_requests"])
+    paths = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
+    ref = reference_decode(q, k, v, [torch.as_tensor(p) for p in paths], 1 / math.sqrt(d))
+    plans = plan_space_plans(inp, hq, hk, d, "cpu")
+    assert len(plans) == len(PLAN_SPACE)
+    for plan, setting in plans:
+        o = torch.full_like(q, float("nan"))
+        with setting:
+            plan.run(q, k, v, o, backend="torch")
+        assert not torch.isnan(o).any()
+        assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
+    layouts = {(p.phases, p.num_vnodes, p.kv_split_sizes) for p, _ in plans}
+    assert len(layouts) >= 4
