@@ -647,6 +647,23 @@ def chunks(out_path=None):
                  lambda config, hq, hk: {}, out_path, setting=_plan_settings)
 
 
+#: Planner settings of the shared-inline sweep: off, then long nodes from 2,048, 1,024
+#: and 256 tokens kept shared beside inlined short ones, whatever the plans read (the
+#: settings of ``h100_v23_shared_inline_sweep.json``; the default is 256 with a read
+#: bound).
+SHARED_INLINE_CONFIGS = [dict(SHARED_INLINE=0)] + [
+    dict(SHARED_INLINE=n, SHARED_INLINE_MAX_READS=1e9) for n in (2048, 1024, 256)]
+
+
+def shared_inline(out_path=None):
+    """Long nodes shared beside inlined short ones (:data:`treecache.plan.SHARED_INLINE`)
+    at three length bounds, without the read bound, against plans without, every case,
+    replayed and eager (:func:`_plans_sweep`)."""
+    _plans_sweep(SHARED_INLINE_CONFIGS,
+                 ["off"] + [f"long from {c['SHARED_INLINE']}" for c in SHARED_INLINE_CONFIGS[1:]],
+                 lambda config, hq, hk: {}, out_path, setting=_plan_settings)
+
+
 #: The planner's choices side by side: (label, treecache.plan settings, build_plan
 #: keywords). The first is the default plan; then one KV chunk length for both phases
 #: (the seed's switch to shorter chunks off), no inlining, inlining from 128 programs
@@ -722,6 +739,7 @@ def plan_space(out_path=None):
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
+    ("shared-inline", shared_inline, "long nodes shared beside inlined short ones, every case"),
     ("plan-space", plan_space, "the planner's plan choices side by side, every case"),
     ("finish-warps", finish_warps, "warps of the finishing launch, every plan that finishes"),
     ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),

@@ -1546,3 +1546,125 @@ def test_inline_blocks_bounds_only_reject_what_is_over(case, reqs, max_len):
         assert got is None
     else:
         assert (got is None) == (int(full[4].max()) > max_len)
+
+
+def drafts_input(seqs=3, context=100, branching=(3, 2)) -> PlanInput:
+    """Speculative verification: ``seqs`` contexts of ``context`` tokens, each with a
+    draft tree of 1-token nodes (``branching`` children per level), one request ending
+    at every draft node."""
+    parent, seqlen = [], []
+    for _ in range(seqs):
+        level = [len(parent)]
+        parent.append(-1)
+        seqlen.append(context)
+        for fan in branching:
+            nxt = []
+            for p in level:
+                for _ in range(fan):
+                    nxt.append(len(parent))
+                    parent.append(p)
+                    seqlen.append(1)
+            level = nxt
+    req_end = [i for i, p in enumerate(parent) if p >= 0]
+    return plan_input(parent, seqlen, req_end)
+
+
+def shared_inline_settings(mp, min_len=64, max_kv=1024, max_reads=10.0):
+    """Long nodes from ``min_len`` tokens, blocks of at most ``max_kv`` entries, and by
+    default whatever the plans read (the read bound has its own test)."""
+    mp.setattr(plan_module, "SHARED_INLINE", min_len)
+    mp.setattr(plan_module, "INLINE_MAX_KV", max_kv)
+    mp.setattr(plan_module, "SHARED_INLINE_MAX_READS", max_reads)
+
+
+def test_shared_inline_plan_layout(monkeypatch):
+    # Three contexts of 100 tokens with 3 + 6 drafts each: 27 requests. Whole paths
+    # (101-102 entries) are over a 64-entry bound, so INLINE refuses; with long nodes
+    # from 64 tokens the contexts stay shared and the drafts are inlined, at GQA group 4
+    # 64 // 4 = 16 requests a block: two blocks.
+    inp = drafts_input()
+    shared_inline_settings(monkeypatch, max_kv=64)
+    monkeypatch.setattr(plan_module, "FINISH_MIN_PROGRAMS", 0)
+    kw = dict(NO_ADJUST, kv_split_sizes=(64, 64), params=None)
+    plan = build(inp, group=4, hk=2, **kw)
+    assert plan.masked and plan.finish and len(plan.phases) == 2
+    ph0, ph1 = plan.phases
+    assert not ph0.masked and ph1.masked and ph1.q_tile == 16
+    table = vnode_table(plan)
+    # Phase 0: each context cut 64 + 36, one q tile of its 9 requests.
+    assert sorted(kl for _, kl, _, _ in table[:ph0.num_vnodes]) == [36] * 3 + [64] * 3
+    assert [ql for _, _, _, ql in table[:ph0.num_vnodes]] == [9] * 6
+    # Phase 1: blocks of 16 and 11 requests (depth-first) over their drafts' union (one
+    # token each): the first 9 + 7 drafts; then the second context's last draft with
+    # its two children (the block's first two requests), and the third context's 9.
+    assert [(kl, ql) for _, kl, _, ql in table[ph0.num_vnodes:]] == [(16, 16), (12, 11)]
+    # Every request has one partial in phase 1, after its context's two.
+    assert host(plan, "req_mid_len", inp.req_end.size) == [3] * inp.req_end.size
+    # Off, or where no node is long, or the drafts do not fit: the usual plans.
+    for mp_args in (dict(min_len=0), dict(min_len=101), dict(max_kv=15)):
+        with pytest.MonkeyPatch.context() as mp:
+            shared_inline_settings(mp, **dict(dict(min_len=64, max_kv=64), **mp_args))
+            other = build(inp, group=4, hk=2, **kw)
+            assert (vnode_table(other), other.phases) != (table, plan.phases)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_shared_inline_plan_matches_reference(monkeypatch, backend, group):
+    dev = decode_device(backend)
+    inp = drafts_input(seqs=2, context=70, branching=(2, 2, 2))
+    shared_inline_settings(monkeypatch, max_kv=64)
+    plan = build_plan(inp, num_qo_heads=group, num_kv_heads=1, head_dim=32, device=dev,
+                      kv_split_sizes=(32, 32))
+    assert plan.masked and len(plan.phases) == 2 and not plan.phases[0].masked
+    check_plan(plan, inp, group)
+    assert decode_error(plan, inp, backend, seed=23) <= 2e-3
+
+
+@settings(max_examples=100, deadline=None)
+@given(forests(), st.integers(1, 40))
+def test_random_forests_shared_inline(case, min_len):
+    # Wherever long nodes stay shared beside inlined short ones, each request attends
+    # its path once (check_plan reads the masks) and has one partial in phase 1.
+    inp, group, kwargs = case
+    with pytest.MonkeyPatch.context() as mp:
+        shared_inline_settings(mp, min_len=min_len, max_kv=10 ** 6)
+        mp.setattr(plan_module, "INLINE", False)
+        plan = build(inp, group=group, hk=1, **kwargs)
+    if plan.masked:
+        last = plan.phases[-1]
+        assert last.masked and last.q_tile == min(32, 64 // group)
+
+
+def shared_inlined(inp, group, hk=1, **kw) -> bool:
+    """Whether the plan built for ``inp`` keeps long nodes shared beside inlined ones
+    (an unmasked phase 0 and a masked phase 1 of ``min(32, 64 // group)``-request
+    tiles, every request with one partial there)."""
+    plan = build(inp, group=group, hk=hk, params=None, **kw)
+    return (plan.masked and len(plan.phases) == 2 and not plan.phases[0].masked
+            and plan.phases[1].q_tile == min(32, 64 // group))
+
+
+def test_shared_inline_rule(monkeypatch):
+    # With the defaults (long nodes from 256 tokens, at most 0.8x the entries read):
+    # four 300-token contexts with 3 + 6 + 12 drafts each, at GQA group 1. The cost
+    # model gives some draft groups their context's tokens (2,516 entries read); kept
+    # shared, each context is read once (1,286).
+    drafts = drafts_input(seqs=4, context=300, branching=(3, 2, 2))
+    assert shared_inlined(drafts, 1, hk=4)
+    monkeypatch.setattr(plan_module, "SHARED_INLINE_MAX_READS", 0.5)
+    assert not shared_inlined(drafts, 1, hk=4)
+    monkeypatch.setattr(plan_module, "SHARED_INLINE_MAX_READS", 0.8)
+    # A shared root with 40 leaves of 8 tokens: the usual plan reads each entry once
+    # already, so packing the leaves beside the root is not used.
+    fan = plan_input([-1] + [0] * 40, [300] + [8] * 40, list(range(1, 41)))
+    assert not shared_inlined(fan, 1, hk=4)
+    monkeypatch.setattr(plan_module, "SHARED_INLINE_MAX_READS", 10.0)
+    assert shared_inlined(fan, 1, hk=4)
+    monkeypatch.setattr(plan_module, "SHARED_INLINE_MAX_READS", 0.8)
+    # Not with growth headroom, not in flat plans, not where no node is long.
+    grow = attrs.evolve(drafts, growable=np.ones(drafts.req_end.size, dtype=bool))
+    assert not shared_inlined(grow, 1, hk=4, headroom=4)
+    assert not shared_inlined(drafts, 1, hk=4, flat=True)
+    monkeypatch.setattr(plan_module, "SHARED_INLINE", 301)
+    assert not shared_inlined(drafts, 1, hk=4)

@@ -185,6 +185,22 @@ INLINE = True
 INLINE_ROWS = 64
 INLINE_MAX_KV = 1024
 INLINE_MIN_PROGRAMS = 512
+#: Where whole paths do not fit :data:`INLINE`'s bound, a plan without growth headroom
+#: may keep every node of at least this many tokens as a shared group of its own (all
+#: requests through it, phase 0, chunked like the cost model's groups) and inline the
+#: rest of each path: blocks of ``min(32, INLINE_ROWS // group)`` requests in
+#: depth-first order over the union of their other nodes, one masked phase-1 vnode
+#: each (at most :data:`INLINE_MAX_KV` entries), where every request has one partial
+#: and phase 1 merges. Used where the vnodes then read at most
+#: :data:`SHARED_INLINE_MAX_READS` x the KV entries the cost model's vnodes read
+#: (every q tile reads its group's chain). 0: off. Measured on an H100 (``python -m
+#: benchmarks.sweep --shared-inline``, benchmarks/RESULTS.md, v23): the
+#: speculative-decoding tree (2,048-token contexts, 21 one-token drafts each) 0.71x
+#: replayed at 32/8 (135.7 -> 96.0 us) and 0.77x at 32/32, reading 0.67x and 0.50x
+#: the entries; every other plan this would change reads as many entries as before
+#: and was 1.02-2.97x slower (packed leaves beside a shared root, split chains).
+SHARED_INLINE = 256
+SHARED_INLINE_MAX_READS = 0.8
 #: In a masked plan, a phase whose entries all attend every query of their vnode (phase
 #: 0 of a fused plan) is marked unmasked (``Phase.masked``): its launches skip the
 #: masks. False: every phase of a masked plan reads them (as before v22). Measured on
@@ -1445,15 +1461,17 @@ def _preorder_positions(topo: _Topology) -> np.ndarray:
     return pos
 
 
-def _inline_blocks(topo: _Topology, reqs: int, max_len: int):
+def _inline_blocks(topo: _Topology, reqs: int, max_len: int, skip: np.ndarray | None = None):
     """A plan of whole request paths (see :data:`INLINE`): requests in depth-first order
     of their end nodes, ``reqs`` a block; each block's segments are the nodes on its
     requests' paths, once each, with the bits of the requests through them. None where
-    some block would hold more than ``max_len`` entries. Returns ``(rows, seg_block,
-    seg_node, seg_bits, length)``: the requests in block order, the segments (by block,
-    then node id) and every block's entries."""
+    some block would hold more than ``max_len`` entries, or some request would have no
+    entries. ``skip`` (bool per node): nodes left out of the blocks (see
+    :data:`SHARED_INLINE`). Returns ``(rows, seg_block, seg_node, seg_bits, length)``:
+    the requests in block order, the segments (by block, then node id) and every
+    block's entries."""
     b = topo.req_end.size
-    seqlen = topo.seqlen
+    seqlen = topo.seqlen if skip is None else np.where(skip, 0, topo.seqlen)
     nblocks = -(-b // reqs)
     # A node is read by at least ceil(requests through it / reqs) blocks: where that
     # many reads average over max_len per block, some block is over (O(nodes)).
@@ -1482,6 +1500,39 @@ def _inline_blocks(topo: _Topology, reqs: int, max_len: int):
     if length.max() > max_len:
         return None
     return rows, seg_block, seg_node, bits, length
+
+
+def _shared_inline(topo: _Topology, reqs: int, max_len: int, min_len: int):
+    """A plan of shared long nodes and inlined short ones (see :data:`SHARED_INLINE`):
+    the nodes of at least ``min_len`` tokens that some request passes, each a group of
+    all requests through it, then :func:`_inline_blocks` of ``reqs`` requests over the
+    other nodes. None where no node is long or the blocks do not fit ``max_len``.
+    Returns ``(long groups, pair_req, req_start, nreq, seg_group, seg_node, seg_mask,
+    length)`` over the groups (long nodes first, by id, then the blocks); a long
+    node's one segment has mask -1 (every query of its vnodes)."""
+    long = topo.seqlen >= min_len
+    nodes = (long & (topo.nq > 0)).nonzero()[0]
+    if nodes.size == 0:
+        return None
+    inline = _inline_blocks(topo, reqs, max_len, skip=long)
+    if inline is None:
+        return None
+    rows, seg_block, seg_node, seg_bits, blk_len = inline
+    b = topo.req_end.size
+    on = long[topo.path_node]
+    pr, pn = topo.path_req[on], topo.path_node[on]
+    pair_long = pr[(pn * b + pr).argsort(kind="stable")]
+    nl, nb = nodes.size, blk_len.size
+    nreq_long = topo.nq[nodes]
+    first = np.arange(nb, dtype=np.int64) * reqs
+    nreq = np.concatenate([nreq_long, np.minimum(reqs, b - first)])
+    req_start = np.concatenate([np.add.accumulate(nreq_long) - nreq_long,
+                                pair_long.size + first])
+    return (nl, np.concatenate([pair_long, rows]), req_start, nreq,
+            np.concatenate([np.arange(nl, dtype=np.int64), nl + seg_block]),
+            np.concatenate([nodes, seg_node]),
+            np.concatenate([np.full(nl, -1, dtype=np.int64), seg_bits]),
+            np.concatenate([topo.seqlen[nodes], blk_len]))
 
 
 def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes) -> np.ndarray:
@@ -1902,8 +1953,41 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     if (INLINE and inline_ok and not grown
             and -(-b // inline_reqs) * hk >= (INLINE_MIN_PROGRAMS or 0)):
         inline = _inline_blocks(topo, inline_reqs, INLINE_MAX_KV)
+    shared = None
+    if inline is None and SHARED_INLINE and inline_ok and not grown:
+        # KV entries read: each q tile of a group reads its chain, a block the union of
+        # its requests' nodes; a node is in at least ceil(requests / block) blocks, so
+        # an O(nodes) lower bound rules most plans out before the blocks are built.
+        q0 = int(q_tiles[0])
+        most = SHARED_INLINE_MAX_READS * int((nqt * length).sum())
+        long = seqlen >= int(SHARED_INLINE)
+        if int(seqlen @ -(-topo.nq // np.where(long, q0, inline_reqs))) <= most:
+            shared = _shared_inline(topo, inline_reqs, INLINE_MAX_KV, int(SHARED_INLINE))
+        if shared is not None:
+            nl, nreq_s, length_s = shared[0], shared[3], shared[7]
+            if (-(-nreq_s[:nl] // q0) * length_s[:nl]).sum() + length_s[nl:].sum() > most:
+                shared = None
     seg_mask = None
-    if inline is None:
+    if shared is not None:
+        # Long nodes shared in phase 0 (chunked), the rest inlined in masked phase-1
+        # blocks: every request has one partial in phase 1.
+        nl, pair_req, req_start, nreq, cg, cn, seg_mask, length = shared
+        ng = length.size
+        gid = np.arange(ng, dtype=np.int64)
+        phase1 = gid >= nl
+        nch = np.ones(ng, dtype=np.int64)
+        split_g = np.maximum(length, 1)
+        nch[:nl], split_g[:nl] = _chunking(length[:nl], np.full(nl, splits[0], dtype=np.int64))
+        qt_g = np.where(phase1, inline_reqs, q_tiles[0])
+        nqt = -(-nreq // qt_g)
+        nv_g = nch * nqt
+        n1 = int(nv_g[phase1].sum())
+        n0 = int(nv_g.sum()) - n1
+        nv = n0 + n1
+        par = [n0 * hk, n1 * hk]
+        tiling = _EffTiling(phase1, nch)
+        q_tiles = [int(q_tiles[0]), inline_reqs]
+    elif inline is None:
         cg, cn = _chain_segments(assign, parent, groups.node)
         pair_req, req_start = groups.pair_req, groups.req_start
     else:
@@ -1922,7 +2006,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         q_tiles = [int(q_tiles[0]), inline_reqs]
     seg_len = seqlen[cn]
     seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
-    if (inline is None and FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
+    if (inline is None and shared is None and FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
             and int(length.sum()) <= (FUSE_MAX_KV_ENTRIES or int(length.sum()))):
         fused = None
         packs = (False,)
