@@ -33,7 +33,7 @@ from .kernel import (TARGET1_SPEEDUP, TARGET2_MIN_ROOFLINE_US, TARGET2_RATIO,
                      TARGET3_MAX_ROOFLINE_US, TARGET3_US, _geomean, case_gflop)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KERNEL_JSON = RESULTS / "h100_kernel_v22.json"
+KERNEL_JSON = RESULTS / "h100_kernel_v23.json"
 READ_FLOOR_JSON = RESULTS / "h100_v17_read_floor_probe.json"
 LAUNCH_JSON = RESULTS / "h100_v14_launch_floor.json"
 #: TFLOP/s of the fastest dense attention measured on the H100 (cuDNN, v15 probe).
