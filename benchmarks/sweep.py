@@ -451,6 +451,16 @@ def chain(out_path=None):
 KV_TILE_CONFIGS = ([32, 32], [64, 32], [128, 32], [64, 64])
 
 
+def _plans_row(spec, hq, hk, runs, q, k, v, dev) -> dict:
+    """One case's row of a sweep over plans: the graph and eager times of each ``(launch,
+    output)`` of ``runs`` (:func:`_time_pair`) and the largest relative difference of an
+    output to the first's."""
+    ref = runs[0][1].float()
+    err = max(((o.float() - ref).norm() / ref.norm()).item() for _, o in runs)
+    g_us, e_us = _time_pair(runs, q, k, v, dev)
+    return dict(case=spec, hq=hq, hk=hk, graph_us=g_us, eager_us=e_us, max_rel_diff=err)
+
+
 def _plans_sweep(configs, labels, make_kwargs, out_path, setting=None) -> None:
     """Whole decode on every case (seed suite and extras) with the plan that
     ``fasttree_preparation(..., **make_kwargs(config, hq, hk))`` builds for each
@@ -471,12 +481,8 @@ def _plans_sweep(configs, labels, make_kwargs, out_path, setting=None) -> None:
                 o = torch.full_like(q, float("nan"))
                 plan.run(q, k, v, o, check=False)
             runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
-        ref = runs[0][1]
-        err = max(((o.float() - ref.float()).norm() / ref.float().norm()).item()
-                  for _, o in runs)
-        g_us, e_us = _time_pair(runs, q, k, v, dev)
-        rows.append(dict(case=spec, hq=hq, hk=hk, graph_us=g_us, eager_us=e_us,
-                         max_rel_diff=err))
+        rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
+        g_us, e_us, err = rows[-1]["graph_us"], rows[-1]["eager_us"], rows[-1]["max_rel_diff"]
         print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
             f"{c} {gu:.1f}/{eu:.1f}" for c, gu, eu in zip(labels, g_us, e_us))
             + f" (graph/eager us), max rel diff {err:.1e}", flush=True)
@@ -721,12 +727,8 @@ def plan_space(out_path=None):
                 o = torch.full_like(q, float("nan"))
                 plan.run(q, k, v, o, check=False)
             runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
-        ref = runs[0][1]
-        err = max(((o.float() - ref.float()).norm() / ref.float().norm()).item()
-                  for _, o in runs)
-        g_us, e_us = _time_pair(runs, q, k, v, dev)
-        rows.append(dict(case=spec, hq=hq, hk=hk, graph_us=g_us, eager_us=e_us,
-                         max_rel_diff=err))
+        rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
+        g_us, e_us, err = rows[-1]["graph_us"], rows[-1]["eager_us"], rows[-1]["max_rel_diff"]
         best = min(range(len(labels)), key=lambda i: e_us[i])
         print(f"{spec[:34]} {hq}/{hk}: default {g_us[0]:.1f}/{e_us[0]:.1f} us (graph/eager), "
               f"best eager {labels[best]} {e_us[best]:.1f}, max rel diff {err:.1e}", flush=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import attrs
 import numpy as np
@@ -1347,11 +1347,122 @@ def _chunking(length: np.ndarray, split: np.ndarray) -> tuple[np.ndarray, np.nda
     return -(-length // chunk), chunk
 
 
-class _EffTiling(NamedTuple):
-    """What :func:`_materialise` reads of a :class:`_Tiling` after phase-1 fusion."""
+class _Layout:
+    """The groups a plan's vnodes are cut from: per group its phase, KV chunks (count
+    and length), q tile, requests (``pair_req[req_start:req_start + nreq]``) and chain
+    length, and the segments of the chains (``seg_group``, ``seg_node``, by group, in
+    chain order; ``seg_mask`` the row masks of each, or None), with the phases' q tiles;
+    vnode counts follow (``nv_g``, ``n0``/``n1`` per phase, ``par`` programs)."""
 
-    phase1: np.ndarray
-    nch: np.ndarray
+    def __init__(self, phase1, nch, split, q_tile, nreq, length, pair_req, req_start,
+                 seg_group, seg_node, seg_mask, q_tiles, num_kv_heads):
+        self.phase1, self.nch, self.split, self.q_tile = phase1, nch, split, q_tile
+        self.nreq, self.length = nreq, length
+        self.pair_req, self.req_start = pair_req, req_start
+        self.seg_group, self.seg_node, self.seg_mask = seg_group, seg_node, seg_mask
+        self.q_tiles = q_tiles
+        self.ng = length.size
+        self.nqt = -(-nreq // q_tile)
+        self.nv_g = nch * self.nqt
+        self.n1 = int(self.nv_g[phase1].sum())
+        self.n0 = int(self.nv_g.sum()) - self.n1
+        self.nv = self.n0 + self.n1
+        self.par = [self.n0 * num_kv_heads, self.n1 * num_kv_heads]
+
+
+def _cost_model_layout(topo, assign, groups: _Groups, tiling: _Tiling, q_tiles,
+                       num_kv_heads: int) -> _Layout:
+    """The cost model's groups as :func:`_Tiling` cut them (no masks)."""
+    cg, cn = _chain_segments(assign, topo.parent, groups.node)
+    return _Layout(tiling.phase1, tiling.nch, tiling.chunk, tiling.q_tile, groups.nreq,
+                   groups.length, groups.pair_req, groups.req_start, cg, cn, None,
+                   list(q_tiles), num_kv_heads)
+
+
+def _inline_layout(inline, reqs: int, b: int, q_tiles, num_kv_heads: int) -> _Layout:
+    """One masked phase: a vnode per block of ``reqs`` requests over their paths' union
+    (:func:`_inline_blocks`'s ``inline``)."""
+    pair_req, cg, cn, seg_mask, length = inline
+    ng = length.size
+    gid = np.arange(ng, dtype=np.int64)
+    ones = np.ones(ng, dtype=np.int64)
+    return _Layout(np.ones(ng, dtype=bool), ones, np.maximum(length, 1), ones * reqs,
+                   np.minimum(reqs, b - gid * reqs), length, pair_req, gid * reqs, cg, cn,
+                   seg_mask, [int(q_tiles[0]), reqs], num_kv_heads)
+
+
+def _shared_layout(topo, groups: _Groups, tiling: _Tiling, reqs: int, split0: int, q_tiles,
+                   num_kv_heads: int) -> _Layout | None:
+    """Long nodes shared in phase 0 (chunked at ``split0``), the rest inlined in masked
+    phase-1 blocks of ``reqs`` requests (:data:`SHARED_INLINE`), or None where no node is
+    long, the blocks do not fit, or the plan would read more than
+    :data:`SHARED_INLINE_MAX_READS` x the KV entries of the cost model's plan (each q
+    tile of a group reads its chain, a block the union of its requests' nodes)."""
+    seqlen = topo.seqlen
+    q0 = int(q_tiles[0])
+    most = SHARED_INLINE_MAX_READS * int((tiling.nqt * groups.length).sum())
+    # A node is in at least ceil(requests / block) blocks: an O(nodes) lower bound on
+    # the reads rules most plans out before the blocks are built.
+    long = seqlen >= int(SHARED_INLINE)
+    if int(seqlen @ -(-topo.nq // np.where(long, q0, reqs))) > most:
+        return None
+    shared = _shared_inline(topo, reqs, INLINE_MAX_KV, int(SHARED_INLINE))
+    if shared is None:
+        return None
+    nl, pair_req, req_start, nreq, cg, cn, seg_mask, length = shared
+    if (-(-nreq[:nl] // q0) * length[:nl]).sum() + length[nl:].sum() > most:
+        return None
+    phase1 = np.arange(length.size) >= nl
+    nch = np.ones(length.size, dtype=np.int64)
+    split = np.maximum(length, 1)
+    nch[:nl], split[:nl] = _chunking(length[:nl], np.full(nl, split0, dtype=np.int64))
+    return _Layout(phase1, nch, split, np.where(phase1, reqs, q0), nreq, length, pair_req,
+                   req_start, cg, cn, seg_mask, [q0, reqs], num_kv_heads)
+
+
+def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int,
+                  num_kv_heads: int) -> _Layout | None:
+    """The cost model's layout with sets of phase-1 groups fused into masked vnodes
+    (:data:`FUSE_PHASE1`, packing with :data:`FUSE_PACK`), or None where no set
+    qualifies or the phase would leave the programs' bounds."""
+    hk, q_tile = num_kv_heads, int(lay.q_tiles[1])
+    fused = None
+    packs = (False,)
+    if FUSE_PACK and q_tile > 1:
+        # Packing at most shrinks phase 1 to a q tile's share of its vnodes: try it
+        # only where that can land within its program bounds.
+        hi = int(lay.nv_g[tiling.phase1].sum()) * hk
+        lo = -(-hi // (q_tile * hk)) * hk
+        if lo <= (FUSE_PACK_MAX_PROGRAMS or lo) and hi >= (FUSE_PACK_MIN_PROGRAMS or 0):
+            packs = (True, False)
+    for pack in packs:
+        fused = _fuse_phase1(groups, tiling, b, q_tile, pack)
+        if fused is None:
+            continue
+        eff, rep = fused[:2]
+        # New groups of two or more old ones: one vnode each.
+        is_set = np.bincount(eff, minlength=rep.size) > 1
+        programs = int(np.where(is_set, 1, lay.nv_g[rep])[tiling.phase1[rep]].sum()) * hk
+        if pack and not ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
+                         <= (FUSE_PACK_MAX_PROGRAMS or programs)):
+            fused = None  # outside the measured range: try without packing
+        elif not pack and programs < (FUSE_MIN_PROGRAMS or 0):
+            fused = None
+        else:
+            break
+    if fused is None:
+        return None
+    # The fused sets become groups: one chunk, one q tile, their chains one after the
+    # other (the groups' segments re-sorted by their new group).
+    eff, rep, seg_bits, pair_req, req_start, nreq = fused
+    seg_mask = seg_bits[lay.seg_group]
+    cg = eff[lay.seg_group]
+    order = cg.argsort(kind="stable")
+    cg, cn, seg_mask = cg[order], lay.seg_node[order], seg_mask[order]
+    length = np.bincount(cg, weights=seqlen[cn], minlength=rep.size).astype(np.int64)
+    return _Layout(tiling.phase1[rep], np.where(is_set, 1, tiling.nch[rep]),
+                   np.where(is_set, np.maximum(length, 1), lay.split[rep]), lay.q_tile[rep],
+                   nreq, length, pair_req, req_start, cg, cn, seg_mask, lay.q_tiles, hk)
 
 
 def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bool):
@@ -1920,24 +2031,17 @@ def _chain_segments(assign: np.ndarray, parent: np.ndarray, group_node: np.ndarr
 
 def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, req_q, req_k,
                  hq, hk, d, device, buffers, headroom, inline_ok=True) -> DecodePlan:
-    parent, seqlen = topo.parent, topo.seqlen
+    seqlen = topo.seqlen
     b = topo.req_end.size
-    ng = groups.node.size
-    nreq, length = groups.nreq, groups.length
-    split_g, qt_g, nqt, nv_g = tiling.chunk, tiling.q_tile, tiling.nqt, tiling.nv
-    par = tiling.par
-    n0, n1 = tiling.nv_phase
-    nv = n0 + n1
-    gid = np.arange(ng, dtype=np.int64)
 
     # Growth headroom: a request that ends alone at a leaf owns a group of one query.
-    grow_g = np.zeros(ng, dtype=np.int64)
+    grow_g = np.zeros(groups.node.size, dtype=np.int64)
     tail_vnode = np.full(b, -1, dtype=np.int64)
     tail_limit = tail_vnode.copy()
     tail_req = tail_g = None
-    if headroom > 0 and inp.growable is not None and ng:
+    if headroom > 0 and inp.growable is not None and groups.node.size:
         group_of = np.full(topo.n, -1, dtype=np.int64)
-        group_of[groups.node] = gid
+        group_of[groups.node] = np.arange(groups.node.size, dtype=np.int64)
         end = topo.req_end
         tail_g = group_of[end]
         tail_req = (np.asarray(inp.growable, dtype=bool) & (topo.nq[end] == 1)
@@ -1946,116 +2050,34 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         grow_g[tail_g] = headroom
     grown = tail_req is not None and tail_req.size > 0
 
-    # A plan of whole request paths (INLINE) replaces the cost model's groups.
+    # The groups the vnodes are cut from: whole request paths inlined (INLINE), else long
+    # nodes shared beside inlined short ones (SHARED_INLINE), else the cost model's
+    # groups, with phase-1 sets fused (FUSE_PHASE1). Plans with growth headroom keep
+    # the cost model's groups (a tail must stay its request's own vnode); flat plans
+    # are not inlined.
     group = hq // max(hk, 1)
-    inline = None
     inline_reqs = max(1, min(32, INLINE_ROWS // group))
-    if (INLINE and inline_ok and not grown
-            and -(-b // inline_reqs) * hk >= (INLINE_MIN_PROGRAMS or 0)):
-        inline = _inline_blocks(topo, inline_reqs, INLINE_MAX_KV)
-    shared = None
-    if inline is None and SHARED_INLINE and inline_ok and not grown:
-        # KV entries read: each q tile of a group reads its chain, a block the union of
-        # its requests' nodes; a node is in at least ceil(requests / block) blocks, so
-        # an O(nodes) lower bound rules most plans out before the blocks are built.
-        q0 = int(q_tiles[0])
-        most = SHARED_INLINE_MAX_READS * int((nqt * length).sum())
-        long = seqlen >= int(SHARED_INLINE)
-        if int(seqlen @ -(-topo.nq // np.where(long, q0, inline_reqs))) <= most:
-            shared = _shared_inline(topo, inline_reqs, INLINE_MAX_KV, int(SHARED_INLINE))
-        if shared is not None:
-            nl, nreq_s, length_s = shared[0], shared[3], shared[7]
-            if (-(-nreq_s[:nl] // q0) * length_s[:nl]).sum() + length_s[nl:].sum() > most:
-                shared = None
-    seg_mask = None
-    if shared is not None:
-        # Long nodes shared in phase 0 (chunked), the rest inlined in masked phase-1
-        # blocks: every request has one partial in phase 1.
-        nl, pair_req, req_start, nreq, cg, cn, seg_mask, length = shared
-        ng = length.size
-        gid = np.arange(ng, dtype=np.int64)
-        phase1 = gid >= nl
-        nch = np.ones(ng, dtype=np.int64)
-        split_g = np.maximum(length, 1)
-        nch[:nl], split_g[:nl] = _chunking(length[:nl], np.full(nl, splits[0], dtype=np.int64))
-        qt_g = np.where(phase1, inline_reqs, q_tiles[0])
-        nqt = -(-nreq // qt_g)
-        nv_g = nch * nqt
-        n1 = int(nv_g[phase1].sum())
-        n0 = int(nv_g.sum()) - n1
-        nv = n0 + n1
-        par = [n0 * hk, n1 * hk]
-        tiling = _EffTiling(phase1, nch)
-        q_tiles = [int(q_tiles[0]), inline_reqs]
-    elif inline is None:
-        cg, cn = _chain_segments(assign, parent, groups.node)
-        pair_req, req_start = groups.pair_req, groups.req_start
-    else:
-        # One masked phase: a vnode per block of requests over their paths' union.
-        pair_req, cg, cn, seg_mask, length = inline
-        ng = length.size
-        gid = np.arange(ng, dtype=np.int64)
-        nreq = np.minimum(inline_reqs, b - gid * inline_reqs)
-        req_start = gid * inline_reqs
-        ones = np.ones(ng, dtype=np.int64)
-        split_g, qt_g, nqt, nv_g = np.maximum(length, 1), ones * inline_reqs, ones, ones
-        n0, n1 = 0, ng
-        nv = ng
-        par = [0, ng * hk]
-        tiling = _EffTiling(np.ones(ng, dtype=bool), ones)
-        q_tiles = [int(q_tiles[0]), inline_reqs]
+    lay = None
+    if inline_ok and not grown:
+        if INLINE and -(-b // inline_reqs) * hk >= (INLINE_MIN_PROGRAMS or 0):
+            inline = _inline_blocks(topo, inline_reqs, INLINE_MAX_KV)
+            if inline is not None:
+                lay = _inline_layout(inline, inline_reqs, b, q_tiles, hk)
+        if lay is None and SHARED_INLINE:
+            lay = _shared_layout(topo, groups, tiling, inline_reqs, splits[0], q_tiles, hk)
+    if lay is None:
+        lay = _cost_model_layout(topo, assign, groups, tiling, q_tiles, hk)
+        if (FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
+                and int(lay.length.sum()) <= (FUSE_MAX_KV_ENTRIES or int(lay.length.sum()))):
+            lay = _fused_layout(lay, groups, tiling, seqlen, b, hk) or lay
+    ng, nreq, length, split_g, nqt, nv_g = (lay.ng, lay.nreq, lay.length, lay.split,
+                                            lay.nqt, lay.nv_g)
+    n0, n1, nv, par, q_tiles = lay.n0, lay.n1, lay.nv, lay.par, lay.q_tiles
+    cg, cn, seg_mask = lay.seg_group, lay.seg_node, lay.seg_mask
+    pair_req, req_start = lay.pair_req, lay.req_start
+    gid = np.arange(ng, dtype=np.int64)
     seg_len = seqlen[cn]
     seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
-    if (inline is None and shared is None and FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
-            and int(length.sum()) <= (FUSE_MAX_KV_ENTRIES or int(length.sum()))):
-        fused = None
-        packs = (False,)
-        if FUSE_PACK and q_tiles[1] > 1:
-            # Packing at most shrinks phase 1 to a q tile's share of its vnodes: try it
-            # only where that can land within its program bounds.
-            hi = int(nv_g[tiling.phase1].sum()) * hk
-            lo = -(-hi // (int(q_tiles[1]) * hk)) * hk
-            if (lo <= (FUSE_PACK_MAX_PROGRAMS or lo)
-                    and hi >= (FUSE_PACK_MIN_PROGRAMS or 0)):
-                packs = (True, False)
-        for pack in packs:
-            fused = _fuse_phase1(groups, tiling, b, int(q_tiles[1]), pack)
-            if fused is None:
-                continue
-            eff, rep = fused[:2]
-            # New groups of two or more old ones: one vnode each.
-            is_set = np.bincount(eff, minlength=rep.size) > 1
-            programs = int(np.where(is_set, 1, nv_g[rep])[tiling.phase1[rep]].sum()) * hk
-            if pack and not ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
-                             <= (FUSE_PACK_MAX_PROGRAMS or programs)):
-                fused = None  # outside the measured range: try without packing
-            elif not pack and programs < (FUSE_MIN_PROGRAMS or 0):
-                fused = None
-            else:
-                break
-        if fused is not None:
-            # The fused sets become groups: one chunk, one q tile, their chains one
-            # after the other (the groups' segments re-sorted by their new group).
-            eff, rep, seg_bits, pair_req, req_start, nreq = fused
-            ng = rep.size
-            gid = np.arange(ng, dtype=np.int64)
-            seg_mask = seg_bits[cg]
-            cg = eff[cg]
-            order = cg.argsort(kind="stable")
-            cg, cn, seg_len, seg_start, seg_mask = (
-                cg[order], cn[order], seg_len[order], seg_start[order], seg_mask[order])
-            length = np.bincount(cg, weights=seg_len, minlength=ng).astype(np.int64)
-            split_g = np.where(is_set, np.maximum(length, 1), split_g[rep])
-            qt_g = qt_g[rep]
-            nch = np.where(is_set, 1, tiling.nch[rep])
-            nqt = -(-nreq // qt_g)
-            nv_g = nch * nqt
-            phase1 = tiling.phase1[rep]
-            n1 = int(nv_g[phase1].sum())
-            n0 = int(nv_g.sum()) - n1
-            nv = n0 + n1
-            par = [n0 * hk, n1 * hk]
-            tiling = _EffTiling(phase1, nch)
 
     # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom.
     span = length + grow_g if grown else length
@@ -2065,7 +2087,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
 
     # Vnodes: (group, kv chunk, q tile), phase-0 groups first (a stable order by phase),
     # so the vnode arrays come out in launch order. within: index among the group's vnodes.
-    vorder = tiling.phase1.argsort(kind="stable") if n0 and n1 else gid
+    vorder = lay.phase1.argsort(kind="stable") if n0 and n1 else gid
     nv_o = nv_g[vorder]
     v_g = vorder.repeat(nv_o)
     v_end = np.add.accumulate(nv_o)
@@ -2076,13 +2098,13 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     kv_off = v_chunk * split_v
     v_kv_start = kv_base[v_g] + kv_off
     # The last chunk holds the rest (more than a chunk where a short tail joined it).
-    v_kv_len = np.where(v_chunk == tiling.nch[v_g] - 1, length[v_g] - kv_off, split_v)
+    v_kv_len = np.where(v_chunk == lay.nch[v_g] - 1, length[v_g] - kv_off, split_v)
     # Mid rows: per group, per chunk, one per request of the group.
-    rows_g = tiling.nch * nreq
+    rows_g = lay.nch * nreq
     mid_end = np.add.accumulate(rows_g)
     nmid = int(mid_end[-1]) if ng else 0
     mid_base = mid_end - rows_g
-    nreq_v, qt_v = nreq[v_g], qt_g[v_g]
+    nreq_v, qt_v = nreq[v_g], lay.q_tile[v_g]
     q_off = v_tile * qt_v
     v_q_start = mid_base[v_g] + v_chunk * nreq_v + q_off
     v_q_len = np.minimum(qt_v, nreq_v - q_off)
@@ -2101,7 +2123,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     # Which phases hold masked entries (phase-1 fusion masks phase 1 only).
     masked_ph = [True, True]
     if seg_mask is not None and UNMASKED_PHASES:
-        seg_ph1 = tiling.phase1[cg]
+        seg_ph1 = lay.phase1[cg]
         real = seg_mask != -1
         masked_ph = [bool((real & ~seg_ph1).any()), bool((real & seg_ph1).any())]
     phases = []
@@ -2123,7 +2145,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             and n1 * hk >= (FINISH_MIN_PROGRAMS or 0)
             and (not FINISH_MAX_PROGRAMS or n1 * hk <= FINISH_MAX_PROGRAMS)):
         # Every request with exactly one partial in phase 1: phase 1 merges (no stage 2).
-        last = tiling.phase1[gid.repeat(rows_g)]
+        last = lay.phase1[gid.repeat(rows_g)]
         finish = bool((np.bincount(mid_q_rows[last], minlength=b) == 1).all())
 
     if grown:
