@@ -1622,18 +1622,26 @@ def test_shared_inline_plan_matches_reference(monkeypatch, backend, group):
 
 
 @settings(max_examples=100, deadline=None)
-@given(forests(), st.integers(1, 40))
-def test_random_forests_shared_inline(case, min_len):
-    # Wherever long nodes stay shared beside inlined short ones, each request attends
-    # its path once (check_plan reads the masks) and has one partial in phase 1.
+@given(forests(), st.integers(0, 10 ** 6))
+def test_random_forests_shared_inline(case, pick):
+    # Wherever long nodes (from one of the tree's longer node lengths) stay shared beside
+    # inlined short ones, each request attends its path once (check_plan reads the
+    # masks) and has exactly one partial in the masked phase 1.
     inp, group, kwargs = case
+    lens = sorted({int(x) for x in inp.seqlen if x > 0}) or [1]
+    min_len = lens[len(lens) // 2 + pick % (len(lens) - len(lens) // 2)]
     with pytest.MonkeyPatch.context() as mp:
         shared_inline_settings(mp, min_len=min_len, max_kv=10 ** 6)
         mp.setattr(plan_module, "INLINE", False)
+        mp.setattr(plan_module, "FUSE_PHASE1", False)  # masked plans are then this form
         plan = build(inp, group=group, hk=1, **kwargs)
     if plan.masked:
         last = plan.phases[-1]
         assert last.masked and last.q_tile == min(32, 64 // group)
+        table = vnode_table(plan)[last.vnode_offset:]
+        rows = host(plan, "mid_q_rows", plan.num_mid_rows)
+        reqs = [rows[r] for _, _, qs, ql in table for r in range(qs, qs + ql)]
+        assert sorted(reqs) == list(range(inp.req_end.size))
 
 
 def shared_inlined(inp, group, hk=1, **kw) -> bool:

@@ -1372,7 +1372,7 @@ class _Layout:
 
 def _cost_model_layout(topo, assign, groups: _Groups, tiling: _Tiling, q_tiles,
                        num_kv_heads: int) -> _Layout:
-    """The cost model's groups as :func:`_Tiling` cut them (no masks)."""
+    """The cost model's groups as :class:`_Tiling` cut them (no masks)."""
     cg, cn = _chain_segments(assign, topo.parent, groups.node)
     return _Layout(tiling.phase1, tiling.nch, tiling.chunk, tiling.q_tile, groups.nreq,
                    groups.length, groups.pair_req, groups.req_start, cg, cn, None,
