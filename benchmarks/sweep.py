@@ -688,9 +688,9 @@ PLAN_SPACE = (
 )
 
 
-def plan_space_plans(inp, hq: int, hk: int, head_dim: int, device):
-    """The plan of each choice of :data:`PLAN_SPACE` for ``inp``, with a context manager
-    that enters the choice's settings again: ``[(plan, setting)]``."""
+def plan_space_plans(inp, hq: int, hk: int, head_dim: int, device) -> list:
+    """The plan of each choice of :data:`PLAN_SPACE` for ``inp`` (the settings apply
+    while it is built; a built plan runs the same under any of them)."""
     from treecache.plan import build_plan
 
     out = []
@@ -704,7 +704,7 @@ def plan_space_plans(inp, hq: int, hk: int, head_dim: int, device):
         with _plan_settings(settings):
             plan = build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=head_dim,
                               device=device, **build)
-        out.append((plan, _plan_settings(settings)))
+        out.append(plan)
     return out
 
 
@@ -722,10 +722,9 @@ def plan_space(out_path=None):
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         inp = tree_plan_input(nodes, ptrs, tree_stats(nodes)["num_requests"])
         runs = []
-        for plan, setting in plan_space_plans(inp, hq, hk, q.shape[-1], dev):
-            with setting:  # the launches are prepared under the choice's settings
-                o = torch.full_like(q, float("nan"))
-                plan.run(q, k, v, o, check=False)
+        for plan in plan_space_plans(inp, hq, hk, q.shape[-1], dev):
+            o = torch.full_like(q, float("nan"))
+            plan.run(q, k, v, o, check=False)
             runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
         rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
         g_us, e_us, err = rows[-1]["graph_us"], rows[-1]["eager_us"], rows[-1]["max_rel_diff"]

@@ -1393,31 +1393,52 @@ def _inline_layout(inline, reqs: int, b: int, q_tiles, num_kv_heads: int) -> _La
 
 def _shared_layout(topo, groups: _Groups, tiling: _Tiling, reqs: int, split0: int, q_tiles,
                    num_kv_heads: int) -> _Layout | None:
-    """Long nodes shared in phase 0 (chunked at ``split0``), the rest inlined in masked
-    phase-1 blocks of ``reqs`` requests (:data:`SHARED_INLINE`), or None where no node is
-    long, the blocks do not fit, or the plan would read more than
-    :data:`SHARED_INLINE_MAX_READS` x the KV entries of the cost model's plan (each q
-    tile of a group reads its chain, a block the union of its requests' nodes)."""
-    seqlen = topo.seqlen
+    """Long nodes shared in phase 0, the rest inlined in masked phase-1 blocks
+    (:data:`SHARED_INLINE`): every node of at least that many tokens that some request
+    passes is a group of all requests through it (chunked at ``split0``, one segment,
+    mask -1), followed by :func:`_inline_blocks` of ``reqs`` requests over the other
+    nodes. None where no node is long, the blocks do not fit :data:`INLINE_MAX_KV`, or
+    the plan would read more than :data:`SHARED_INLINE_MAX_READS` x the KV entries of
+    the cost model's plan (each q tile of a group reads its chain, a block the union of
+    its requests' nodes)."""
+    seqlen, b = topo.seqlen, topo.req_end.size
     q0 = int(q_tiles[0])
+    long = seqlen >= int(SHARED_INLINE)
+    nodes = (long & (topo.nq > 0)).nonzero()[0]
+    if nodes.size == 0:
+        return None
     most = SHARED_INLINE_MAX_READS * int((tiling.nqt * groups.length).sum())
     # A node is in at least ceil(requests / block) blocks: an O(nodes) lower bound on
     # the reads rules most plans out before the blocks are built.
-    long = seqlen >= int(SHARED_INLINE)
     if int(seqlen @ -(-topo.nq // np.where(long, q0, reqs))) > most:
         return None
-    shared = _shared_inline(topo, reqs, INLINE_MAX_KV, int(SHARED_INLINE))
-    if shared is None:
+    inline = _inline_blocks(topo, reqs, INLINE_MAX_KV, skip=long)
+    if inline is None:
         return None
-    nl, pair_req, req_start, nreq, cg, cn, seg_mask, length = shared
-    if (-(-nreq[:nl] // q0) * length[:nl]).sum() + length[nl:].sum() > most:
+    rows, seg_block, seg_node, seg_bits, blk_len = inline
+    nreq_long = topo.nq[nodes]
+    if (-(-nreq_long // q0) * seqlen[nodes]).sum() + blk_len.sum() > most:
         return None
-    phase1 = np.arange(length.size) >= nl
-    nch = np.ones(length.size, dtype=np.int64)
+    # The long groups' requests, by node then request; then the blocks' rows.
+    on = long[topo.path_node]
+    pr, pn = topo.path_req[on], topo.path_node[on]
+    pair_long = pr[(pn * b + pr).argsort(kind="stable")]
+    nl, nb = nodes.size, blk_len.size
+    first = np.arange(nb, dtype=np.int64) * reqs
+    length = np.concatenate([seqlen[nodes], blk_len])
+    phase1 = np.arange(nl + nb) >= nl
+    nch = np.ones(nl + nb, dtype=np.int64)
     split = np.maximum(length, 1)
     nch[:nl], split[:nl] = _chunking(length[:nl], np.full(nl, split0, dtype=np.int64))
-    return _Layout(phase1, nch, split, np.where(phase1, reqs, q0), nreq, length, pair_req,
-                   req_start, cg, cn, seg_mask, [q0, reqs], num_kv_heads)
+    return _Layout(phase1, nch, split, np.where(phase1, reqs, q0),
+                   np.concatenate([nreq_long, np.minimum(reqs, b - first)]), length,
+                   np.concatenate([pair_long, rows]),
+                   np.concatenate([np.add.accumulate(nreq_long) - nreq_long,
+                                   pair_long.size + first]),
+                   np.concatenate([np.arange(nl, dtype=np.int64), nl + seg_block]),
+                   np.concatenate([nodes, seg_node]),
+                   np.concatenate([np.full(nl, -1, dtype=np.int64), seg_bits]),
+                   [q0, reqs], num_kv_heads)
 
 
 def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int,
@@ -1611,39 +1632,6 @@ def _inline_blocks(topo: _Topology, reqs: int, max_len: int, skip: np.ndarray | 
     if length.max() > max_len:
         return None
     return rows, seg_block, seg_node, bits, length
-
-
-def _shared_inline(topo: _Topology, reqs: int, max_len: int, min_len: int):
-    """A plan of shared long nodes and inlined short ones (see :data:`SHARED_INLINE`):
-    the nodes of at least ``min_len`` tokens that some request passes, each a group of
-    all requests through it, then :func:`_inline_blocks` of ``reqs`` requests over the
-    other nodes. None where no node is long or the blocks do not fit ``max_len``.
-    Returns ``(long groups, pair_req, req_start, nreq, seg_group, seg_node, seg_mask,
-    length)`` over the groups (long nodes first, by id, then the blocks); a long
-    node's one segment has mask -1 (every query of its vnodes)."""
-    long = topo.seqlen >= min_len
-    nodes = (long & (topo.nq > 0)).nonzero()[0]
-    if nodes.size == 0:
-        return None
-    inline = _inline_blocks(topo, reqs, max_len, skip=long)
-    if inline is None:
-        return None
-    rows, seg_block, seg_node, seg_bits, blk_len = inline
-    b = topo.req_end.size
-    on = long[topo.path_node]
-    pr, pn = topo.path_req[on], topo.path_node[on]
-    pair_long = pr[(pn * b + pr).argsort(kind="stable")]
-    nl, nb = nodes.size, blk_len.size
-    nreq_long = topo.nq[nodes]
-    first = np.arange(nb, dtype=np.int64) * reqs
-    nreq = np.concatenate([nreq_long, np.minimum(reqs, b - first)])
-    req_start = np.concatenate([np.add.accumulate(nreq_long) - nreq_long,
-                                pair_long.size + first])
-    return (nl, np.concatenate([pair_long, rows]), req_start, nreq,
-            np.concatenate([np.arange(nl, dtype=np.int64), nl + seg_block]),
-            np.concatenate([nodes, seg_node]),
-            np.concatenate([np.full(nl, -1, dtype=np.int64), seg_bits]),
-            np.concatenate([topo.seqlen[nodes], blk_len]))
 
 
 def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes) -> np.ndarray:
