@@ -737,9 +737,44 @@ def plan_space(out_path=None):
     _report_configs(rows, labels, [[c[0], c[1], c[2]] for c in PLAN_SPACE], out_path)
 
 
+def headroom(out_path=None):
+    """Every case's plan as the functional API builds it (no growth headroom) against
+    the plan a :class:`treecache.TreeKVCache` builds for the same tree in a decode loop
+    (every request ending alone at a leaf may grow; 64 entries of headroom each, the
+    cache's default ``plan_headroom``), replayed and eager (timed as
+    :func:`_plans_sweep` does): what the room for append-only steps costs each call."""
+    import attrs
+    import numpy as np
+
+    from treecache import tree_stats
+    from treecache.fasttree import tree_plan_input
+    from treecache.plan import build_plan
+
+    dev = torch.device("cuda")
+    rows = []
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
+        inp = tree_plan_input(nodes, ptrs, tree_stats(nodes)["num_requests"])
+        grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
+        runs = []
+        for plan_inp, room in ((inp, 0), (grow, 64)):
+            plan = build_plan(plan_inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128,
+                              device=dev, headroom=room)
+            o = torch.full_like(q, float("nan"))
+            plan.run(q, k, v, o, check=False)
+            runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
+        rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
+        g_us, e_us, err = rows[-1]["graph_us"], rows[-1]["eager_us"], rows[-1]["max_rel_diff"]
+        print(f"{spec[:34]} {hq}/{hk}: no headroom {g_us[0]:.1f}/{e_us[0]:.1f} us, headroom "
+              f"64 {g_us[1]:.1f}/{e_us[1]:.1f} us (graph/eager), max rel diff {err:.1e}",
+              flush=True)
+    _report_configs(rows, ["no headroom", "headroom 64"],
+                    [["no headroom", {}, {}], ["headroom 64", {}, {"headroom": 64}]], out_path)
+
+
 #: The sweeps besides the default tile sweep: (flag, function, help); the first flag
 #: given runs.
 SWEEPS = (
+    ("headroom", headroom, "functional plans against the cache's plans with growth headroom"),
     ("shared-inline", shared_inline, "long nodes shared beside inlined short ones, every case"),
     ("plan-space", plan_space, "the planner's plan choices side by side, every case"),
     ("finish-warps", finish_warps, "warps of the finishing launch, every plan that finishes"),
