@@ -8,9 +8,10 @@ host time) or a per-token host loop:
   (a contiguous plan), expanded from a table of runs that was copied to the device with
   the rest of the plan: one launch, the host's work stays O(runs).
 * :func:`grow_tails_launcher`: the append-only step of a cache (every request appends one
-  token): the new slot goes to the end of each request's tail vnode and the vnode's
-  length grows by one, from device-resident tail positions: one launch, no per-step
-  host-to-device copy besides the slots themselves.
+  token): the new slot goes to the end of each request's tail vnode (interleaved where
+  several requests share the vnode's range) and the vnode's length grows, from
+  device-resident tail positions: one launch, no per-step host-to-device copy besides
+  the slots themselves.
 * :func:`grow_tails_stack_launcher`: the same step when every request's new slot starts
   a fresh page (always so at page size 1): the slots are read from a device mirror of
   the page allocator's free stack, so the step copies nothing from the host.
@@ -59,10 +60,11 @@ def _expand_runs_kernel(buf, runs_off, kv_off, BLOCK: tl.constexpr):
 def _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off):
     pos = tl.load(tails + i, mask=m)
     vnode = tl.load(tails + n + i, mask=m)
-    start = tl.load(tails + 2 * n + i, mask=m)
+    base = tl.load(tails + 2 * n + i, mask=m)
+    stride = tl.load(tails + 3 * n + i, mask=m)
     tl.store(buf + kv_off + pos, slot.to(tl.int32), mask=m)
-    tl.store(buf + len_off + vnode, pos + 1 - start, mask=m)
-    tl.store(tails + i, pos + 1, mask=m)
+    tl.store(buf + len_off + vnode, pos - base, mask=m)
+    tl.store(tails + i, pos + stride, mask=m)
 
 
 @triton.jit
@@ -104,11 +106,16 @@ def expand_runs(buf: torch.Tensor, runs_off: int, kv_off: int, count: int) -> No
 def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len_off: int,
                         block: int = 256):
     """A prepared tail step: call it with the new slots (int64 ``[n]``, one per request,
-    on ``buf``'s device). ``tails`` (int32 ``[3 n]``) holds each request's next kv entry
-    position, tail vnode and the vnode's first kv position; the step writes the slot at
-    ``buf[kv_off + pos]``, the vnode length ``pos + 1 - start`` at ``buf[len_off + vnode]``
-    and advances the position. Tail vnodes must be distinct."""
-    n = tails.numel() // 3
+    on ``buf``'s device). ``tails`` (int32 ``[4 n]``) holds per request its next kv entry
+    position ``pos``, tail vnode, ``base`` and ``stride``; the step writes the slot at
+    ``buf[kv_off + pos]``, the vnode length ``pos - base`` at ``buf[len_off + vnode]``
+    and advances the position by ``stride``. A request alone in its vnode's range has
+    ``base`` = the range's first position - 1 and ``stride`` 1; ``k`` requests whose
+    entries interleave in one range (the request of rank ``r`` at ``r, r + k, ...``
+    after its end) have ``stride`` ``k`` and ``base`` = first position - ``k`` + ``r``,
+    so that every one of them writes the same length. Requests that write one vnode's
+    length must write the same value."""
+    n = tails.numel() // 4
     return _KernelLaunch(_grow_tails_kernel, (triton.cdiv(max(n, 1), block),),
                          [buf, None, tails, n, int(kv_off), int(len_off)],
                          {"BLOCK": block}, slots=(1,))
@@ -121,7 +128,7 @@ def grow_tails_stack_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: in
     ``free`` (int64) mirrors the allocator's free stack up to ``top``, its top before the
     step's allocation, and ``slots`` (int64 ``[n]``) receives request ``i``'s slot
     ``free[top - 1 - i] * page_size``. Nothing is copied from the host."""
-    n = tails.numel() // 3
+    n = tails.numel() // 4
     return _KernelLaunch(_grow_tails_stack_kernel, (triton.cdiv(max(n, 1), block),),
                          [buf, None, tails, None, None, n, int(kv_off), int(len_off)],
                          {"PAGE": int(page_size), "BLOCK": block}, slots=(1, 3, 4))

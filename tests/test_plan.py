@@ -1311,10 +1311,10 @@ def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
     assert not build(inp, params=None).masked
     monkeypatch.setattr(plan_module, "FUSE_MAX_KV_ENTRIES", None)
     assert build(inp, params=None).masked
-    # Growth headroom: tails must stay one request's vnodes.
+    # With growth headroom too (the growing requests' room interleaved in the sets).
     grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
     plan = build(grow, headroom=4, params=None)
-    assert not plan.masked and (plan.tail_vnode >= 0).any()
+    assert plan.masked and (plan.tail_vnode >= 0).all() and plan.tail_count.max() > 1
 
 
 def decode_device(backend: str) -> torch.device:
@@ -1489,7 +1489,7 @@ def test_inline_plan_conditions(monkeypatch):
     assert inlined(inp, 2) and inlined(inp, 1, hk=2)
     # Not over the KV bound (at group 2 a vnode holds 32 leaves: the union of their paths
     # is 41 nodes of 16 tokens, one path 6) or under the program bound, not in flat
-    # plans, and not with growth headroom (tails must stay one request's vnodes).
+    # plans; with growth headroom too.
     with pytest.MonkeyPatch.context() as mp:
         inline_settings(mp, max_kv=6 * 16)  # one path fits, no union of 32 does
         assert not inlined(inp, 2)
@@ -1500,8 +1500,9 @@ def test_inline_plan_conditions(monkeypatch):
         assert inlined(inp, 2, hk=2)
     assert not inlined(inp, 2, flat=True)
     grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
+    assert inlined(grow, 2, headroom=4)
     plan = build(grow, group=2, hk=1, headroom=4, params=None)
-    assert not plan.masked and (plan.tail_vnode >= 0).any()
+    assert plan.masked and (plan.tail_vnode >= 0).all() and plan.tail_count.max() > 1
     # A request without tokens keeps the usual plan.
     assert not inlined(plan_input([-1, 0, 0], [0, 0, 3], [1, 2]), 4)
     assert inlined(plan_input([-1, 0, 0], [2, 0, 3], [1, 2]), 4)
@@ -1670,9 +1671,113 @@ def test_shared_inline_rule(monkeypatch):
     monkeypatch.setattr(plan_module, "SHARED_INLINE_MAX_READS", 10.0)
     assert shared_inlined(fan, 1, hk=4)
     monkeypatch.setattr(plan_module, "SHARED_INLINE_MAX_READS", 0.8)
-    # Not with growth headroom, not in flat plans, not where no node is long.
+    # With growth headroom too; not in flat plans, not where no node is long.
     grow = attrs.evolve(drafts, growable=np.ones(drafts.req_end.size, dtype=bool))
-    assert not shared_inlined(grow, 1, hk=4, headroom=4)
+    assert shared_inlined(grow, 1, hk=4, headroom=4)
     assert not shared_inlined(drafts, 1, hk=4, flat=True)
     monkeypatch.setattr(plan_module, "SHARED_INLINE", 301)
     assert not shared_inlined(drafts, 1, hk=4)
+
+
+# ------------------------------------------------- growth in masked layouts
+
+
+def _masked_growth_input(form, mp):
+    """An input whose plan takes a masked form, every leaf request growable, and the
+    build keywords: whole paths inlined, fused phase-1 sets (some sets over several q
+    tiles), long nodes shared beside inlined short ones."""
+    if form == "inline":
+        inline_settings(mp)
+        inp, kw = deep_input(), dict(group=2, hk=1)
+    elif form == "fused":
+        mp.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+        inp, kw = deep_input(), dict(group=1, hk=2)
+    else:
+        shared_inline_settings(mp, max_kv=64)
+        inp = drafts_input()
+        kw = dict(group=4, hk=1, **dict(NO_ADJUST, kv_split_sizes=(64, 64)))
+    # Requests ending at leaves grow; the others (drafts at inner nodes) cannot.
+    leaf = np.ones(inp.parent.size, dtype=bool)
+    leaf[inp.parent[inp.parent >= 0]] = False
+    return attrs.evolve(inp, growable=leaf[inp.req_end]), dict(kw, params=None)
+
+
+def _stand_in(num_qo_heads, head_dim):
+    """PlanBuffers whose device copy is a separate CPU tensor (as on a GPU), large
+    enough for the plans below (a larger plan would reallocate them as plain CPU ones)."""
+    buf = PlanBuffers(num_qo_heads, head_dim, "cpu", vnodes=1024, requests=1024,
+                      mid_rows=4096, kv_entries=1 << 14, runs=1024)
+    buf.dev = buf.host.clone()
+    buf.dev.fill_(-5)
+    return buf
+
+
+@pytest.mark.parametrize("device_step", [False, True], ids=["host-step", "device-step"])
+@pytest.mark.parametrize("form", ["inline", "fused", "shared"])
+def test_masked_plans_grow_in_place(monkeypatch, form, device_step):
+    # The masked forms keep their layout with growth headroom: the requests growing in
+    # one masked range take its room in turn (their entries interleaved, each with its
+    # own bit), whole steps of all requests (the every-request step, and a listed step
+    # of the ranges' requests) grow every range at once; a listed step that leaves out
+    # some request of a shared range, or a multi-token append to one, is refused and
+    # changes nothing. Paths, lengths and results match after every step, up to the
+    # headroom; then every step is refused. The device step runs the tail kernel on a
+    # separate copy of the buffers (as on a GPU).
+    inp, kw = _masked_growth_input(form, monkeypatch)
+    headroom = 3
+    ref = build(attrs.evolve(inp, growable=None), **kw)
+    buffers = _stand_in(ref.num_qo_heads, ref.head_dim) if device_step else None
+    plan = build(inp, headroom=headroom, buffers=buffers, **kw)
+    assert plan.masked and plan.phases == ref.phases
+    assert (plan.buffers.dev is not plan.buffers.host) == device_step
+    grow = np.flatnonzero(plan.tail_vnode >= 0)
+    assert np.array_equal(grow, np.flatnonzero(inp.growable))
+    shared = plan.tail_count[grow] > 1
+    assert shared.any()
+    paths = expected_paths(inp)
+    nslots = int(inp.seqlen.sum())
+    q, k, v = _qkv(plan, nslots + headroom * len(paths), seed=11)
+    nxt = [nslots]
+
+    def new(n):
+        out = np.arange(nxt[0], nxt[0] + n)
+        nxt[0] += n
+        return out
+
+    def refused(call):
+        before = (plan.buffers.host.clone(), plan.buffers.dev.clone(),
+                  plan.vnode_kv_len_host.copy())
+        assert not call()
+        assert torch.equal(plan.buffers.host, before[0])
+        assert torch.equal(plan.buffers.dev, before[1])
+        assert np.array_equal(plan.vnode_kv_len_host, before[2])
+
+    one = int(grow[shared][0])
+    refused(lambda: plan.extend_tail(one, np.zeros(1, np.int64)))
+    every = grow.size == len(paths)  # the every-request step needs every request growing
+    for step in range(headroom):
+        if step == 1 or not every:
+            # A listed step of the growing requests, in reverse order.
+            rows = grow[::-1]
+            partial = rows[rows != one]
+            refused(lambda: plan.extend_tails(partial, np.zeros(partial.size, np.int64)))
+            sl = new(rows.size)
+            assert plan.extend_tails(rows, sl)
+            for r, x in zip(rows.tolist(), sl.tolist()):
+                paths[r].append(x)
+        else:
+            sl = new(len(paths))  # the model loop's step
+            assert plan.extend_tails(None, sl)
+            assert (plan._tails.launch is not None) == device_step  # the tail kernel ran
+            for r in range(len(paths)):
+                paths[r].append(int(sl[r]))
+        if device_step:
+            # The step wrote the device copy alone (the runs below read it).
+            nv = plan.num_vnodes
+            assert plan.buffers.dev_view("vnode_kv_len", nv).tolist() == \
+                plan.vnode_kv_len_host.tolist()
+        else:
+            assert plan_slots(plan) == [sorted(p) for p in paths]
+        _check_run(plan, paths, q, k, v, "torch")
+    _check_run(plan, paths, q, k, v, "auto")
+    refused(lambda: plan.extend_tails(grow, np.zeros(grow.size, np.int64)))

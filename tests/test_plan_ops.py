@@ -74,7 +74,8 @@ def test_grow_tails_kernel_writes_slots_lengths_and_positions():
     pos = np.arange(b) * 5 + 3
     vnode = rng.permutation(b)
     start = pos - rng.integers(0, 3, size=b)
-    tails = torch.from_numpy(np.concatenate([pos, vnode, start]).astype(np.int32)).to(dev)
+    tails = torch.from_numpy(np.concatenate([pos, vnode, start - 1, np.ones(b, np.int64)])
+                             .astype(np.int32)).to(dev)
     buf = torch.full((5000,), -1, dtype=torch.int32, device=dev)
     step = grow_tails_launcher(buf, tails, 1000, 100, block=128)
     for k in range(3):
@@ -85,6 +86,34 @@ def test_grow_tails_kernel_writes_slots_lengths_and_positions():
         assert np.array_equal(got[100 + vnode], pos + k + 1 - start)
         assert np.array_equal(tails[:b].cpu().numpy(), pos + k + 1)
     assert (buf[:100] == -1).all() and (buf[100 + b:1000] == -1).all()
+
+
+@needs_triton
+def test_grow_tails_kernel_interleaves_requests_sharing_a_range():
+    # Three requests share vnode 7's range (ranks 0-2 after its 10 entries at 50), one is
+    # alone in vnode 2's (at 90, 4 entries): each step writes the shared range's slots
+    # at 60 + 3 s + rank and one length (13, 16, ...) from all three, and the single
+    # request's as before.
+    dev = _device()
+    pos = np.array([60, 61, 62, 94])
+    vnode = np.array([7, 7, 7, 2])
+    base = np.array([50 - 3 + 0, 50 - 3 + 1, 50 - 3 + 2, 90 - 1])
+    stride = np.array([3, 3, 3, 1])
+    tails = torch.from_numpy(np.concatenate([pos, vnode, base, stride]).astype(np.int32)).to(dev)
+    buf = torch.full((400,), -1, dtype=torch.int32, device=dev)
+    step = grow_tails_launcher(buf, tails, 100, 10, block=128)
+    for k in range(4):
+        slots = np.arange(4) + 1000 * (k + 1)
+        step(torch.from_numpy(slots).to(dev))
+        got = buf.cpu().numpy()
+        assert np.array_equal(got[100 + pos + stride * k], slots)
+        assert got[10 + 7] == 10 + 3 * (k + 1) and got[10 + 2] == 4 + k + 1
+    assert np.array_equal(tails[:4].cpu().numpy(), pos + 4 * stride)
+    written = np.concatenate([100 + pos[:3, None] + 3 * np.arange(4), 100 + 94 + np.arange(4)[None]]).ravel()
+    rest = np.ones(400, dtype=bool)
+    rest[written] = False
+    rest[[17, 12]] = False
+    assert (buf.cpu().numpy()[rest] == -1).all()
 
 
 @needs_triton
@@ -99,7 +128,7 @@ def test_grow_tails_from_the_free_stack_matches_copied_slots(page_size):
     pos = np.arange(b) * 5 + 3
     vnode = rng.permutation(b)
     start = pos - rng.integers(0, 3, size=b)
-    tails0 = np.concatenate([pos, vnode, start]).astype(np.int32)
+    tails0 = np.concatenate([pos, vnode, start - 1, np.ones(b, np.int64)]).astype(np.int32)
     bufs, tails = [], []
     for _ in range(2):
         bufs.append(torch.full((5000,), -1, dtype=torch.int32, device=dev))

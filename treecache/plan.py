@@ -133,8 +133,7 @@ FINISH_MIN_PROGRAMS = 128
 #: A larger phase 1 keeps stage 2 (the 32/8 plans of 8192 phase-1 programs above).
 #: None or 0: no bound.
 FINISH_MAX_PROGRAMS = 4096
-#: Fuse phase-1 groups that share requests into one masked vnode each (a plan without
-#: growth headroom; False: never). The phase-1 groups of a request (its leaf, and the
+#: Fuse phase-1 groups that share requests into one masked vnode each (False: never). The phase-1 groups of a request (its leaf, and the
 #: nodes above it whose other children the cost model split off) each give it a
 #: partial; a fused vnode holds the requests of such a set of groups (at most the
 #: phase's q tile, at most 32) over all their chains, every kv entry with a mask of the
@@ -170,7 +169,7 @@ FUSE_MAX_KV_ENTRIES = 200_000
 FUSE_PACK = True
 FUSE_PACK_MIN_PROGRAMS = 256
 FUSE_PACK_MAX_PROGRAMS = 1024
-#: Inline whole request paths: a plan without growth headroom may instead be one
+#: Inline whole request paths: a plan may instead be one
 #: masked phase whose vnodes each hold ``min(32, INLINE_ROWS // group)`` requests,
 #: neighbours in depth-first order of their end nodes, over the union of their paths
 #: (every node read once per vnode that needs it, its entries masked to the requests
@@ -185,8 +184,7 @@ INLINE = True
 INLINE_ROWS = 64
 INLINE_MAX_KV = 1024
 INLINE_MIN_PROGRAMS = 512
-#: Where whole paths do not fit :data:`INLINE`'s bound, a plan without growth headroom
-#: may keep every node of at least this many tokens as a shared group of its own (all
+#: Where whole paths do not fit :data:`INLINE`'s bound, a plan may keep every node of at least this many tokens as a shared group of its own (all
 #: requests through it, phase 0, chunked like the cost model's groups) and inline the
 #: rest of each path: blocks of ``min(32, INLINE_ROWS // group)`` requests in
 #: depth-first order over the union of their other nodes, one masked phase-1 vnode
@@ -593,6 +591,11 @@ class DecodePlan:
     tail_vnode, tail_limit : int64 ``[num_requests]``
         For requests that may grow in place: the vnode holding their last tokens and the
         first kv-entry position they may not write; -1 where growth needs a re-plan.
+    tail_rank, tail_count : int64 ``[num_requests]``
+        Where several growing requests share a vnode's kv range (masked vnodes), their
+        room is interleaved: a request's next entry is ``rank`` entries past the range's
+        end, and a step of all ``count`` of them grows the range by ``count``. 0 and 1
+        for a request alone in its range (and where it cannot grow).
     vnode_kv_len_host : int64 ``[num_vnodes]``
         Host copy of the vnode lengths (kept in sync by :meth:`extend_tails`).
     vnode_kv_start_host : int64 ``[num_vnodes]``
@@ -638,6 +641,9 @@ class DecodePlan:
     masked: bool = False
     #: Rows the caller's k/v buffers must have (set by the functional API), or None.
     total_tokens: int | None = None
+    #: See the class docstring (None: every request alone in its range).
+    tail_rank: np.ndarray | None = None
+    tail_count: np.ndarray | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
     # Per-object caches, not copied by attrs.evolve (a copy may differ in its modes):
     # the float16 view of the partials, the prepared Triton launches per tensor layout
@@ -648,6 +654,7 @@ class DecodePlan:
     _launchers: dict = attrs.field(factory=dict, init=False, repr=False)
     _graphs: tuple | None = attrs.field(default=None, init=False, repr=False)
     _tails: object = attrs.field(default=None, init=False, repr=False)
+    _tail_ranges: tuple | None = attrs.field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -866,8 +873,8 @@ class DecodePlan:
         """
         slots = np.asarray(slots, dtype=np.int64)
         tv = int(self.tail_vnode[row])
-        if tv < 0:
-            return False
+        if tv < 0 or self._shared_tail(row):
+            return False  # a shared range grows by whole steps only (extend_tails)
         pos = int(self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv])
         if pos + slots.size > self.tail_limit[row]:
             return False
@@ -911,19 +918,55 @@ class DecodePlan:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         if tv.min() < 0:
             return None
-        pos = self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv]
-        if (pos >= limit).any():
-            return None
-        # Distinct rows have distinct tail vnodes (a tail vnode serves one request).
         if not assume_unique and np.unique(rows).size != rows.size:
+            return None
+        vlen = self.vnode_kv_len_host[tv]
+        pos = self.vnode_kv_start_host[tv] + vlen
+        new_len = vlen + 1
+        if self.tail_count is not None:
+            count = self.tail_count[rows]
+            if count.max() > 1:
+                # Ranges shared by several growing requests grow by whole steps: all of
+                # their requests are listed (once each, so the counts add up).
+                shared = count > 1
+                listed = np.bincount(self._tail_range[rows[shared]],
+                                     minlength=self._tail_range_count.size)
+                if (listed[self._tail_range[rows[shared]]] != count[shared]).any():
+                    return None
+                pos = pos + self.tail_rank[rows]
+                new_len = vlen + count
+        if (pos >= limit).any():
             return None
         b = self.buffers
         self._tails = None  # the request-ordered mirrors are rebuilt when next needed
-        self.vnode_kv_len_host[tv] += 1
+        self.vnode_kv_len_host[tv] = new_len
         positions = np.concatenate([b.offsets["kv_indices"] + pos, b.offsets["vnode_kv_len"] + tv])
-        values = np.concatenate([slots, self.vnode_kv_len_host[tv]])
+        values = np.concatenate([slots, new_len])
         b.write_host(positions, values)
         return positions, values
+
+    def _shared_tail(self, row: int) -> bool:
+        return self.tail_count is not None and int(self.tail_count[row]) > 1
+
+    @property
+    def _tail_range(self) -> np.ndarray:
+        """Per request, an id of its tail's kv range (the range's first entry position
+        ranked among the growing ranges), -1 where it cannot grow; and, in
+        ``_tail_range_count``, the growing requests of each range."""
+        cached = self._tail_ranges
+        if cached is None:
+            tv = self.tail_vnode
+            start = np.where(tv >= 0, self.vnode_kv_start_host[np.maximum(tv, 0)], -1)
+            uniq, inv = np.unique(start, return_inverse=True)
+            rid = np.where(tv >= 0, inv - int(uniq.size > 0 and uniq[0] < 0), -1)
+            n = int(uniq.size) - int(uniq.size > 0 and uniq[0] < 0)
+            cached = self._tail_ranges = (rid, np.bincount(rid[rid >= 0], minlength=n))
+        return cached[0]
+
+    @property
+    def _tail_range_count(self) -> np.ndarray:
+        self._tail_range  # noqa: B018 - fills the cache
+        return self._tail_ranges[1]
 
     def send_tails(self, upd, slots: np.ndarray) -> torch.Tensor:
         """Apply an update from :meth:`prepare_tails` to the device buffer; returns
@@ -975,14 +1018,14 @@ class DecodePlan:
         if t.room <= 0:  # some request's next entry would reach its limit
             return None
         t.room -= 1
-        t.tail_len += 1
+        t.tail_len += t.stride
         self.vnode_kv_len_host[self.tail_vnode] = t.tail_len
         if t.launch is not None:
-            t.kv_pos += 1
+            t.kv_pos += t.stride
             return t
         positions, values = t.positions, t.values
         np.add(t.kv_pos, self.buffers.offsets["kv_indices"], out=positions[:b])
-        t.kv_pos += 1
+        t.kv_pos += t.stride
         values[:b] = slots
         values[b:] = t.tail_len
         self.buffers.write_host(positions, values)
@@ -997,13 +1040,14 @@ class DecodePlan:
 
 class _TailSteps:
     """Request-ordered mirrors of a plan's tail vnodes for the every-request step:
-    each request's next kv entry (``kv_pos``) and tail length, the steps left before
-    some request reaches its limit (``room``), and either reused position/value arrays
-    (host path) or a prepared device step (``launch``) with the tail positions kept
-    on the device."""
+    each request's next kv entry (``kv_pos``), tail length and growth per step
+    (``stride``: the growing requests sharing its range, see ``DecodePlan.tail_count``),
+    the steps left before some request reaches its limit (``room``), and either reused
+    position/value arrays (host path) or a prepared device step (``launch``) with the
+    tail positions kept on the device."""
 
-    __slots__ = ("kv_pos", "tail_len", "room", "positions", "values", "launch", "tails",
-                 "stack_launch")
+    __slots__ = ("kv_pos", "tail_len", "stride", "room", "positions", "values", "launch",
+                 "tails", "stack_launch")
 
     def __init__(self, plan: DecodePlan, tv: np.ndarray):
         b = tv.size
@@ -1011,13 +1055,25 @@ class _TailSteps:
         self.tail_len = plan.vnode_kv_len_host[tv].copy()
         start = plan.vnode_kv_start_host[tv]
         self.kv_pos = start + self.tail_len
-        self.room = int((plan.tail_limit - self.kv_pos).min()) if b else 0
+        stride = rank = None
+        if plan.tail_count is not None and b and plan.tail_count.max() > 1:
+            stride, rank = plan.tail_count.copy(), plan.tail_rank
+            self.kv_pos += rank
+        self.stride = 1 if stride is None else stride
+        # Steps until some request's next entry reaches its limit.
+        self.room = int((-(-(plan.tail_limit - self.kv_pos) // self.stride)).min()) if b else 0
         self.launch = self.tails = self.stack_launch = None
         self.positions = self.values = None
         dev = buffers.dev
         if b and dev is not buffers.host and (dev.device.type == "cuda" or interpreter_enabled()):
+            # Per request: next entry, tail vnode, the entry the length counts from (the
+            # length after a step is next entry - it) and the growth per step.
+            if stride is None:
+                base, step = start - 1, np.ones(b, dtype=np.int64)
+            else:
+                base, step = start - stride + rank, stride
             self.tails = to_device_async(
-                np.concatenate([self.kv_pos, tv, start]).astype(np.int32), dev.device)
+                np.concatenate([self.kv_pos, tv, base, step]).astype(np.int32), dev.device)
             self.launch = grow_tails_launcher(dev, self.tails, buffers.offsets["kv_indices"],
                                               buffers.offsets["vnode_kv_len"])
         else:
@@ -1812,7 +1868,9 @@ def build_plan(
         Reuse these buffers (grown if needed) instead of allocating new ones.
     headroom : int
         Extra kv entries reserved after each growable request's tail vnode, so that
-        append-only steps can extend it without a re-plan.
+        append-only steps can extend it without a re-plan (where several growing
+        requests share a masked vnode's range, ``headroom`` each, interleaved: see
+        :attr:`DecodePlan.tail_rank`). Its phases and vnodes do not depend on it.
     flat : bool
         Skip the cost model: every node is merged into its children (split-Q), so each
         request end node is one group over its whole path, and requests ending at the
@@ -2017,36 +2075,63 @@ def _chain_segments(assign: np.ndarray, parent: np.ndarray, group_node: np.ndarr
     return cg[order], cn[order]
 
 
+def _tails(lay: _Layout, topo: _Topology, tail_req: np.ndarray):
+    """Where the growing requests ``tail_req`` (each the only query of its end node)
+    grow in ``lay``: ``(requests, group, rank, count, q tile, segment)`` per request
+    that can grow: the group whose chain holds its end node (segment ``segment``), its
+    rank among that group's growing requests and their count (the group's room is
+    interleaved: step ``s`` of the request of rank ``k`` at entry ``s x count + k``
+    after the chain), and the q tile of the group that holds its query. Requests whose
+    end node is in no chain (an empty node) cannot grow; None where none can."""
+    seg_of = np.full(topo.n, -1, dtype=np.int64)
+    seg_of[lay.seg_node] = np.arange(lay.seg_node.size, dtype=np.int64)
+    seg = seg_of[topo.req_end[tail_req]]
+    ok = seg >= 0
+    req, seg = tail_req[ok], seg[ok]
+    if req.size == 0:
+        return None
+    g = lay.seg_group[seg]
+    order = g.argsort(kind="stable")  # by group, then request (tail_req is increasing)
+    gs = g[order]
+    first = np.ones(gs.size, dtype=bool)
+    first[1:] = gs[1:] != gs[:-1]
+    idx = np.arange(gs.size, dtype=np.int64)
+    rank = np.empty(gs.size, dtype=np.int64)
+    rank[order] = idx - np.maximum.accumulate(np.where(first, idx, 0))
+    count = np.bincount(g, minlength=lay.ng)[g]
+    # Each request's position among its group's rows (it is one of them): the q tile.
+    tg_of_req = np.full(topo.req_end.size, -1, dtype=np.int64)
+    tg_of_req[req] = g
+    pos = _expand_ranges(lay.req_start, lay.nreq)
+    rows = lay.pair_req[pos]
+    pg = np.arange(lay.ng, dtype=np.int64).repeat(lay.nreq)
+    hit = (tg_of_req[rows] == pg).nonzero()[0]
+    within = np.empty(topo.req_end.size, dtype=np.int64)
+    within[rows[hit]] = hit - (np.add.accumulate(lay.nreq) - lay.nreq)[pg[hit]]
+    tile = within[req] // lay.q_tile[g]
+    return req, g, rank, count, tile, seg
+
+
 def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, req_q, req_k,
                  hq, hk, d, device, buffers, headroom, inline_ok=True) -> DecodePlan:
     seqlen = topo.seqlen
     b = topo.req_end.size
 
-    # Growth headroom: a request that ends alone at a leaf owns a group of one query.
-    grow_g = np.zeros(groups.node.size, dtype=np.int64)
-    tail_vnode = np.full(b, -1, dtype=np.int64)
-    tail_limit = tail_vnode.copy()
-    tail_req = tail_g = None
-    if headroom > 0 and inp.growable is not None and groups.node.size:
-        group_of = np.full(topo.n, -1, dtype=np.int64)
-        group_of[groups.node] = np.arange(groups.node.size, dtype=np.int64)
+    # Growth headroom for the requests that end alone at their node (its only query).
+    tail_req = None
+    if headroom > 0 and inp.growable is not None:
         end = topo.req_end
-        tail_g = group_of[end]
-        tail_req = (np.asarray(inp.growable, dtype=bool) & (topo.nq[end] == 1)
-                    & (tail_g >= 0)).nonzero()[0]
-        tail_g = tail_g[tail_req]
-        grow_g[tail_g] = headroom
+        tail_req = (np.asarray(inp.growable, dtype=bool) & (topo.nq[end] == 1)).nonzero()[0]
     grown = tail_req is not None and tail_req.size > 0
 
     # The groups the vnodes are cut from: whole request paths inlined (INLINE), else long
     # nodes shared beside inlined short ones (SHARED_INLINE), else the cost model's
-    # groups, with phase-1 sets fused (FUSE_PHASE1). Plans with growth headroom keep
-    # the cost model's groups (a tail must stay its request's own vnode); flat plans
-    # are not inlined.
+    # groups, with phase-1 sets fused (FUSE_PHASE1); flat plans are not inlined. Growing
+    # requests keep their room in whichever group holds their end node (see _tails).
     group = hq // max(hk, 1)
     inline_reqs = max(1, min(32, INLINE_ROWS // group))
-    lay = None
-    if inline_ok and not grown:
+    lay = tails = None
+    if inline_ok:
         if INLINE and -(-b // inline_reqs) * hk >= (INLINE_MIN_PROGRAMS or 0):
             inline = _inline_blocks(topo, inline_reqs, INLINE_MAX_KV)
             if inline is not None:
@@ -2055,9 +2140,12 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             lay = _shared_layout(topo, groups, tiling, inline_reqs, splits[0], q_tiles, hk)
     if lay is None:
         lay = _cost_model_layout(topo, assign, groups, tiling, q_tiles, hk)
-        if (FUSE_PHASE1 and not grown and 1 <= q_tiles[1] <= 32
+        if (FUSE_PHASE1 and 1 <= q_tiles[1] <= 32
                 and int(lay.length.sum()) <= (FUSE_MAX_KV_ENTRIES or int(lay.length.sum()))):
             lay = _fused_layout(lay, groups, tiling, seqlen, b, hk) or lay
+    if grown:
+        tails = _tails(lay, topo, tail_req)
+        grown = tails is not None
     ng, nreq, length, split_g, nqt, nv_g = (lay.ng, lay.nreq, lay.length, lay.split,
                                             lay.nqt, lay.nv_g)
     n0, n1, nv, par, q_tiles = lay.n0, lay.n1, lay.nv, lay.par, lay.q_tiles
@@ -2067,7 +2155,13 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     seg_len = seqlen[cn]
     seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
 
-    # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom.
+    # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom:
+    # `headroom` entries per growing request whose end node is in g, interleaved (step s
+    # of the request of rank k among them at s x count + k).
+    grow_g = np.zeros(ng, dtype=np.int64)
+    if grown:
+        t_req, t_g, t_rank, t_cnt, t_tile, t_seg = tails
+        grow_g[t_g] = headroom * t_cnt
     span = length + grow_g if grown else length
     kv_end = np.add.accumulate(span)
     kv_total = int(kv_end[-1]) if ng else 0
@@ -2136,12 +2230,18 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         last = lay.phase1[gid.repeat(rows_g)]
         finish = bool((np.bincount(mid_q_rows[last], minlength=b) == 1).all())
 
+    tail_vnode = np.full(b, -1, dtype=np.int64)
+    tail_limit = tail_vnode.copy()
+    tail_rank = np.zeros(b, dtype=np.int64)
+    tail_count = np.ones(b, dtype=np.int64)
     if grown:
-        # Tail vnode of growable requests: the last chunk of their group (one q tile).
-        v_last = np.empty(ng, dtype=np.int64)
-        v_last[vorder] = v_end - 1
-        tail_vnode[tail_req] = v_last[tail_g]
-        tail_limit[tail_req] = kv_base[tail_g] + length[tail_g] + headroom
+        # Tail vnode of growable requests: the last chunk of their group, at their q tile.
+        v_first = np.empty(ng, dtype=np.int64)
+        v_first[vorder] = v_end - nv_o
+        tail_vnode[t_req] = v_first[t_g] + (lay.nch[t_g] - 1) * nqt[t_g] + t_tile
+        tail_limit[t_req] = kv_base[t_g] + length[t_g] + headroom * t_cnt
+        tail_rank[t_req] = t_rank
+        tail_count[t_req] = t_cnt
 
     if buffers is None:
         buffers = PlanBuffers(hq, d, device, vnodes=max(nv, 1), requests=max(b, 1),
@@ -2167,8 +2267,11 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     hv("req_mid_rows", nmid)[:] = req_order
     hv("req_mid_start", b)[:] = req_start
     hv("req_mid_len", b)[:] = req_cnt
-    runs = None
-    if not grow_g.any() and inp.node_tokens is None:
+    runs = dest = None
+    if grown:
+        # Destination of every chain token: its group's base plus its chain offset.
+        dest = _expand_ranges(kv_base, length, out=buffers.scratch(int(length.sum()), 1))
+    if not grown and inp.node_tokens is None:
         # Contiguous layout, no headroom gaps: the positions are the slots; the buffers
         # expand the runs where their device copy lives (see PlanBuffers.upload).
         runs = (seg_start, seg_len)
@@ -2177,15 +2280,22 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         positions = _expand_ranges(seg_start, seg_len, out=buffers.scratch(int(seg_len.sum())))
         chain_tokens = (positions if inp.node_tokens is None
                         else np.asarray(inp.node_tokens)[positions])
-        if grow_g.any():
-            # Destination of every chain token: its group's base plus its chain offset.
-            dest = _expand_ranges(kv_base, length, out=buffers.scratch(int(length.sum()), 1))
+        if grown:
             kv_host[dest] = chain_tokens
         else:
             kv_host[:] = chain_tokens
     if seg_mask is not None:
-        # Each segment's entries carry its mask (int32: bit 31 wraps to the sign bit).
-        hv("kv_mask", kv_total)[:] = np.repeat(seg_mask, seg_len).astype(np.int32)
+        # Each segment's entries carry its mask (int32: bit 31 wraps to the sign bit);
+        # headroom entries the mask of their request's end segment, written once here.
+        masks = np.repeat(seg_mask, seg_len).astype(np.int32)
+        if grown:
+            mask_host = hv("kv_mask", kv_total)
+            mask_host[dest] = masks
+            room = (kv_base[t_g] + length[t_g] + t_rank)[:, None] + np.outer(
+                t_cnt, np.arange(headroom, dtype=np.int64))
+            mask_host[room.reshape(-1)] = seg_mask[t_seg].astype(np.int32).repeat(headroom)
+        else:
+            hv("kv_mask", kv_total)[:] = masks
     buffers.upload(kv_total, runs=runs, masks=seg_mask is not None)
     buffers.serial += 1
 
@@ -2196,7 +2306,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         kv_split_sizes=tuple(splits), node_assignments=assign.tolist(),
         parallelism=tuple(par), num_vnodes=nv, num_mid_rows=nmid,
         num_kv_entries=kv_total, buffers=buffers, tail_vnode=tail_vnode,
-        tail_limit=tail_limit, vnode_kv_start_host=v_kv_start.copy(),
+        tail_limit=tail_limit, tail_rank=tail_rank, tail_count=tail_count,
+        vnode_kv_start_host=v_kv_start.copy(),
         vnode_kv_len_host=v_kv_len.copy(), generation=buffers.generation,
         serial=buffers.serial, direct=bool(single.any()),
         needs_stage2=not bool(single.all()) if b else True, finish=finish,
