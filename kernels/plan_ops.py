@@ -8,8 +8,9 @@ host time) or a per-token host loop:
   (a contiguous plan), expanded from a table of runs that was copied to the device with
   the rest of the plan: one launch, the host's work stays O(runs).
 * :func:`grow_tails_launcher`: the append-only step of a cache (every request appends one
-  token): the new slot goes to the end of each request's tail vnode (interleaved where
-  several requests share the vnode's range) and the vnode's length grows, from
+  token): the new slot goes to the end of each request's tail vnode (in rank order
+  where several requests share the vnode's range, with their row masks) and the
+  vnode's length grows, from
   device-resident tail positions: one launch, no per-step host-to-device copy besides
   the slots themselves.
 * :func:`grow_tails_stack_launcher`: the same step when every request's new slot starts
@@ -57,34 +58,38 @@ def _expand_runs_kernel(buf, runs_off, kv_off, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off):
+def _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off, mask_off,
+                       HAS_MASK: tl.constexpr):
     pos = tl.load(tails + i, mask=m)
     vnode = tl.load(tails + n + i, mask=m)
     base = tl.load(tails + 2 * n + i, mask=m)
     stride = tl.load(tails + 3 * n + i, mask=m)
     tl.store(buf + kv_off + pos, slot.to(tl.int32), mask=m)
     tl.store(buf + len_off + vnode, pos - base, mask=m)
+    if HAS_MASK:
+        tl.store(buf + mask_off + pos, tl.load(tails + 4 * n + i, mask=m), mask=m)
     tl.store(tails + i, pos + stride, mask=m)
 
 
 @triton.jit
-def _grow_tails_kernel(buf, slots, tails, n, kv_off, len_off, BLOCK: tl.constexpr):
+def _grow_tails_kernel(buf, slots, tails, n, kv_off, len_off, mask_off,
+                       HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     slot = tl.load(slots + i, mask=m)
-    _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off)
+    _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off, mask_off, HAS_MASK)
 
 
 @triton.jit(do_not_specialize=["top"])
-def _grow_tails_stack_kernel(buf, slots, tails, free, top, n, kv_off, len_off,
-                             PAGE: tl.constexpr, BLOCK: tl.constexpr):
+def _grow_tails_stack_kernel(buf, slots, tails, free, top, n, kv_off, len_off, mask_off,
+                             HAS_MASK: tl.constexpr, PAGE: tl.constexpr, BLOCK: tl.constexpr):
     # Request i takes the page free[top - 1 - i] (the allocator's order) and its first
     # slot; the slots are also written out for the caller.
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     slot = tl.load(free + (top - 1 - i), mask=m, other=0).to(tl.int64) * PAGE
     tl.store(slots + i, slot, mask=m)
-    _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off)
+    _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off, mask_off, HAS_MASK)
 
 
 def expand_runs_launcher(buf: torch.Tensor, runs_off: int, kv_off: int):
@@ -104,7 +109,7 @@ def expand_runs(buf: torch.Tensor, runs_off: int, kv_off: int, count: int) -> No
 
 
 def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len_off: int,
-                        block: int = 256):
+                        mask_off: int = -1, block: int = 256):
     """A prepared tail step: call it with the new slots (int64 ``[n]``, one per request,
     on ``buf``'s device). ``tails`` (int32 ``[4 n]``) holds per request its next kv entry
     position ``pos``, tail vnode, ``base`` and ``stride``; the step writes the slot at
@@ -112,23 +117,28 @@ def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len
     and advances the position by ``stride``. A request alone in its vnode's range has
     ``base`` = the range's first position - 1 and ``stride`` 1; ``k`` requests whose
     entries interleave in one range (the request of rank ``r`` at ``r, r + k, ...``
-    after its end) have ``stride`` ``k`` and ``base`` = first position - ``k`` + ``r``,
-    so that every one of them writes the same length. Requests that write one vnode's
-    length must write the same value."""
-    n = tails.numel() // 4
+    after its filled entries) have ``stride`` ``k`` and ``base`` = first position -
+    ``k`` + ``r``, so that every one of them writes the same length (requests that
+    write one vnode's length must write the same value). With ``mask_off >= 0``
+    ``tails`` has a fifth row, each request's row mask, written at ``buf[mask_off +
+    pos]`` (int32 ``[5 n]``)."""
+    n = tails.numel() // (5 if mask_off >= 0 else 4)
     return _KernelLaunch(_grow_tails_kernel, (triton.cdiv(max(n, 1), block),),
-                         [buf, None, tails, n, int(kv_off), int(len_off)],
-                         {"BLOCK": block}, slots=(1,))
+                         [buf, None, tails, n, int(kv_off), int(len_off), max(int(mask_off), 0)],
+                         {"HAS_MASK": mask_off >= 0, "BLOCK": block}, slots=(1,))
 
 
 def grow_tails_stack_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int,
-                              len_off: int, page_size: int, block: int = 256):
+                              len_off: int, page_size: int, block: int = 256,
+                              mask_off: int = -1):
     """:func:`grow_tails_launcher` for a step whose new slots are fresh pages of the page
     allocator, derived on the device: call it with ``(slots, free, top)``, where
     ``free`` (int64) mirrors the allocator's free stack up to ``top``, its top before the
     step's allocation, and ``slots`` (int64 ``[n]``) receives request ``i``'s slot
     ``free[top - 1 - i] * page_size``. Nothing is copied from the host."""
-    n = tails.numel() // 4
+    n = tails.numel() // (5 if mask_off >= 0 else 4)
     return _KernelLaunch(_grow_tails_stack_kernel, (triton.cdiv(max(n, 1), block),),
-                         [buf, None, tails, None, None, n, int(kv_off), int(len_off)],
-                         {"PAGE": int(page_size), "BLOCK": block}, slots=(1, 3, 4))
+                         [buf, None, tails, None, None, n, int(kv_off), int(len_off),
+                          max(int(mask_off), 0)],
+                         {"HAS_MASK": mask_off >= 0, "PAGE": int(page_size), "BLOCK": block},
+                         slots=(1, 3, 4))

@@ -526,6 +526,50 @@ def test_fork_or_prune_replans_once_across_layers():
     cache.check()
 
 
+@pytest.mark.parametrize("form", ["inline", "fused"])
+def test_decode_loop_on_masked_plans_grows_in_place(monkeypatch, form):
+    """With the planner's masked forms on (bounds lowered for this small tree), the
+    decode loop's plan is masked and grows in place: every-request steps, listed
+    steps of some requests and one-token appends to single requests, no re-plan until
+    the requests sharing a range have used its room; every attend exact."""
+    from treecache import plan as plan_module
+
+    if form == "inline":
+        monkeypatch.setattr(plan_module, "INLINE_MIN_PROGRAMS", 0)
+    else:
+        monkeypatch.setattr(plan_module, "INLINE", False)
+        monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    headroom = 6
+    cache, model, reqs = _decode_loop_setup("torch", plan_headroom=headroom, num_layers=2)
+    f = fork(cache, model, reqs[1])  # two leaves under r1's node: a fusable set
+    reqs = reqs + [f]
+    decode_step(cache, model, reqs)
+    assert_all_layers(cache, model, reqs)
+    plan = cache.plan
+    assert plan.masked and (plan.tail_vnode >= 0).all() and plan.tail_count.max() > 1
+    n = cache.plan_rebuilds
+    tokens = {r: 0 for r in reqs}
+    rng = np.random.default_rng(1)
+    for step in range(8):
+        kind = step % 3
+        if kind == 0:
+            decode_step(cache, model)  # reserve(): every live request
+            grown = reqs
+        elif kind == 1:
+            grown = [reqs[i] for i in rng.permutation(len(reqs))[:3]]
+            decode_step(cache, model, grown)
+        else:
+            grown = [reqs[int(rng.integers(len(reqs)))]]
+            append(cache, model, grown[0], 1)
+        for r in grown:
+            tokens[r] += 1
+        assert_all_layers(cache, model, reqs)
+        assert cache.plan_rebuilds == n, f"re-planned at step {step}"
+    # A range's room is shared: a request may take more than its own headroom.
+    assert sum(tokens.values()) <= headroom * len(reqs)
+    cache.check()
+
+
 def test_subset_attend_replans_only_when_the_request_list_changes():
     cache, model, reqs = _decode_loop_setup("torch", plan_headroom=64)
     decode_step(cache, model)
@@ -1151,6 +1195,9 @@ class CacheMachine(RuleBasedStateMachine):
                 headroom=st.sampled_from([0, 2, 3, 64, 64]), seed=st.integers(0, 2**16),
                 prompts=st.lists(st.integers(0, 8), min_size=1, max_size=3))
     def setup(self, page_size, num_pages, headroom, seed, prompts):
+        self._setup_cache(page_size, num_pages, headroom, seed, prompts)
+
+    def _setup_cache(self, page_size, num_pages, headroom, seed, prompts):
         self.cache = make_cache(num_pages * page_size, page_size=page_size, dtype=self.DTYPE,
                                 backend=self.BACKEND, plan_headroom=headroom)
         self.model = Model(dtype=self.DTYPE, generator=torch.Generator().manual_seed(seed))
@@ -1347,9 +1394,46 @@ class TorchFp32Machine(CacheMachine):
     DTYPE, BACKEND = torch.float32, "torch"
 
 
+#: Planner settings that put the machine's small trees into each masked form.
+MASKED_FORMS = {
+    "inline": dict(INLINE_MIN_PROGRAMS=0),
+    "fused": dict(INLINE=False, FUSE_MIN_PROGRAMS=0, FUSE_PACK_MIN_PROGRAMS=None,
+                  FUSE_PACK_MAX_PROGRAMS=None),
+    "shared": dict(INLINE=False, SHARED_INLINE=4, SHARED_INLINE_MAX_READS=1e9),
+}
+
+
+class MaskedTorchFp32Machine(TorchFp32Machine):
+    """The same operations with the planner's masked forms on (plans with growth
+    headroom keep them: the requests of a masked range share its room)."""
+
+    @initialize(page_size=st.sampled_from([1, 2]), num_pages=st.integers(6, 30),
+                headroom=st.sampled_from([0, 2, 3, 64]), seed=st.integers(0, 2**16),
+                prompts=st.lists(st.integers(0, 8), min_size=1, max_size=3),
+                form=st.sampled_from(sorted(MASKED_FORMS)))
+    def setup(self, page_size, num_pages, headroom, seed, prompts, form):
+        from treecache import plan as plan_module
+
+        self._saved = {name: getattr(plan_module, name) for name in MASKED_FORMS[form]}
+        for name, value in MASKED_FORMS[form].items():
+            setattr(plan_module, name, value)
+        self._setup_cache(page_size, num_pages, headroom, seed, prompts)
+
+    def teardown(self):
+        from treecache import plan as plan_module
+
+        try:
+            super().teardown()
+        finally:
+            for name, value in getattr(self, "_saved", {}).items():
+                setattr(plan_module, name, value)
+
+
 TestTritonFp32Machine = TritonFp32Machine.TestCase
 TestTritonFp32Machine.settings = settings(max_examples=EXAMPLES, **_SETTINGS)
 TestTritonFp16Machine = TritonFp16Machine.TestCase
 TestTritonFp16Machine.settings = settings(max_examples=max(1, EXAMPLES // 2), **_SETTINGS)
 TestTorchFp32Machine = TorchFp32Machine.TestCase
 TestTorchFp32Machine.settings = settings(max_examples=EXAMPLES, **_SETTINGS)
+TestMaskedTorchFp32Machine = MaskedTorchFp32Machine.TestCase
+TestMaskedTorchFp32Machine.settings = settings(max_examples=EXAMPLES, **_SETTINGS)

@@ -1716,13 +1716,12 @@ def _stand_in(num_qo_heads, head_dim):
 @pytest.mark.parametrize("form", ["inline", "fused", "shared"])
 def test_masked_plans_grow_in_place(monkeypatch, form, device_step):
     # The masked forms keep their layout with growth headroom: the requests growing in
-    # one masked range take its room in turn (their entries interleaved, each with its
-    # own bit), whole steps of all requests (the every-request step, and a listed step
-    # of the ranges' requests) grow every range at once; a listed step that leaves out
-    # some request of a shared range, or a multi-token append to one, is refused and
-    # changes nothing. Paths, lengths and results match after every step, up to the
-    # headroom; then every step is refused. The device step runs the tail kernel on the
-    # GPU, or without one on a separate CPU copy of the buffers in the interpreter.
+    # one masked range share its room (headroom entries each), every new entry taking
+    # the range's next free one with its request's row bit. Random steps (every request;
+    # a random subset in random order; several tokens for one request) keep the paths,
+    # lengths and results exact until a range is full; then the step is refused and
+    # nothing changes. The device step runs the tail kernel on the GPU, or without one
+    # on a separate CPU copy of the buffers in the interpreter.
     from kernels.backend import interpreter_enabled
 
     inp, kw = _masked_growth_input(form, monkeypatch)
@@ -1739,53 +1738,80 @@ def test_masked_plans_grow_in_place(monkeypatch, form, device_step):
     assert (plan.buffers.dev is not plan.buffers.host) == device_step
     grow = np.flatnonzero(plan.tail_vnode >= 0)
     assert np.array_equal(grow, np.flatnonzero(inp.growable))
-    shared = plan.tail_count[grow] > 1
-    assert shared.any()
+    assert (plan.tail_count[grow] > 1).any()
     paths = expected_paths(inp)
     nslots = int(inp.seqlen.sum())
     q, k, v = (t.to(plan.device) for t in _qkv(plan, nslots + headroom * len(paths), seed=11))
+    rng = np.random.default_rng(["inline", "fused", "shared"].index(form))
     nxt = [nslots]
-
-    def new(n):
-        out = np.arange(nxt[0], nxt[0] + n)
-        nxt[0] += n
-        return out
-
-    def refused(call):
-        before = (plan.buffers.host.clone(), plan.buffers.dev.clone(),
-                  plan.vnode_kv_len_host.copy())
-        assert not call()
-        assert torch.equal(plan.buffers.host, before[0])
-        assert torch.equal(plan.buffers.dev, before[1])
-        assert np.array_equal(plan.vnode_kv_len_host, before[2])
-
-    one = int(grow[shared][0])
-    refused(lambda: plan.extend_tail(one, np.zeros(1, np.int64)))
+    used = {int(r): 0 for r in grow}
     every = grow.size == len(paths)  # the every-request step needs every request growing
-    for step in range(headroom):
-        if step == 1 or not every:
-            # A listed step of the growing requests, in reverse order.
-            rows = grow[::-1]
-            partial = rows[rows != one]
-            refused(lambda: plan.extend_tails(partial, np.zeros(partial.size, np.int64)))
-            sl = new(rows.size)
-            assert plan.extend_tails(rows, sl)
-            for r, x in zip(rows.tolist(), sl.tolist()):
-                paths[r].append(x)
-        else:
-            sl = new(len(paths))  # the model loop's step
-            assert plan.extend_tails(None, sl)
-            assert (plan._tails.launch is not None) == device_step  # the tail kernel ran
-            for r in range(len(paths)):
-                paths[r].append(int(sl[r]))
+
+    def state():
+        return (plan.buffers.host.clone(), plan.buffers.dev.clone(),
+                plan.vnode_kv_len_host.copy())
+
+    def check():
         if device_step:
-            # The step wrote the device copy alone (the runs below read it).
+            # The every-request step writes the device copy alone (the runs read it).
             nv = plan.num_vnodes
             assert plan.buffers.dev_view("vnode_kv_len", nv).tolist() == \
                 plan.vnode_kv_len_host.tolist()
         else:
             assert plan_slots(plan) == [sorted(p) for p in paths]
         _check_run(plan, paths, q, k, v, "torch")
+
+    steps = refusals = 0
+    for _ in range(4 * headroom):
+        kind = rng.integers(3) if every else 1 + rng.integers(2)
+        if kind == 0:
+            rows, counts = None, {int(r): 1 for r in grow}
+        elif kind == 1:
+            rows = rng.permutation(grow)[:rng.integers(1, grow.size + 1)]
+            counts = {int(r): 1 for r in rows}
+        else:
+            rows = int(rng.choice(grow))
+            counts = {rows: int(rng.integers(1, 3))}
+        n = sum(counts.values())
+        # A range holds headroom entries per growing request: full when its requests
+        # would use more than that together.
+        rid = plan._ranges.rid if plan._ranges else None
+        fits = True
+        if rid is not None:
+            per = {}
+            for r, c in counts.items():
+                per[int(rid[r])] = per.get(int(rid[r]), 0) + c
+            fill = {}
+            for r, c in used.items():
+                fill[int(rid[r])] = fill.get(int(rid[r]), 0) + c
+            fits = all(fill.get(g, 0) + c <= headroom * int((rid[grow] == g).sum())
+                       for g, c in per.items())
+        before = state()
+        sl = np.arange(nxt[0], nxt[0] + n)
+        if kind == 0:
+            ok = plan.extend_tails(None, sl)
+            assert not ok or (plan._tails.launch is not None) == device_step  # the kernel ran
+        elif kind == 1:
+            ok = plan.extend_tails(rows, sl)
+        else:
+            ok = plan.extend_tail(rows, sl)
+        if rid is not None:
+            assert ok == fits
+        if not ok:
+            refusals += 1
+            after = state()
+            assert all(torch.equal(a, b) for a, b in zip(after[:2], before[:2]))
+            assert np.array_equal(after[2], before[2])
+            continue
+        steps += 1
+        nxt[0] += n
+        it = iter(sl.tolist())
+        order = ([int(r) for r in grow] if kind == 0 else
+                 [int(r) for r in rows] if kind == 1 else [rows] * n)
+        for r in order:
+            paths[r].append(next(it))
+            used[r] += 1
+        check()
+    assert steps >= 2 and refusals >= 1
     # Triton's float32 dots on a GPU may round through TF32.
     _check_run(plan, paths, q, k, v, "auto", tol=2e-3 if plan.device.type == "cuda" else 1e-4)
-    refused(lambda: plan.extend_tails(grow, np.zeros(grow.size, np.int64)))

@@ -89,31 +89,41 @@ def test_grow_tails_kernel_writes_slots_lengths_and_positions():
 
 
 @needs_triton
-def test_grow_tails_kernel_interleaves_requests_sharing_a_range():
+@pytest.mark.parametrize("masks", [False, True])
+def test_grow_tails_kernel_interleaves_requests_sharing_a_range(masks):
     # Three requests share vnode 7's range (ranks 0-2 after its 10 entries at 50), one is
     # alone in vnode 2's (at 90, 4 entries): each step writes the shared range's slots
     # at 60 + 3 s + rank and one length (13, 16, ...) from all three, and the single
-    # request's as before.
+    # request's as before; with masks, each entry's row mask (region at 200) too.
     dev = _device()
     pos = np.array([60, 61, 62, 94])
     vnode = np.array([7, 7, 7, 2])
     base = np.array([50 - 3 + 0, 50 - 3 + 1, 50 - 3 + 2, 90 - 1])
     stride = np.array([3, 3, 3, 1])
-    tails = torch.from_numpy(np.concatenate([pos, vnode, base, stride]).astype(np.int32)).to(dev)
+    bits = np.array([1, 4, -(1 << 31), -1])
+    rows = [pos, vnode, base, stride] + ([bits] if masks else [])
+    tails = torch.from_numpy(np.concatenate(rows).astype(np.int32)).to(dev)
     buf = torch.full((400,), -1, dtype=torch.int32, device=dev)
-    step = grow_tails_launcher(buf, tails, 100, 10, block=128)
+    buf[200:].fill_(0)
+    step = grow_tails_launcher(buf, tails, 100, 10, 200 if masks else -1, block=128)
     for k in range(4):
         slots = np.arange(4) + 1000 * (k + 1)
         step(torch.from_numpy(slots).to(dev))
         got = buf.cpu().numpy()
         assert np.array_equal(got[100 + pos + stride * k], slots)
         assert got[10 + 7] == 10 + 3 * (k + 1) and got[10 + 2] == 4 + k + 1
+        assert np.array_equal(got[200 + pos + stride * k], bits if masks else [0] * 4)
     assert np.array_equal(tails[:4].cpu().numpy(), pos + 4 * stride)
-    written = np.concatenate([100 + pos[:3, None] + 3 * np.arange(4), 100 + 94 + np.arange(4)[None]]).ravel()
+    filled = (pos[:, None] + stride[:, None] * np.arange(4)).ravel()
     rest = np.ones(400, dtype=bool)
-    rest[written] = False
+    rest[100 + filled] = False
     rest[[17, 12]] = False
+    rest[200:] = False
     assert (buf.cpu().numpy()[rest] == -1).all()
+    if masks:
+        untouched = np.ones(200, dtype=bool)
+        untouched[filled] = False
+        assert (buf.cpu().numpy()[200:][untouched] == 0).all()
 
 
 @needs_triton
@@ -186,18 +196,21 @@ def test_contiguous_plan_expanded_on_the_device_copy():
     assert grown.buffers.dev_view("kv_indices", n).tolist() == cpu.tensors()["kv_indices"][:n].tolist()
 
 
-def test_every_request_step_on_the_device_copy_matches_the_cpu_plan():
+@pytest.mark.parametrize("leaves", [3, 9])
+def test_every_request_step_on_the_device_copy_matches_the_cpu_plan(leaves):
     # The every-request append step with a separate device copy (one kernel from
     # device-resident tail positions under the interpreter) against the same steps on a
     # CPU plan: the device copy's kv entries and vnode lengths, the host mirrors and
     # the refusal at the headroom limit agree, also after single and subset appends
-    # (which rebuild the device tail positions).
-    inp = plan_input([-1, 0, 0, 0], [40, 10, 10, 5], [1, 2, 3], growable=[True, True, True])
+    # (which rebuild the device tail positions). A root with 3 or 9 leaves.
+    seqlen = [40, 10, 10, 5, 7, 3, 8, 9, 4, 6][:leaves + 1]
+    inp = plan_input([-1] + [0] * leaves, seqlen, list(range(1, leaves + 1)),
+                     growable=[True] * leaves)
     kw = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, params=FastTreeParams(),
               headroom=6, **NO_ADJUST)
     cpu = build_plan(inp, **kw)
     dev = build_plan(inp, buffers=_stand_in(2, 16), **kw)
-    nxt = [65]
+    nxt = [sum(seqlen)]
 
     def new(n):
         out = np.arange(nxt[0], nxt[0] + n, dtype=np.int64)
@@ -219,7 +232,7 @@ def test_every_request_step_on_the_device_copy_matches_the_cpu_plan():
 
     for st in [None, None, ("one", 1, 2), None, ([0, 2],), None]:
         if st is None:
-            sl = new(3)
+            sl = new(leaves)
             assert cpu.extend_tails(None, sl) and dev.extend_tails(None, sl)
             if interpreter_enabled():
                 assert dev._tails.launch is not None  # the device step ran
@@ -233,8 +246,8 @@ def test_every_request_step_on_the_device_copy_matches_the_cpu_plan():
     # Request 1 has used its 6 entries: both refuse the every-request step, unchanged.
     before = dev.buffers.dev.clone()
     lens = dev.vnode_kv_len_host.copy()
-    assert not cpu.extend_tails(None, np.array([0, 1, 2]))
-    assert not dev.extend_tails(None, np.array([0, 1, 2]))
+    assert not cpu.extend_tails(None, np.arange(leaves))
+    assert not dev.extend_tails(None, np.arange(leaves))
     assert torch.equal(dev.buffers.dev, before)
     assert np.array_equal(dev.vnode_kv_len_host, lens)
     sl = new(2)

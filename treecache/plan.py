@@ -133,7 +133,8 @@ FINISH_MIN_PROGRAMS = 128
 #: A larger phase 1 keeps stage 2 (the 32/8 plans of 8192 phase-1 programs above).
 #: None or 0: no bound.
 FINISH_MAX_PROGRAMS = 4096
-#: Fuse phase-1 groups that share requests into one masked vnode each (False: never). The phase-1 groups of a request (its leaf, and the
+#: Fuse phase-1 groups that share requests into one masked vnode each (False: never).
+#: The phase-1 groups of a request (its leaf, and the
 #: nodes above it whose other children the cost model split off) each give it a
 #: partial; a fused vnode holds the requests of such a set of groups (at most the
 #: phase's q tile, at most 32) over all their chains, every kv entry with a mask of the
@@ -169,34 +170,34 @@ FUSE_MAX_KV_ENTRIES = 200_000
 FUSE_PACK = True
 FUSE_PACK_MIN_PROGRAMS = 256
 FUSE_PACK_MAX_PROGRAMS = 1024
-#: Inline whole request paths: a plan may instead be one
-#: masked phase whose vnodes each hold ``min(32, INLINE_ROWS // group)`` requests,
-#: neighbours in depth-first order of their end nodes, over the union of their paths
-#: (every node read once per vnode that needs it, its entries masked to the requests
-#: through it). Every request then has one partial, written by stage 1 as its output:
-#: one launch, no merge. Used where every vnode holds at most :data:`INLINE_MAX_KV`
-#: entries and the phase has at least :data:`INLINE_MIN_PROGRAMS` programs (vnodes x KV
-#: heads). Measured on an H100 (``python -m benchmarks.sweep --inline``,
-#: benchmarks/RESULTS.md, v21): the six deep seed trees at 32/8 0.68-0.90x replayed and
-#: 0.71-0.90x eager, the deep 16-token tree at 32/32 0.955x; at 16/1 (256 programs) five
-#: of six plans 1.05-1.11x slower, hence the program bound.
+#: Inline whole request paths: a plan may instead be one masked phase whose vnodes each
+#: hold ``min(32, INLINE_ROWS // group)`` requests, neighbours in depth-first order of
+#: their end nodes, over the union of their paths (every node read once per vnode that
+#: needs it, its entries masked to the requests through it). Every request then has one
+#: partial, written by stage 1 as its output: one launch, no merge. Used where every
+#: vnode holds at most :data:`INLINE_MAX_KV` entries and the phase has at least
+#: :data:`INLINE_MIN_PROGRAMS` programs (vnodes x KV heads). Measured on an H100
+#: (``python -m benchmarks.sweep --inline``, benchmarks/RESULTS.md, v21): the six deep
+#: seed trees at 32/8 0.68-0.90x replayed and 0.71-0.90x eager, the deep 16-token tree
+#: at 32/32 0.955x; at 16/1 (256 programs) five of six plans 1.05-1.11x slower, hence
+#: the program bound.
 INLINE = True
 INLINE_ROWS = 64
 INLINE_MAX_KV = 1024
 INLINE_MIN_PROGRAMS = 512
-#: Where whole paths do not fit :data:`INLINE`'s bound, a plan may keep every node of at least this many tokens as a shared group of its own (all
-#: requests through it, phase 0, chunked like the cost model's groups) and inline the
-#: rest of each path: blocks of ``min(32, INLINE_ROWS // group)`` requests in
-#: depth-first order over the union of their other nodes, one masked phase-1 vnode
-#: each (at most :data:`INLINE_MAX_KV` entries), where every request has one partial
-#: and phase 1 merges. Used where the vnodes then read at most
-#: :data:`SHARED_INLINE_MAX_READS` x the KV entries the cost model's vnodes read
-#: (every q tile reads its group's chain). 0: off. Measured on an H100 (``python -m
-#: benchmarks.sweep --shared-inline``, benchmarks/RESULTS.md, v23): the
-#: speculative-decoding tree (2,048-token contexts, 21 one-token drafts each) 0.71x
-#: replayed at 32/8 (135.7 -> 96.0 us) and 0.77x at 32/32, reading 0.67x and 0.50x
-#: the entries; every other plan this would change reads as many entries as before
-#: and was 1.02-2.97x slower (packed leaves beside a shared root, split chains).
+#: Where whole paths do not fit :data:`INLINE`'s bound, a plan may keep every node of at
+#: least this many tokens as a shared group of its own (all requests through it, phase
+#: 0, chunked like the cost model's groups) and inline the rest of each path: blocks of
+#: ``min(32, INLINE_ROWS // group)`` requests in depth-first order over the union of
+#: their other nodes, one masked phase-1 vnode each (at most :data:`INLINE_MAX_KV`
+#: entries), where every request has one partial and phase 1 merges. Used where the
+#: vnodes then read at most :data:`SHARED_INLINE_MAX_READS` x the KV entries the cost
+#: model's vnodes read (every q tile reads its group's chain). 0: off. Measured on an
+#: H100 (``python -m benchmarks.sweep --shared-inline``, benchmarks/RESULTS.md, v23):
+#: the speculative-decoding tree (2,048-token contexts, 21 one-token drafts each) 0.71x
+#: replayed at 32/8 (135.7 -> 96.0 us) and 0.77x at 32/32, reading 0.67x and 0.50x the
+#: entries; every other plan this would change reads as many entries as before and was
+#: 1.02-2.97x slower (packed leaves beside a shared root, split chains).
 SHARED_INLINE = 256
 SHARED_INLINE_MAX_READS = 0.8
 #: In a masked plan, a phase whose entries all attend every query of their vnode (phase
@@ -591,11 +592,13 @@ class DecodePlan:
     tail_vnode, tail_limit : int64 ``[num_requests]``
         For requests that may grow in place: the vnode holding their last tokens and the
         first kv-entry position they may not write; -1 where growth needs a re-plan.
-    tail_rank, tail_count : int64 ``[num_requests]``
-        Where several growing requests share a vnode's kv range (masked vnodes), their
-        room is interleaved: a request's next entry is ``rank`` entries past the range's
-        end, and a step of all ``count`` of them grows the range by ``count``. 0 and 1
-        for a request alone in its range (and where it cannot grow).
+    tail_rank, tail_count, tail_bit : int64 ``[num_requests]``
+        Where several growing requests share a vnode's kv range (masked vnodes), the
+        range holds ``headroom`` entries for each of its ``count`` growing requests, and
+        each new entry takes the range's next free one, with its request's row mask
+        ``bit`` (-1 in unmasked plans); in a step of every request they take them in
+        the order of ``rank``. 0, 1 and -1 for a request alone in its range (and
+        where it cannot grow).
     vnode_kv_len_host : int64 ``[num_vnodes]``
         Host copy of the vnode lengths (kept in sync by :meth:`extend_tails`).
     vnode_kv_start_host : int64 ``[num_vnodes]``
@@ -644,6 +647,7 @@ class DecodePlan:
     #: See the class docstring (None: every request alone in its range).
     tail_rank: np.ndarray | None = None
     tail_count: np.ndarray | None = None
+    tail_bit: np.ndarray | None = None
     _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
     # Per-object caches, not copied by attrs.evolve (a copy may differ in its modes):
     # the float16 view of the partials, the prepared Triton launches per tensor layout
@@ -654,7 +658,7 @@ class DecodePlan:
     _launchers: dict = attrs.field(factory=dict, init=False, repr=False)
     _graphs: tuple | None = attrs.field(default=None, init=False, repr=False)
     _tails: object = attrs.field(default=None, init=False, repr=False)
-    _tail_ranges: tuple | None = attrs.field(default=None, init=False, repr=False)
+    _ranges: object = attrs.field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -873,8 +877,14 @@ class DecodePlan:
         """
         slots = np.asarray(slots, dtype=np.int64)
         tv = int(self.tail_vnode[row])
-        if tv < 0 or self._shared_tail(row):
-            return False  # a shared range grows by whole steps only (extend_tails)
+        if tv < 0:
+            return False
+        if self._ranged_tails():
+            upd = self._prepare_ranged(np.full(slots.size, row, dtype=np.int64))
+            if upd is None:
+                return False
+            self.buffers.scatter(upd[0], np.concatenate([slots, upd[1]]))
+            return True
         pos = int(self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv])
         if pos + slots.size > self.tail_limit[row]:
             return False
@@ -920,53 +930,74 @@ class DecodePlan:
             return None
         if not assume_unique and np.unique(rows).size != rows.size:
             return None
-        vlen = self.vnode_kv_len_host[tv]
-        pos = self.vnode_kv_start_host[tv] + vlen
-        new_len = vlen + 1
-        if self.tail_count is not None:
-            count = self.tail_count[rows]
-            if count.max() > 1:
-                # Ranges shared by several growing requests grow by whole steps: all of
-                # their requests are listed (once each, so the counts add up).
-                shared = count > 1
-                listed = np.bincount(self._tail_range[rows[shared]],
-                                     minlength=self._tail_range_count.size)
-                if (listed[self._tail_range[rows[shared]]] != count[shared]).any():
-                    return None
-                pos = pos + self.tail_rank[rows]
-                new_len = vlen + count
+        if self._ranged_tails():
+            upd = self._prepare_ranged(rows)
+            if upd is None:
+                return None
+            positions, tail_values = upd
+            values = np.concatenate([np.asarray(slots, dtype=np.int64), tail_values])
+            self.buffers.write_host(positions, values)
+            return positions, values
+        pos = self.vnode_kv_start_host[tv] + self.vnode_kv_len_host[tv]
         if (pos >= limit).any():
             return None
+        # Distinct rows have distinct tail vnodes (a tail vnode serves one request).
         b = self.buffers
         self._tails = None  # the request-ordered mirrors are rebuilt when next needed
-        self.vnode_kv_len_host[tv] = new_len
+        self.vnode_kv_len_host[tv] += 1
         positions = np.concatenate([b.offsets["kv_indices"] + pos, b.offsets["vnode_kv_len"] + tv])
-        values = np.concatenate([slots, new_len])
+        values = np.concatenate([slots, self.vnode_kv_len_host[tv]])
         b.write_host(positions, values)
         return positions, values
 
-    def _shared_tail(self, row: int) -> bool:
-        return self.tail_count is not None and int(self.tail_count[row]) > 1
+    def _ranged_tails(self) -> bool:
+        """Whether growth goes through :class:`_TailRanges` (made at the first growth):
+        where some tail range is shared by several growing requests, or the plan is
+        masked (each new entry carries its request's row mask). Elsewhere each request
+        grows its own vnode."""
+        r = self._ranges
+        if r is None:
+            ranged = self.tail_count is not None and (
+                int(self.tail_count.max(initial=1)) > 1
+                or (self.masked and bool((self.tail_vnode >= 0).any())))
+            r = self._ranges = _TailRanges(self) if ranged else False
+        return r is not False
 
-    @property
-    def _tail_range(self) -> np.ndarray:
-        """Per request, an id of its tail's kv range (the range's first entry position
-        ranked among the growing ranges), -1 where it cannot grow; and, in
-        ``_tail_range_count``, the growing requests of each range."""
-        cached = self._tail_ranges
-        if cached is None:
-            tv = self.tail_vnode
-            start = np.where(tv >= 0, self.vnode_kv_start_host[np.maximum(tv, 0)], -1)
-            uniq, inv = np.unique(start, return_inverse=True)
-            rid = np.where(tv >= 0, inv - int(uniq.size > 0 and uniq[0] < 0), -1)
-            n = int(uniq.size) - int(uniq.size > 0 and uniq[0] < 0)
-            cached = self._tail_ranges = (rid, np.bincount(rid[rid >= 0], minlength=n))
-        return cached[0]
-
-    @property
-    def _tail_range_count(self) -> np.ndarray:
-        self._tail_range  # noqa: B018 - fills the cache
-        return self._tail_ranges[1]
+    def _prepare_ranged(self, entries: np.ndarray):
+        """Host half of a growth by one entry per item of ``entries`` (request rows,
+        repeated for several entries of one request) in a plan with ranged tails
+        (:meth:`_ranged_tails`): each entry takes its range's next free entry, in
+        order, with its request's row mask; every tail vnode of a listed request then
+        spans its range's filled entries. Returns ``(positions, values)`` (the
+        positions of the slots first, then of the lengths and masks, whose values
+        follow) with the host mirrors updated, or None (nothing changed) where some
+        range is full."""
+        r = self._ranges
+        rid = r.rid[entries]
+        order = rid.argsort(kind="stable")
+        rs = rid[order]
+        first = np.ones(rs.size, dtype=bool)
+        first[1:] = rs[1:] != rs[:-1]
+        idx = np.arange(rs.size, dtype=np.int64)
+        k = np.empty(rs.size, dtype=np.int64)
+        k[order] = idx - np.maximum.accumulate(np.where(first, idx, 0))
+        pos = r.next[rid] + k
+        added = np.bincount(rid, minlength=r.next.size)
+        new_next = r.next + added
+        if (new_next > r.limit).any():
+            return None
+        r.next = new_next
+        self._tails = None  # the request-ordered mirrors are rebuilt when next needed
+        tv = self.tail_vnode[entries]
+        new_len = new_next[rid] - self.vnode_kv_start_host[tv]
+        self.vnode_kv_len_host[tv] = new_len
+        b = self.buffers
+        positions = [b.offsets["kv_indices"] + pos, b.offsets["vnode_kv_len"] + tv]
+        values = [new_len]
+        if self.masked:
+            positions.append(b.offsets["kv_mask"] + pos)
+            values.append(self.tail_bit[entries])
+        return np.concatenate(positions), np.concatenate(values)
 
     def send_tails(self, upd, slots: np.ndarray) -> torch.Tensor:
         """Apply an update from :meth:`prepare_tails` to the device buffer; returns
@@ -992,7 +1023,8 @@ class DecodePlan:
         b = self.buffers
         if upd.stack_launch is None or upd.stack_launch.consts["PAGE"] != page_size:
             upd.stack_launch = grow_tails_stack_launcher(
-                b.dev, upd.tails, b.offsets["kv_indices"], b.offsets["vnode_kv_len"], page_size)
+                b.dev, upd.tails, b.offsets["kv_indices"], b.offsets["vnode_kv_len"], page_size,
+                mask_off=b.offsets["kv_mask"] if upd.bits is not None else -1)
         slots = torch.empty(self.num_requests, dtype=torch.int64, device=b.dev.device)
         upd.stack_launch(slots, free_stack, int(top))
         return slots
@@ -1020,14 +1052,18 @@ class DecodePlan:
         t.room -= 1
         t.tail_len += t.stride
         self.vnode_kv_len_host[self.tail_vnode] = t.tail_len
+        if t.ranges is not None:
+            t.ranges.next += t.ranges.count  # every range grows by its requests
         if t.launch is not None:
             t.kv_pos += t.stride
             return t
         positions, values = t.positions, t.values
         np.add(t.kv_pos, self.buffers.offsets["kv_indices"], out=positions[:b])
+        if t.bits is not None:
+            np.add(t.kv_pos, self.buffers.offsets["kv_mask"], out=positions[2 * b:])
         t.kv_pos += t.stride
         values[:b] = slots
-        values[b:] = t.tail_len
+        values[b:2 * b] = t.tail_len
         self.buffers.write_host(positions, values)
         return positions, values
 
@@ -1038,48 +1074,84 @@ class DecodePlan:
         return _TailSteps(self, tv)
 
 
+class _TailRanges:
+    """The tail ranges of a plan whose growth is ranged (some range shared by several
+    growing requests, or a masked plan; see ``DecodePlan._ranged_tails``): per request
+    its range (``rid``, -1 where it cannot grow); per range its growing requests
+    (``count``), its next free entry (``next``) and the end of its room (``limit``).
+    An entry appended by any of a range's requests takes the next free one (with that
+    request's row mask); the tail vnodes of the range's requests (one per q tile) span
+    the filled entries."""
+
+    __slots__ = ("rid", "count", "next", "limit")
+
+    def __init__(self, plan: DecodePlan):
+        tv = plan.tail_vnode
+        ok = (tv >= 0).nonzero()[0]
+        start = plan.vnode_kv_start_host[tv[ok]]
+        uniq, inv = np.unique(start, return_inverse=True)
+        self.rid = np.full(tv.size, -1, dtype=np.int64)
+        self.rid[ok] = inv
+        self.count = np.bincount(inv, minlength=uniq.size).astype(np.int64)
+        self.next = np.zeros(uniq.size, dtype=np.int64)
+        np.maximum.at(self.next, inv, start + plan.vnode_kv_len_host[tv[ok]])
+        self.limit = np.zeros(uniq.size, dtype=np.int64)
+        self.limit[inv] = plan.tail_limit[ok]
+
+
 class _TailSteps:
     """Request-ordered mirrors of a plan's tail vnodes for the every-request step:
     each request's next kv entry (``kv_pos``), tail length and growth per step
-    (``stride``: the growing requests sharing its range, see ``DecodePlan.tail_count``),
-    the steps left before some request reaches its limit (``room``), and either reused
+    (``stride``: the growing requests sharing its range, see ``DecodePlan.tail_count``;
+    they take the range's next entries in the order of ``DecodePlan.tail_rank``), the
+    steps left before some request reaches its limit (``room``), the row masks of the
+    entries in a masked plan (``bits``), and either reused
     position/value arrays (host path) or a prepared device step (``launch``) with the
     tail positions kept on the device."""
 
     __slots__ = ("kv_pos", "tail_len", "stride", "room", "positions", "values", "launch",
-                 "tails", "stack_launch")
+                 "tails", "stack_launch", "ranges", "bits")
 
     def __init__(self, plan: DecodePlan, tv: np.ndarray):
         b = tv.size
         buffers = plan.buffers
-        self.tail_len = plan.vnode_kv_len_host[tv].copy()
         start = plan.vnode_kv_start_host[tv]
-        self.kv_pos = start + self.tail_len
-        stride = rank = None
-        if plan.tail_count is not None and b and plan.tail_count.max() > 1:
-            stride, rank = plan.tail_count.copy(), plan.tail_rank
-            self.kv_pos += rank
-        self.stride = 1 if stride is None else stride
-        # Steps until some request's next entry reaches its limit.
-        self.room = int((-(-(plan.tail_limit - self.kv_pos) // self.stride)).min()) if b else 0
+        self.ranges = self.bits = None
+        if b and plan._ranged_tails():
+            r = self.ranges = plan._ranges
+            self.stride = r.count[r.rid]
+            self.tail_len = r.next[r.rid] - start  # the range's filled entries
+            self.kv_pos = r.next[r.rid] + plan.tail_rank
+            self.room = int(((r.limit - r.next) // r.count).min())
+            if plan.masked:
+                self.bits = plan.tail_bit
+        else:
+            self.stride = 1
+            self.tail_len = plan.vnode_kv_len_host[tv].copy()
+            self.kv_pos = start + self.tail_len
+            self.room = int((plan.tail_limit - self.kv_pos).min()) if b else 0
         self.launch = self.tails = self.stack_launch = None
         self.positions = self.values = None
         dev = buffers.dev
         if b and dev is not buffers.host and (dev.device.type == "cuda" or interpreter_enabled()):
             # Per request: next entry, tail vnode, the entry the length counts from (the
-            # length after a step is next entry - it) and the growth per step.
-            if stride is None:
-                base, step = start - 1, np.ones(b, dtype=np.int64)
-            else:
-                base, step = start - stride + rank, stride
-            self.tails = to_device_async(
-                np.concatenate([self.kv_pos, tv, base, step]).astype(np.int32), dev.device)
-            self.launch = grow_tails_launcher(dev, self.tails, buffers.offsets["kv_indices"],
-                                              buffers.offsets["vnode_kv_len"])
+            # length after a step is next entry - it), the growth per step and the mask.
+            step = np.broadcast_to(np.asarray(self.stride, dtype=np.int64), (b,))
+            # The length after a step is tail_len + stride (the same for every request
+            # of a range), read on the device as kv_pos - base.
+            base = self.kv_pos - self.tail_len - step
+            rows = [self.kv_pos, tv, base, step] + ([] if self.bits is None else [self.bits])
+            self.tails = to_device_async(np.concatenate(rows).astype(np.int32), dev.device)
+            self.launch = grow_tails_launcher(
+                dev, self.tails, buffers.offsets["kv_indices"], buffers.offsets["vnode_kv_len"],
+                buffers.offsets["kv_mask"] if self.bits is not None else -1)
         else:
-            self.positions = np.empty(2 * b, dtype=np.int64)
-            self.positions[b:] = buffers.offsets["vnode_kv_len"] + tv
-            self.values = np.empty(2 * b, dtype=np.int64)
+            k = 3 if self.bits is not None else 2
+            self.positions = np.empty(k * b, dtype=np.int64)
+            self.positions[b:2 * b] = buffers.offsets["vnode_kv_len"] + tv
+            self.values = np.empty(k * b, dtype=np.int64)
+            if self.bits is not None:
+                self.values[2 * b:] = self.bits
 
 
 # ----------------------------------------------------------------------------- planning
@@ -1869,8 +1941,9 @@ def build_plan(
     headroom : int
         Extra kv entries reserved after each growable request's tail vnode, so that
         append-only steps can extend it without a re-plan (where several growing
-        requests share a masked vnode's range, ``headroom`` each, interleaved: see
-        :attr:`DecodePlan.tail_rank`). Its phases and vnodes do not depend on it.
+        requests share a masked vnode's range, ``headroom`` per request, filled in the
+        order entries arrive: see :attr:`DecodePlan.tail_rank`). Its phases and vnodes
+        do not depend on it.
     flat : bool
         Skip the cost model: every node is merged into its children (split-Q), so each
         request end node is one group over its whole path, and requests ending at the
@@ -2079,10 +2152,11 @@ def _tails(lay: _Layout, topo: _Topology, tail_req: np.ndarray):
     """Where the growing requests ``tail_req`` (each the only query of its end node)
     grow in ``lay``: ``(requests, group, rank, count, q tile, segment)`` per request
     that can grow: the group whose chain holds its end node (segment ``segment``), its
-    rank among that group's growing requests and their count (the group's room is
-    interleaved: step ``s`` of the request of rank ``k`` at entry ``s x count + k``
-    after the chain), and the q tile of the group that holds its query. Requests whose
-    end node is in no chain (an empty node) cannot grow; None where none can."""
+    rank among that group's growing requests and their count (the group's room after
+    its chain is ``headroom`` x count entries, shared by them; a step of every request
+    fills it in rank order), and the q tile of the group that holds its query.
+    Requests whose end node is in no chain (an empty node) cannot grow; None where none
+    can."""
     seg_of = np.full(topo.n, -1, dtype=np.int64)
     seg_of[lay.seg_node] = np.arange(lay.seg_node.size, dtype=np.int64)
     seg = seg_of[topo.req_end[tail_req]]
@@ -2156,8 +2230,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     seg_start = np.asarray(inp.tok_ptr, dtype=np.int64)[cn]
 
     # KV layout: group g's chain tokens at kv_base[g] .. + length[g], then its headroom:
-    # `headroom` entries per growing request whose end node is in g, interleaved (step s
-    # of the request of rank k among them at s x count + k).
+    # `headroom` entries per growing request whose end node is in g (shared by them,
+    # see _TailRanges).
     grow_g = np.zeros(ng, dtype=np.int64)
     if grown:
         t_req, t_g, t_rank, t_cnt, t_tile, t_seg = tails
@@ -2234,6 +2308,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     tail_limit = tail_vnode.copy()
     tail_rank = np.zeros(b, dtype=np.int64)
     tail_count = np.ones(b, dtype=np.int64)
+    tail_bit = np.full(b, -1, dtype=np.int64)
     if grown:
         # Tail vnode of growable requests: the last chunk of their group, at their q tile.
         v_first = np.empty(ng, dtype=np.int64)
@@ -2242,6 +2317,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         tail_limit[t_req] = kv_base[t_g] + length[t_g] + headroom * t_cnt
         tail_rank[t_req] = t_rank
         tail_count[t_req] = t_cnt
+        if seg_mask is not None:  # the request's own row mask (int32 values)
+            tail_bit[t_req] = seg_mask[t_seg].astype(np.int32)
 
     if buffers is None:
         buffers = PlanBuffers(hq, d, device, vnodes=max(nv, 1), requests=max(b, 1),
@@ -2286,14 +2363,10 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             kv_host[:] = chain_tokens
     if seg_mask is not None:
         # Each segment's entries carry its mask (int32: bit 31 wraps to the sign bit);
-        # headroom entries the mask of their request's end segment, written once here.
+        # headroom entries get theirs when they are filled.
         masks = np.repeat(seg_mask, seg_len).astype(np.int32)
         if grown:
-            mask_host = hv("kv_mask", kv_total)
-            mask_host[dest] = masks
-            room = (kv_base[t_g] + length[t_g] + t_rank)[:, None] + np.outer(
-                t_cnt, np.arange(headroom, dtype=np.int64))
-            mask_host[room.reshape(-1)] = seg_mask[t_seg].astype(np.int32).repeat(headroom)
+            hv("kv_mask", kv_total)[dest] = masks
         else:
             hv("kv_mask", kv_total)[:] = masks
     buffers.upload(kv_total, runs=runs, masks=seg_mask is not None)
@@ -2306,7 +2379,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         kv_split_sizes=tuple(splits), node_assignments=assign.tolist(),
         parallelism=tuple(par), num_vnodes=nv, num_mid_rows=nmid,
         num_kv_entries=kv_total, buffers=buffers, tail_vnode=tail_vnode,
-        tail_limit=tail_limit, tail_rank=tail_rank, tail_count=tail_count,
+        tail_limit=tail_limit, tail_rank=tail_rank, tail_count=tail_count, tail_bit=tail_bit,
         vnode_kv_start_host=v_kv_start.copy(),
         vnode_kv_len_host=v_kv_len.copy(), generation=buffers.generation,
         serial=buffers.serial, direct=bool(single.any()),
