@@ -10,9 +10,8 @@ host time) or a per-token host loop:
 * :func:`grow_tails_launcher`: the append-only step of a cache (every request appends one
   token): the new slot goes to the end of each request's tail vnode (in rank order
   where several requests share the vnode's range, with their row masks) and the
-  vnode's length grows, from
-  device-resident tail positions: one launch, no per-step host-to-device copy besides
-  the slots themselves.
+  vnode's length grows, from device-resident tail positions: one launch, no per-step
+  host-to-device copy besides the slots themselves.
 * :func:`grow_tails_stack_launcher`: the same step when every request's new slot starts
   a fresh page (always so at page size 1): the slots are read from a device mirror of
   the page allocator's free stack, so the step copies nothing from the host.
@@ -129,13 +128,14 @@ def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len
 
 
 def grow_tails_stack_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int,
-                              len_off: int, page_size: int, block: int = 256,
-                              mask_off: int = -1):
+                              len_off: int, page_size: int, mask_off: int = -1,
+                              block: int = 256):
     """:func:`grow_tails_launcher` for a step whose new slots are fresh pages of the page
     allocator, derived on the device: call it with ``(slots, free, top)``, where
     ``free`` (int64) mirrors the allocator's free stack up to ``top``, its top before the
     step's allocation, and ``slots`` (int64 ``[n]``) receives request ``i``'s slot
-    ``free[top - 1 - i] * page_size``. Nothing is copied from the host."""
+    ``free[top - 1 - i] * page_size``. Nothing is copied from the host. ``tails`` and
+    ``mask_off`` as there."""
     n = tails.numel() // (5 if mask_off >= 0 else 4)
     return _KernelLaunch(_grow_tails_stack_kernel, (triton.cdiv(max(n, 1), block),),
                          [buf, None, tails, None, None, n, int(kv_off), int(len_off),

@@ -1300,7 +1300,7 @@ def test_unmasked_phases_switch(monkeypatch):
     assert vnode_table(on) == vnode_table(off)
 
 
-def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
+def test_fused_phase1_off_by_guard(monkeypatch):
     inp = deep_input()
     monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 10 ** 6)
     assert not build(inp, params=None).masked
@@ -1311,7 +1311,7 @@ def test_fused_phase1_off_by_guard_and_headroom(monkeypatch):
     assert not build(inp, params=None).masked
     monkeypatch.setattr(plan_module, "FUSE_MAX_KV_ENTRIES", None)
     assert build(inp, params=None).masked
-    # With growth headroom too (the growing requests' room interleaved in the sets).
+    # With growth headroom too (the growing requests share their sets' room).
     grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
     plan = build(grow, headroom=4, params=None)
     assert plan.masked and (plan.tail_vnode >= 0).all() and plan.tail_count.max() > 1
@@ -1684,8 +1684,8 @@ def test_shared_inline_rule(monkeypatch):
 
 def _masked_growth_input(form, mp):
     """An input whose plan takes a masked form, every leaf request growable, and the
-    build keywords: whole paths inlined, fused phase-1 sets (some sets over several q
-    tiles), long nodes shared beside inlined short ones."""
+    build keywords: whole paths inlined, fused phase-1 sets, long nodes shared beside
+    inlined short ones."""
     if form == "inline":
         inline_settings(mp)
         inp, kw = deep_input(), dict(group=2, hk=1)
@@ -1742,7 +1742,7 @@ def test_masked_plans_grow_in_place(monkeypatch, form, device_step):
     paths = expected_paths(inp)
     nslots = int(inp.seqlen.sum())
     q, k, v = (t.to(plan.device) for t in _qkv(plan, nslots + headroom * len(paths), seed=11))
-    rng = np.random.default_rng(["inline", "fused", "shared"].index(form))
+    rng = np.random.default_rng(len(form))
     nxt = [nslots]
     used = {int(r): 0 for r in grow}
     every = grow.size == len(paths)  # the every-request step needs every request growing

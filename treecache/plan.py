@@ -974,14 +974,7 @@ class DecodePlan:
         range is full."""
         r = self._ranges
         rid = r.rid[entries]
-        order = rid.argsort(kind="stable")
-        rs = rid[order]
-        first = np.ones(rs.size, dtype=bool)
-        first[1:] = rs[1:] != rs[:-1]
-        idx = np.arange(rs.size, dtype=np.int64)
-        k = np.empty(rs.size, dtype=np.int64)
-        k[order] = idx - np.maximum.accumulate(np.where(first, idx, 0))
-        pos = r.next[rid] + k
+        pos = r.next[rid] + _rank_within(rid)
         added = np.bincount(rid, minlength=r.next.size)
         new_next = r.next + added
         if (new_next > r.limit).any():
@@ -2148,6 +2141,18 @@ def _chain_segments(assign: np.ndarray, parent: np.ndarray, group_node: np.ndarr
     return cg[order], cn[order]
 
 
+def _rank_within(keys: np.ndarray) -> np.ndarray:
+    """Each item's rank among the items of ``keys`` with the same key, in their order."""
+    order = keys.argsort(kind="stable")
+    ks = keys[order]
+    first = np.ones(ks.size, dtype=bool)
+    first[1:] = ks[1:] != ks[:-1]
+    idx = np.arange(ks.size, dtype=np.int64)
+    rank = np.empty(ks.size, dtype=np.int64)
+    rank[order] = idx - np.maximum.accumulate(np.where(first, idx, 0))
+    return rank
+
+
 def _tails(lay: _Layout, topo: _Topology, tail_req: np.ndarray):
     """Where the growing requests ``tail_req`` (each the only query of its end node)
     grow in ``lay``: ``(requests, group, rank, count, q tile, segment)`` per request
@@ -2165,13 +2170,7 @@ def _tails(lay: _Layout, topo: _Topology, tail_req: np.ndarray):
     if req.size == 0:
         return None
     g = lay.seg_group[seg]
-    order = g.argsort(kind="stable")  # by group, then request (tail_req is increasing)
-    gs = g[order]
-    first = np.ones(gs.size, dtype=bool)
-    first[1:] = gs[1:] != gs[:-1]
-    idx = np.arange(gs.size, dtype=np.int64)
-    rank = np.empty(gs.size, dtype=np.int64)
-    rank[order] = idx - np.maximum.accumulate(np.where(first, idx, 0))
+    rank = _rank_within(g)  # by request (tail_req is increasing)
     count = np.bincount(g, minlength=lay.ng)[g]
     # Each request's position among its group's rows (it is one of them): the q tile.
     tg_of_req = np.full(topo.req_end.size, -1, dtype=np.int64)
