@@ -451,6 +451,14 @@ def chain(out_path=None):
 KV_TILE_CONFIGS = ([32, 32], [64, 32], [128, 32], [64, 64])
 
 
+def _plan_run(plan, q, k, v):
+    """A plan's decode as a ``(launch, output)`` pair for :func:`_time_pair`: the output
+    poisoned with NaN, then written by one call (which also prepares the launches)."""
+    o = torch.full_like(q, float("nan"))
+    plan.run(q, k, v, o, check=False)
+    return (lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o)
+
+
 def _plans_row(spec, hq, hk, runs, q, k, v, dev) -> dict:
     """One case's row of a sweep over plans: the graph and eager times of each ``(launch,
     output)`` of ``runs`` (:func:`_time_pair`) and the largest relative difference of an
@@ -477,10 +485,7 @@ def _plans_sweep(configs, labels, make_kwargs, out_path, setting=None) -> None:
             with setting(config) if setting else contextlib.nullcontext():
                 meta, _ = fasttree_preparation(nodes, ptrs, q.shape[0], hq, hk, 128,
                                                device=dev, **make_kwargs(config, hq, hk))
-                plan = meta.plan
-                o = torch.full_like(q, float("nan"))
-                plan.run(q, k, v, o, check=False)
-            runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
+                runs.append(_plan_run(meta.plan, q, k, v))
         rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
         g_us, e_us, err = rows[-1]["graph_us"], rows[-1]["eager_us"], rows[-1]["max_rel_diff"]
         print(f"{spec[:34]} {hq}/{hk}: " + "; ".join(
@@ -721,11 +726,8 @@ def plan_space(out_path=None):
     rows = []
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         inp = tree_plan_input(nodes, ptrs, tree_stats(nodes)["num_requests"])
-        runs = []
-        for plan in plan_space_plans(inp, hq, hk, q.shape[-1], dev):
-            o = torch.full_like(q, float("nan"))
-            plan.run(q, k, v, o, check=False)
-            runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
+        runs = [_plan_run(plan, q, k, v)
+                for plan in plan_space_plans(inp, hq, hk, q.shape[-1], dev)]
         rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
         g_us, e_us, err = rows[-1]["graph_us"], rows[-1]["eager_us"], rows[-1]["max_rel_diff"]
         best = min(range(len(labels)), key=lambda i: e_us[i])
@@ -755,13 +757,9 @@ def headroom(out_path=None):
     for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
         inp = tree_plan_input(nodes, ptrs, tree_stats(nodes)["num_requests"])
         grow = attrs.evolve(inp, growable=np.ones(inp.req_end.size, dtype=bool))
-        runs = []
-        for plan_inp, room in ((inp, 0), (grow, 64)):
-            plan = build_plan(plan_inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128,
-                              device=dev, headroom=room)
-            o = torch.full_like(q, float("nan"))
-            plan.run(q, k, v, o, check=False)
-            runs.append((lambda q, k, v, o, plan=plan: plan.run(q, k, v, o, check=False), o))
+        runs = [_plan_run(build_plan(plan_inp, num_qo_heads=hq, num_kv_heads=hk,
+                                     head_dim=q.shape[-1], device=dev, headroom=room), q, k, v)
+                for plan_inp, room in ((inp, 0), (grow, 64))]
         rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
         g_us, e_us, err = rows[-1]["graph_us"], rows[-1]["eager_us"], rows[-1]["max_rel_diff"]
         print(f"{spec[:34]} {hq}/{hk}: no headroom {g_us[0]:.1f}/{e_us[0]:.1f} us, headroom "

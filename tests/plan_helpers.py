@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from treecache.plan import DEFAULT_KV_SPLIT_SIZES, PlanInput
+from treecache.plan import DEFAULT_KV_SPLIT_SIZES, PlanBuffers, PlanInput
 
 # Thresholds of 0 switch off the seed's parallelism adjustment (smaller KV chunks, then
 # one tile shape for both phases), and explicit chunk lengths switch off the choice per
@@ -23,3 +23,13 @@ def plan_input(parent, seqlen, req_end, node_tokens=None, growable=None) -> Plan
         node_tokens=None if node_tokens is None else np.asarray(node_tokens, dtype=np.int32),
         growable=None if growable is None else np.asarray(growable, dtype=bool),
     )
+
+
+def stand_in_buffers(num_qo_heads, head_dim, **caps) -> PlanBuffers:
+    """PlanBuffers whose device copy is a separate CPU tensor (as on a GPU), poisoned
+    with -5; ``caps`` size them (a plan that needs more reallocates them as plain CPU
+    buffers)."""
+    buf = PlanBuffers(num_qo_heads, head_dim, "cpu", **caps)
+    buf.dev = buf.host.clone()
+    buf.dev.fill_(-5)
+    return buf

@@ -3,10 +3,11 @@
 The examples check their own results against a float32 reference (or the cache's
 bookkeeping) and exit non-zero on a mismatch; these tests assert on that exit status
 and on the line each prints when its checks passed. The profiling example (06) only
-times: its test checks that it runs every stage and prints the whole decode's line. On a machine without a GPU they run
-as a user would run them there, on the torch implementation (Triton's interpreter
-would take minutes; the kernels' own tests run it), except the profiling example, which
-times the Triton stages and so runs them in the interpreter on a tiny tree. The two
+times: its test checks that it runs every stage and prints the whole decode's line. On
+a machine without a GPU they run as a user would run them there, on the torch
+implementation (Triton's interpreter would take minutes; the kernels' own tests run
+it), except the profiling example, which times the Triton stages and so runs them in
+the interpreter on a tiny tree. The two
 real-model examples (11 and 12) are left to ``tests/test_hf_integration.py``, which
 covers the same model paths in-process.
 """

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels import Phase, reference_decode
-from plan_helpers import NO_ADJUST, plan_input
+from plan_helpers import NO_ADJUST, plan_input, stand_in_buffers
 from treecache import plan as plan_module
 from treecache.errors import PlanMismatchError, TreeCacheError, UnsupportedConfigError
 from treecache.plan import (
@@ -1702,16 +1702,6 @@ def _masked_growth_input(form, mp):
     return attrs.evolve(inp, growable=leaf[inp.req_end]), dict(kw, params=None)
 
 
-def _stand_in(num_qo_heads, head_dim):
-    """PlanBuffers whose device copy is a separate CPU tensor (as on a GPU), large
-    enough for the plans below (a larger plan would reallocate them as plain CPU ones)."""
-    buf = PlanBuffers(num_qo_heads, head_dim, "cpu", vnodes=1024, requests=1024,
-                      mid_rows=4096, kv_entries=1 << 14, runs=1024)
-    buf.dev = buf.host.clone()
-    buf.dev.fill_(-5)
-    return buf
-
-
 @pytest.mark.parametrize("device_step", [False, True], ids=["host-step", "device-step"])
 @pytest.mark.parametrize("form", ["inline", "fused", "shared"])
 def test_masked_plans_grow_in_place(monkeypatch, form, device_step):
@@ -1730,8 +1720,10 @@ def test_masked_plans_grow_in_place(monkeypatch, form, device_step):
     on_gpu = torch.cuda.is_available() and not interpreter_enabled()
     if device_step and not (on_gpu or interpreter_enabled()):
         pytest.skip("the tail kernel needs a GPU or TRITON_INTERPRET=1")
-    buffers = (_stand_in(ref.num_qo_heads, ref.head_dim) if device_step and not on_gpu
-               else None)
+    # Room for the plans below, so that the stand-in is not reallocated as plain buffers.
+    buffers = (stand_in_buffers(ref.num_qo_heads, ref.head_dim, vnodes=1024, requests=1024,
+                                mid_rows=4096, kv_entries=1 << 14, runs=1024)
+               if device_step and not on_gpu else None)
     device = "cuda" if device_step and on_gpu else "cpu"
     plan = build(inp, headroom=headroom, buffers=buffers, device=device, **kw)
     assert plan.masked and plan.phases == ref.phases

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.backend import interpreter_enabled
-from plan_helpers import NO_ADJUST, plan_input
+from plan_helpers import NO_ADJUST, plan_input, stand_in_buffers
 from kernels.plan_ops import (
     RUN_FIELDS,
     expand_runs,
@@ -18,7 +18,7 @@ from kernels.plan_ops import (
     grow_tails_launcher,
     grow_tails_stack_launcher,
 )
-from treecache.plan import FastTreeParams, PlanBuffers, _expand_ranges, build_plan
+from treecache.plan import FastTreeParams, _expand_ranges, build_plan
 
 needs_triton = pytest.mark.skipif(
     not (interpreter_enabled() or torch.cuda.is_available()),
@@ -160,14 +160,6 @@ def test_grow_tails_from_the_free_stack_matches_copied_slots(page_size):
         top -= b
 
 
-def _stand_in(num_qo_heads, head_dim, **caps):
-    """PlanBuffers whose device copy is a separate CPU tensor (as on a GPU)."""
-    buf = PlanBuffers(num_qo_heads, head_dim, "cpu", **caps)
-    buf.dev = buf.host.clone()
-    buf.dev.fill_(-5)
-    return buf
-
-
 def _contiguous_input():
     return plan_input([-1, 0, 0, 1, 1, -1], [300, 17, 9, 40, 1, 260], [3, 4, 2, 5, 1])
 
@@ -179,7 +171,7 @@ def test_contiguous_plan_expanded_on_the_device_copy():
     inp = _contiguous_input()
     kw = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, params=FastTreeParams(), **NO_ADJUST)
     cpu = build_plan(inp, **kw)
-    sb = _stand_in(4, 16, kv_entries=4 * cpu.num_kv_entries, runs=64)
+    sb = stand_in_buffers(4, 16, kv_entries=4 * cpu.num_kv_entries, runs=64)
     sb.host.fill_(-7)
     plan = build_plan(inp, buffers=sb, **kw)
     assert plan.buffers.dev is not plan.buffers.host  # no reallocation
@@ -190,7 +182,7 @@ def test_contiguous_plan_expanded_on_the_device_copy():
                     ("vnode_slot0", plan.num_vnodes), ("req_mid_rows", plan.num_mid_rows)):
         assert torch.equal(plan.tensors()[name][:m], cpu.tensors()[name][:m]), name
     # A run table larger than the capacity grows the buffers (a new generation).
-    small = _stand_in(4, 16, runs=1)
+    small = stand_in_buffers(4, 16, runs=1)
     grown = build_plan(inp, buffers=small, **kw)
     assert small.cap_runs >= 2 and grown.generation == small.generation
     assert grown.buffers.dev_view("kv_indices", n).tolist() == cpu.tensors()["kv_indices"][:n].tolist()
@@ -209,7 +201,7 @@ def test_every_request_step_on_the_device_copy_matches_the_cpu_plan(leaves):
     kw = dict(num_qo_heads=2, num_kv_heads=1, head_dim=16, params=FastTreeParams(),
               headroom=6, **NO_ADJUST)
     cpu = build_plan(inp, **kw)
-    dev = build_plan(inp, buffers=_stand_in(2, 16), **kw)
+    dev = build_plan(inp, buffers=stand_in_buffers(2, 16), **kw)
     nxt = [sum(seqlen)]
 
     def new(n):
@@ -264,7 +256,7 @@ def test_every_request_step_from_the_free_stack_on_a_device_copy():
     inp = plan_input([-1, 0, 0, 0], [40, 10, 10, 5], [1, 2, 3], growable=[True] * 3)
     kw = dict(num_qo_heads=4, num_kv_heads=2, head_dim=16, params=FastTreeParams(),
               headroom=8, **NO_ADJUST)
-    plans = [build_plan(inp, buffers=_stand_in(4, 16, kv_entries=256), **kw) for _ in range(2)]
+    plans = [build_plan(inp, buffers=stand_in_buffers(4, 16, kv_entries=256), **kw) for _ in range(2)]
     assert all(p.buffers.dev is not p.buffers.host for p in plans)
     free = torch.arange(200, 100, -1, dtype=torch.int64)  # stack: next page is free[top - 1]
     top = 100

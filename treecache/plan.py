@@ -2172,16 +2172,22 @@ def _tails(lay: _Layout, topo: _Topology, tail_req: np.ndarray):
     g = lay.seg_group[seg]
     rank = _rank_within(g)  # by request (tail_req is increasing)
     count = np.bincount(g, minlength=lay.ng)[g]
-    # Each request's position among its group's rows (it is one of them): the q tile.
-    tg_of_req = np.full(topo.req_end.size, -1, dtype=np.int64)
-    tg_of_req[req] = g
-    pos = _expand_ranges(lay.req_start, lay.nreq)
-    rows = lay.pair_req[pos]
-    pg = np.arange(lay.ng, dtype=np.int64).repeat(lay.nreq)
-    hit = (tg_of_req[rows] == pg).nonzero()[0]
-    within = np.empty(topo.req_end.size, dtype=np.int64)
-    within[rows[hit]] = hit - (np.add.accumulate(lay.nreq) - lay.nreq)[pg[hit]]
-    tile = within[req] // lay.q_tile[g]
+    tile = np.zeros(req.size, dtype=np.int64)
+    multi = (lay.nqt[g] > 1).nonzero()[0]
+    if multi.size:
+        # Groups of several q tiles (no layout the planner builds puts a growing request
+        # in one today): each request's position among its group's rows gives its tile.
+        sel = np.unique(g[multi])
+        tg_of_req = np.full(topo.req_end.size, -1, dtype=np.int64)
+        tg_of_req[req[multi]] = g[multi]
+        pos = _expand_ranges(lay.req_start[sel], lay.nreq[sel])
+        rows = lay.pair_req[pos]
+        pg = sel.repeat(lay.nreq[sel])
+        hit = (tg_of_req[rows] == pg).nonzero()[0]
+        first = np.add.accumulate(lay.nreq[sel]) - lay.nreq[sel]
+        within = np.empty(topo.req_end.size, dtype=np.int64)
+        within[rows[hit]] = hit - first[np.searchsorted(sel, pg[hit])]
+        tile[multi] = within[req[multi]] // lay.q_tile[g[multi]]
     return req, g, rank, count, tile, seg
 
 
