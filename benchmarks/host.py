@@ -9,7 +9,9 @@
   which also grows the plan's tail vnodes in place) - no re-plan; on CUDA also the same
   step with its slots copied from the host instead of derived on the device
   (``treecache.cache.DEVICE_STEP_SLOTS``), alternating three times;
-* a TreeKVCache re-plan after a topology change (``prepare`` after a fork and a prune).
+* a TreeKVCache re-plan after a topology change (``prepare`` after a fork and a prune);
+  on CUDA also with its kv entries written on the host instead of expanded on the
+  device (``treecache.plan.DEVICE_EXPAND``), alternating three times.
 
 Times are host wall-clock medians (``time.perf_counter``), in microseconds.
 """
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 import treecache.cache as cache_mod
+import treecache.plan as plan_mod
 from treecache import FastTreeParams, TreeKVCache, fasttree_preparation, kv_ptrs
 from treecache.fasttree import tree_plan_input
 from treecache.plan import build_plan
@@ -141,6 +144,16 @@ def main(argv=None):
         cache.prepare()
 
     res["replan_us"] = _median_us(topo_change, 5)
+    if ab_rounds:
+        # A/B in one run, alternating: the re-plan's kv entries written on the host
+        # (before v25) against expanded on the device from its run table.
+        ab = {"host": [], "device": []}
+        for _ in range(ab_rounds):
+            for mode in ab:
+                with _patched("DEVICE_EXPAND", mode == "device", plan_mod):
+                    ab[mode].append(_median_us(topo_change, 5))
+        res["replan_host_expanded_us"] = ab["host"]
+        res["replan_device_expanded_us"] = ab["device"]
     if ab_rounds:
         # A/B in one run, alternating: slots copied from the host (before v14) against
         # derived on the device. After the re-plan, whose time grows with the tokens

@@ -6,7 +6,9 @@ host time) or a per-token host loop:
 
 * :func:`expand_runs`: ``kv_indices`` of a plan whose slots are runs ``start + [0, len)``
   (a contiguous plan), expanded from a table of runs that was copied to the device with
-  the rest of the plan: one launch, the host's work stays O(runs).
+  the rest of the plan: one launch, the host's work stays O(runs). With a slot table
+  (a cache's plan) the runs are ranges of that table, gathered on the device, and the
+  entries' row masks of a masked plan are written there too.
 * :func:`grow_tails_launcher`: the append-only step of a cache (every request appends one
   token): the new slot goes to the end of each request's tail vnode (in rank order
   where several requests share the vnode's range, with their row masks) and the
@@ -32,9 +34,10 @@ from .tree_decode import _KernelLaunch
 __all__ = ["RUN_FIELDS", "expand_runs", "expand_runs_launcher", "grow_tails_launcher",
            "grow_tails_stack_launcher"]
 
-#: A run table is ``[count, start_0, dst_0, len_0, start_1, dst_1, len_1, ...]`` (int32):
-#: entries ``dst_i + [0, len_i)`` of ``kv_indices`` get ``start_i + [0, len_i)``.
-RUN_FIELDS = 3
+#: A run table is ``[count, start_0, dst_0, len_0, mask_0, start_1, ...]`` (int32): entries
+#: ``dst_i + [0, len_i)`` of ``kv_indices`` get ``start_i + [0, len_i)``, or with a slot
+#: table ``table[start_i + [0, len_i)]``; with masks their row masks get ``mask_i``.
+RUN_FIELDS = 4
 #: Programs of an expansion on CUDA (a multiple of the SM count is not needed: each
 #: program walks runs ``pid, pid + G, ...``).
 EXPAND_PROGRAMS = 512
@@ -42,18 +45,27 @@ EXPAND_BLOCK = 256
 
 
 @triton.jit
-def _expand_runs_kernel(buf, runs_off, kv_off, BLOCK: tl.constexpr):
+def _expand_runs_kernel(buf, runs_off, kv_off, src_off, mask_off, GATHER: tl.constexpr,
+                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     count = tl.load(buf + runs_off)
     for i in range(pid, count, nprog):
-        rec = buf + runs_off + 1 + i * 3
+        rec = buf + runs_off + 1 + i * 4
         start = tl.load(rec)
         dst = tl.load(rec + 1)
         length = tl.load(rec + 2)
         for j0 in range(0, length, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
-            tl.store(buf + kv_off + dst + j, start + j, mask=j < length)
+            m = j < length
+            if GATHER:
+                val = tl.load(buf + src_off + start + j, mask=m)
+            else:
+                val = start + j
+            tl.store(buf + kv_off + dst + j, val, mask=m)
+            if HAS_MASK:
+                bits = tl.load(rec + 3) + tl.zeros([BLOCK], dtype=tl.int32)
+                tl.store(buf + mask_off + dst + j, bits, mask=m)
 
 
 @triton.jit
@@ -91,20 +103,30 @@ def _grow_tails_stack_kernel(buf, slots, tails, free, top, n, kv_off, len_off, m
     _grow_tail_entries(buf, slot, tails, i, m, n, kv_off, len_off, mask_off, HAS_MASK)
 
 
-def expand_runs_launcher(buf: torch.Tensor, runs_off: int, kv_off: int):
+def expand_runs_launcher(buf: torch.Tensor, runs_off: int, kv_off: int, src_off: int = -1,
+                         mask_off: int = -1):
     """A prepared expansion for ``buf`` (int32, CUDA): call it with ``buf`` itself. It
     reads the run table at ``buf[runs_off:]`` (see :data:`RUN_FIELDS`) and writes
-    ``buf[kv_off + dst_i + j] = start_i + j``; the table's count is read on the device,
-    so one launcher serves every plan written into these buffers."""
-    return _KernelLaunch(_expand_runs_kernel, (EXPAND_PROGRAMS,), [buf, int(runs_off), int(kv_off)],
-                         {"BLOCK": EXPAND_BLOCK}, slots=(0,))
+    ``buf[kv_off + dst_i + j] = start_i + j``, or ``buf[src_off + start_i + j]`` with
+    ``src_off >= 0`` (a slot table in the same buffer); with ``mask_off >= 0`` also
+    ``buf[mask_off + dst_i + j] = mask_i``. The table's count is read on the device, so
+    one launcher serves every plan written into these buffers."""
+    return _KernelLaunch(_expand_runs_kernel, (EXPAND_PROGRAMS,),
+                         [buf, int(runs_off), int(kv_off), max(int(src_off), 0),
+                          max(int(mask_off), 0)],
+                         {"GATHER": src_off >= 0, "HAS_MASK": mask_off >= 0,
+                          "BLOCK": EXPAND_BLOCK}, slots=(0,))
 
 
-def expand_runs(buf: torch.Tensor, runs_off: int, kv_off: int, count: int) -> None:
+def expand_runs(buf: torch.Tensor, runs_off: int, kv_off: int, count: int, src_off: int = -1,
+                mask_off: int = -1) -> None:
     """One expansion through the JIT (any device Triton runs on, the interpreter
-    included); ``count`` (the table's first entry) only sizes the grid."""
+    included); ``count`` (the table's first entry) only sizes the grid; ``src_off`` and
+    ``mask_off`` as for :func:`expand_runs_launcher`."""
     grid = (max(1, min(EXPAND_PROGRAMS, int(count))),)
-    _expand_runs_kernel[grid](buf, int(runs_off), int(kv_off), BLOCK=EXPAND_BLOCK)
+    _expand_runs_kernel[grid](buf, int(runs_off), int(kv_off), max(int(src_off), 0),
+                              max(int(mask_off), 0), GATHER=src_off >= 0,
+                              HAS_MASK=mask_off >= 0, BLOCK=EXPAND_BLOCK)
 
 
 def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len_off: int,

@@ -113,17 +113,20 @@ def check_plan(plan: DecodePlan, inp: PlanInput, group: int) -> None:
     for r in range(b):
         mine = req_rows[starts[r]:starts[r] + lens[r]]
         assert sorted(mine) == [j for j in range(nm) if mid_q_rows[j] == r]
-    # The device tensors hold what the host staging buffer holds (kv entries: except
-    # where a GPU plan expanded them on the device; plan_slots checks those).
+    # The device tensors hold what the host staging buffer holds (kv entries and masks:
+    # except where a GPU plan expanded them on the device; plan_slots checks those).
     names = [("vnode_kv_start", nv), ("vnode_kv_len", nv), ("vnode_q_start", nv),
              ("vnode_q_len", nv), ("vnode_slot0", nv), ("mid_q_rows", nm), ("req_mid_rows", nm),
              ("req_mid_start", b), ("req_mid_len", b)]
-    if plan.buffers.dev is plan.buffers.host or inp.node_tokens is not None:
+    on_host = plan.buffers.dev is plan.buffers.host or not plan_module.DEVICE_EXPAND
+    if on_host and (plan.buffers.dev is plan.buffers.host or inp.node_tokens is not None
+                    or (plan.tail_limit >= 0).any()):
         names.append(("kv_indices", plan.num_kv_entries))
     if plan.masked:
-        names.append(("kv_mask", plan.num_kv_entries))
+        if on_host:
+            names.append(("kv_mask", plan.num_kv_entries))
         # A phase marked unmasked has no masks on its entries (its launches skip them).
-        mask = host(plan, "kv_mask", plan.num_kv_entries)
+        mask = plan.buffers.dev_view("kv_mask", plan.num_kv_entries).cpu().tolist()
         for ph in plan.phases:
             if not ph.masked:
                 for ks, kl, _, _ in table[ph.vnode_offset:ph.vnode_offset + ph.num_vnodes]:
@@ -1700,6 +1703,58 @@ def _masked_growth_input(form, mp):
     leaf = np.ones(inp.parent.size, dtype=bool)
     leaf[inp.parent[inp.parent >= 0]] = False
     return attrs.evolve(inp, growable=leaf[inp.req_end]), dict(kw, params=None)
+
+
+def _shuffled_runs(n: int, rng) -> np.ndarray:
+    """A slot table of ``n`` entries: runs of consecutive slots in random order."""
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(n - 1, max(1, n // 20)), replace=False))
+    blocks = np.split(np.arange(n), cuts)
+    return np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["seed-layout", "slot-table"])
+@pytest.mark.parametrize("headroom", [0, 3])
+@pytest.mark.parametrize("form", ["cost-model", "inline", "fused", "shared"])
+def test_plans_expanded_on_a_device_copy_match_the_cpu_plans(monkeypatch, form, headroom, table):
+    # With a separate device copy of the buffers (a CPU tensor stands in for a GPU
+    # buffer), a plan's kv entries and row masks are expanded there from its run table
+    # (ranges of the slot table, each group's chain placed before its headroom): on
+    # every entry a vnode reads they equal the CPU plan's, the other arrays are the
+    # same, and the staging buffer's kv and mask regions stay as they were (poisoned).
+    if form == "cost-model":
+        monkeypatch.setattr(plan_module, "INLINE", False)
+        monkeypatch.setattr(plan_module, "SHARED_INLINE", 0)
+        monkeypatch.setattr(plan_module, "FUSE_PHASE1", False)
+        inp = deep_input()
+        leaf = np.ones(inp.parent.size, dtype=bool)
+        leaf[inp.parent[inp.parent >= 0]] = False
+        inp, kw = attrs.evolve(inp, growable=leaf[inp.req_end]), dict(group=2, hk=2)
+    else:
+        inp, kw = _masked_growth_input(form, monkeypatch)
+    if table:
+        rng = np.random.default_rng(len(form) + headroom)
+        inp = attrs.evolve(inp, node_tokens=_shuffled_runs(int(inp.seqlen.sum()), rng))
+    cpu = build(inp, headroom=headroom, **kw)
+    assert cpu.masked == (form != "cost-model")
+    assert (cpu.tail_vnode >= 0).any() == (headroom > 0)
+    sb = stand_in_buffers(kw["group"] * kw["hk"], 16, vnodes=1024, requests=1024,
+                          mid_rows=4096, kv_entries=1 << 14, runs=1024, slots=1 << 14)
+    sb.host.fill_(-7)
+    dev = build(inp, headroom=headroom, buffers=sb, **kw)
+    assert dev.buffers.dev is not dev.buffers.host  # not reallocated
+    n = cpu.num_kv_entries
+    assert dev.num_kv_entries == n and dev.num_vnodes == cpu.num_vnodes
+    live = np.zeros(n, dtype=bool)
+    for s, ln in zip(cpu.vnode_kv_start_host, cpu.vnode_kv_len_host):
+        live[s:s + ln] = True
+    names = ["kv_indices"] + (["kv_mask"] if cpu.masked else [])
+    for name in names:
+        want = cpu.buffers.dev_view(name, n).numpy()[live]
+        assert np.array_equal(dev.buffers.dev_view(name, n).numpy()[live], want), name
+        assert (dev.buffers.host_view(name, n) == -7).all(), name
+    for name, m in (("vnode_kv_start", cpu.num_vnodes), ("vnode_kv_len", cpu.num_vnodes),
+                    ("vnode_slot0", cpu.num_vnodes), ("mid_q_rows", cpu.num_mid_rows)):
+        assert torch.equal(dev.tensors()[name][:m], cpu.tensors()[name][:m]), name
 
 
 @pytest.mark.parametrize("device_step", [False, True], ids=["host-step", "device-step"])

@@ -29,41 +29,69 @@ def _device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _run_table(buf, runs_off, starts, lens):
-    dst = np.cumsum(lens) - lens
-    table = np.stack([starts, dst, lens], 1).reshape(-1).astype(np.int32)
+def _run_table(buf, runs_off, starts, lens, dst=None, bits=None):
+    dst = np.cumsum(lens) - lens if dst is None else dst
+    bits = np.zeros_like(lens) if bits is None else bits
+    table = np.stack([starts, dst, lens, bits], 1).reshape(-1).astype(np.int32)
     buf[runs_off] = starts.size
     buf[runs_off + 1:runs_off + 1 + table.size] = torch.from_numpy(table).to(buf.device)
 
 
 @needs_triton
+@pytest.mark.parametrize("gather", [False, True], ids=["slots", "table"])
 @pytest.mark.parametrize("seed", range(4))
-def test_expand_runs_matches_host_expansion(seed):
+def test_expand_runs_matches_host_expansion(seed, gather):
     # Random runs (some empty, some longer than a block), poisoned buffer: the kv region
     # gets the host expansion, nothing outside it changes; the prepared launcher and
-    # the JIT call agree.
+    # the JIT call agree. With a slot table ("table") the runs are ranges of it, placed
+    # with gaps between them, each with its row mask (bit 31 set on some).
     rng = np.random.default_rng(seed)
     dev = _device()
     n = int(rng.integers(1, 50))
-    starts = rng.integers(0, 1 << 24, size=n)
     lens = rng.integers(0, 600, size=n)
     lens[rng.integers(0, n)] = 0
-    want = _expand_ranges(starts, lens)
+    if gather:
+        table = rng.integers(-(1 << 30), 1 << 30, size=int(lens.sum()) + 50)
+        starts = rng.integers(0, table.size - lens + 1)
+        gaps = rng.integers(0, 9, size=n)
+        dst = np.cumsum(lens + gaps) - lens
+        bits = rng.integers(-(1 << 31), 1 << 31, size=n)
+        size = int(dst[-1] + lens[-1])
+        want = np.full(size, -3)
+        want_mask = np.full(size, -3)
+        for s, d, ln, m in zip(starts, dst, lens, bits):
+            want[d:d + ln] = table[s:s + ln]
+            want_mask[d:d + ln] = m
+    else:
+        starts = rng.integers(0, 1 << 24, size=n)
+        dst = bits = None
+        want = _expand_ranges(starts, lens)
+        size = want.size
     runs_off, kv_off = 7, 8 + RUN_FIELDS * n
-    buf = torch.full((kv_off + want.size + 9,), -3, dtype=torch.int32, device=dev)
-    _run_table(buf, runs_off, starts, lens)
+    mask_off = kv_off + size + 9 if gather else -1
+    src_off = mask_off + size + 4 if gather else -1
+    end = src_off + table.size + 3 if gather else kv_off + size + 9
+    buf = torch.full((end,), -3, dtype=torch.int32, device=dev)
+    _run_table(buf, runs_off, starts, lens, dst, bits)
+    if gather:
+        buf[src_off:src_off + table.size] = torch.from_numpy(table.astype(np.int32)).to(dev)
     before = buf.clone()
-    launcher = expand_runs_launcher(buf, runs_off, kv_off)
+    launcher = expand_runs_launcher(buf, runs_off, kv_off, src_off, mask_off)
     for call in ("jit", "launcher", "launcher"):  # the launcher's first and later calls
-        buf[kv_off:] = -3
+        buf.copy_(before)
         if call == "jit":
-            expand_runs(buf, runs_off, kv_off, n)
+            expand_runs(buf, runs_off, kv_off, n, src_off, mask_off)
         else:
             launcher(buf)
-        got = buf.cpu()
-        assert np.array_equal(got[kv_off:kv_off + want.size].numpy(), want)
-        assert (got[kv_off + want.size:] == -3).all()
-        assert torch.equal(got[:kv_off], before[:kv_off].cpu())
+        got = buf.cpu().numpy()
+        assert np.array_equal(got[kv_off:kv_off + size], want)
+        assert np.array_equal(got[:kv_off], before[:kv_off].cpu().numpy())
+        rest = np.ones(got.size, dtype=bool)
+        rest[:kv_off + size] = False
+        if gather:
+            assert np.array_equal(got[mask_off:mask_off + size], want_mask)
+            rest[mask_off:mask_off + size] = False
+        assert np.array_equal(got[rest], before.cpu().numpy()[rest])
 
 
 @needs_triton

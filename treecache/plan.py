@@ -221,6 +221,11 @@ CHUNK_TAIL_ABSORB = 0.1
 #: 1.006x slower on the geomean (v22 sweep above), ``spec 16x2048 + 3-2-2 drafts``
 #: 32/32 1.35x, where 2,049-token chains became three of 683 instead of 1024 + 1024 + 1.
 BALANCE_CHUNKS = False
+#: On a GPU, expand every plan's kv entries (and row masks) on the device from its
+#: table of segment runs, with a cache's slot table copied as it is (see
+#: :meth:`PlanBuffers.upload`). False: only contiguous plans without headroom are
+#: expanded there; the others write every entry on the host (before v25).
+DEVICE_EXPAND = True
 
 
 def _default_tsqs() -> list[int]:
@@ -365,11 +370,13 @@ class PlanBuffers:
 
     All int32 index arrays live in one device tensor at fixed offsets, filled from one
     host staging tensor with a single copy; ``mid_o``/``mid_lse`` are float32 buffers.
-    A GPU plan over contiguous node runs (no slot table, no growth headroom) expands its
-    ``kv_indices`` on the device from a table of runs that travels in the same copy
-    (one kernel, :func:`kernels.plan_ops.expand_runs`), so the staging tensor's kv
-    region does not hold them; the append-only step of a cache also writes the device
-    buffer alone. On a GPU read plans through the device tensors (:meth:`dev_view`).
+    A GPU plan expands its ``kv_indices`` (and the row masks of a masked plan) on the
+    device from a table of runs that travels in the same copy (one kernel,
+    :func:`kernels.plan_ops.expand_runs`): over contiguous node runs the runs are the
+    slots themselves; with a slot table (a cache's plan) they are ranges of that
+    table, which is copied as it is (:meth:`slot_table`). The staging tensor's kv
+    region then does not hold them; the append-only step of a cache also writes the
+    device buffer alone. On a GPU read plans through the device tensors (:meth:`dev_view`).
     Capacities grow (doubling) when a plan needs more; :attr:`generation` counts the
     reallocations, so a captured CUDA graph is valid while it stays the same.
     """
@@ -379,7 +386,7 @@ class PlanBuffers:
 
     def __init__(self, num_qo_heads: int, head_dim: int, device: torch.device | str,
                  *, vnodes: int = 256, requests: int = 64, mid_rows: int = 1024,
-                 kv_entries: int = 4096, runs: int = 256):
+                 kv_entries: int = 4096, runs: int = 256, slots: int = 0):
         self.num_qo_heads = int(num_qo_heads)
         self.head_dim = int(head_dim)
         self.device = normalize_device(device)
@@ -388,14 +395,15 @@ class PlanBuffers:
         #: its own serial is the latest.
         self.serial = 0
         self._uploaded = None  # event after the last staging-buffer upload
-        self._alloc(vnodes, requests, mid_rows, kv_entries, runs)
+        self._alloc(vnodes, requests, mid_rows, kv_entries, runs, slots)
 
-    def _alloc(self, vnodes, requests, mid_rows, kv_entries, runs) -> None:
+    def _alloc(self, vnodes, requests, mid_rows, kv_entries, runs, slots) -> None:
         self.cap_vnodes = int(vnodes)
         self.cap_requests = int(requests)
         self.cap_mid_rows = int(mid_rows)
         self.cap_kv = int(kv_entries)
         self.cap_runs = int(runs)
+        self.cap_slots = int(slots)
         caps = {
             "vnode_kv_start": self.cap_vnodes, "vnode_kv_len": self.cap_vnodes,
             "vnode_q_start": self.cap_vnodes, "vnode_q_len": self.cap_vnodes,
@@ -412,8 +420,11 @@ class PlanBuffers:
         self.offsets["kv_indices"] = off
         # Row masks of a masked plan's kv entries (DecodePlan.masked), one per entry.
         self.offsets["kv_mask"] = off + self.cap_kv
-        self.caps = dict(caps, kv_indices=self.cap_kv, kv_mask=self.cap_kv)
-        total = off + 2 * self.cap_kv
+        # The slot table of a plan whose runs are gathered on the device (a cache's).
+        self.offsets["slots"] = off + 2 * self.cap_kv
+        self.caps = dict(caps, kv_indices=self.cap_kv, kv_mask=self.cap_kv,
+                         slots=self.cap_slots)
+        total = off + 2 * self.cap_kv + self.cap_slots
         pin = self.device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int32, device="cpu", pin_memory=pin)
         self.host_np = self.host.numpy()
@@ -424,26 +435,26 @@ class PlanBuffers:
                                  dtype=torch.float32, device=self.device)
         self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
                                    dtype=torch.float32, device=self.device)
-        self._expand = None  # prepared run expansion (CUDA), made at the first use
+        self._expand = {}  # prepared run expansions (CUDA) by (gather, masks)
         self.generation += 1
 
     def ensure(self, vnodes: int, requests: int, mid_rows: int, kv_entries: int,
-               runs: int = 0) -> None:
+               runs: int = 0, slots: int = 0) -> None:
         """Grow (to at least double) any capacity that is too small."""
         need = (vnodes > self.cap_vnodes or requests > self.cap_requests
                 or mid_rows > self.cap_mid_rows or kv_entries > self.cap_kv
-                or runs > self.cap_runs)
+                or runs > self.cap_runs or slots > self.cap_slots)
         if not need:
             return
 
         def grow(cap, want):
             return cap if want <= cap else max(want, 2 * cap)
 
-        logger.debug("plan buffers grow: vnodes %d, requests %d, mid rows %d, kv %d, runs %d",
-                     vnodes, requests, mid_rows, kv_entries, runs)
+        logger.debug("plan buffers grow: vnodes %d, requests %d, mid rows %d, kv %d, runs %d, "
+                     "slots %d", vnodes, requests, mid_rows, kv_entries, runs, slots)
         self._alloc(grow(self.cap_vnodes, vnodes), grow(self.cap_requests, requests),
                     grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries),
-                    grow(self.cap_runs, runs))
+                    grow(self.cap_runs, runs), grow(self.cap_slots, slots))
 
     def scratch(self, n: int, which: int = 0) -> np.ndarray:
         """A reusable int64 host work array of length ``n`` (two independent ones)."""
@@ -496,50 +507,88 @@ class PlanBuffers:
             self.dev.index_copy_(0, packed[n:n + m], packed[n + m:].view(torch.int32)[:m])
         return None if prefix is None else packed[:n]
 
-    def upload(self, kv_used: int, runs: tuple[np.ndarray, np.ndarray] | None = None,
-               masks: bool = False) -> None:
+    def upload(self, kv_used: int, runs: tuple | None = None, masks: bool = False,
+               slots: int = 0) -> None:
         """Copy the small regions and the first ``kv_used`` kv entries to the device
         (``masks``: their row masks too).
 
-        ``runs=(starts, lens)``: the kv entries are the runs ``arange(s, s + l)`` one after
-        the other, expanded where the device buffer lives: in the staging buffer on the
-        CPU; otherwise their table (at most :attr:`cap_runs` runs, see :meth:`ensure`)
-        travels in the same copy as the small regions and one kernel expands it on the
-        device (the host's work is O(runs), not O(entries); the staging buffer's kv
-        region then does not hold them).
+        ``runs=(starts, lens)`` or ``(starts, lens, dst, bits)``: the kv entries are
+        expanded from a table of runs instead: entries ``dst_i + [0, lens_i)`` (``dst``
+        None: the runs one after the other) get ``starts_i + [0, lens_i)``, or with
+        ``slots`` > 0 the entries ``starts_i + [0, lens_i)`` of the slot table (its first
+        ``slots`` entries, written through :meth:`slot_table`), and with ``masks`` the
+        row mask ``bits_i`` (int32). They are expanded where the device buffer lives: in
+        the staging buffer on the CPU; otherwise the run table (at most
+        :attr:`cap_runs` runs, see :meth:`ensure`) travels in the same copy as the small
+        regions and one kernel expands it on the device (the host's work is O(runs)
+        plus the slot table's copy, not O(entries); the staging buffer's kv and mask
+        regions then do not hold them).
         """
+        if runs is not None:
+            starts, lens = runs[0], runs[1]
+            dst, bits = (runs[2], runs[3]) if len(runs) > 2 else (None, None)
+            if masks and bits is None:
+                raise ValueError("upload(masks=True, runs=...) needs each run's mask (bits)")
         if self.dev is self.host:
             if runs is not None:
-                _expand_ranges(*runs, out=self.host_view("kv_indices", kv_used))
+                _expand_run_table(self.host_view("kv_indices", kv_used),
+                                  self.host_view("kv_mask", kv_used) if masks else None,
+                                  starts, lens, dst, bits,
+                                  self.host_view("slots", slots) if slots else None)
             return
         if runs is None:
             end = self.offsets["kv_indices"] + kv_used
         else:
-            end = self._stage_runs(*runs)
+            end = self._stage_runs(starts, lens, dst, bits if masks else None)
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        if masks and kv_used:
+        if runs is None and masks and kv_used:
             m0 = self.offsets["kv_mask"]
             self.dev[m0:m0 + kv_used].copy_(self.host[m0:m0 + kv_used], non_blocking=True)
+        if runs is not None and slots:
+            s0 = self.offsets["slots"]
+            self.dev[s0:s0 + slots].copy_(self.host[s0:s0 + slots], non_blocking=True)
         if self.device.type == "cuda":
             if self._uploaded is None:
                 self._uploaded = torch.cuda.Event()
             self._uploaded.record()
         if runs is None or kv_used == 0:
             return
+        src_off = self.offsets["slots"] if slots else -1
+        mask_off = self.offsets["kv_mask"] if masks else -1
         if self.device.type == "cuda":
-            if self._expand is None:
-                self._expand = expand_runs_launcher(self.dev, self.offsets["runs"],
-                                                    self.offsets["kv_indices"])
-            self._expand(self.dev)
+            key = (src_off >= 0, mask_off >= 0)
+            if key not in self._expand:
+                self._expand[key] = expand_runs_launcher(
+                    self.dev, self.offsets["runs"], self.offsets["kv_indices"], src_off, mask_off)
+            self._expand[key](self.dev)
         elif interpreter_enabled():
             expand_runs(self.dev, self.offsets["runs"], self.offsets["kv_indices"],
-                        int(np.size(runs[0])))
-        else:  # a device Triton does not run on
-            _expand_ranges_device(*runs, self.dev_view("kv_indices", kv_used))
+                        int(np.size(starts)), src_off, mask_off)
+        elif dst is None and not slots and not masks:
+            _expand_ranges_device(starts, lens, self.dev_view("kv_indices", kv_used))
+        else:  # a device Triton does not run on: expanded on the host, then copied
+            views = [self.dev_view("kv_indices", kv_used)]
+            if masks:
+                views.append(self.dev_view("kv_mask", kv_used))
+            arrays = [v.cpu().numpy().copy() for v in views]
+            _expand_run_table(arrays[0], arrays[1] if masks else None, starts, lens, dst, bits,
+                              self.host_view("slots", slots) if slots else None)
+            for v, a in zip(views, arrays):
+                v.copy_(torch.from_numpy(a))
 
-    def _stage_runs(self, starts: np.ndarray, lens: np.ndarray) -> int:
-        """Write the run table of ``(starts, lens)`` into the staging buffer (after the
-        small regions); returns the end of what must be copied."""
+    def slot_table(self, n: int) -> np.ndarray:
+        """The staging buffer's slot table (int32, first ``n`` entries): a plan whose
+        runs are ranges of a slot table writes it here before :meth:`upload`."""
+        if n > self.cap_slots:
+            raise PlanMismatchError(
+                f"a slot table of {n} entries does not fit the buffers ({self.cap_slots}); "
+                "call ensure(..., slots=n) before writing the plan")
+        return self.host_view("slots", n)
+
+    def _stage_runs(self, starts: np.ndarray, lens: np.ndarray, dst: np.ndarray | None = None,
+                    bits: np.ndarray | None = None) -> int:
+        """Write the run table of ``(starts, lens, dst, bits)`` into the staging buffer
+        (after the small regions); returns the end of what must be copied."""
         n = int(np.size(starts))
         if n > self.cap_runs:
             raise PlanMismatchError(
@@ -549,9 +598,13 @@ class PlanBuffers:
         table = self.host_np[off + 1:off + 1 + RUN_FIELDS * n].reshape(n, RUN_FIELDS)
         self.host_np[off] = n
         table[:, 0] = starts
-        np.cumsum(lens, out=table[:, 1])
-        table[:, 1] -= lens
+        if dst is None:
+            np.cumsum(lens, out=table[:, 1])
+            table[:, 1] -= lens
+        else:
+            table[:, 1] = dst
         table[:, 2] = lens
+        table[:, 3] = 0 if bits is None else np.asarray(bits).astype(np.int32)
         return off + 1 + RUN_FIELDS * n
 
     def host_writable(self) -> None:
@@ -1849,6 +1902,25 @@ def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarr
     return np.split(toks, np.cumsum(per_req)[:-1])
 
 
+def _expand_run_table(kv: np.ndarray, mask: np.ndarray | None, starts, lens, dst, bits,
+                      table: np.ndarray | None) -> None:
+    """A run table's expansion on the host (see :meth:`PlanBuffers.upload`): entries
+    ``dst_i + [0, lens_i)`` of ``kv`` (``dst`` None: the runs one after the other) get
+    ``starts_i + [0, lens_i)``, or those entries of ``table``; of ``mask``, ``bits_i``."""
+    lens = np.asarray(lens, dtype=np.int64)
+    starts = np.asarray(starts, dtype=np.int64)
+    total = int(lens.sum())
+    if dst is None and table is None:  # the runs themselves, one after the other
+        _expand_ranges(starts, lens, out=kv[:total])
+        where = slice(0, total)
+    else:
+        pos = _expand_ranges(starts, lens)
+        where = slice(0, total) if dst is None else _expand_ranges(np.asarray(dst, np.int64), lens)
+        kv[where] = pos if table is None else table[pos]
+    if mask is not None:
+        mask[where] = np.repeat(np.asarray(bits).astype(np.int32), lens)
+
+
 def _expand_ranges_device(starts: np.ndarray, lens: np.ndarray, out: torch.Tensor) -> None:
     """:func:`_expand_ranges` into a tensor ``out`` (length ``lens.sum()``, any integer
     dtype, on any device), computed where ``out`` lives: only the ``(start, length)``
@@ -2325,10 +2397,13 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         if seg_mask is not None:  # the request's own row mask (int32 values)
             tail_bit[t_req] = seg_mask[t_seg].astype(np.int32)
 
+    table = inp.node_tokens
+    n_table = 0 if table is None else int(np.size(table))
     if buffers is None:
         buffers = PlanBuffers(hq, d, device, vnodes=max(nv, 1), requests=max(b, 1),
                               mid_rows=max(nmid, 1), kv_entries=max(kv_total, 1),
-                              runs=max(seg_len.size, 1))
+                              runs=max(seg_len.size, 1),
+                              slots=n_table if normalize_device(device).type != "cpu" else 0)
     else:
         if (buffers.num_qo_heads, buffers.head_dim) != (hq, d):
             raise PlanMismatchError(
@@ -2337,7 +2412,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         if buffers.device != normalize_device(device):
             raise PlanMismatchError(
                 f"buffers are on {buffers.device}, the plan was asked for {device}")
-        buffers.ensure(nv, b, nmid, kv_total, runs=seg_len.size)
+        buffers.ensure(nv, b, nmid, kv_total, runs=seg_len.size,
+                       slots=n_table if buffers.dev is not buffers.host else 0)
     buffers.host_writable()
     hv = buffers.host_view
     hv("vnode_kv_start", nv)[:] = v_kv_start
@@ -2349,32 +2425,43 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     hv("req_mid_rows", nmid)[:] = req_order
     hv("req_mid_start", b)[:] = req_start
     hv("req_mid_len", b)[:] = req_cnt
-    runs = dest = None
-    if grown:
-        # Destination of every chain token: its group's base plus its chain offset.
-        dest = _expand_ranges(kv_base, length, out=buffers.scratch(int(length.sum()), 1))
-    if not grown and inp.node_tokens is None:
-        # Contiguous layout, no headroom gaps: the positions are the slots; the buffers
-        # expand the runs where their device copy lives (see PlanBuffers.upload).
-        runs = (seg_start, seg_len)
+    # The kv entries are the segments' token runs, each group's chain followed by its
+    # headroom; each segment's entries carry its row mask (int32: bit 31 wraps to the
+    # sign bit), headroom entries get theirs when they are filled.
+    runs, n_sent = None, 0
+    if buffers.dev is not buffers.host and DEVICE_EXPAND:
+        # Expanded on the device from the run table (see PlanBuffers.upload): the host's
+        # work is O(segments) plus the slot table's copy, not O(kv entries).
+        dst = None
+        if grown:
+            dst = (np.add.accumulate(seg_len) - seg_len
+                   + (np.add.accumulate(grow_g) - grow_g)[cg])
+        runs = (seg_start, seg_len, dst, seg_mask)
+        if table is not None:
+            n_sent = n_table
+            buffers.slot_table(n_table)[:] = table
+    elif not grown and table is None:
+        # Contiguous layout, no headroom gaps: the positions are the slots.
+        runs = (seg_start, seg_len, None, seg_mask)
     else:
+        dest = None
+        if grown:
+            # Destination of every chain token: its group's base plus its chain offset.
+            dest = _expand_ranges(kv_base, length, out=buffers.scratch(int(length.sum()), 1))
         kv_host = hv("kv_indices", kv_total)
         positions = _expand_ranges(seg_start, seg_len, out=buffers.scratch(int(seg_len.sum())))
-        chain_tokens = (positions if inp.node_tokens is None
-                        else np.asarray(inp.node_tokens)[positions])
+        chain_tokens = positions if table is None else np.asarray(table)[positions]
         if grown:
             kv_host[dest] = chain_tokens
         else:
             kv_host[:] = chain_tokens
-    if seg_mask is not None:
-        # Each segment's entries carry its mask (int32: bit 31 wraps to the sign bit);
-        # headroom entries get theirs when they are filled.
-        masks = np.repeat(seg_mask, seg_len).astype(np.int32)
-        if grown:
-            hv("kv_mask", kv_total)[dest] = masks
-        else:
-            hv("kv_mask", kv_total)[:] = masks
-    buffers.upload(kv_total, runs=runs, masks=seg_mask is not None)
+        if seg_mask is not None:
+            masks = np.repeat(seg_mask, seg_len).astype(np.int32)
+            if grown:
+                hv("kv_mask", kv_total)[dest] = masks
+            else:
+                hv("kv_mask", kv_total)[:] = masks
+    buffers.upload(kv_total, runs=runs, masks=seg_mask is not None, slots=n_sent)
     buffers.serial += 1
 
     return DecodePlan(
