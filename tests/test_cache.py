@@ -576,6 +576,36 @@ def test_subset_attend_replans_only_when_the_request_list_changes():
     assert cache.plan_version == v + 1
 
 
+def test_one_request_list_across_calls_sees_every_change():
+    # A model's layers pass one list per step: attend compares it with the last one
+    # instead of converting it, and still sees a reorder in place, a request listed
+    # twice, a pruned request; the same ids as a tuple reuse the plan.
+    cache, model, reqs = _decode_loop_setup("torch", plan_headroom=64)
+    sub = [reqs[3], reqs[0], reqs[1]]
+    assert_attends(cache, model, model.queries(3), 0, sub)
+    v = cache.plan_version
+    assert_attends(cache, model, model.queries(3), 1, sub)
+    assert cache.plan_version == v
+    sub.reverse()  # in place: the rows follow the new order (a new plan)
+    assert_attends(cache, model, model.queries(3), 0, sub)
+    assert_attends(cache, model, model.queries(3), 2, sub)
+    assert cache.plan_version == v + 1
+    assert_attends(cache, model, model.queries(3), 1, tuple(sub))
+    assert cache.plan_version == v + 1
+    sub[0] = sub[1]
+    with pytest.raises(TreeCacheError, match="twice"):
+        cache.attend(model.queries(3), 0, sub)
+    sub[0] = reqs[2]
+    assert_attends(cache, model, model.queries(3), 0, sub)
+    assert_attends(cache, model, model.queries(3), 1, sub)
+    cache.prune(reqs[0])
+    model.prune(reqs[0])
+    with pytest.raises(UnknownRequestError):
+        cache.attend(model.queries(3), 0, sub)
+    sub.remove(reqs[0])
+    assert_attends(cache, model, model.queries(2), 0, sub)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_sm_scale_and_logit_cap(backend):
     cache = make_cache(64, backend=backend, sm_scale=0.7, logit_cap=2.0)

@@ -231,6 +231,8 @@ class TreeKVCache:
         self._live_cache: tuple[tuple[int, ...], np.ndarray] | None = None
         self._plan: DecodePlan | None = None
         self._plan_requests: tuple[int, ...] | None = None
+        # The last list or tuple of requests given and its key (see _requests_key).
+        self._last_requests: tuple | None = None
         self._plan_rows = np.full(64, -1, dtype=np.int64)
         self._plan_dirty = True
         self._buffers = PlanBuffers(self.num_qo_heads, self.head_dim, self.device)
@@ -645,17 +647,29 @@ class TreeKVCache:
     def _requests_key(self, requests) -> tuple[int, ...]:
         if requests is None:
             return self._live()[0]
+        last = self._last_requests
+        if (last is not None and not self._plan_dirty and last[1] is self._plan_requests
+                and type(requests) is type(last[0]) and requests == last[0]):
+            # The same list (or tuple) as the last call, unchanged (compared element by
+            # element, not converted): a model's layers pass one list per step.
+            return last[1]
+        seq = requests
         if isinstance(requests, torch.Tensor):
             requests = requests.tolist()
         elif isinstance(requests, np.ndarray):
             requests = requests.tolist()
         key = tuple(int(r) for r in requests)
         if key == self._plan_requests and not self._plan_dirty:
-            return key
-        for r in key:
-            self._node_of(r)
-        if len(set(key)) != len(key):
-            raise TreeCacheError("requests lists a request twice")
+            key = self._plan_requests
+        else:
+            for r in key:
+                self._node_of(r)
+            if len(set(key)) != len(key):
+                raise TreeCacheError("requests lists a request twice")
+        if type(seq) is list:
+            self._last_requests = (seq.copy(), key)
+        elif type(seq) is tuple:
+            self._last_requests = (seq, key)
         return key
 
     def _new_node(self, parent: _Node | None) -> _Node:
