@@ -1623,14 +1623,17 @@ def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int
     hk, q_tile = num_kv_heads, int(lay.q_tiles[1])
     fused = None
     packs = (False,)
+    hi = int(lay.nv_g[tiling.phase1].sum()) * hk  # phase 1's programs unfused
     if FUSE_PACK and q_tile > 1:
         # Packing at most shrinks phase 1 to a q tile's share of its vnodes: try it
         # only where that can land within its program bounds.
-        hi = int(lay.nv_g[tiling.phase1].sum()) * hk
         lo = -(-hi // (q_tile * hk)) * hk
         if lo <= (FUSE_PACK_MAX_PROGRAMS or lo) and hi >= (FUSE_PACK_MIN_PROGRAMS or 0):
             packs = (True, False)
     for pack in packs:
+        if not pack and hi < (FUSE_MIN_PROGRAMS or 0):
+            # Fusion without packing never adds vnodes: the bound below would refuse it.
+            continue
         fused = _fuse_phase1(groups, tiling, b, q_tile, pack)
         if fused is None:
             continue
@@ -1868,12 +1871,13 @@ def _merge_chain_steps(groups: _Groups, q_tiles, pairs: np.ndarray, num_heads: i
     if groups.pair_req.size == 0:
         return np.zeros(pairs.shape[0])
     ph1 = groups.nreq <= q_tiles[1]
-    most = np.empty(pairs.shape[0])
-    for i, (c0, c1) in enumerate(pairs):
-        # Each (request, group) pair contributes its group's chunk count.
-        nch = np.ceil(groups.length / np.where(ph1, c1, c0))
-        most[i] = np.bincount(groups.pair_req, weights=np.repeat(nch, groups.nreq),
-                              minlength=groups.num_requests).max()
+    # Each (request, group) pair contributes its group's chunk count: [pairs, groups],
+    # then every pair's per-request sums in one count over (pair, request).
+    nch = np.ceil(groups.length / np.where(ph1, pairs[:, 1:2], pairs[:, 0:1]))
+    nr = groups.num_requests
+    at = (groups.pair_req + nr * np.arange(pairs.shape[0])[:, None]).ravel()
+    most = np.bincount(at, weights=np.repeat(nch, groups.nreq, axis=1).ravel(),
+                       minlength=nr * pairs.shape[0]).reshape(pairs.shape[0], nr).max(axis=1)
     # Stage 2's partials per step (its shape does not depend on the head dimension).
     per_step = stage2_blocks(groups.num_requests, num_heads, 128)[1]
     return np.maximum(np.ceil(most / per_step) - AUTO_MERGE_FREE_STEPS, 0.0)
@@ -2409,7 +2413,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
             raise PlanMismatchError(
                 f"buffers were made for num_qo_heads={buffers.num_qo_heads}, "
                 f"head_dim={buffers.head_dim}; this plan needs {hq}, {d}")
-        if buffers.device != normalize_device(device):
+        if buffers.device != device and buffers.device != normalize_device(device):
             raise PlanMismatchError(
                 f"buffers are on {buffers.device}, the plan was asked for {device}")
         buffers.ensure(nv, b, nmid, kv_total, runs=seg_len.size,
