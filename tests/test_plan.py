@@ -919,6 +919,42 @@ def test_prepared_launches_reused_per_layout():
     assert fn not in prepared
 
 
+def test_plans_of_one_shape_share_prepared_launches(monkeypatch):
+    # Plans written into the same buffers with the same phases and modes (the same tree
+    # over another slot table) reuse one prepared launch set, and each gives its own
+    # exact result; a plan with more vnodes (modes and tensors the same) gets its own
+    # set and its exact result; reallocated buffers drop them.
+    from kernels.backend import interpreter_enabled
+
+    dev = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
+    rng = np.random.default_rng(4)
+    buffers = PlanBuffers(4, 16, dev, slots=64)  # room for the slot tables: no reallocation
+    kw = dict(group=2, hk=2, device=dev, buffers=buffers, kv_split_sizes=(16, 16),
+              para_threshs1=(0, 0), para_threshs2=(0, 0))
+    plans, launch_sets = [], []
+    for seqlen, table in (([30, 10, 10], None), ([30, 10, 10], rng.permutation(50)),
+                          ([30, 10, 10], rng.permutation(50)), ([40, 10, 10], None)):
+        inp = plan_input([-1, 0, 0], seqlen, [1, 2, 0], node_tokens=table)
+        plan = build(inp, **kw)
+        paths = [torch.tensor(p, device=dev) for p in expected_paths(inp)]
+        q, k, v = (t.to(dev) for t in _qkv(plan, 60, seed=len(plans)))
+        _check_run(plan, paths, q, k, v, "triton")
+        plans.append(plan)
+        launch_sets += [fn for key, fn in plan._launchers.items() if key != "generation"]
+    assert plans[3].phases[0].num_vnodes > plans[0].phases[0].num_vnodes
+    assert plans[3].launch_modes == plans[0].launch_modes
+    assert len(launch_sets) == 4 and launch_sets[0] is launch_sets[1] is launch_sets[2]
+    assert launch_sets[3] is not launch_sets[0]
+    assert len(buffers.launchers) == 2 and buffers.generation == plans[0].generation
+    buffers.ensure(buffers.cap_vnodes * 2, 1, 1, 1)  # reallocates
+    assert buffers.launchers == {}
+    monkeypatch.setattr(plan_module, "SHARED_LAUNCHERS", 0)  # off: each plan its own
+    for _ in range(2):
+        plan = build(inp, **kw)
+        _check_run(plan, paths, q, k, v, "triton")
+    assert buffers.launchers == {}
+
+
 def test_buffers_send_packs_one_copy():
     # PlanBuffers.send packs an int64 prefix, int64 positions and int32 values into one
     # copy and writes the values into the device buffer. On the CPU the staging tensor

@@ -221,6 +221,12 @@ CHUNK_TAIL_ABSORB = 0.1
 #: 1.006x slower on the geomean (v22 sweep above), ``spec 16x2048 + 3-2-2 drafts``
 #: 32/32 1.35x, where 2,049-token chains became three of 683 instead of 1024 + 1024 + 1.
 BALANCE_CHUNKS = False
+#: Prepared launch sets a PlanBuffers keeps for the plans written into it (least
+#: recently used dropped). In a beam search that re-plans every step (development CPU,
+#: two rules for the beams' choices, 50 re-plans each) a new plan found its set there
+#: 47-48 times at W = 4, 35-36 at W = 16 and 9-11 at W = 64 (benchmarks/RESULTS.md, v25).
+#: 0: every plan prepares its own.
+SHARED_LAUNCHERS = 32
 #: On a GPU, expand every plan's kv entries (and row masks) on the device from its
 #: table of segment runs, with a cache's slot table copied as it is (see
 #: :meth:`PlanBuffers.upload`). False: only contiguous plans without headroom are
@@ -436,6 +442,9 @@ class PlanBuffers:
         self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
                                    dtype=torch.float32, device=self.device)
         self._expand = {}  # prepared run expansions (CUDA) by (gather, masks)
+        #: Prepared launch sets of the plans written into these buffers, by tensor
+        #: layout, phases and modes (see DecodePlan._launcher); dropped with the buffers.
+        self.launchers: dict = {}
         self.generation += 1
 
     def ensure(self, vnodes: int, requests: int, mid_rows: int, kv_entries: int,
@@ -873,9 +882,21 @@ class DecodePlan:
             cache["generation"] = gen
         fn = cache.get(key)
         if fn is None:
-            fn = tree_decode_launcher(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
-                                      logit_cap=logit_cap, **self.launch_modes,
-                                      **self.kernel_tensors(q.dtype))
+            # A launch set binds the buffers' index regions, which every plan written
+            # into these buffers shares: plans of the same phases and modes (a decode
+            # loop re-planning a tree of the same shape) reuse one set, already
+            # compiled and launched directly.
+            shared = self.buffers.launchers if SHARED_LAUNCHERS else {}
+            skey = (key, self.phases, self.direct, self.needs_stage2, self.finish,
+                    self.masked, self.num_requests)
+            fn = shared.pop(skey, None)
+            if fn is None:
+                fn = tree_decode_launcher(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
+                                          logit_cap=logit_cap, **self.launch_modes,
+                                          **self.kernel_tensors(q.dtype))
+                if SHARED_LAUNCHERS and len(shared) >= SHARED_LAUNCHERS:
+                    shared.pop(next(iter(shared)))  # the least recently used
+            shared[skey] = fn
             if len(cache) > self.MAX_LAUNCHERS:
                 cache.clear()
                 cache["generation"] = gen
