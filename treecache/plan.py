@@ -380,7 +380,7 @@ class PlanBuffers:
     device from a table of runs that travels in the same copy (one kernel,
     :func:`kernels.plan_ops.expand_runs`): over contiguous node runs the runs are the
     slots themselves; with a slot table (a cache's plan) they are ranges of that
-    table, which is copied as it is (:meth:`slot_table`). The staging tensor's kv
+    table, which is copied as it is (see :meth:`upload`). The staging tensor's kv
     region then does not hold them; the append-only step of a cache also writes the
     device buffer alone. On a GPU read plans through the device tensors (:meth:`dev_view`).
     Capacities grow (doubling) when a plan needs more; :attr:`generation` counts the
@@ -516,53 +516,58 @@ class PlanBuffers:
             self.dev.index_copy_(0, packed[n:n + m], packed[n + m:].view(torch.int32)[:m])
         return None if prefix is None else packed[:n]
 
-    def upload(self, kv_used: int, runs: tuple | None = None, masks: bool = False,
-               slots: int = 0) -> None:
-        """Copy the small regions and the first ``kv_used`` kv entries to the device
-        (``masks``: their row masks too).
+    def upload(self, kv_used: int, runs: tuple, masks: bool = False,
+               table: np.ndarray | None = None) -> None:
+        """Copy the small regions to the device and write the first ``kv_used`` kv
+        entries (``masks``: their row masks too) from a table of runs.
 
-        ``runs=(starts, lens)`` or ``(starts, lens, dst, bits)``: the kv entries are
-        expanded from a table of runs instead: entries ``dst_i + [0, lens_i)`` (``dst``
-        None: the runs one after the other) get ``starts_i + [0, lens_i)``, or with
-        ``slots`` > 0 the entries ``starts_i + [0, lens_i)`` of the slot table (its first
-        ``slots`` entries, written through :meth:`slot_table`), and with ``masks`` the
-        row mask ``bits_i`` (int32). They are expanded where the device buffer lives: in
-        the staging buffer on the CPU; otherwise the run table (at most
-        :attr:`cap_runs` runs, see :meth:`ensure`) travels in the same copy as the small
-        regions and one kernel expands it on the device (the host's work is O(runs)
-        plus the slot table's copy, not O(entries); the staging buffer's kv and mask
-        regions then do not hold them).
+        ``runs=(starts, lens, dst, bits)``: entries ``dst_i + [0, lens_i)`` (``dst``
+        None: the runs one after the other) get ``starts_i + [0, lens_i)``, or with a
+        slot ``table`` those entries of it, and with ``masks`` the row mask ``bits_i``
+        (int32). They are expanded where the device buffer lives: in the staging buffer
+        on the CPU; otherwise the run table (at most :attr:`cap_runs` runs, see
+        :meth:`ensure`) travels in the same copy as the small regions, the slot table
+        (at most :attr:`cap_slots` entries) in one more, and one kernel expands them on
+        the device: the host's work is O(runs) plus the slot table's copy, not
+        O(entries), and the staging buffer's kv and mask regions do not hold them.
+        With :data:`DEVICE_EXPAND` off only runs without ``dst`` or ``table`` are
+        expanded on the device; the others in the staging buffer, then copied.
         """
-        if runs is not None:
-            starts, lens = runs[0], runs[1]
-            dst, bits = (runs[2], runs[3]) if len(runs) > 2 else (None, None)
-            if masks and bits is None:
-                raise ValueError("upload(masks=True, runs=...) needs each run's mask (bits)")
-        if self.dev is self.host:
-            if runs is not None:
-                _expand_run_table(self.host_view("kv_indices", kv_used),
-                                  self.host_view("kv_mask", kv_used) if masks else None,
-                                  starts, lens, dst, bits,
-                                  self.host_view("slots", slots) if slots else None)
-            return
-        if runs is None:
+        starts, lens, dst, bits = runs
+        if not masks:
+            bits = None
+        on_device = self.dev is not self.host and (
+            DEVICE_EXPAND or (dst is None and table is None))
+        if not on_device:
+            _expand_run_table(self.host_view("kv_indices", kv_used),
+                              self.host_view("kv_mask", kv_used) if masks else None,
+                              starts, lens, dst, bits, table, self.scratch)
+            if self.dev is self.host:
+                return
             end = self.offsets["kv_indices"] + kv_used
         else:
-            end = self._stage_runs(starts, lens, dst, bits if masks else None)
+            end = self._stage_runs(starts, lens, dst, bits)
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        if runs is None and masks and kv_used:
+        if not on_device and masks and kv_used:
             m0 = self.offsets["kv_mask"]
             self.dev[m0:m0 + kv_used].copy_(self.host[m0:m0 + kv_used], non_blocking=True)
-        if runs is not None and slots:
+        n_table = 0 if table is None else int(np.size(table))
+        if on_device and n_table:
+            if n_table > self.cap_slots:
+                raise PlanMismatchError(
+                    f"a slot table of {n_table} entries does not fit the buffers "
+                    f"({self.cap_slots}); call ensure(..., slots={n_table}) before writing "
+                    "the plan")
             s0 = self.offsets["slots"]
-            self.dev[s0:s0 + slots].copy_(self.host[s0:s0 + slots], non_blocking=True)
+            self.host_np[s0:s0 + n_table] = table
+            self.dev[s0:s0 + n_table].copy_(self.host[s0:s0 + n_table], non_blocking=True)
         if self.device.type == "cuda":
             if self._uploaded is None:
                 self._uploaded = torch.cuda.Event()
             self._uploaded.record()
-        if runs is None or kv_used == 0:
+        if not on_device or kv_used == 0:
             return
-        src_off = self.offsets["slots"] if slots else -1
+        src_off = self.offsets["slots"] if n_table else -1
         mask_off = self.offsets["kv_mask"] if masks else -1
         if self.device.type == "cuda":
             key = (src_off >= 0, mask_off >= 0)
@@ -573,7 +578,7 @@ class PlanBuffers:
         elif interpreter_enabled():
             expand_runs(self.dev, self.offsets["runs"], self.offsets["kv_indices"],
                         int(np.size(starts)), src_off, mask_off)
-        elif dst is None and not slots and not masks:
+        elif dst is None and not n_table and not masks:
             _expand_ranges_device(starts, lens, self.dev_view("kv_indices", kv_used))
         else:  # a device Triton does not run on: expanded on the host, then copied
             views = [self.dev_view("kv_indices", kv_used)]
@@ -581,18 +586,9 @@ class PlanBuffers:
                 views.append(self.dev_view("kv_mask", kv_used))
             arrays = [v.cpu().numpy().copy() for v in views]
             _expand_run_table(arrays[0], arrays[1] if masks else None, starts, lens, dst, bits,
-                              self.host_view("slots", slots) if slots else None)
+                              table)
             for v, a in zip(views, arrays):
                 v.copy_(torch.from_numpy(a))
-
-    def slot_table(self, n: int) -> np.ndarray:
-        """The staging buffer's slot table (int32, first ``n`` entries): a plan whose
-        runs are ranges of a slot table writes it here before :meth:`upload`."""
-        if n > self.cap_slots:
-            raise PlanMismatchError(
-                f"a slot table of {n} entries does not fit the buffers ({self.cap_slots}); "
-                "call ensure(..., slots=n) before writing the plan")
-        return self.host_view("slots", n)
 
     def _stage_runs(self, starts: np.ndarray, lens: np.ndarray, dst: np.ndarray | None = None,
                     bits: np.ndarray | None = None) -> int:
@@ -1928,10 +1924,11 @@ def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarr
 
 
 def _expand_run_table(kv: np.ndarray, mask: np.ndarray | None, starts, lens, dst, bits,
-                      table: np.ndarray | None) -> None:
+                      table: np.ndarray | None, scratch=None) -> None:
     """A run table's expansion on the host (see :meth:`PlanBuffers.upload`): entries
     ``dst_i + [0, lens_i)`` of ``kv`` (``dst`` None: the runs one after the other) get
-    ``starts_i + [0, lens_i)``, or those entries of ``table``; of ``mask``, ``bits_i``."""
+    ``starts_i + [0, lens_i)``, or those entries of ``table``; of ``mask``, ``bits_i``.
+    ``scratch(n, which)``: reusable int64 work arrays (see :meth:`PlanBuffers.scratch`)."""
     lens = np.asarray(lens, dtype=np.int64)
     starts = np.asarray(starts, dtype=np.int64)
     total = int(lens.sum())
@@ -1939,9 +1936,10 @@ def _expand_run_table(kv: np.ndarray, mask: np.ndarray | None, starts, lens, dst
         _expand_ranges(starts, lens, out=kv[:total])
         where = slice(0, total)
     else:
-        pos = _expand_ranges(starts, lens)
-        where = slice(0, total) if dst is None else _expand_ranges(np.asarray(dst, np.int64), lens)
-        kv[where] = pos if table is None else table[pos]
+        pos = _expand_ranges(starts, lens, out=None if scratch is None else scratch(total, 0))
+        where = slice(0, total) if dst is None else _expand_ranges(
+            np.asarray(dst, np.int64), lens, out=None if scratch is None else scratch(total, 1))
+        kv[where] = pos if table is None else np.asarray(table)[pos]
     if mask is not None:
         mask[where] = np.repeat(np.asarray(bits).astype(np.int32), lens)
 
@@ -2136,7 +2134,7 @@ def build_plan(
                         buffers, headroom, inline_ok=not flat)
 
 
-def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
+def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst, grow_g, v_g, v_kv_start,
                       v_kv_len) -> np.ndarray:
     """First slot of every vnode whose slots form one contiguous run, else -1.
 
@@ -2145,9 +2143,10 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
     ``tok_ptr[n] + [0, seqlen[n])``. A vnode (a range of its group's chain) is contiguous
     when every segment it overlaps is a run and each segment boundary inside it continues
     the previous segment's run. With a slot table the per-node runs are checked once over
-    the table (O(tokens)). ``grow_g``: each group's growth headroom, or None if no group
-    has any; vnodes of groups with headroom stay -1: their tail grows by arbitrary
-    slots. Every vnode holds at least one entry.
+    the table (O(tokens)). ``seg_dst``: each segment's first kv position. ``grow_g``:
+    each group's growth headroom, or None if no group has any; vnodes of groups with
+    headroom stay -1: their tail grows by arbitrary slots. Every vnode holds at least
+    one entry.
 
     Most chains are one run as a whole: their vnodes are hinted without a search.
     """
@@ -2167,15 +2166,10 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
         e = np.minimum(a + np.maximum(seg_len, 1) - 1, last)  # last token of each segment
         run_ok = (seg_len == 0) | (steps.searchsorted(e) == steps.searchsorted(a))
         first = tokens[a] if tokens.size else np.zeros(a.size, dtype=np.int64)
-    # Kv position of each segment: the chains one after the other, each followed by its
-    # group's headroom.
-    glob = np.add.accumulate(seg_len) - seg_len
-    if grow_g is not None:
-        glob += (np.add.accumulate(grow_g) - grow_g)[cg]
     # Empty segments hold no positions: drop them.
     if np.count_nonzero(seg_len) < seg_len.size:
         nz = seg_len.nonzero()[0]
-        cg, first, seg_len, glob = cg[nz], first[nz], seg_len[nz], glob[nz]
+        cg, first, seg_len, seg_dst = cg[nz], first[nz], seg_len[nz], seg_dst[nz]
         if run_ok is not None:
             run_ok = run_ok[nz]
     # A boundary breaks the run unless the segment continues its predecessor's slots.
@@ -2189,7 +2183,7 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
         broken[cg[~run_ok]] = True
     # In a chain without a break, kv position x holds slot x + shift (any segment gives it).
     shift = np.empty(ng, dtype=np.int64)
-    shift[cg] = first - glob
+    shift[cg] = first - seg_dst
     search = broken
     if grow_g is not None:
         search = broken & (grow_g == 0)
@@ -2205,13 +2199,13 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g, v_g, v_kv_start,
             brk |= ~run_ok
         np.add.accumulate(brk, out=brk)  # breaks among entries 0..i
         S = v_kv_start[rest]
-        lo = glob.searchsorted(S, "right") - 1
-        hi = glob.searchsorted(S + v_kv_len[rest] - 1, "right") - 1
+        lo = seg_dst.searchsorted(S, "right") - 1
+        hi = seg_dst.searchsorted(S + v_kv_len[rest] - 1, "right") - 1
         ok = brk[hi] == brk[lo]
         if run_ok is not None:
             ok &= run_ok[lo]
         rest, lo = rest[ok], lo[ok]
-        out[rest] = first[lo] + (v_kv_start[rest] - glob[lo])
+        out[rest] = first[lo] + (v_kv_start[rest] - seg_dst[lo])
     return out
 
 
@@ -2373,8 +2367,13 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         m_off = np.arange(nmid, dtype=np.int64) - mid_base[m_g]
         mid_q_rows = pair_req[req_start[m_g] + m_off % nreq[m_g]]
 
-    v_slot0 = _contiguous_slot0(inp, ng, cg, seg_start, seg_len, grow_g if grown else None,
-                                v_g, v_kv_start, v_kv_len)
+    # Kv position of each segment: the chains one after the other, each followed by its
+    # group's headroom.
+    seg_dst = np.add.accumulate(seg_len) - seg_len
+    if grown:
+        seg_dst += (np.add.accumulate(grow_g) - grow_g)[cg]
+    v_slot0 = _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst,
+                                grow_g if grown else None, v_g, v_kv_start, v_kv_len)
 
     kv_tiles = list(kv_tiles)
     kv_tiles[1] = int(_phase1_kv_tile(kv_tiles[1], group, int(v_kv_len[n0:].sum()), n1))
@@ -2453,40 +2452,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     # The kv entries are the segments' token runs, each group's chain followed by its
     # headroom; each segment's entries carry its row mask (int32: bit 31 wraps to the
     # sign bit), headroom entries get theirs when they are filled.
-    runs, n_sent = None, 0
-    if buffers.dev is not buffers.host and DEVICE_EXPAND:
-        # Expanded on the device from the run table (see PlanBuffers.upload): the host's
-        # work is O(segments) plus the slot table's copy, not O(kv entries).
-        dst = None
-        if grown:
-            dst = (np.add.accumulate(seg_len) - seg_len
-                   + (np.add.accumulate(grow_g) - grow_g)[cg])
-        runs = (seg_start, seg_len, dst, seg_mask)
-        if table is not None:
-            n_sent = n_table
-            buffers.slot_table(n_table)[:] = table
-    elif not grown and table is None:
-        # Contiguous layout, no headroom gaps: the positions are the slots.
-        runs = (seg_start, seg_len, None, seg_mask)
-    else:
-        dest = None
-        if grown:
-            # Destination of every chain token: its group's base plus its chain offset.
-            dest = _expand_ranges(kv_base, length, out=buffers.scratch(int(length.sum()), 1))
-        kv_host = hv("kv_indices", kv_total)
-        positions = _expand_ranges(seg_start, seg_len, out=buffers.scratch(int(seg_len.sum())))
-        chain_tokens = positions if table is None else np.asarray(table)[positions]
-        if grown:
-            kv_host[dest] = chain_tokens
-        else:
-            kv_host[:] = chain_tokens
-        if seg_mask is not None:
-            masks = np.repeat(seg_mask, seg_len).astype(np.int32)
-            if grown:
-                hv("kv_mask", kv_total)[dest] = masks
-            else:
-                hv("kv_mask", kv_total)[:] = masks
-    buffers.upload(kv_total, runs=runs, masks=seg_mask is not None, slots=n_sent)
+    buffers.upload(kv_total, (seg_start, seg_len, seg_dst if grown else None, seg_mask),
+                   masks=seg_mask is not None, table=table)
     buffers.serial += 1
 
     return DecodePlan(
