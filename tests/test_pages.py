@@ -222,6 +222,64 @@ def test_check_detects_corruption():
         a.check()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_decref_matches_a_reference_model_for_every_list_size(seed):
+    # decref has a path for a few distinct pages, one for many distinct pages and one
+    # for lists naming a page more than once; each must give the model's counts, free
+    # stack (lowest freed page on top) and return value, and change nothing on an error.
+    from collections import Counter
+
+    rng = np.random.default_rng(seed)
+    n_pages = 48
+    a = PageAllocator(n_pages, 1)
+    rc = [0] * n_pages
+    stack = list(range(n_pages - 1, -1, -1))
+    for _ in range(300):
+        held = [p for p in range(n_pages) if rc[p] > 0]
+        r = rng.random()
+        if r < 0.35 or not held:
+            n = int(rng.integers(0, len(stack) + 1))
+            got = ids(a.allocate(n))
+            want = stack[len(stack) - n:][::-1]
+            del stack[len(stack) - n:]
+            for p in want:
+                rc[p] = 1
+            assert got == want
+        elif r < 0.45:
+            extra = rng.choice(held, size=int(rng.integers(1, len(held) + 1)))
+            a.incref(extra)
+            for p in extra.tolist():
+                rc[p] += 1
+        else:
+            k = int(rng.integers(1, min(len(held), 20) + 1))
+            pages = rng.choice(held, size=k, replace=False).tolist()
+            kind = rng.random()
+            if kind < 0.15:
+                pages.append(pages[0])  # a page twice
+            elif kind < 0.2:
+                pages.append(n_pages)  # outside the pool
+            elif kind < 0.3 and len(stack):
+                pages.insert(int(rng.integers(0, len(pages) + 1)), stack[-1])  # a free page
+            rng.shuffle(pages)
+            times = Counter(pages)
+            ok = all(0 <= p < n_pages for p in times) and all(
+                rc[p] >= t for p, t in times.items())
+            before = snapshot(a)
+            if not ok:
+                with pytest.raises(TreeCacheError, match="double free|outside"):
+                    a.decref(np.array(pages))
+                assert snapshot(a) == before
+                continue
+            for p, t in times.items():
+                rc[p] -= t
+            freed = sorted(p for p in times if rc[p] == 0)
+            stack += freed[::-1]
+            assert a.decref(np.array(pages)) == len(freed)
+        assert ids(a.refcount) == rc
+        assert ids(a.free_pages()) == stack
+        a.check()
+
+
 # ------------------------------------------------------------------------- mirror
 
 

@@ -24,6 +24,9 @@ __all__ = ["PageAllocator", "KVPool"]
 
 logger = logging.getLogger(__name__)
 
+#: ``decref`` of at most this many distinct pages works on Python ints.
+_FEW_PAGES = 8
+
 
 class PageAllocator:
     """Free stack and reference counts of ``num_pages`` pages of ``page_size`` slots."""
@@ -77,22 +80,68 @@ class PageAllocator:
         """Drop one reference per listed page; pages reaching 0 go back on the free stack.
         Returns how many pages were freed."""
         pages = np.asarray(pages, dtype=np.int64)
-        if pages.size == 0:
+        n = pages.size
+        if n == 0:
             return 0
+        # Distinct pages (a node's own pages, the usual call) take a path without
+        # counting: elementwise in Python for a few pages, through one sort for more.
+        if n <= _FEW_PAGES:
+            listed = pages.tolist()
+            if len(set(listed)) == n:
+                return self._decref_few(listed)
+        else:
+            order = np.sort(pages.reshape(-1))
+            if not (order[1:] == order[:-1]).any():
+                return self._decref_sorted(order)
         # Check before changing anything: a double free must leave the pool intact.
         uniq, times = np.unique(pages, return_counts=True)
-        if uniq[0] < 0 or uniq[-1] >= self.num_pages:
-            raise TreeCacheError(f"decref of page ids outside [0, {self.num_pages})")
+        self._check_ids(int(uniq[0]), int(uniq[-1]))
         short = self.refcount[uniq] < times
         if short.any():
             p = int(uniq[short][0])
-            raise TreeCacheError(
-                f"double free: page {p} has {int(self.refcount[p])} references, "
-                f"{int(times[short][0])} released")
+            self._double_free(p, int(times[short][0]))
         np.subtract.at(self.refcount, pages, 1)
-        freed = np.unique(pages[self.refcount[pages] == 0])
+        return self._push(np.unique(pages[self.refcount[pages] == 0]))
+
+    def _decref_few(self, listed: list[int]) -> int:
+        """``decref`` of a few distinct pages, one by one."""
+        self._check_ids(min(listed), max(listed))
+        rc = self.refcount
+        short = [p for p in listed if rc[p] < 1]
+        if short:
+            self._double_free(min(short), 1)
+        freed = []
+        for p in listed:
+            c = rc[p] - 1
+            rc[p] = c
+            if c == 0:
+                freed.append(p)
+        freed.sort()
+        return self._push(np.array(freed, dtype=np.int64))
+
+    def _decref_sorted(self, order: np.ndarray) -> int:
+        """``decref`` of distinct pages given in ascending order."""
+        self._check_ids(int(order[0]), int(order[-1]))
+        counts = self.refcount[order]
+        short = counts < 1
+        if short.any():
+            self._double_free(int(order[short][0]), 1)
+        counts -= 1
+        self.refcount[order] = counts
+        return self._push(order[counts == 0])
+
+    def _check_ids(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi >= self.num_pages:
+            raise TreeCacheError(f"decref of page ids outside [0, {self.num_pages})")
+
+    def _double_free(self, page: int, released: int) -> None:
+        raise TreeCacheError(
+            f"double free: page {page} has {int(self.refcount[page])} references, "
+            f"{released} released")
+
+    def _push(self, freed: np.ndarray) -> int:
+        """Push freed pages (ascending) so that the lowest is handed out first."""
         k = freed.size
-        # Push in reverse so that the lowest freed page is handed out first.
         self._free[self._top:self._top + k] = freed[::-1]
         self._mirrored = min(self._mirrored, self._top)
         self._top += k
