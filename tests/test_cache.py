@@ -901,6 +901,38 @@ def test_out_of_pages_from_reserve():
     assert cache.pool.allocator.num_free == 0
 
 
+@pytest.mark.parametrize("page_size", [1, 3])
+def test_reserve_of_a_list_equals_one_reserve_per_request(page_size):
+    # A list whose requests need new leaves takes them in one pass: the slots, pages,
+    # nodes and free stack must be those of reserving for each request in turn.
+    def build():
+        cache = make_cache(64, page_size=page_size)
+        r0 = cache.new_request()
+        cache.reserve(r0, 5)
+        a = cache.fork(r0)                 # r0 and a end at one node
+        b = cache.fork(r0)
+        cache.reserve(b, 2)                # b: own leaf, tail room at page size 3
+        c = cache.new_request()
+        cache.reserve(c, 3)                # c: exclusive, a full tail page at page size 3
+        d = cache.fork(c)
+        cache.reserve(d, 1)                # c now ends at an inner node
+        e = cache.fork(d)                  # d and e share d's leaf
+        cache.prune(b)
+        f = cache.fork(r0)
+        return cache, [e, r0, c, f, a, d]
+
+    whole, reqs = build()
+    one, same = build()
+    assert reqs == same
+    for _ in range(3):
+        got = ids(whole.reserve(reqs))
+        want = [ids(one.reserve(r))[0] for r in reqs]
+        assert got == want
+        assert_same_state(snapshot(whole), snapshot(one))
+        whole.check()
+    assert len(set(got)) == len(got)
+
+
 def test_out_of_pages_from_fork_then_append():
     cache = make_cache(8)
     model = Model()

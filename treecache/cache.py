@@ -680,11 +680,12 @@ class TreeKVCache:
         if parent is not None:
             parent.children.append(node)
             self._refresh(parent)
-        n = nid + 1
-        self._nd_seqlen = _grow(self._nd_seqlen, n, 0)
-        self._nd_excl = _grow(self._nd_excl, n, False)
-        self._nd_tailpage = _grow(self._nd_tailpage, n, -1)
-        self._nd_tailfree = _grow(self._nd_tailfree, n, 0)
+        if nid >= self._nd_seqlen.size:
+            n = nid + 1
+            self._nd_seqlen = _grow(self._nd_seqlen, n, 0)
+            self._nd_excl = _grow(self._nd_excl, n, False)
+            self._nd_tailpage = _grow(self._nd_tailpage, n, -1)
+            self._nd_tailfree = _grow(self._nd_tailfree, n, 0)
         self._nd_seqlen[nid] = 0
         self._nd_tailpage[nid] = -1
         self._nd_tailfree[nid] = 0
@@ -792,17 +793,18 @@ class TreeKVCache:
         nodes = self._rq_node[reqs]
         if self._nd_excl[nodes].all():
             return self._extend_exclusive(reqs, nodes, trusted)
-        # Slow path: some requests need a new leaf. All-or-nothing on the page count.
-        need = 0
-        for r, nid in zip(reqs.tolist(), nodes.tolist()):
-            need += 0 if (self._nd_excl[nid] and self._nd_tailfree[nid] > 0) else 1
+        # Some requests need a new leaf. All-or-nothing on the page count.
+        excl = self._nd_excl[nodes]
+        need = reqs.size - int(np.count_nonzero(self._nd_tailfree[nodes[excl]]))
         if need > self.pool.allocator.num_free:
             raise OutOfPagesError(
                 f"reserve needs up to {need} new pages, {self.pool.allocator.num_free} are free")
-        out = np.empty(reqs.size, dtype=np.int64)
-        for i, r in enumerate(reqs.tolist()):
-            out[i] = self._reserve_slow(r, 1)[0]
-        return out
+        # A new leaf for each request whose node is shared (moving a request out never
+        # makes a node exclusive); then every request ends at an exclusive node and
+        # takes its slot as in an append-only step, pages handed out in list order.
+        for r in reqs[~excl].tolist():
+            self._move_to_new_leaf(r, self._reqs[r])
+        return self._extend_exclusive(reqs, self._rq_node[reqs])
 
     def _extend_exclusive(self, reqs: np.ndarray, nodes: np.ndarray,
                           trusted: bool = False) -> np.ndarray:
@@ -882,15 +884,7 @@ class TreeKVCache:
                 f"{alloc.num_free} are free")
         self._flush()
         if not excl:
-            # A new leaf under the request's node; the request moves there.
-            leaf = self._new_node(node)
-            node.ends.remove(req)
-            leaf.ends.append(req)
-            self._reqs[req] = leaf
-            self._rq_node[req] = leaf.id
-            self._refresh(node)
-            self._refresh(leaf)
-            node = leaf
+            node = self._move_to_new_leaf(req, node)
             have = 0
         pages = alloc.allocate(need_pages)
         nid = node.id
@@ -915,6 +909,17 @@ class TreeKVCache:
                 and self._plan.extend_tail(row, slots)):
             self._dirty()
         return slots
+
+    def _move_to_new_leaf(self, req: int, node: _Node) -> _Node:
+        """A new (empty) leaf under ``node``; ``req`` moves there."""
+        leaf = self._new_node(node)
+        node.ends.remove(req)
+        leaf.ends.append(req)
+        self._reqs[req] = leaf
+        self._rq_node[req] = leaf.id
+        self._refresh(node)
+        self._refresh(leaf)
+        return leaf
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
         upd, self._pending_plan_update = self._pending_plan_update, None

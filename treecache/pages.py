@@ -116,8 +116,14 @@ class PageAllocator:
             rc[p] = c
             if c == 0:
                 freed.append(p)
-        freed.sort()
-        return self._push(np.array(freed, dtype=np.int64))
+        freed.sort(reverse=True)  # pushed highest first: the lowest ends on top
+        top = self._top
+        self._mirrored = min(self._mirrored, top)
+        for p in freed:
+            self._free[top] = p
+            top += 1
+        self._top = top
+        return len(freed)
 
     def _decref_sorted(self, order: np.ndarray) -> int:
         """``decref`` of distinct pages given in ascending order."""
