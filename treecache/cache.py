@@ -767,9 +767,10 @@ class TreeKVCache:
     def _attach(self, nodes: np.ndarray, values: np.ndarray, field: str) -> None:
         order = np.argsort(nodes, kind="stable")
         nodes, values = nodes[order], values[order]
-        uniq, first = np.unique(nodes, return_index=True)
-        for nid, part in zip(uniq.tolist(), np.split(values, first[1:])):
-            getattr(self._nodes[nid], field).append(part)
+        cut = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()
+        starts, ends = [0] + cut, cut + [nodes.size]
+        for nid, a, b in zip(nodes[starts].tolist(), starts, ends):
+            getattr(self._nodes[nid], field).append(values[a:b])
 
     def _reserve_step(self, reqs: np.ndarray, trusted: bool = False) -> np.ndarray:
         """One slot per request; the fast path when every node is an exclusive leaf.
