@@ -222,6 +222,7 @@ class TreeKVCache:
         self._rq_node = np.full(64, -1, dtype=np.int64)
         self._rq_alive = np.zeros(64, dtype=bool)
         self._rq_scratch = np.full(64, -1, dtype=np.int64)
+        self._nd_pos = np.full(64, -1, dtype=np.int64)  # scratch of _rebuild
         # Tokens added by the fast path, not yet attached to node objects.
         self._pending_nodes: list[np.ndarray] = []
         self._pending_slots: list[np.ndarray] = []
@@ -963,16 +964,26 @@ class TreeKVCache:
 
     def _rebuild(self, key: tuple[int, ...]) -> None:
         self._flush()
-        order = self._topo_order()
-        n = len(order)
-        index = np.full(self._next_node, -1, dtype=np.int64)
-        ids = np.fromiter((nd.id for nd in order), dtype=np.int64, count=n)
+        # One pass in the order of _topo_order: node ids, each parent's position and
+        # the slot arrays (no array sized by the node ids ever handed out).
+        ids, parent, slot_parts = [], [], []
+        stack = [(nd, -1) for nd in self._nodes.values() if nd.parent is None][::-1]
+        while stack:
+            nd, up = stack.pop()
+            here = len(ids)
+            ids.append(nd.id)
+            parent.append(up)
+            slot_parts.append(nd.slot_array())
+            if nd.children:
+                stack.extend([(c, here) for c in nd.children[::-1]])
+        n = len(ids)
+        ids = np.array(ids, dtype=np.int64)
+        parent = np.array(parent, dtype=np.int64)
+        # Position of every live node id (a scratch array kept across rebuilds).
+        self._nd_pos = _grow(self._nd_pos, self._next_node, -1)
+        index = self._nd_pos
         index[ids] = np.arange(n)
-        parent = np.fromiter((-1 if nd.parent is None else nd.parent.id for nd in order),
-                             dtype=np.int64, count=n)
-        parent = np.where(parent >= 0, index[np.maximum(parent, 0)], -1)
         seqlen = self._nd_seqlen[ids]
-        slot_parts = [nd.slot_array() for nd in order]
         node_tokens = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
         tok_ptr = np.zeros(n, dtype=np.int64)
         if n:
