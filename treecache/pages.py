@@ -79,7 +79,7 @@ class PageAllocator:
     def decref(self, pages: np.ndarray) -> int:
         """Drop one reference per listed page; pages reaching 0 go back on the free stack.
         Returns how many pages were freed."""
-        pages = np.asarray(pages, dtype=np.int64)
+        pages = np.asarray(pages, dtype=np.int64).reshape(-1)
         n = pages.size
         if n == 0:
             return 0
@@ -90,7 +90,7 @@ class PageAllocator:
             if len(set(listed)) == n:
                 return self._decref_few(listed)
         else:
-            order = np.sort(pages.reshape(-1))
+            order = np.sort(pages)
             if not (order[1:] == order[:-1]).any():
                 return self._decref_sorted(order)
         # Check before changing anything: a double free must leave the pool intact.
