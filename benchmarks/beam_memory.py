@@ -413,27 +413,43 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_beam_args(p: argparse.ArgumentParser, *, steps: int, warmup: int,
+                  warmup_help: str) -> None:
+    """The options of the beam-step benchmarks (this one and ``benchmarks.cache_ops``):
+    widths, prompt, attention shape, steps, dtype, device, ``--quick`` and ``--out``."""
     p.add_argument("--num-beams", type=int, nargs="+", default=[4, 16, 64])
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--intermediate", type=int, default=14336)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--steps", type=int, default=32, help="measured beam steps per run")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (kernel compilation)")
+    p.add_argument("--steps", type=int, default=steps, help="measured beam steps per width")
+    p.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+
+
+def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    """``--device`` (default CUDA if available) and ``--dtype`` (default fp16 on CUDA,
+    fp32 on the CPU)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    return device, dtype
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_beam_args(p, steps=32, warmup=3, warmup_help="unmeasured steps first (kernel compilation)")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=14336)
+    p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--backend", default="auto", help="TreeKVCache backend: auto, triton or torch")
     p.add_argument("--impl", choices=["auto", "hf", "builtin"], default="auto",
                    help="model modules: transformers' LlamaForCausalLM or the built-in copy")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.quick:
         args.num_beams = [2, 4]
@@ -445,9 +461,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    device, dtype = device_and_dtype(args)
     model, impl = build_model(args, device, dtype)
     tm = TreeCacheModel(model)
     per_token = tm.kv_bytes_per_token()

@@ -112,11 +112,28 @@ def test_masked_probe_inline_configs():
                                     "benchmarks.read_floor_probe",
                                     "benchmarks.warm_probe",
                                     "benchmarks.masked_probe",
-                                    "benchmarks.floor_bound"])
+                                    "benchmarks.floor_bound",
+                                    "benchmarks.cache_ops"])
 def test_benchmark_modules_import(module):
     import importlib
 
     assert hasattr(importlib.import_module(module), "main")
+
+
+def test_cache_ops_quick_run_times_every_call_and_replans_every_step(tmp_path):
+    from benchmarks.cache_ops import CALLS
+    from benchmarks.cache_ops import main as cache_ops_main
+
+    out = tmp_path / "ops.json"
+    rows = cache_ops_main(["--quick", "--out", str(out)])
+    assert [r["num_beams"] for r in rows] == [2, 4]
+    for r in rows:
+        for c in CALLS:
+            assert math.isfinite(r[c + "_us"]) and r[c + "_us"] > 0
+        # Every beam step forks and prunes: one re-plan per step after the first plan.
+        assert r["plan_rebuilds"] == 1 + 2 + 4
+        assert r["nodes"] >= r["num_beams"]
+    assert json.loads(out.read_text())["rows"] == rows
 
 
 def test_finish_warps_setting_patches_only_inside_its_block():

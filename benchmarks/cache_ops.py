@@ -1,0 +1,155 @@
+"""Host time of the cache's calls in a beam-search step, call by call.
+
+``python -m benchmarks.cache_ops --out results.json`` (GPU; ``--quick`` runs tiny sizes
+on the CPU) runs beam steps on a ``TreeKVCache`` alone, without a model: one request
+holds a prompt of ``--prompt-len`` tokens and is forked into W beams; each step then
+forks every new beam from a parent drawn among the first half of the beams (a fixed
+random sequence, so that runs compare), prunes the old beams, reserves one slot per new
+beam, re-plans (``prepare``), writes K/V to every layer and attends every layer. Every
+step changes the topology, so every step re-plans, as a beam search does at these
+widths.
+
+Reported per W: the median host time (``time.perf_counter``; the device is synchronised
+before and after each group of calls) of the step's forks, its prunes, its ``reserve``,
+its ``prepare``, the ``write`` of all layers and the ``attend`` of all layers, and the
+cache's node count at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import treecache  # noqa: F401
+except ImportError:  # running from a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from treecache import TreeKVCache
+
+from benchmarks.beam_memory import add_beam_args, device_and_dtype
+
+CALLS = ("fork", "prune", "reserve", "prepare", "write", "attend")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """``warmup + steps`` beam steps at ``width``; medians of the measured ones (us)."""
+    cache = TreeKVCache(args.layers, args.heads, args.kv_heads, args.head_dim,
+                        capacity_tokens=args.prompt_len + width * (args.warmup + args.steps + 2),
+                        dtype=dtype, device=device, plan_headroom=8)
+    root = cache.new_request()
+    cache.reserve(root, args.prompt_len)
+    beams = [root] + [cache.fork(root) for _ in range(width - 1)]
+    cache.prepare()
+    gen = torch.Generator().manual_seed(width)
+    q = torch.randn(width, args.heads, args.head_dim, generator=gen).to(device, dtype)
+    kv = torch.randn(width, args.kv_heads, args.head_dim, generator=gen).to(device, dtype)
+    rng = random.Random(width)
+    times = {c: [] for c in CALLS}
+    for step in range(args.warmup + args.steps):
+        parents = [rng.choice(beams[:max(1, width // 2)]) for _ in range(width)]
+        _sync(device)
+        t = [time.perf_counter()]
+        new = [cache.fork(p) for p in parents]
+        t.append(time.perf_counter())
+        for b in beams:
+            cache.prune(b)
+        t.append(time.perf_counter())
+        beams = new
+        slots = cache.reserve(beams)
+        _sync(device)
+        t.append(time.perf_counter())
+        cache.prepare(beams)
+        _sync(device)
+        t.append(time.perf_counter())
+        for layer in range(args.layers):
+            cache.write(layer, slots, kv, kv)
+        _sync(device)
+        t.append(time.perf_counter())
+        for layer in range(args.layers):
+            cache.attend(q, layer, beams)
+        _sync(device)
+        t.append(time.perf_counter())
+        if step >= args.warmup:
+            for i, c in enumerate(CALLS):
+                times[c].append((t[i + 1] - t[i]) * 1e6)
+    cache.check()
+    row = {"num_beams": width, "prompt_len": args.prompt_len, "layers": args.layers,
+           "steps": args.steps}
+    row.update({f"{c}_us": statistics.median(v) for c, v in times.items()})
+    row.update(nodes=cache.stats()["nodes"], plan_rebuilds=cache.plan_rebuilds)
+    return row
+
+
+def markdown(rows) -> str:
+    head = ("| W | fork us | prune us | reserve us | prepare us | write us (all layers) "
+            "| attend us (all layers) | nodes |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['num_beams']} | " + " | ".join(f"{r[c + '_us']:.1f}" for c in CALLS)
+                     + f" | {r['nodes']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_beam_args(p, steps=60, warmup=30,
+                  warmup_help="unmeasured steps first (kernel compilation, new plan shapes)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_beams = [2, 4]
+        args.prompt_len, args.layers, args.heads, args.kv_heads, args.head_dim = 64, 2, 4, 2, 64
+        args.steps, args.warmup = 4, 2
+    for name in ("prompt_len", "layers", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if min(args.num_beams) < 1:
+        p.error(f"--num-beams must be >= 1, got {args.num_beams}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = device_and_dtype(args)
+    print(f"cache: {args.layers} layers, {args.heads} q / {args.kv_heads} kv heads x "
+          f"{args.head_dim}, {dtype}, on {device}; prompt {args.prompt_len} tokens")
+    rows = []
+    for width in args.num_beams:
+        rows.append(measure(args, width, device, dtype))
+        r = rows[-1]
+        print(f"W={width}: prune {r['prune_us']:.1f} us, reserve {r['reserve_us']:.1f} us, "
+              f"prepare {r['prepare_us']:.1f} us (medians of {args.steps} steps)")
+    print()
+    print(markdown(rows))
+    if args.out is not None:
+        result = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                       if k != "out"},
+            "dtype": str(dtype),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__,
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
