@@ -196,6 +196,9 @@ class TreeKVCache:
         num_pages = -(-int(capacity_tokens) // self.page_size)
         self.pool = KVPool(self.num_layers, num_pages, self.page_size, self.num_kv_heads,
                            self.head_dim, dtype, self.device)
+        # Each layer's K/V view, made once (indexing the pool costs a view per call).
+        self._k_layers = self.pool.k.unbind(0)
+        self._v_layers = self.pool.v.unbind(0)
         self.params = (FastTreeParams.for_heads(self.num_qo_heads, self.num_kv_heads)
                        if params is None else params)
         self.params.validate()
@@ -408,8 +411,8 @@ class TreeKVCache:
                     f"{name} has shape {tuple(t.shape)}, expected [len(slots), num_kv_heads, "
                     f"head_dim] = {list(want)}")
             self._check_dtype_device(name, t)
-        self.pool.k[layer].index_copy_(0, slots, k)
-        self.pool.v[layer].index_copy_(0, slots, v)
+        self._k_layers[layer].index_copy_(0, slots, k)
+        self._v_layers[layer].index_copy_(0, slots, v)
 
     def append(self, req: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append ``n`` tokens to ``req``; ``k``, ``v`` are ``[num_layers, n, num_kv_heads, head_dim]``.
@@ -483,7 +486,7 @@ class TreeKVCache:
                 f"{tuple(q.shape)} {q.dtype} on {q.device}")
         if plan.num_requests == 0:
             return out
-        return plan.run(q, self.pool.k[layer], self.pool.v[layer], out,
+        return plan.run(q, self._k_layers[layer], self._v_layers[layer], out,
                         sm_scale=self.sm_scale, logit_cap=self.logit_cap,
                         backend=self.backend, check=False)
 
