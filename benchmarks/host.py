@@ -67,6 +67,17 @@ def _median_us(fn, reps):
     return statistics.median(ts) * 1e6
 
 
+def _alternate(module, name, fn, reps, rounds):
+    """``(off, on)``: medians of ``fn`` (``reps`` calls each) with ``module.<name>`` off,
+    then on, alternating ``rounds`` times in one run."""
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for on in (False, True):
+            with _patched(name, on, module):
+                times[on].append(_median_us(fn, reps))
+    return times[False], times[True]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="host-side planning and cache step costs")
     ap.add_argument("--quick", action="store_true")
@@ -145,26 +156,15 @@ def main(argv=None):
 
     res["replan_us"] = _median_us(topo_change, 5)
     if ab_rounds:
-        # A/B in one run, alternating: the re-plan's kv entries written on the host
-        # (before v25) against expanded on the device from its run table.
-        ab = {"host": [], "device": []}
-        for _ in range(ab_rounds):
-            for mode in ab:
-                with _patched("DEVICE_EXPAND", mode == "device", plan_mod):
-                    ab[mode].append(_median_us(topo_change, 5))
-        res["replan_host_expanded_us"] = ab["host"]
-        res["replan_device_expanded_us"] = ab["device"]
+        # The re-plan's kv entries written on the host (before v25) against expanded on
+        # the device from its run table.
+        res["replan_host_expanded_us"], res["replan_device_expanded_us"] = _alternate(
+            plan_mod, "DEVICE_EXPAND", topo_change, 5, ab_rounds)
     if ab_rounds:
-        # A/B in one run, alternating: slots copied from the host (before v14) against
-        # derived on the device. After the re-plan, whose time grows with the tokens
-        # that steps add.
-        ab = {"copied": [], "derived": []}
-        for _ in range(ab_rounds):
-            for mode in ab:
-                with _patched("DEVICE_STEP_SLOTS", mode == "derived", cache_mod):
-                    ab[mode].append(_median_us(lambda: cache.reserve(), steps))
-        res["append_step_copied_us"] = ab["copied"]
-        res["append_step_derived_us"] = ab["derived"]
+        # Slots copied from the host (before v14) against derived on the device. After
+        # the re-plan, whose time grows with the tokens that steps add.
+        res["append_step_copied_us"], res["append_step_derived_us"] = _alternate(
+            cache_mod, "DEVICE_STEP_SLOTS", lambda: cache.reserve(), steps, ab_rounds)
     res["cache_stats"] = cache.stats()
     for k, v in res.items():
         if k.endswith("_us"):

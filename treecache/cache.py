@@ -502,11 +502,11 @@ class TreeKVCache:
         """
         self._flush()
         reqs = list(self._live()[0]) if requests is None else [int(r) for r in requests]
-        order = self._topo_order()
+        order, parent = self._topo_order()
         index = {nd.id: i for i, nd in enumerate(order)}
         out = []
         for i, nd in enumerate(order):
-            out.append(KVTreeNode(parent=-1 if nd.parent is None else index[nd.parent.id],
+            out.append(KVTreeNode(parent=parent[i],
                                   id=i, seqlen=int(self._nd_seqlen[nd.id]),
                                   num_children=len(nd.children), requests=[]))
         for row, r in enumerate(reqs):
@@ -956,32 +956,27 @@ class TreeKVCache:
             alloc.mark_mirrored(hi)
         return self._free_dev
 
-    def _topo_order(self) -> list[_Node]:
-        roots = [nd for nd in self._nodes.values() if nd.parent is None]
-        order, stack = [], roots[::-1]
-        while stack:
-            nd = stack.pop()
-            order.append(nd)
-            stack.extend(nd.children[::-1])
-        return order
-
-    def _rebuild(self, key: tuple[int, ...]) -> None:
-        self._flush()
-        # One pass in the order of _topo_order: node ids, each parent's position and
-        # the slot arrays (no array sized by the node ids ever handed out).
-        ids, parent, slot_parts = [], [], []
+    def _topo_order(self) -> tuple[list[_Node], list[int]]:
+        """The nodes depth-first (roots in creation order, children in order) and each
+        one's parent's position in that list (-1 for a root)."""
+        order, parent = [], []
         stack = [(nd, -1) for nd in self._nodes.values() if nd.parent is None][::-1]
         while stack:
             nd, up = stack.pop()
-            here = len(ids)
-            ids.append(nd.id)
-            parent.append(up)
-            slot_parts.append(nd.slot_array())
             if nd.children:
+                here = len(order)
                 stack.extend([(c, here) for c in nd.children[::-1]])
-        n = len(ids)
-        ids = np.array(ids, dtype=np.int64)
+            order.append(nd)
+            parent.append(up)
+        return order, parent
+
+    def _rebuild(self, key: tuple[int, ...]) -> None:
+        self._flush()
+        order, parent = self._topo_order()
+        n = len(order)
+        ids = np.array([nd.id for nd in order], dtype=np.int64)
         parent = np.array(parent, dtype=np.int64)
+        slot_parts = [nd.slot_array() for nd in order]
         # Position of every live node id (a scratch array kept across rebuilds).
         self._nd_pos = _grow(self._nd_pos, self._next_node, -1)
         index = self._nd_pos

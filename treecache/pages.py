@@ -116,14 +116,8 @@ class PageAllocator:
             rc[p] = c
             if c == 0:
                 freed.append(p)
-        freed.sort(reverse=True)  # pushed highest first: the lowest ends on top
-        top = self._top
-        self._mirrored = min(self._mirrored, top)
-        for p in freed:
-            self._free[top] = p
-            top += 1
-        self._top = top
-        return len(freed)
+        freed.sort()
+        return self._push(freed)
 
     def _decref_sorted(self, order: np.ndarray) -> int:
         """``decref`` of distinct pages given in ascending order."""
@@ -145,9 +139,10 @@ class PageAllocator:
             f"double free: page {page} has {int(self.refcount[page])} references, "
             f"{released} released")
 
-    def _push(self, freed: np.ndarray) -> int:
-        """Push freed pages (ascending) so that the lowest is handed out first."""
-        k = freed.size
+    def _push(self, freed) -> int:
+        """Push freed pages (ascending; an array or a list) so that the lowest is handed
+        out first."""
+        k = len(freed)
         self._free[self._top:self._top + k] = freed[::-1]
         self._mirrored = min(self._mirrored, self._top)
         self._top += k
