@@ -755,10 +755,14 @@ class _KernelLaunch:
     kernel's ``do_not_specialize`` parameters): the direct path is taken only while
     that alignment, the current device and the absence of launch hooks (profilers)
     are as on the first call, and only on CUDA; anything else goes through the JIT.
+    The direct path passes the bound tensors as their addresses, taken on the first
+    call (the launcher would otherwise read and check each one's address on every
+    call); the launch keeps the tensors, and their storage must stay where it is, as
+    for a captured CUDA graph.
     """
 
     __slots__ = ("fn", "grid", "args", "consts", "slots", "tail", "compiled", "aligned",
-                 "device", "fast_calls")
+                 "all_aligned", "device", "fast_calls", "fast_args", "driver")
 
     def __init__(self, fn, grid, args, consts, slots):
         self.fn = fn
@@ -774,32 +778,50 @@ class _KernelLaunch:
                      if all(n in consts for n in names) else None)
         self.compiled = None
         self.aligned = None
+        self.all_aligned = False  # every per-call value was an aligned tensor
         self.device = None
         self.fast_calls = 0  # calls that took the direct path (tests read it)
+        # ``args`` with the bound tensors as addresses, then the constexpr tail.
+        self.fast_args = None
+        self.driver = None  # (current device, current stream) functions
 
     def __call__(self, *tensors):
+        ck = self.compiled
+        if ck is not None and FAST_LAUNCH and not _hooks_active():
+            if self.all_aligned:
+                bits = 0
+                for t in tensors:
+                    bits |= t.data_ptr()
+                same = not bits & 15
+            else:
+                same = _alignment(tensors) == self.aligned
+            if same:
+                current_device, current_stream = self.driver
+                device = current_device()
+                if device == self.device:
+                    args = self.fast_args.copy()
+                    for i, t in zip(self.slots, tensors):
+                        args[i] = t
+                    g0, g1, g2 = self.grid
+                    ck.run(g0, g1, g2, current_stream(device), ck.function,
+                           ck.packed_metadata, None, None, None, *args)
+                    self.fast_calls += 1
+                    return
         args = self.args.copy()
         for i, t in zip(self.slots, tensors):
             args[i] = t
-        ck = self.compiled
-        if ck is not None and FAST_LAUNCH:
-            aligned = _alignment(tensors)
-            if aligned == self.aligned and not _hooks_active():
-                drv = triton.runtime.driver.active
-                device = drv.get_current_device()
-                if device == self.device:
-                    g0, g1, g2 = self.grid
-                    ck.run(g0, g1, g2, drv.get_current_stream(device), ck.function,
-                           ck.packed_metadata, None, None, None, *args, *self.tail)
-                    self.fast_calls += 1
-                    return
         out = self.fn[self.grid](*args, **self.consts)
         if (ck is None and FAST_LAUNCH and _knobs is not None and self.tail is not None
                 and tensors and tensors[0].device.type == "cuda"
                 and all(hasattr(out, a) for a in ("run", "function", "packed_metadata"))):
+            drv = triton.runtime.driver.active
             self.compiled = out
             self.aligned = _alignment(tensors)
-            self.device = triton.runtime.driver.active.get_current_device()
+            self.all_aligned = all(a is True for a in self.aligned)
+            self.driver = (drv.get_current_device, drv.get_current_stream)
+            self.device = drv.get_current_device()
+            self.fast_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a
+                              for a in self.args] + list(self.tail)
 
 
 #: Largest element offset (exclusive) that stage 1 computes in 32-bit arithmetic.
@@ -1001,8 +1023,10 @@ def tree_decode_launcher(
 
     ``launch`` may be called again with other tensors of the same dtypes, shapes and
     strides as the ``q``, ``k``, ``v``, ``o`` given here; the index tensors and mid
-    buffers are bound. Arguments are not checked (see :func:`tree_decode`). A plan keeps
-    these per tensor layout (``DecodePlan.run``), so repeated calls skip the Python work.
+    buffers are bound (on CUDA as their addresses after the first call: their storage
+    must not be replaced in place). Arguments are not checked (see
+    :func:`tree_decode`). A plan keeps these per tensor layout (``DecodePlan.run``), so
+    repeated calls skip the Python work.
 
     ``overlap`` (default :data:`OVERLAP_PHASES`): on CUDA, when the two stage-1 phases
     run as two launches, a CUDA graph captured from ``launch`` runs them concurrently

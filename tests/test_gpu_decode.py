@@ -337,14 +337,33 @@ def test_kernel_launch_direct_path(cuda):
         launch(x2, out2)
         torch.testing.assert_close(out2, 2 * x2 + y, rtol=0, atol=0)
     assert launch.fast_calls == 3
+    # The bound tensor goes to the kernel as its address: an in-place update is read.
+    assert launch.fast_args[1] == y.data_ptr() and launch.args[1] is y
+    y.add_(1.0)
+    out2 = torch.full_like(x2, float("nan"))
+    launch(x2, out2)
+    assert launch.fast_calls == 4
+    torch.testing.assert_close(out2, 2 * x2 + y, rtol=0, atol=0)
+    y.sub_(1.0)
     # A tensor whose address is not 16-byte aligned: the JIT (another specialisation).
     buf = torch.randn(n + 1, device=cuda)
     x3 = buf[1:]
     assert x3.data_ptr() % 16 != 0
     out3 = torch.full_like(x3, float("nan"))
     launch(x3, out3)
-    assert launch.fast_calls == 3
+    assert launch.fast_calls == 4
     torch.testing.assert_close(out3, 2 * x3 + y, rtol=0, atol=0)
+    # A launch first called with an unaligned tensor compares each call's alignments.
+    other = td._KernelLaunch(axpy, (_cdiv(n, 256),), (x3, y, out3, n, 2.0),
+                             dict(BLOCK=256, num_warps=4), slots=(0, 2))
+    other(x3, out3)
+    assert not other.all_aligned and other.fast_calls == 0
+    x6 = torch.randn(n + 1, device=cuda)[1:]
+    for xi in (x6, x):  # the first as on the first call, the second not
+        out6 = torch.full_like(x, float("nan"))
+        other(xi, out6)
+        assert other.fast_calls == 1
+        torch.testing.assert_close(out6, 2 * xi + y, rtol=0, atol=0)
     # On another stream, ordered after work queued there.
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -354,7 +373,7 @@ def test_kernel_launch_direct_path(cuda):
         launch(x4, out4)
         res4 = out4.clone()
     torch.cuda.synchronize()
-    assert launch.fast_calls == 4
+    assert launch.fast_calls == 5
     torch.testing.assert_close(res4, 6 + y, rtol=0, atol=0)
     # With a launch hook set (a profiler), calls go through the JIT, which calls it.
     from triton import knobs
@@ -369,9 +388,9 @@ def test_kernel_launch_direct_path(cuda):
         launch(x, out)
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
-    assert seen and launch.fast_calls == 4
+    assert seen and launch.fast_calls == 5
     launch(x, out)
-    assert launch.fast_calls == 5
+    assert launch.fast_calls == 6
     # Captured and replayed.
     x5 = torch.randn(n, device=cuda)
     out5 = torch.full_like(x5, float("nan"))
