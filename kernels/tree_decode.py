@@ -734,6 +734,43 @@ def _hooks_active() -> bool:
     return False
 
 
+#: Compiled kernels of earlier prepared launches, by :func:`_specialisation` (at most
+#: :data:`REUSE_MAX` kept; 0: none). A new launch set whose launch has the key of an
+#: earlier one takes its compiled kernel instead of calling the JIT first: a plan of
+#: other sizes but the same tiles, modes and buffers (a decode loop whose tree changes
+#: shape every step). Measured on an H100 host (benchmarks/RESULTS.md, v27).
+REUSE_MAX = 256
+_COMPILED: dict = {}
+
+
+def _specialisation(fn, args, consts, device) -> tuple | None:
+    """A key at least as fine as the one Triton's JIT compiles a kernel under: the
+    kernel, the device, the compile-time constants and options, and per runtime
+    argument its kind with, for a tensor, its dtype and address modulo 16, for an
+    integer, its value modulo 16, whether it is 0 or 1 and its integer range (the JIT
+    specialises integers equal to 1 and on divisibility by 16, tensors on 16-byte
+    alignment, and types integers by range). None where an argument is of another
+    kind (no reuse)."""
+    key = [fn, device, tuple(sorted(consts.items()))]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() & 15))
+        elif a is None or isinstance(a, bool):
+            key.append(a)
+        elif isinstance(a, int):
+            key.append((a & 15, a == 0, a == 1, -2 ** 31 <= a < 2 ** 31, a < 2 ** 63))
+        elif isinstance(a, float):
+            key.append(float)
+        else:
+            return None
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:  # a constant that cannot be a key
+        return None
+    return key
+
+
 def _alignment(args) -> list:
     """Whether each per-call tensor's address is 16-byte aligned (None for a scalar:
     per-call scalars must be parameters the kernel does not specialise on)."""
@@ -746,9 +783,11 @@ class _KernelLaunch:
     (tensors of the same dtype, shape and strides as the ones given here).
 
     The first call goes through the JIT, which compiles (or finds) the kernel
-    specialised for these arguments and returns it. Later calls launch that compiled
-    kernel directly, with the arguments in signature order, as the JIT itself would:
-    this skips its per-call argument binding, specialisation key and cache lookup
+    specialised for these arguments and returns it, unless an earlier launch's first
+    call had the same :func:`_specialisation` key: then it takes that compiled kernel
+    (see :data:`REUSE_MAX`). Later calls launch that compiled kernel directly, with
+    the arguments in signature order, as the JIT itself would: this skips its
+    per-call argument binding, specialisation key and cache lookup
     (tens of microseconds of host time for stage 1's ~40 arguments). Of the per-call
     tensors the JIT specialises on their dtypes (the caller keeps those fixed) and on
     whether their addresses are 16-byte aligned (a per-call integer must be one of the
@@ -810,18 +849,35 @@ class _KernelLaunch:
         args = self.args.copy()
         for i, t in zip(self.slots, tensors):
             args[i] = t
+        first = (ck is None and FAST_LAUNCH and _knobs is not None and self.tail is not None
+                 and tensors and tensors[0].device.type == "cuda")
+        key = None
+        if first and REUSE_MAX and not _hooks_active():
+            key = _specialisation(self.fn, args, self.consts,
+                                  triton.runtime.driver.active.get_current_device())
+            found = _COMPILED.get(key) if key is not None else None
+            if found is not None:
+                self._bind(found, tensors)
+                self(*tensors)
+                return
         out = self.fn[self.grid](*args, **self.consts)
-        if (ck is None and FAST_LAUNCH and _knobs is not None and self.tail is not None
-                and tensors and tensors[0].device.type == "cuda"
-                and all(hasattr(out, a) for a in ("run", "function", "packed_metadata"))):
-            drv = triton.runtime.driver.active
-            self.compiled = out
-            self.aligned = _alignment(tensors)
-            self.all_aligned = all(a is True for a in self.aligned)
-            self.driver = (drv.get_current_device, drv.get_current_stream)
-            self.device = drv.get_current_device()
-            self.fast_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a
-                              for a in self.args] + list(self.tail)
+        if first and all(hasattr(out, a) for a in ("run", "function", "packed_metadata")):
+            self._bind(out, tensors)
+            if key is not None:
+                if len(_COMPILED) >= REUSE_MAX:
+                    _COMPILED.pop(next(iter(_COMPILED)))  # the oldest
+                _COMPILED[key] = out
+
+    def _bind(self, compiled, tensors) -> None:
+        """Take ``compiled`` for the direct path, for per-call tensors like ``tensors``."""
+        drv = triton.runtime.driver.active
+        self.compiled = compiled
+        self.aligned = _alignment(tensors)
+        self.all_aligned = all(a is True for a in self.aligned)
+        self.driver = (drv.get_current_device, drv.get_current_stream)
+        self.device = drv.get_current_device()
+        self.fast_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a
+                          for a in self.args] + list(self.tail)
 
 
 #: Largest element offset (exclusive) that stage 1 computes in 32-bit arithmetic.
@@ -1105,10 +1161,18 @@ CHAIN_PHASES = True
 DEPENDENT_LAUNCH = True
 
 
+_MAJOR: dict = {}  # compute capability's major version by CUDA device index
+
+
 def _dependent_launch_ok(device: torch.device) -> bool:
     """Whether stage 2 may be a programmatic dependent launch on ``device``."""
-    return (bool(DEPENDENT_LAUNCH) and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    if not (DEPENDENT_LAUNCH and device.type == "cuda"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major = _MAJOR.get(index)
+    if major is None:
+        major = _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return major >= 9
 
 
 def _overlapped(sequential, stage1, stage2, device):

@@ -408,6 +408,41 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
+def test_kernel_launch_reuses_compiled_kernel(cuda, monkeypatch):
+    """A new prepared launch whose arguments specialise like an earlier one's takes its
+    compiled kernel at once (no JIT call); one that specialises otherwise (an integer
+    equal to 1 or divisible by 16, an unaligned tensor, other constants) does not, and
+    every result is right."""
+    axpy = _direct_launch_kernel()
+    consts = dict(BLOCK=256, num_warps=4)
+
+    def run(n, alpha=2.0, y_offset=0, launch_consts=consts):
+        x = torch.randn(n, device=cuda)
+        y = torch.randn(n + y_offset, device=cuda)[y_offset:]
+        out = torch.full_like(x, float("nan"))
+        launch = td._KernelLaunch(axpy, (_cdiv(n, 256),), (x, y, out, n, alpha),
+                                  dict(launch_consts), slots=(0, 2))
+        launch(x, out)
+        torch.testing.assert_close(out, alpha * x + y, rtol=0, atol=0)
+        return launch
+
+    one = run(1)  # n == 1: a constant of the compiled kernel
+    general = run(1000)
+    assert general.fast_calls == 0 and general.compiled is not one.compiled
+    again = run(520, alpha=0.5)  # 520 and 1000 specialise alike (8 mod 16)
+    assert again.fast_calls == 1 and again.compiled is general.compiled
+    by16 = run(512)
+    assert by16.fast_calls == 0 and by16.compiled is not general.compiled
+    assert run(1000 + 16).compiled is general.compiled
+    unaligned = run(1000, y_offset=1)
+    assert unaligned.fast_calls == 0 and unaligned.compiled is not general.compiled
+    warps = run(1000, launch_consts=dict(BLOCK=256, num_warps=2))
+    assert warps.fast_calls == 0 and warps.compiled is not general.compiled
+    monkeypatch.setattr(td, "REUSE_MAX", 0)
+    off = run(1000)
+    assert off.fast_calls == 0
+
+
 @pytest.mark.parametrize("hq,hk", [(32, 32), (32, 8), (16, 1)])
 def test_direct_and_dependent_launches_match_plain_launches(cuda, monkeypatch, hq, hk):
     """Plans' calls with direct launches (FAST_LAUNCH) and stage 2 as a programmatic

@@ -839,6 +839,38 @@ def test_kernel_launch_binds_arguments_and_keeps_no_tensors():
     assert launch.fast_calls == 0 and len(calls) == 2
 
 
+def test_specialisation_key_is_at_least_as_fine_as_the_jit():
+    """Prepared launches share a compiled kernel only under equal keys: the key tells
+    apart what Triton's JIT specialises on (integers equal to 1, divisibility by 16,
+    integer range, tensor dtype and 16-byte alignment, constants) and more."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    fn, consts = object(), dict(BLOCK=16, num_warps=4)
+    buf = torch.zeros(64)
+
+    def key(*args, c=consts, f=fn):
+        return td._specialisation(f, args, c, 0)
+
+    base = key(buf, 1000, 2.0, None, True)
+    assert base == key(torch.ones(8), 1000 + 16 * 7, -3.5, None, True)
+    for other in (key(buf.double(), 1000, 2.0, None, True),   # dtype
+                  key(buf[1:], 1000, 2.0, None, True),        # alignment
+                  key(buf, 1, 2.0, None, True),               # equal to 1
+                  key(buf, 1000 + 2 ** 31, 2.0, None, True),  # beyond int32
+                  key(buf, 1024, 2.0, None, True),            # divisible by 16
+                  key(buf, 1004, 2.0, None, True),            # divisible by 4 only
+                  key(buf, 1000 + 2 ** 40, 2.0, None, True),  # int64
+                  key(buf, 1000, 2.0, None, False),           # another flag
+                  key(buf, 1000, 2.0, None, True, c=dict(consts, num_warps=8)),
+                  key(buf, 1000, 2.0, None, True, f=object())):
+        assert other != base
+    assert key(buf, 16) != key(buf, 0)  # zero and one apart from others like them
+    assert key(buf, 17) != key(buf, 1) and key(buf, 17) == key(buf, 33)
+    assert key(buf, 2 ** 40) != key(buf, 2 ** 63)  # int64 apart from uint64
+    assert key(buf, "text") is None  # an argument of another kind: no reuse
+
+
 def test_launch_hooks_detected():
     """Direct launches step aside while Triton has a launch hook (a profiler)."""
     import importlib
