@@ -12,7 +12,9 @@ widths.
 Reported per W: the median host time (``time.perf_counter``; the device is synchronised
 before and after each group of calls) of the step's forks, its prunes, its ``reserve``,
 its ``prepare``, the ``write`` of all layers and the ``attend`` of all layers, and the
-cache's node count at the end.
+cache's node count at the end; also the host time of the first layer's ``attend`` alone
+(``attend_first_us``: where the step's plan has phases not met before, it builds the
+plan's launch set and makes its first launches).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
     kv = torch.randn(width, args.kv_heads, args.head_dim, generator=gen).to(device, dtype)
     rng = random.Random(width)
     times = {c: [] for c in CALLS}
+    first = []
     for step in range(args.warmup + args.steps):
         parents = [rng.choice(beams[:max(1, width // 2)]) for _ in range(width)]
         _sync(device)
@@ -81,26 +84,30 @@ def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
         t.append(time.perf_counter())
         for layer in range(args.layers):
             cache.attend(q, layer, beams)
+            if layer == 0:
+                t_first = time.perf_counter()
         _sync(device)
         t.append(time.perf_counter())
         if step >= args.warmup:
             for i, c in enumerate(CALLS):
                 times[c].append((t[i + 1] - t[i]) * 1e6)
+            first.append((t_first - t[-2]) * 1e6)
     cache.check()
     row = {"num_beams": width, "prompt_len": args.prompt_len, "layers": args.layers,
            "steps": args.steps}
     row.update({f"{c}_us": statistics.median(v) for c, v in times.items()})
+    row["attend_first_us"] = statistics.median(first)
     row.update(nodes=cache.stats()["nodes"], plan_rebuilds=cache.plan_rebuilds)
     return row
 
 
 def markdown(rows) -> str:
     head = ("| W | fork us | prune us | reserve us | prepare us | write us (all layers) "
-            "| attend us (all layers) | nodes |")
-    lines = [head, "|" + "---|" * 8]
+            "| attend us (all layers) | first attend us (host) | nodes |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['num_beams']} | " + " | ".join(f"{r[c + '_us']:.1f}" for c in CALLS)
-                     + f" | {r['nodes']} |")
+                     + f" | {r['attend_first_us']:.1f} | {r['nodes']} |")
     return "\n".join(lines)
 
 
@@ -133,7 +140,8 @@ def main(argv=None):
         rows.append(measure(args, width, device, dtype))
         r = rows[-1]
         print(f"W={width}: prune {r['prune_us']:.1f} us, reserve {r['reserve_us']:.1f} us, "
-              f"prepare {r['prepare_us']:.1f} us (medians of {args.steps} steps)")
+              f"prepare {r['prepare_us']:.1f} us, first attend {r['attend_first_us']:.1f} us "
+              f"(medians of {args.steps} steps)")
     print()
     print(markdown(rows))
     if args.out is not None:

@@ -130,6 +130,8 @@ def test_cache_ops_quick_run_times_every_call_and_replans_every_step(tmp_path):
     for r in rows:
         for c in CALLS:
             assert math.isfinite(r[c + "_us"]) and r[c + "_us"] > 0
+        # The first layer's attend (host time) is part of all layers' attends.
+        assert 0 < r["attend_first_us"] <= r["attend_us"]
         # Every beam step forks and prunes: one re-plan per step after the first plan.
         assert r["plan_rebuilds"] == 1 + 2 + 4
         assert r["nodes"] >= r["num_beams"]
