@@ -886,6 +886,33 @@ def test_half_partials(dtype):
     assert attrs.evolve(plan, half_partials=False).kernel_tensors(dtype)["mid_o"].dtype == torch.float32
 
 
+def test_plans_of_one_buffer_share_their_views():
+    # A decode loop writes a new plan into the same buffers at every topology change:
+    # plans with the same request count and masking share one dict of views, which
+    # are the buffers' regions; another request count or a reallocation gives new ones.
+    inp = plan_input([-1, 0, 0, 1, 1], [40, 5, 7, 3, 9], [3, 4, 2, 0])
+    first = build(inp, group=2, **NO_ADJUST)
+    bufs = first.buffers
+    t = first.tensors()
+    second = build(plan_input([-1, 0, 0], [30, 2, 6], [1, 2, 1, 2]), group=2, buffers=bufs,
+                   **NO_ADJUST)
+    assert second.tensors() is t and second.kernel_tensors(torch.float16) is \
+        first.kernel_tensors(torch.float16)
+    base = bufs.dev.data_ptr()
+    for name, view in t.items():
+        if name not in ("mid_o", "mid_lse"):
+            assert view.data_ptr() == base + 4 * bufs.offsets[name], name
+    assert t["req_mid_len"].numel() == 4 and t["mid_o"] is bufs.mid_o
+    third = build(plan_input([-1, 0], [20, 3], [1, 1, 0]), group=2, buffers=bufs, **NO_ADJUST)
+    assert third.tensors() is not t and third.tensors()["req_mid_len"].numel() == 3
+    assert third.tensors()["req_mid_len"].tolist() == list(host(third, "req_mid_len", 3))
+    bufs.ensure(vnodes=4 * bufs.cap_vnodes, requests=1, mid_rows=1, kv_entries=1)
+    fourth = build(inp, group=2, buffers=bufs, **NO_ADJUST)
+    u = fourth.tensors()
+    assert u is not t
+    assert u["kv_indices"].data_ptr() == bufs.dev.data_ptr() + 4 * bufs.offsets["kv_indices"]
+
+
 def test_prepared_launches_reused_per_layout():
     # run() prepares the Triton launches once per tensor layout and reuses them with new
     # tensors of that layout; another layout gets its own; reallocated buffers drop them;

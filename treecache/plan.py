@@ -442,6 +442,9 @@ class PlanBuffers:
         self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
                                    dtype=torch.float32, device=self.device)
         self._expand = {}  # prepared run expansions (CUDA) by (gather, masks)
+        #: Views of these buffers as the kernels take them, shared by the plans written
+        #: here (see DecodePlan.tensors), by request count and masking.
+        self.views: dict = {}
         #: Prepared launch sets of the plans written into these buffers, by tensor
         #: layout, phases and modes (see DecodePlan._launcher); dropped with the buffers.
         self.launchers: dict = {}
@@ -729,42 +732,54 @@ class DecodePlan:
         return dict(direct=self.direct, needs_stage2=self.needs_stage2, finish=self.finish)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The index tensors and mid buffers as keyword arguments of the kernels."""
+        """The index tensors and mid buffers as keyword arguments of the kernels.
+
+        The plans written into the same buffers with the same request count and
+        masking share one dict (:attr:`PlanBuffers.views`): read it, do not modify it."""
         cached = self._tensor_cache
         if cached is not None and cached[0] == self.buffers.generation:
             return cached[1]
         b = self.buffers
-        t = dict(
-            kv_indices=b.dev_view("kv_indices"),
-            vnode_kv_start=b.dev_view("vnode_kv_start"),
-            vnode_kv_len=b.dev_view("vnode_kv_len"),
-            vnode_q_start=b.dev_view("vnode_q_start"),
-            vnode_q_len=b.dev_view("vnode_q_len"),
-            vnode_slot0=b.dev_view("vnode_slot0"),
-            mid_q_rows=b.dev_view("mid_q_rows"),
-            req_mid_start=b.dev_view("req_mid_start", self.num_requests),
-            req_mid_len=b.dev_view("req_mid_len", self.num_requests),
-            req_mid_rows=b.dev_view("req_mid_rows"),
-            mid_o=b.mid_o,
-            mid_lse=b.mid_lse,
-        )
-        if self.masked:
-            t["kv_mask"] = b.dev_view("kv_mask")
+        key = (self.num_requests, self.masked)
+        t = b.views.get(key)
+        if t is None:
+            t = dict(
+                kv_indices=b.dev_view("kv_indices"),
+                vnode_kv_start=b.dev_view("vnode_kv_start"),
+                vnode_kv_len=b.dev_view("vnode_kv_len"),
+                vnode_q_start=b.dev_view("vnode_q_start"),
+                vnode_q_len=b.dev_view("vnode_q_len"),
+                vnode_slot0=b.dev_view("vnode_slot0"),
+                mid_q_rows=b.dev_view("mid_q_rows"),
+                req_mid_start=b.dev_view("req_mid_start", self.num_requests),
+                req_mid_len=b.dev_view("req_mid_len", self.num_requests),
+                req_mid_rows=b.dev_view("req_mid_rows"),
+                mid_o=b.mid_o,
+                mid_lse=b.mid_lse,
+            )
+            if self.masked:
+                t["kv_mask"] = b.dev_view("kv_mask")
+            b.views[key] = t
         self._tensor_cache = (b.generation, t)
         return t
 
     def kernel_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """:meth:`tensors` as decode uses them for inputs of ``dtype``: with
         :attr:`half_partials` and float16 inputs, ``mid_o`` is a float16 view of the
-        float32 buffer (row stride unchanged, the first half of each row used)."""
+        float32 buffer (row stride unchanged, the first half of each row used). Shared
+        like :meth:`tensors`."""
         t = self.tensors()
         if not (self.half_partials and dtype == torch.float16):
             return t
         cached = self._half_cache
         if cached is None or cached[0] is not t:
-            mid = t["mid_o"]
-            half = mid.view(torch.float16)[..., :mid.shape[-1]]
-            cached = self._half_cache = (t, dict(t, mid_o=half))
+            key = (self.num_requests, self.masked, "half")
+            half_t = self.buffers.views.get(key)
+            if half_t is None or half_t["kv_indices"] is not t["kv_indices"]:
+                mid = t["mid_o"]
+                half = mid.view(torch.float16)[..., :mid.shape[-1]]
+                half_t = self.buffers.views[key] = dict(t, mid_o=half)
+            cached = self._half_cache = (t, half_t)
         return cached[1]
 
     def run_stage1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phase,
