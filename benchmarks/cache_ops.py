@@ -37,14 +37,9 @@ except ImportError:  # running from a source checkout that is not installed
 
 from treecache import TreeKVCache
 
-from benchmarks.beam_memory import add_beam_args, device_and_dtype
+from benchmarks.beam_memory import _sync, add_beam_args, device_and_dtype
 
 CALLS = ("fork", "prune", "reserve", "prepare", "write", "attend")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:

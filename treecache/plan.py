@@ -709,13 +709,11 @@ class DecodePlan:
     tail_rank: np.ndarray | None = None
     tail_count: np.ndarray | None = None
     tail_bit: np.ndarray | None = None
-    _tensor_cache: tuple | None = attrs.field(default=None, repr=False)
     # Per-object caches, not copied by attrs.evolve (a copy may differ in its modes):
-    # the float16 view of the partials, the prepared Triton launches per tensor layout
-    # (see run), the captured CUDA graphs, and request-ordered mirrors of the tail
-    # vnodes for the every-request append step (see _all_tails; False when some
-    # request cannot grow).
-    _half_cache: tuple | None = attrs.field(default=None, init=False, repr=False)
+    # the prepared Triton launches per tensor layout (see run), the captured CUDA
+    # graphs, and request-ordered mirrors of the tail vnodes for the every-request
+    # append step (see _all_tails; False when some request cannot grow). The kernels'
+    # views are the buffers' (PlanBuffers.views).
     _launchers: dict = attrs.field(factory=dict, init=False, repr=False)
     _graphs: tuple | None = attrs.field(default=None, init=False, repr=False)
     _tails: object = attrs.field(default=None, init=False, repr=False)
@@ -736,9 +734,6 @@ class DecodePlan:
 
         The plans written into the same buffers with the same request count and
         masking share one dict (:attr:`PlanBuffers.views`): read it, do not modify it."""
-        cached = self._tensor_cache
-        if cached is not None and cached[0] == self.buffers.generation:
-            return cached[1]
         b = self.buffers
         key = (self.num_requests, self.masked)
         t = b.views.get(key)
@@ -760,7 +755,6 @@ class DecodePlan:
             if self.masked:
                 t["kv_mask"] = b.dev_view("kv_mask")
             b.views[key] = t
-        self._tensor_cache = (b.generation, t)
         return t
 
     def kernel_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -771,16 +765,13 @@ class DecodePlan:
         t = self.tensors()
         if not (self.half_partials and dtype == torch.float16):
             return t
-        cached = self._half_cache
-        if cached is None or cached[0] is not t:
-            key = (self.num_requests, self.masked, "half")
-            half_t = self.buffers.views.get(key)
-            if half_t is None or half_t["kv_indices"] is not t["kv_indices"]:
-                mid = t["mid_o"]
-                half = mid.view(torch.float16)[..., :mid.shape[-1]]
-                half_t = self.buffers.views[key] = dict(t, mid_o=half)
-            cached = self._half_cache = (t, half_t)
-        return cached[1]
+        key = (self.num_requests, self.masked, "half")
+        half_t = self.buffers.views.get(key)
+        if half_t is None:
+            mid = t["mid_o"]
+            half = mid.view(torch.float16)[..., :mid.shape[-1]]
+            half_t = self.buffers.views[key] = dict(t, mid_o=half)
+        return half_t
 
     def run_stage1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phase,
                    sm_scale: float, *, o: torch.Tensor | None = None, **launch) -> None:
