@@ -14,6 +14,7 @@ from .reference import reference_decode, softcap_logits, torch_tree_decode
 from .tree_decode import (
     SUPPORTED_DTYPES,
     Phase,
+    launch_form,
     merge_phases,
     stage1_block_sizes,
     stage2_blocks,
@@ -27,6 +28,7 @@ __all__ = [
     "Backend",
     "Phase",
     "SUPPORTED_DTYPES",
+    "launch_form",
     "merge_phases",
     "reference_decode",
     "select_backend",

@@ -50,6 +50,7 @@ import triton.language as tl
 __all__ = [
     "Phase",
     "SUPPORTED_DTYPES",
+    "launch_form",
     "merge_phases",
     "tree_decode_stage1",
     "tree_decode_stage2",
@@ -93,6 +94,13 @@ class Phase(NamedTuple):
     q_tile: int
     kv_tile: int
     masked: bool = True
+
+
+#: The stage-1 kernel's integer arguments that depend on the sizes of a launch's phases.
+#: The JIT does not specialise on them (no divisibility or == 1 cases), so that a
+#: launch set resized for a plan of other phase sizes keeps its compiled kernels
+#: (:meth:`_LaunchSet.resized`).
+STAGE1_SIZE_ARGS = ("vnode_offset", "num_first")
 
 
 def _next_pow2(x: int) -> int:
@@ -333,7 +341,7 @@ def _stage1_vnode(
         tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STAGE1_SIZE_ARGS)
 def _stage1_kernel(
     Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
     KvIdx, VKvStart, VKvLen, VQStart, VQLen, MidQRows, VSlot0, KvMask,
@@ -406,6 +414,9 @@ def _stage1_kernel(
         # runs beside that launch and only its end waits for it, so that this grid ends
         # after both (the launch after this one waits for this grid alone).
         tl.extra.cuda.gdc_wait()
+
+
+_STAGE1_SIZE_POS = tuple(_stage1_kernel.arg_names.index(n) for n in STAGE1_SIZE_ARGS)
 
 
 @triton.jit
@@ -581,10 +592,6 @@ def tree_decode_stage1(
                      kv_mask=kv_mask)(q, k, v, o)
 
 
-def _noop(q, k, v, o) -> None:
-    return None
-
-
 def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                      vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap=0.0,
                      num_warps=None, num_stages=None, vnode_slot0=None, o=None,
@@ -603,7 +610,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         raise ValueError("o and req_mid_len go together (direct mode)")
     phases = _phase_list(phase)
     if not phases:
-        return _noop
+        return _Stage1([], [], False)
     if kv_mask is not None and not any(ph.masked for ph in phases):
         kv_mask = None  # every entry of these phases attends every query
     if finish is not None and (o is None or len(phases) != 1):
@@ -653,12 +660,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
                                   vnode_kv_len, vnode_q_start, vnode_q_len, mid_q_rows, ph,
                                   sm_scale, logit_cap, warps_arg, stages_arg, vnode_slot0, o,
                                   req_mid_len, pdl, kv_mask=kv_mask) for ph in phases]
-
-        def launch_parts(q, k, v, o):
-            for part in parts:
-                part(q, k, v, o)
-
-        return launch_parts
+        return _Stage1([part.kernels[0] for part in parts], [(0,), (1,)], o is not None)
     first = phases[0]
     slot0 = vnode_slot0 if vnode_slot0 is not None else vnode_kv_start
     direct = o is not None
@@ -699,9 +701,39 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         + (kv_indices, vnode_kv_start, vnode_kv_len, vnode_q_start, vnode_q_len,
            mid_q_rows, slot0, kv_mask if kv_mask is not None else kv_indices) + strides,
         consts, slots=(0, 1, 2, 5))
-    if direct:
-        return kernel
-    return lambda q, k, v, o: kernel(q, k, v, q)
+    return _Stage1([kernel], [tuple(range(len(phases)))], direct)
+
+
+class _Stage1:
+    """The stage-1 launches of one group of phases (:func:`_stage1_launcher`): one
+    kernel launch, or one per phase where the two tile shapes do not fit one kernel's
+    shared memory. ``parts[i]`` gives the positions, in the group, of the phases that
+    ``kernels[i]`` runs; ``direct``: the launches write the output (else they get ``q``
+    in its place)."""
+
+    __slots__ = ("kernels", "parts", "direct")
+
+    def __init__(self, kernels, parts, direct):
+        self.kernels = kernels
+        self.parts = parts
+        self.direct = direct
+
+    def __call__(self, q, k, v, o):
+        out = o if self.direct else q
+        for kernel in self.kernels:
+            kernel(q, k, v, out)
+
+    def resized(self, phases) -> "_Stage1":
+        """These launches for ``phases`` (the group's phases of another plan: same
+        count, tile shapes and masking, other sizes): the grids and the size arguments
+        (:data:`STAGE1_SIZE_ARGS`) change, nothing else."""
+        kernels = []
+        for kernel, part in zip(self.kernels, self.parts):
+            first = phases[part[0]]
+            kernels.append(kernel.resized(
+                sum(phases[i].num_vnodes for i in part), _STAGE1_SIZE_POS,
+                (first.vnode_offset, first.num_vnodes)))
+        return _Stage1(kernels, self.parts, self.direct)
 
 
 #: A finishing stage-1 launch (the merge in phase 1) of at most this many programs
@@ -868,6 +900,34 @@ class _KernelLaunch:
                     _COMPILED.pop(next(iter(_COMPILED)))  # the oldest
                 _COMPILED[key] = out
 
+    def resized(self, grid0: int, positions, values) -> "_KernelLaunch":
+        """This launch with ``grid0`` programs along the grid's first dimension and
+        ``values`` as the arguments at ``positions``. It keeps the compiled kernel of this
+        one (and its direct path) where every argument replaced is an integer the kernel
+        does not specialise on (``do_not_specialize``) and the old and the new values are
+        both 32-bit integers (the type the JIT gives them); otherwise its first call
+        goes through the JIT as a new launch's does."""
+        new = object.__new__(_KernelLaunch)
+        for name in self.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.grid = (int(grid0),) + self.grid[1:]
+        new.fast_calls = 0
+        args = new.args = self.args.copy()
+        params = getattr(self.fn, "params", None)
+        keep = self.fast_args is not None and params is not None
+        for i, value in zip(positions, values):
+            keep = (keep and getattr(params[i], "do_not_specialize", False)
+                    and _is_int32(args[i]) and _is_int32(value))
+            args[i] = value
+        if keep:
+            fast = new.fast_args = self.fast_args.copy()
+            for i, value in zip(positions, values):
+                fast[i] = value
+        else:
+            new.compiled = new.fast_args = new.aligned = new.device = new.driver = None
+            new.all_aligned = False
+        return new
+
     def _bind(self, compiled, tensors) -> None:
         """Take ``compiled`` for the direct path, for per-call tensors like ``tensors``."""
         drv = triton.runtime.driver.active
@@ -878,6 +938,10 @@ class _KernelLaunch:
         self.device = drv.get_current_device()
         self.fast_args = [a.data_ptr() if isinstance(a, torch.Tensor) else a
                           for a in self.args] + list(self.tail)
+
+
+def _is_int32(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and -2 ** 31 <= x < 2 ** 31
 
 
 #: Largest element offset (exclusive) that stage 1 computes in 32-bit arithmetic.
@@ -1082,7 +1146,9 @@ def tree_decode_launcher(
     buffers are bound (on CUDA as their addresses after the first call: their storage
     must not be replaced in place). Arguments are not checked (see
     :func:`tree_decode`). A plan keeps these per tensor layout (``DecodePlan.run``), so
-    repeated calls skip the Python work.
+    repeated calls skip the Python work. ``launch.resized(other_phases)`` gives the
+    launches of a plan over the same tensors whose phases differ only in their sizes
+    (:func:`launch_form`; None otherwise) without building them again.
 
     ``overlap`` (default :data:`OVERLAP_PHASES`): on CUDA, when the two stage-1 phases
     run as two launches, a CUDA graph captured from ``launch`` runs them concurrently
@@ -1099,15 +1165,8 @@ def tree_decode_launcher(
     On CUDA devices of compute capability >= 9 two stage-1 launches are chained
     (:data:`CHAIN_PHASES`) instead of overlapped on two streams.
     """
-    live = [ph for ph in phases if ph.num_vnodes > 0]
-    if finish:
-        if len(live) != 2:
-            raise ValueError(f"finish needs two phases, got {len(live)}")
-        groups = [[ph] for ph in live]
-    elif merge_phases(live, q.shape[1] // k.shape[1], k.shape[1]):
-        groups = [live]
-    else:
-        groups = [[ph] for ph in live]
+    group, hk = q.shape[1] // k.shape[1], k.shape[1]
+    groups = _phase_groups(phases, group, hk, finish)
     dependent_ok = _dependent_launch_ok(q.device)
     with_stage2 = not finish and (needs_stage2 or not direct)
     chained = not finish and len(groups) == 2 and CHAIN_PHASES and dependent_ok
@@ -1131,18 +1190,90 @@ def tree_decode_launcher(
     if with_stage2:
         stage2 = _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
                                   skip_single=direct, pdl=pdl)
-
-    def launch(q, k, v, o):
-        for part in stage1:
-            part(q, k, v, o)
-        if stage2 is not None:
-            stage2(o)
-
     if overlap is None:
         overlap = OVERLAP_PHASES
-    if overlap and not (chained or finish) and len(stage1) == 2 and q.device.type == "cuda":
-        return _overlapped(launch, stage1, stage2, q.device)
-    return launch
+    overlap = (overlap and not (chained or finish) and len(stage1) == 2
+               and q.device.type == "cuda")
+    return _LaunchSet(launch_form(phases, group, hk, finish), (group, hk, finish),
+                      stage1, stage2, q.device if overlap else None)
+
+
+def _phase_groups(phases, group: int, num_kv_heads: int, finish: bool) -> list:
+    """The phases of each stage-1 launch group of :func:`tree_decode_launcher`."""
+    live = [ph for ph in phases if ph.num_vnodes > 0]
+    if finish:
+        if len(live) != 2:
+            raise ValueError(f"finish needs two phases, got {len(live)}")
+        return [[ph] for ph in live]
+    if merge_phases(live, group, num_kv_heads):
+        return [live]
+    return [[ph] for ph in live]
+
+
+def launch_form(phases: Sequence[Phase], group: int, num_kv_heads: int,
+                finish: bool = False) -> tuple:
+    """What :func:`tree_decode_launcher` decides from ``phases``, less their sizes: the
+    tile shapes and masking of the non-empty phases, how they are grouped into launches
+    and whether a finishing launch takes :data:`FEW_FINISH_WARPS`. Plans whose phases
+    have the same form (and the same tensors and modes) get the same launches but for
+    the grids and the vnode offsets and counts passed to them: see
+    :meth:`_LaunchSet.resized`."""
+    live = [ph for ph in phases if ph.num_vnodes > 0]
+    merged = not finish and merge_phases(live, group, num_kv_heads)
+    few = bool(finish and len(live) == 2 and FEW_FINISH_MAX_PROGRAMS
+               and live[1].num_vnodes * num_kv_heads <= FEW_FINISH_MAX_PROGRAMS)
+    return (tuple((ph.q_tile, ph.kv_tile, bool(ph.masked)) for ph in live), merged, few)
+
+
+class _LaunchSet:
+    """The prepared launches of :func:`tree_decode` (what :func:`tree_decode_launcher`
+    returns): call it as ``launch(q, k, v, o)``. ``form`` is :func:`launch_form` of the
+    phases it was built for, ``shape`` the ``(group, num_kv_heads, finish)`` it was
+    built with; ``stage1`` holds one :class:`_Stage1` per launch group."""
+
+    __slots__ = ("form", "shape", "stage1", "stage2", "overlap_device", "_calls",
+                 "_overlapped")
+
+    def __init__(self, form, shape, stage1, stage2, overlap_device):
+        self.form = form
+        self.shape = shape
+        self.stage1 = stage1
+        self.stage2 = stage2
+        self.overlap_device = overlap_device
+        # The kernel launches in order, each with whether it takes the output (else q).
+        self._calls = tuple((kernel, part.direct) for part in stage1
+                            for kernel in part.kernels)
+        self._overlapped = (None if overlap_device is None else
+                            _overlapped(self._sequential, stage1, stage2, overlap_device))
+
+    def __call__(self, q, k, v, o):
+        if self._overlapped is not None:
+            self._overlapped(q, k, v, o)
+            return
+        for kernel, direct in self._calls:
+            kernel(q, k, v, o if direct else q)
+        if self.stage2 is not None:
+            self.stage2(o)
+
+    def _sequential(self, q, k, v, o):
+        for kernel, direct in self._calls:
+            kernel(q, k, v, o if direct else q)
+        if self.stage2 is not None:
+            self.stage2(o)
+
+    def resized(self, phases: Sequence[Phase]) -> "_LaunchSet | None":
+        """This set for a plan whose ``phases`` have other sizes but the same
+        :func:`launch_form` (else None), over the same tensors and modes: the grids and
+        the vnode offsets and counts change, and the compiled kernels stay bound (no
+        JIT call, no argument binding), which costs a few microseconds of host time
+        where building a set and its first launches cost a few hundred on a plan of
+        many vnodes. The result equals what :func:`tree_decode_launcher` would build."""
+        group, hk, finish = self.shape
+        if launch_form(phases, group, hk, finish) != self.form:
+            return None
+        groups = _phase_groups(phases, group, hk, finish)
+        stage1 = [part.resized(grp) for part, grp in zip(self.stage1, groups)]
+        return _LaunchSet(self.form, self.shape, stage1, self.stage2, self.overlap_device)
 
 
 #: Where the two stage-1 phases are two launches, the second is a programmatic

@@ -797,7 +797,7 @@ def test_few_program_finish_launch_warps(monkeypatch, hq, hk):
         launch = td._stage1_launcher(
             q, k, v, mid_o, mid_lse, idx, idx, idx, idx, idx, idx, ph, 0.1,
             o=torch.empty_like(q), req_mid_len=idx, finish=(idx, idx) if finish else None)
-        return launch.consts["num_warps"]
+        return launch.kernels[0].consts["num_warps"]
 
     limit = td.FEW_FINISH_MAX_PROGRAMS // hk
     assert warps(limit) == 4
@@ -805,6 +805,68 @@ def test_few_program_finish_launch_warps(monkeypatch, hq, hk):
     assert warps(limit, finish=False) == small
     monkeypatch.setattr(td, "FEW_FINISH_MAX_PROGRAMS", 0)
     assert warps(1) == small
+
+
+def _launch_set_layout(launch):
+    """Every launch of a prepared set as plain values (tensors by identity)."""
+    def one(kernel):
+        args = [("tensor", id(a)) if isinstance(a, torch.Tensor) else a for a in kernel.args]
+        return (kernel.fn, kernel.grid, args, kernel.consts, kernel.slots)
+
+    stage1 = [(part.direct, part.parts, [one(kern) for kern in part.kernels])
+              for part in launch.stage1]
+    stage2 = None if launch.stage2 is None else one(launch.stage2)
+    return launch.form, launch.shape, launch.overlap_device, stage1, stage2
+
+
+@pytest.mark.parametrize("mode", ["plain", "direct", "finish", "split"])
+@pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2)])
+def test_resized_launch_set_equals_a_new_one(monkeypatch, mode, hq, hk):
+    """A launch set resized for phases of the same form is, launch for launch, the set
+    built for them (grids, vnode offsets and counts, every other argument and
+    constant); phases of another form (other tiles, merged or not, another number of
+    live phases, a finishing launch crossing the warps threshold) get None."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    if mode == "split":  # two tile shapes that do not fit one kernel: one launch each
+        monkeypatch.setattr(td, "SMEM_BUDGET", 1)
+    q, k, v = make_qkv(3, 8, hq, hk, 64, torch.float16)
+    idx = [torch.zeros(64, dtype=torch.int32) for _ in range(9)]
+    mid_o, mid_lse = torch.zeros(64, hq, 64), torch.zeros(64, hq)
+    modes = dict(direct=mode == "direct", finish=mode == "finish",
+                 needs_stage2=mode != "direct")
+
+    def build(phases):
+        names = ("kv_indices", "vnode_kv_start", "vnode_kv_len", "vnode_q_start",
+                 "vnode_q_len", "mid_q_rows", "req_mid_start", "req_mid_len", "req_mid_rows")
+        return td.tree_decode_launcher(q, k, v, torch.empty_like(q), phases=phases,
+                                       sm_scale=0.1, mid_o=mid_o, mid_lse=mid_lse,
+                                       **dict(zip(names, idx)), **modes)
+
+    def phases(n0, n1, tiles=((4, 32), (1, 16))):
+        return [Phase(0, n0, *tiles[0]), Phase(n0, n1, *tiles[1])]
+
+    limit = td.MERGE_MAX_PROGRAMS // hk
+    few = td.FEW_FINISH_MAX_PROGRAMS // hk
+    base = build(phases(3, 5))
+    for ph in (phases(1, 16), phases(16, 1), phases(17, 33), phases(2, few)):
+        resized = base.resized(ph)
+        assert resized is not None
+        assert _launch_set_layout(resized) == _launch_set_layout(build(ph)), ph
+    # Resizing a resized set works the same.
+    twice = base.resized(phases(9, 2)).resized(phases(5, 4))
+    assert _launch_set_layout(twice) == _launch_set_layout(build(phases(5, 4)))
+    assert base.resized(phases(3, 5, tiles=((4, 32), (2, 16)))) is None
+    assert base.resized(phases(0, 7)) is None  # one live phase
+    if mode == "finish":
+        assert base.resized(phases(2, few + 1)) is None  # fewer warps past the threshold
+    else:
+        assert base.resized(phases(2, limit + 1)) is None  # no longer one launch
+        big = build(phases(2, limit + 1))
+        assert len(big.stage1) == 2
+        resized = big.resized(phases(5, limit + 7))
+        assert _launch_set_layout(resized) == _launch_set_layout(build(phases(5, limit + 7)))
 
 
 def test_kernel_launch_binds_arguments_and_keeps_no_tensors():

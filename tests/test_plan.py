@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import Phase, reference_decode
+from kernels import Phase, launch_form, reference_decode
 from plan_helpers import NO_ADJUST, plan_input, stand_in_buffers
 from treecache import plan as plan_module
 from treecache.errors import PlanMismatchError, TreeCacheError, UnsupportedConfigError
@@ -980,6 +980,57 @@ def test_plans_of_one_shape_share_prepared_launches(monkeypatch):
         plan = build(inp, **kw)
         _check_run(plan, paths, q, k, v, "triton")
     assert buffers.launchers == {}
+
+
+def test_plans_of_one_form_resize_a_launch_set(monkeypatch):
+    # A plan with no shared set of its phases takes the newest set of a plan of the same
+    # buffers, modes and tile shapes whose phases have other sizes, resized: no new
+    # build, and on a GPU its first launches take the direct path (no JIT call). Each
+    # plan gets its exact result; its phases again find their own set; off, each
+    # plan of new phases builds one.
+    from kernels.backend import interpreter_enabled
+
+    dev = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
+    builds = []
+    real_build = plan_module.tree_decode_launcher
+
+    def counted(*args, **kwargs):
+        builds.append(kwargs["phases"])
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "tree_decode_launcher", counted)
+    buffers = PlanBuffers(4, 16, dev, slots=128)  # room for every plan: no reallocation
+    kw = dict(group=2, hk=2, device=dev, buffers=buffers, kv_split_sizes=(16, 16),
+              para_threshs1=(0, 0), para_threshs2=(0, 0))
+    plans, sets = [], []
+    for n, seqlen in enumerate(([30, 10, 10], [40, 10, 10], [70, 10, 10], [40, 10, 10],
+                                [70, 10, 10])):
+        inp = plan_input([-1, 0, 0], seqlen, [1, 2, 0])
+        plan = build(inp, **kw)
+        paths = [torch.tensor(p, device=dev) for p in expected_paths(inp)]
+        q, k, v = (t.to(dev) for t in _qkv(plan, 100, seed=n))
+        _check_run(plan, paths, q, k, v, "triton")
+        (fn,) = [fn for key, fn in plan._launchers.items() if key != "generation"]
+        if dev == "cuda":  # the resized set's first launches went direct
+            assert all(kern.fast_calls >= 1 for kern, _ in fn._calls)
+        plans.append(plan)
+        sets.append(fn)
+    roots = [p.phases[0].num_vnodes for p in plans[:3]]
+    assert len(set(roots)) == 3, roots  # phase sizes differ
+    assert len({launch_form(p.phases, 2, 2, p.finish) for p in plans}) == 1
+    assert len(builds) == 1 and builds[0] == plans[0].phases
+    assert len({id(fn) for fn in sets[:3]}) == 3
+    assert sets[3] is sets[1] and sets[4] is sets[2]  # phases seen before: their own set
+    for plan, fn in zip(plans, sets):
+        assert [kern.grid[0] for kern, _ in fn._calls] == [
+            sum(ph.num_vnodes for ph in plan.phases)] * len(fn._calls)
+    monkeypatch.setattr(plan_module, "RESIZED_LAUNCHERS", False)
+    inp = plan_input([-1, 0, 0], [50, 10, 10], [1, 2, 0])
+    plan = build(inp, **kw)
+    paths = [torch.tensor(p, device=dev) for p in expected_paths(inp)]
+    q, k, v = (t.to(dev) for t in _qkv(plan, 100, seed=7))
+    _check_run(plan, paths, q, k, v, "triton")
+    assert len(builds) == 2 and builds[1] == plan.phases
 
 
 def test_buffers_send_packs_one_copy():

@@ -48,6 +48,7 @@ from kernels.plan_ops import (
 )
 from kernels.tree_decode import (
     MAX_BLOCK_M,
+    launch_form,
     stage2_blocks,
     tree_decode_launcher,
     tree_decode_stage1,
@@ -227,6 +228,14 @@ BALANCE_CHUNKS = False
 #: 47-48 times at W = 4, 35-36 at W = 16 and 9-11 at W = 64 (benchmarks/RESULTS.md, v25).
 #: 0: every plan prepares its own.
 SHARED_LAUNCHERS = 32
+#: A plan that finds no shared launch set of its phases takes the newest set of another
+#: plan of these buffers whose phases have the same form (tile shapes, masking,
+#: grouping: :func:`kernels.tree_decode.launch_form`) and other sizes, resized to its
+#: own (:meth:`kernels.tree_decode._LaunchSet.resized`: new grids and vnode counts,
+#: compiled kernels kept), instead of building one and going through the JIT on its
+#: first call. Needs :data:`SHARED_LAUNCHERS` > 0. False: every such plan builds its
+#: own set (before v28).
+RESIZED_LAUNCHERS = True
 #: On a GPU, expand every plan's kv entries (and row masks) on the device from its
 #: table of segment runs, with a cache's slot table copied as it is (see
 #: :meth:`PlanBuffers.upload`). False: only contiguous plans without headroom are
@@ -448,6 +457,9 @@ class PlanBuffers:
         #: Prepared launch sets of the plans written into these buffers, by tensor
         #: layout, phases and modes (see DecodePlan._launcher); dropped with the buffers.
         self.launchers: dict = {}
+        #: The newest launch set per tensor layout, launch form and modes (see
+        #: DecodePlan._launcher, RESIZED_LAUNCHERS); dropped with the buffers.
+        self.launch_forms: dict = {}
         self.generation += 1
 
     def ensure(self, vnodes: int, requests: int, mid_rows: int, kv_entries: int,
@@ -893,9 +905,28 @@ class DecodePlan:
                     self.masked, self.num_requests)
             fn = shared.pop(skey, None)
             if fn is None:
-                fn = tree_decode_launcher(q, k, v, o, phases=self.phases, sm_scale=sm_scale,
-                                          logit_cap=logit_cap, **self.launch_modes,
-                                          **self.kernel_tensors(q.dtype))
+                # A set of another plan of these buffers whose phases differ only in
+                # their sizes (a decode loop whose tree changes shape every step) is
+                # resized instead of building one.
+                forms = (self.buffers.launch_forms
+                         if RESIZED_LAUNCHERS and SHARED_LAUNCHERS else None)
+                if forms is not None:
+                    fkey = (key, launch_form(self.phases, q.shape[1] // k.shape[1],
+                                             k.shape[1], self.finish),
+                            self.direct, self.needs_stage2, self.finish, self.masked,
+                            self.num_requests)
+                    template = forms.pop(fkey, None)
+                    if template is not None:
+                        fn = template.resized(self.phases)
+                if fn is None:
+                    fn = tree_decode_launcher(q, k, v, o, phases=self.phases,
+                                              sm_scale=sm_scale, logit_cap=logit_cap,
+                                              **self.launch_modes,
+                                              **self.kernel_tensors(q.dtype))
+                if forms is not None:
+                    if len(forms) >= SHARED_LAUNCHERS:
+                        forms.pop(next(iter(forms)))  # the least recently used
+                    forms[fkey] = fn
                 if SHARED_LAUNCHERS and len(shared) >= SHARED_LAUNCHERS:
                     shared.pop(next(iter(shared)))  # the least recently used
             shared[skey] = fn
