@@ -25,10 +25,10 @@ def test_summary_lines_report_each_target():
     lines = summarize(results)
     text = "\n".join(lines)
     # Eager: speedups 2.0 and 0.5 -> geomean 1.0, one case slower than the seed.
-    assert "target 1: geomean speedup over seed = 1.00x over 2 cases (>= 2.0); cases slower than seed: 1" in text
+    assert "target 1: geomean speedup over seed = 1.000x over 2 cases (>= 2.0); cases slower than seed: 1" in text
     # Graph-cached: 2.5 and 1.0 -> sqrt(2.5); replay: 4 and 2 -> sqrt(8).
-    assert f"graph-cached call, timed like the seed): geomean speedup over seed = {math.sqrt(2.5):.2f}x" in text
-    assert f"(CUDA-graph replay): geomean speedup over seed = {math.sqrt(8):.2f}x" in text
+    assert f"graph-cached call, timed like the seed): geomean speedup over seed = {math.sqrt(2.5):.3f}x" in text
+    assert f"(CUDA-graph replay): geomean speedup over seed = {math.sqrt(8):.3f}x" in text
     # Target 2 only on case a (roofline >= 50): 50 / 60.
     assert "target 2: worst time/roofline on 1 cases with roofline >= 50 us = 0.83x" in text
     # Target 3 only on case b (roofline < 5): its graph time.
