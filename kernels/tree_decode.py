@@ -1249,11 +1249,8 @@ class _LaunchSet:
     def __call__(self, q, k, v, o):
         if self._overlapped is not None:
             self._overlapped(q, k, v, o)
-            return
-        for kernel, direct in self._calls:
-            kernel(q, k, v, o if direct else q)
-        if self.stage2 is not None:
-            self.stage2(o)
+        else:
+            self._sequential(q, k, v, o)
 
     def _sequential(self, q, k, v, o):
         for kernel, direct in self._calls:

@@ -869,6 +869,59 @@ def test_resized_launch_set_equals_a_new_one(monkeypatch, mode, hq, hk):
         assert _launch_set_layout(resized) == _launch_set_layout(build(phases(5, limit + 7)))
 
 
+def test_resized_kernel_launch_keeps_its_kernel_only_where_the_jit_would_not_tell():
+    """A resized launch gets the new grid and values (the original is untouched) and
+    keeps the compiled kernel and its direct path only where every replaced argument is
+    a ``do_not_specialize`` integer and the old and new values are both 32-bit; the
+    stage-1 kernel's size arguments are such parameters."""
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    assert [td._stage1_kernel.arg_names[i] for i in td._STAGE1_SIZE_POS] == list(
+        td.STAGE1_SIZE_ARGS)
+    kernel = td._stage1_kernel
+    if hasattr(kernel, "params"):  # the JIT (the interpreter's function has none)
+        assert all(kernel.params[i].do_not_specialize for i in td._STAGE1_SIZE_POS)
+        assert not kernel.params[kernel.arg_names.index("stride_qb")].do_not_specialize
+    else:
+        assert tuple(kernel.kwargs["do_not_specialize"]) == td.STAGE1_SIZE_ARGS
+
+    class Param:
+        def __init__(self, dns):
+            self.do_not_specialize = dns
+
+    class FakeJit:
+        arg_names = ["A", "n", "m", "BLOCK"]
+        params = [Param(False), Param(True), Param(False), Param(False)]
+
+    compiled = object()
+    launch = td._KernelLaunch(FakeJit(), (3, 2), (torch.zeros(2), 5, 7), dict(BLOCK=8),
+                              slots=(0,))
+    launch.compiled, launch.fast_args = compiled, [None, 5, 7, 8]
+    launch.aligned, launch.all_aligned, launch.fast_calls = [True], True, 4
+    launch.device, launch.driver = 0, ("device", "stream")
+    kept = launch.resized(9, (1,), (16,))
+    assert kept.grid == (9, 2, 1) and kept.args == [None, 16, 7]
+    assert kept.fast_args == [None, 16, 7, 8] and kept.compiled is compiled
+    assert kept.aligned == [True] and kept.all_aligned and kept.driver == ("device", "stream")
+    assert kept.fast_calls == 0 and kept.consts == {"BLOCK": 8} and kept.slots == (0,)
+    assert launch.grid == (3, 2, 1) and launch.args == [None, 5, 7]
+    assert launch.fast_args == [None, 5, 7, 8] and launch.fast_calls == 4
+    for positions, values in (((1,), (2 ** 31,)), ((1,), (-2 ** 31 - 1,)), ((2,), (16,)),
+                              ((1, 2), (16, 16)), ((1,), (True,))):
+        dropped = launch.resized(9, positions, values)
+        assert dropped.compiled is None and dropped.fast_args is None
+        assert not dropped.all_aligned and dropped.aligned is None and dropped.driver is None
+        assert [dropped.args[i] for i in positions] == list(values)
+    # From a launch that has 64-bit values, a 32-bit one needs the JIT again.
+    wide = launch.resized(9, (1,), (2 ** 40,))
+    wide.compiled, wide.fast_args = compiled, [None, 2 ** 40, 7, 8]
+    assert wide.resized(9, (1,), (16,)).compiled is None
+    # Not yet compiled: nothing to keep.
+    fresh = td._KernelLaunch(FakeJit(), (3,), (torch.zeros(2), 5, 7), dict(BLOCK=8), slots=(0,))
+    assert fresh.resized(4, (1,), (6,)).compiled is None
+
+
 def test_kernel_launch_binds_arguments_and_keeps_no_tensors():
     """A prepared launch puts the per-call tensors into their slots, passes the other
     arguments, constants and options through to the JIT, keeps none of the caller's

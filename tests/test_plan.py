@@ -9,6 +9,7 @@ the plan's runtime side: buffer reuse and in-place tail growth.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import attrs
@@ -999,6 +1000,16 @@ def test_plans_of_one_form_resize_a_launch_set(monkeypatch):
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr(plan_module, "tree_decode_launcher", counted)
+    # First calls through the JIT's key (CUDA): the built set's alone.
+    td = importlib.import_module("kernels.tree_decode")
+    keys = []
+    real_key = td._specialisation
+
+    def counted_key(*args):
+        keys.append(1)
+        return real_key(*args)
+
+    monkeypatch.setattr(td, "_specialisation", counted_key)
     buffers = PlanBuffers(4, 16, dev, slots=128)  # room for every plan: no reallocation
     kw = dict(group=2, hk=2, device=dev, buffers=buffers, kv_split_sizes=(16, 16),
               para_threshs1=(0, 0), para_threshs2=(0, 0))
@@ -1011,8 +1022,12 @@ def test_plans_of_one_form_resize_a_launch_set(monkeypatch):
         q, k, v = (t.to(dev) for t in _qkv(plan, 100, seed=n))
         _check_run(plan, paths, q, k, v, "triton")
         (fn,) = [fn for key, fn in plan._launchers.items() if key != "generation"]
-        if dev == "cuda":  # the resized set's first launches went direct
+        if dev == "cuda":  # the resized sets' first launches went direct
             assert all(kern.fast_calls >= 1 for kern, _ in fn._calls)
+            if n == 0:
+                built_keys = len(keys)
+                assert built_keys >= 1
+            assert len(keys) == built_keys
         plans.append(plan)
         sets.append(fn)
     roots = [p.phases[0].num_vnodes for p in plans[:3]]
