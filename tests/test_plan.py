@@ -983,14 +983,19 @@ def test_plans_of_one_shape_share_prepared_launches(monkeypatch):
     assert buffers.launchers == {}
 
 
-def test_plans_of_one_form_resize_a_launch_set(monkeypatch):
+@pytest.mark.parametrize("merged", [True, False], ids=["one-launch", "two-launches"])
+def test_plans_of_one_form_resize_a_launch_set(monkeypatch, merged):
     # A plan with no shared set of its phases takes the newest set of a plan of the same
     # buffers, modes and tile shapes whose phases have other sizes, resized: no new
-    # build, and on a GPU its first launches take the direct path (no JIT call). Each
-    # plan gets its exact result; its phases again find their own set; off, each
-    # plan of new phases builds one.
+    # build, and on a GPU no first call through the JIT (its launches go direct at
+    # once, with the new grids, vnode offsets and first-phase counts). Each plan gets
+    # its exact result; its phases again find their own set; off, each plan of new
+    # phases builds one. Two phases of two tile shapes, in one launch or in two.
     from kernels.backend import interpreter_enabled
 
+    td = importlib.import_module("kernels.tree_decode")
+    if not merged:
+        monkeypatch.setattr(td, "MERGE_MAX_PROGRAMS", 0)
     dev = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
     builds = []
     real_build = plan_module.tree_decode_launcher
@@ -1000,9 +1005,7 @@ def test_plans_of_one_form_resize_a_launch_set(monkeypatch):
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr(plan_module, "tree_decode_launcher", counted)
-    # First calls through the JIT's key (CUDA): the built set's alone.
-    td = importlib.import_module("kernels.tree_decode")
-    keys = []
+    keys = []  # first calls through the JIT's key (CUDA)
     real_key = td._specialisation
 
     def counted_key(*args):
@@ -1010,41 +1013,61 @@ def test_plans_of_one_form_resize_a_launch_set(monkeypatch):
         return real_key(*args)
 
     monkeypatch.setattr(td, "_specialisation", counted_key)
-    buffers = PlanBuffers(4, 16, dev, slots=128)  # room for every plan: no reallocation
+    buffers = PlanBuffers(4, 16, dev, slots=512)  # room for every plan: no reallocation
     kw = dict(group=2, hk=2, device=dev, buffers=buffers, kv_split_sizes=(16, 16),
-              para_threshs1=(0, 0), para_threshs2=(0, 0))
-    plans, sets = [], []
-    for n, seqlen in enumerate(([30, 10, 10], [40, 10, 10], [70, 10, 10], [40, 10, 10],
-                                [70, 10, 10])):
-        inp = plan_input([-1, 0, 0], seqlen, [1, 2, 0])
+              para_threshs1=(0, 0), para_threshs2=(0, 0),
+              params=FastTreeParams(TSQs=[16, 1], TSKs=[16, 16]))
+
+    def plan_and_check(root, leaf, seed):
+        # A root shared by twelve requests (phase 0: 24 rows, more than the 16 of the
+        # phase-1 tile), twelve one-request leaves (phase 1).
+        inp = plan_input([-1] + [0] * 12, [root] + [10] * 11 + [leaf], list(range(1, 13)))
         plan = build(inp, **kw)
         paths = [torch.tensor(p, device=dev) for p in expected_paths(inp)]
-        q, k, v = (t.to(dev) for t in _qkv(plan, 100, seed=n))
+        q, k, v = (t.to(dev) for t in _qkv(plan, 300, seed=seed))
         _check_run(plan, paths, q, k, v, "triton")
         (fn,) = [fn for key, fn in plan._launchers.items() if key != "generation"]
-        if dev == "cuda":  # the resized sets' first launches went direct
-            assert all(kern.fast_calls >= 1 for kern, _ in fn._calls)
-            if n == 0:
+        return plan, fn
+
+    plans, sets = [], []
+    for n, (root, leaf) in enumerate(((30, 10), (40, 20), (70, 40), (40, 12), (70, 50))):
+        plan, fn = plan_and_check(root, leaf, n)
+        if dev == "cuda":
+            if n == 0:  # the built set's first call: through the JIT's key
                 built_keys = len(keys)
                 assert built_keys >= 1
-            assert len(keys) == built_keys
+            else:  # a resized set's: direct at once
+                assert all(kern.fast_calls >= 1 for kern, _ in fn._calls)
+                assert len(keys) == built_keys
         plans.append(plan)
         sets.append(fn)
-    roots = [p.phases[0].num_vnodes for p in plans[:3]]
-    assert len(set(roots)) == 3, roots  # phase sizes differ
+    assert len({p.phases for p in plans}) == 5  # every plan has phases of its own sizes
+    assert len({p.phases[0].num_vnodes for p in plans[:3]}) == 3
     assert len({launch_form(p.phases, 2, 2, p.finish) for p in plans}) == 1
     assert len(builds) == 1 and builds[0] == plans[0].phases
-    assert len({id(fn) for fn in sets[:3]}) == 3
-    assert sets[3] is sets[1] and sets[4] is sets[2]  # phases seen before: their own set
+    assert len({id(fn) for fn in sets}) == 5
     for plan, fn in zip(plans, sets):
-        assert [kern.grid[0] for kern, _ in fn._calls] == [
-            sum(ph.num_vnodes for ph in plan.phases)] * len(fn._calls)
+        first, second = plan.phases
+        if merged:
+            ((kern, _),) = fn._calls
+            assert kern.consts["TWO_SHAPES"]
+            assert kern.grid[0] == first.num_vnodes + second.num_vnodes
+            bound = [kern.args] + ([kern.fast_args] if dev == "cuda" else [])
+            for args in bound:  # the direct path's arguments too
+                assert [args[i] for i in td._STAGE1_SIZE_POS] == [0, first.num_vnodes]
+        else:
+            assert [kern.grid[0] for kern, _ in fn._calls] == [first.num_vnodes,
+                                                               second.num_vnodes]
+            for kern, _ in fn._calls:
+                bound = [kern.args] + ([kern.fast_args] if dev == "cuda" else [])
+                for args in bound:
+                    assert args[td._STAGE1_SIZE_POS[0]] == (
+                        0 if kern is fn._calls[0][0] else first.num_vnodes)
+    # Phases met before find their own set again.
+    plan, fn = plan_and_check(40, 20, 5)
+    assert plan.phases == plans[1].phases and fn is sets[1] and len(builds) == 1
     monkeypatch.setattr(plan_module, "RESIZED_LAUNCHERS", False)
-    inp = plan_input([-1, 0, 0], [50, 10, 10], [1, 2, 0])
-    plan = build(inp, **kw)
-    paths = [torch.tensor(p, device=dev) for p in expected_paths(inp)]
-    q, k, v = (t.to(dev) for t in _qkv(plan, 100, seed=7))
-    _check_run(plan, paths, q, k, v, "triton")
+    plan, fn = plan_and_check(50, 20, 7)
     assert len(builds) == 2 and builds[1] == plan.phases
 
 
