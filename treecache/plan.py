@@ -635,6 +635,15 @@ class PlanBuffers:
             self._uploaded.synchronize()
 
 
+def _put_newest(cache: dict, key, value, limit: int) -> None:
+    """Put ``value`` into ``cache`` (insertion order: least recently used first) as its
+    newest entry, first dropping the oldest ones so that at most ``limit`` remain
+    (a ``limit`` of 0 keeps the one entry)."""
+    while cache and len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 @attrs.define(eq=False)
 class DecodePlan:
     """A built plan: vnodes, tiles and index tensors, ready for decode.
@@ -901,8 +910,9 @@ class DecodePlan:
             # loop re-planning a tree of the same shape) reuse one set, already
             # compiled and launched directly.
             shared = self.buffers.launchers if SHARED_LAUNCHERS else {}
-            skey = (key, self.phases, self.direct, self.needs_stage2, self.finish,
-                    self.masked, self.num_requests)
+            modes = (key, self.direct, self.needs_stage2, self.finish, self.masked,
+                     self.num_requests)
+            skey = (modes, self.phases)
             fn = shared.pop(skey, None)
             if fn is None:
                 # A set of another plan of these buffers whose phases differ only in
@@ -911,10 +921,8 @@ class DecodePlan:
                 forms = (self.buffers.launch_forms
                          if RESIZED_LAUNCHERS and SHARED_LAUNCHERS else None)
                 if forms is not None:
-                    fkey = (key, launch_form(self.phases, q.shape[1] // k.shape[1],
-                                             k.shape[1], self.finish),
-                            self.direct, self.needs_stage2, self.finish, self.masked,
-                            self.num_requests)
+                    fkey = (modes, launch_form(self.phases, q.shape[1] // k.shape[1],
+                                               k.shape[1], self.finish))
                     template = forms.pop(fkey, None)
                     if template is not None:
                         fn = template.resized(self.phases)
@@ -924,12 +932,8 @@ class DecodePlan:
                                               **self.launch_modes,
                                               **self.kernel_tensors(q.dtype))
                 if forms is not None:
-                    if len(forms) >= SHARED_LAUNCHERS:
-                        forms.pop(next(iter(forms)))  # the least recently used
-                    forms[fkey] = fn
-                if SHARED_LAUNCHERS and len(shared) >= SHARED_LAUNCHERS:
-                    shared.pop(next(iter(shared)))  # the least recently used
-            shared[skey] = fn
+                    _put_newest(forms, fkey, fn, SHARED_LAUNCHERS)
+            _put_newest(shared, skey, fn, SHARED_LAUNCHERS)
             if len(cache) > self.MAX_LAUNCHERS:
                 cache.clear()
                 cache["generation"] = gen
@@ -969,9 +973,7 @@ class DecodePlan:
             with torch.cuda.graph(g, stream=stream):
                 launch()
             torch.cuda.current_stream(q.device).wait_stream(stream)
-            while len(cache) >= self.MAX_GRAPHS:
-                cache.pop(next(iter(cache)))
-            cache[key] = g
+            _put_newest(cache, key, g, self.MAX_GRAPHS)
             return o
         cache[key] = g  # most recently used last
         g.replay()
