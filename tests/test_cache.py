@@ -562,6 +562,84 @@ def test_decode_loop_on_masked_plans_grows_in_place(monkeypatch, form):
     cache.check()
 
 
+def _padded_beam_steps(backend, steps, checked):
+    """Beam steps (10 beams of a 330-token prompt: two phases, the first of 6 vnodes) on a
+    cache with padded phases, every third step append-only; the attends of the steps in
+    ``checked`` are compared with the model. Yields (step, plan, beams) after each step."""
+    cache = make_cache(2048, backend=backend, plan_headroom=2, pad_phases=True)
+    model = Model()
+    beams = [new_with(cache, model, 330)]
+    beams += [fork(cache, model, beams[0]) for _ in range(9)]
+    rng = np.random.default_rng(0)
+    for step in range(steps):
+        if step % 3 != 2:  # a topology change: each beam forked from one of the first five
+            parents = [beams[i] for i in rng.integers(0, 5, size=10)]
+            new = [fork(cache, model, p) for p in parents]
+            for b in beams:
+                cache.prune(b)
+                model.prune(b)
+            beams = new
+        decode_step(cache, model, beams)
+        if step in checked:
+            assert_all_layers(cache, model, beams)
+        yield step, cache.prepare(beams), beams
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"], ids=["torch", "triton"])
+def test_padded_phases_attend_like_the_model_through_beam_and_append_steps(backend):
+    """Each phase's vnode count is a power of two, the padding vnodes are empty (no
+    query, no KV entry), and a growing request's tail vnode (shifted past the padding)
+    takes the append-only steps' tokens: every attend matches the model."""
+    checked = set(range(9)) if backend == "torch" else {0, 2, 5, 8}
+    shifted_tails = 0
+    for step, plan, beams in _padded_beam_steps(backend, 9, checked):
+        sizes = [ph.num_vnodes for ph in plan.phases]
+        assert all(n & (n - 1) == 0 for n in sizes), sizes
+        assert sum(sizes) == plan.num_vnodes
+        q_len = plan.buffers.host_view("vnode_q_len", plan.num_vnodes)
+        kv_len = plan.buffers.host_view("vnode_kv_len", plan.num_vnodes)
+        empty = np.flatnonzero(q_len == 0)
+        assert empty.size and (kv_len[empty] == 0).all()
+        assert (kv_len[q_len > 0] > 0).all()
+        tails = plan.tail_vnode[plan.tail_vnode >= 0]
+        assert tails.size and (q_len[tails] > 0).all()
+        shifted_tails += int((tails > empty.min()).any())
+    assert shifted_tails >= 5  # the append-only steps grow tails placed after padding
+
+
+def test_launch_version_counts_changes_of_the_launches():
+    """launch_version moves exactly when a new plan's launch key differs from the last
+    one's; padded plans keep their key across re-plans that plain plans do not (16
+    beams, each step forked from the first 8)."""
+    versions = {}
+    for pad in (False, True):
+        cache = make_cache(2048, plan_headroom=2, pad_phases=pad)
+        model = Model()
+        beams = [new_with(cache, model, 330)]
+        beams += [fork(cache, model, beams[0]) for _ in range(15)]
+        rng = np.random.default_rng(1)
+        key, version = None, cache.launch_version
+        for step in range(12):
+            parents = [beams[i] for i in rng.integers(0, 8, size=16)]
+            new = [fork(cache, model, p) for p in parents]
+            for b in beams:
+                cache.prune(b)
+                model.prune(b)
+            beams = new
+            decode_step(cache, model, beams)
+            plan = cache.prepare(beams)
+            version += plan.launch_key != key
+            key = plan.launch_key
+            assert cache.launch_version == version
+            for _ in range(2):  # append-only steps within the headroom: nothing moves
+                decode_step(cache, model, beams)
+                assert cache.prepare(beams).launch_key == key
+                assert cache.launch_version == version
+        assert cache.plan_version == 12  # one plan per topology change
+        versions[pad] = cache.launch_version
+    assert versions[True] < versions[False]
+
+
 def test_subset_attend_replans_only_when_the_request_list_changes():
     cache, model, reqs = _decode_loop_setup("torch", plan_headroom=64)
     decode_step(cache, model)

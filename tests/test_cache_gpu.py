@@ -398,3 +398,42 @@ def test_cuda_graph_recaptured_past_plan_headroom(cuda, num_qo_heads, num_kv_hea
     # gives the same room again.
     assert recaptured_at == list(range(headroom, steps, headroom + 1))
     assert step.captures == 1 + len(recaptured_at)
+
+
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(32, 8), (16, 1)], ids=["gqa4", "gqa16"])
+def test_cuda_graphs_kept_by_launch_key_replay_beam_steps(cuda, num_qo_heads, num_kv_heads):
+    """Beam search with padded phases: every step forks and prunes (a re-plan), and the
+    step's attends run as the replay of a graph captured for its plan's launch key,
+    captured only for keys not met before. Every replay matches the model, and graphs
+    captured for earlier plans serve most steps."""
+    num_layers, width, steps = 2, 16, 16
+    cache = TreeKVCache(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, 8192,
+                        dtype=torch.float16, device=cuda, plan_headroom=4, pad_phases=True)
+    model = Model(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, torch.float16, cuda, 3)
+    add_prompts(cache, model, (1500,), forks=width - 1)
+    beams = cache.requests
+    graphs = {}
+    rng = np.random.default_rng(5)
+    reused = 0
+    for i in range(steps):
+        parents = [beams[j] for j in rng.integers(0, width // 2, size=width)]
+        new = []
+        for p in parents:
+            f = cache.fork(p)
+            model.fork(p, f)
+            new.append(f)
+        for b in beams:
+            cache.prune(b)
+            model.prune(b)
+        beams = new
+        write_step(cache, model, beams, cache.reserve(beams))
+        key = cache.prepare(beams).launch_key
+        step = graphs.get(key)
+        if step is None:
+            step = graphs[key] = GraphStep(cache, width)
+        else:
+            reused += 1
+        assert cache.requests == beams  # GraphStep attends the live requests in order
+        step.replay_checked(model, beams, i)
+    assert cache.plan_version == steps
+    assert reused >= steps // 2, f"{len(graphs)} graphs for {steps} plans"

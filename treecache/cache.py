@@ -140,6 +140,11 @@ class TreeKVCache:
     kv_split_sizes, para_threshs1, para_threshs2 :
         Planner chunking and thresholds (see :func:`treecache.plan.build_plan`; None, the
         default: each plan chooses its chunk length).
+    pad_phases : bool
+        Pad each plan's phases to powers of two with empty vnodes (see
+        :func:`treecache.plan.build_plan`), so that re-plans of a tree that changes
+        shape every step (beam search, draft trees) mostly keep the same launches and
+        a captured CUDA graph stays valid: see :attr:`launch_version`. Default False.
 
     Examples
     --------
@@ -169,6 +174,7 @@ class TreeKVCache:
         kv_split_sizes: Sequence[int] | None = None,
         para_threshs1: Sequence[int] = DEFAULT_PARA_THRESHS1,
         para_threshs2: Sequence[int] = DEFAULT_PARA_THRESHS2,
+        pad_phases: bool = False,
     ):
         for name, val in (("num_layers", num_layers), ("num_qo_heads", num_qo_heads),
                           ("num_kv_heads", num_kv_heads), ("capacity_tokens", capacity_tokens),
@@ -211,7 +217,8 @@ class TreeKVCache:
         splits = None if kv_split_sizes is None else tuple(kv_split_sizes)
         self._plan_kw = dict(kv_split_sizes=splits,
                              para_threshs1=tuple(para_threshs1),
-                             para_threshs2=tuple(para_threshs2))
+                             para_threshs2=tuple(para_threshs2),
+                             pad_phases=bool(pad_phases))
 
         self._nodes: dict[int, _Node] = {}
         self._next_node = 0
@@ -248,6 +255,10 @@ class TreeKVCache:
         self._free_dev: torch.Tensor | None = None
         self.plan_rebuilds = 0
         self.plan_version = 0
+        #: Incremented by a plan build whose launch key (DecodePlan.launch_key) differs
+        #: from the last plan's: a captured CUDA graph stays valid while it is unchanged.
+        self.launch_version = 0
+        self._launch_key = None
 
     # ------------------------------------------------------------------ properties
 
@@ -1003,5 +1014,9 @@ class TreeKVCache:
         self._plan_dirty = False
         self.plan_rebuilds += 1
         self.plan_version += 1
+        launch_key = self._plan.launch_key
+        if launch_key != self._launch_key:
+            self._launch_key = launch_key
+            self.launch_version += 1
         logger.debug("plan rebuilt: %d nodes, %d requests, %d vnodes", n, reqs.size,
                      self._plan.num_vnodes)

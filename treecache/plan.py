@@ -750,6 +750,18 @@ class DecodePlan:
         kernels' entry points (:func:`kernels.tree_decode.tree_decode` and its kin)."""
         return dict(direct=self.direct, needs_stage2=self.needs_stage2, finish=self.finish)
 
+    @property
+    def launch_key(self) -> tuple:
+        """What this plan's launches depend on beyond the contents of its buffers: the
+        buffers (and their allocation), the phases, the modes and the request count.
+        For the same ``q``, ``k``, ``v``, ``o`` and scales, two plans with equal keys
+        launch the same kernels with the same grids and arguments, so a CUDA graph
+        captured from one computes the other once the other is written (the later plan
+        overwrites the buffers). See ``pad_phases`` in
+        :func:`build_plan`."""
+        return (self.buffers, self.generation, self.phases, self.direct, self.needs_stage2,
+                self.finish, self.masked, self.half_partials, self.num_requests)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The index tensors and mid buffers as keyword arguments of the kernels.
 
@@ -2042,6 +2054,7 @@ def build_plan(
     buffers: PlanBuffers | None = None,
     headroom: int = 0,
     flat: bool = False,
+    pad_phases: bool = False,
 ) -> DecodePlan:
     """Build a :class:`DecodePlan` for ``inp``.
 
@@ -2077,6 +2090,13 @@ def build_plan(
         same node share it. Paths within ``kv_split_sizes[0]`` tokens then have one
         partial each, which stage 1 writes to the output directly (one launch in all
         when every request has one).
+    pad_phases : bool
+        Round each phase's vnode count up to a power of two with empty vnodes (no
+        queries, no KV entries: their programs store nothing). Plans of a tree that
+        changes shape a little every step (beam search, draft trees) then mostly have
+        the same phases, hence the same launches (:attr:`DecodePlan.launch_key`): a CUDA
+        graph captured from one replays the next. The vnodes' work is unchanged; the
+        empty programs cost a little launch time.
     """
     num_qo_heads, num_kv_heads, head_dim = int(num_qo_heads), int(num_kv_heads), int(head_dim)
     if params is None:
@@ -2170,7 +2190,7 @@ def build_plan(
 
     return _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits,
                         req_q, req_k, num_qo_heads, num_kv_heads, head_dim, device,
-                        buffers, headroom, inline_ok=not flat)
+                        buffers, headroom, inline_ok=not flat, pad_phases=pad_phases)
 
 
 def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst, grow_g, v_g, v_kv_start,
@@ -2248,6 +2268,18 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst, grow_g, v_g, v_k
     return out
 
 
+def _pow2(n: int) -> int:
+    """The least power of two >= ``n`` (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _spread(a: np.ndarray, pos: np.ndarray, n: int, fill) -> np.ndarray:
+    """An array of ``n`` entries: ``a[i]`` at ``pos[i]``, ``fill`` elsewhere."""
+    out = np.full(n, fill, dtype=a.dtype)
+    out[pos] = a
+    return out
+
+
 def _chain_segments(assign: np.ndarray, parent: np.ndarray, group_node: np.ndarray):
     """``(cg, cn)``: the chain nodes ``cn`` of every group ``cg`` (groups by id, each
     chain top first). Walks up the split-Q edges (``assign`` is 0/1, read as bool), one
@@ -2322,7 +2354,8 @@ def _tails(lay: _Layout, topo: _Topology, tail_req: np.ndarray):
 
 
 def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, req_q, req_k,
-                 hq, hk, d, device, buffers, headroom, inline_ok=True) -> DecodePlan:
+                 hq, hk, d, device, buffers, headroom, inline_ok=True,
+                 pad_phases=False) -> DecodePlan:
     seqlen = topo.seqlen
     b = topo.req_end.size
 
@@ -2422,11 +2455,6 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         seg_ph1 = lay.phase1[cg]
         real = seg_mask != -1
         masked_ph = [bool((real & ~seg_ph1).any()), bool((real & seg_ph1).any())]
-    phases = []
-    if n0:
-        phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0], masked_ph[0]))
-    if n1:
-        phases.append(Phase(n0, n1, q_tiles[1], kv_tiles[1], masked_ph[1]))
 
     # Stage-2 map: each request's mid rows.
     req_order = mid_q_rows.argsort(kind="stable")
@@ -2444,6 +2472,23 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         last = lay.phase1[gid.repeat(rows_g)]
         finish = bool((np.bincount(mid_q_rows[last], minlength=b) == 1).all())
 
+    # Padded phases: each phase's vnodes followed by empty ones (see build_plan);
+    # v_pos is every vnode's position among them.
+    v_pos = None
+    if pad_phases and (_pow2(n0), _pow2(n1)) != (n0, n1):
+        v_pos = np.arange(nv, dtype=np.int64)
+        v_pos[n0:] += _pow2(n0) - n0
+        n0, n1 = _pow2(n0), _pow2(n1)
+        nv = n0 + n1
+        v_kv_start, v_kv_len, v_q_start, v_q_len = (
+            _spread(a, v_pos, nv, 0) for a in (v_kv_start, v_kv_len, v_q_start, v_q_len))
+        v_slot0 = _spread(v_slot0, v_pos, nv, -1)
+    phases = []
+    if n0:
+        phases.append(Phase(0, n0, q_tiles[0], kv_tiles[0], masked_ph[0]))
+    if n1:
+        phases.append(Phase(n0, n1, q_tiles[1], kv_tiles[1], masked_ph[1]))
+
     tail_vnode = np.full(b, -1, dtype=np.int64)
     tail_limit = tail_vnode.copy()
     tail_rank = np.zeros(b, dtype=np.int64)
@@ -2454,6 +2499,8 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
         v_first = np.empty(ng, dtype=np.int64)
         v_first[vorder] = v_end - nv_o
         tail_vnode[t_req] = v_first[t_g] + (lay.nch[t_g] - 1) * nqt[t_g] + t_tile
+        if v_pos is not None:
+            tail_vnode[t_req] = v_pos[tail_vnode[t_req]]
         tail_limit[t_req] = kv_base[t_g] + length[t_g] + headroom * t_cnt
         tail_rank[t_req] = t_rank
         tail_count[t_req] = t_cnt
