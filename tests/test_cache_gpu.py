@@ -405,8 +405,9 @@ def test_cuda_graphs_kept_by_launch_key_replay_beam_steps(cuda, num_qo_heads, nu
     """Beam search with padded phases: every step forks and prunes (a re-plan), and the
     step's attends run as the replay of a graph captured for its plan's launch key,
     captured only for keys not met before. Every replay matches the model, and graphs
-    captured for earlier plans serve most steps."""
-    num_layers, width, steps = 2, 16, 16
+    captured for earlier plans serve most steps. (At 32/8 the plans have three keys,
+    two of them with the same modes and other phase sizes.)"""
+    num_layers, width, steps = 2, 24, 16
     cache = TreeKVCache(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, 8192,
                         dtype=torch.float16, device=cuda, plan_headroom=4, pad_phases=True)
     model = Model(num_layers, num_qo_heads, num_kv_heads, HEAD_DIM, torch.float16, cuda, 3)
