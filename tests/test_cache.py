@@ -562,23 +562,34 @@ def test_decode_loop_on_masked_plans_grows_in_place(monkeypatch, form):
     cache.check()
 
 
+def _beam_cache(width, prompt=330, **kw):
+    """A cache (and its model) of ``width`` requests sharing one ``prompt``-token root."""
+    cache = make_cache(2048, plan_headroom=2, **kw)
+    model = Model()
+    beams = [new_with(cache, model, prompt)]
+    beams += [fork(cache, model, beams[0]) for _ in range(width - 1)]
+    return cache, model, beams
+
+
+def _beam_forks(cache, model, beams, rng, span):
+    """A topology change: each new beam forked from one of the first ``span`` beams, the
+    old beams pruned; returns the new beams."""
+    new = [fork(cache, model, beams[i]) for i in rng.integers(0, span, size=len(beams))]
+    for b in beams:
+        cache.prune(b)
+        model.prune(b)
+    return new
+
+
 def _padded_beam_steps(backend, steps, checked):
     """Beam steps (10 beams of a 330-token prompt: two phases, the first of 6 vnodes) on a
     cache with padded phases, every third step append-only; the attends of the steps in
     ``checked`` are compared with the model. Yields (step, plan, beams) after each step."""
-    cache = make_cache(2048, backend=backend, plan_headroom=2, pad_phases=True)
-    model = Model()
-    beams = [new_with(cache, model, 330)]
-    beams += [fork(cache, model, beams[0]) for _ in range(9)]
+    cache, model, beams = _beam_cache(10, backend=backend, pad_phases=True)
     rng = np.random.default_rng(0)
     for step in range(steps):
-        if step % 3 != 2:  # a topology change: each beam forked from one of the first five
-            parents = [beams[i] for i in rng.integers(0, 5, size=10)]
-            new = [fork(cache, model, p) for p in parents]
-            for b in beams:
-                cache.prune(b)
-                model.prune(b)
-            beams = new
+        if step % 3 != 2:
+            beams = _beam_forks(cache, model, beams, rng, 5)
         decode_step(cache, model, beams)
         if step in checked:
             assert_all_layers(cache, model, beams)
@@ -613,19 +624,11 @@ def test_launch_version_counts_changes_of_the_launches():
     beams, each step forked from the first 8)."""
     versions = {}
     for pad in (False, True):
-        cache = make_cache(2048, plan_headroom=2, pad_phases=pad)
-        model = Model()
-        beams = [new_with(cache, model, 330)]
-        beams += [fork(cache, model, beams[0]) for _ in range(15)]
+        cache, model, beams = _beam_cache(16, pad_phases=pad)
         rng = np.random.default_rng(1)
         key, version = None, cache.launch_version
         for step in range(12):
-            parents = [beams[i] for i in rng.integers(0, 8, size=16)]
-            new = [fork(cache, model, p) for p in parents]
-            for b in beams:
-                cache.prune(b)
-                model.prune(b)
-            beams = new
+            beams = _beam_forks(cache, model, beams, rng, 8)
             decode_step(cache, model, beams)
             plan = cache.prepare(beams)
             version += plan.launch_key != key
