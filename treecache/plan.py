@@ -757,8 +757,7 @@ class DecodePlan:
         For the same ``q``, ``k``, ``v``, ``o`` and scales, two plans with equal keys
         launch the same kernels with the same grids and arguments, so a CUDA graph
         captured from one computes the other once the other is written (the later plan
-        overwrites the buffers). See ``pad_phases`` in
-        :func:`build_plan`."""
+        overwrites the buffers). See ``pad_phases`` in :func:`build_plan`."""
         return (self.buffers, self.generation, self.phases, self.direct, self.needs_stage2,
                 self.finish, self.masked, self.half_partials, self.num_requests)
 
