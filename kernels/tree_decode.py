@@ -103,7 +103,8 @@ class Phase(NamedTuple):
 STAGE1_SIZE_ARGS = ("vnode_offset", "num_first")
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
+    """The least power of two >= ``x`` (1 for ``x`` <= 1)."""
     return 1 << max(0, int(x) - 1).bit_length()
 
 
@@ -115,9 +116,9 @@ def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int,
     shape); ``BLOCK_N`` is ``kv_tile`` rounded to a power of two in [16, 256], reduced
     for wide heads so that a K and a V tile stay within 64 KiB together.
     """
-    block_m = max(16, _next_pow2(q_tile * group))
-    block_d = max(16, _next_pow2(head_dim))
-    block_n = min(256, max(16, _next_pow2(kv_tile)))
+    block_m = max(16, next_pow2(q_tile * group))
+    block_d = max(16, next_pow2(head_dim))
+    block_n = min(256, max(16, next_pow2(kv_tile)))
     while block_n > 16 and 2 * block_n * block_d * elem_bytes > 64 * 1024:
         block_n //= 2
     return block_m, block_n, block_d
@@ -990,7 +991,7 @@ def stage2_blocks(num_requests: int, num_heads: int, head_dim: int) -> tuple[int
         block_h, block_p = 4, 2
     else:
         block_h, block_p = 2, 4
-    block_h = min(block_h, _next_pow2(num_heads))
+    block_h = min(block_h, next_pow2(num_heads))
     return block_h, block_p, 1
 
 
@@ -1027,7 +1028,7 @@ def _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows
     b, hq, d = o.shape
     if b == 0:
         return lambda o: None
-    block_d = max(16, _next_pow2(d))
+    block_d = max(16, next_pow2(d))
     auto_h, auto_p, auto_w = stage2_blocks(b, hq, d)
     block_h = auto_h if block_h is None else int(block_h)
     block_p = auto_p if block_p is None else int(block_p)

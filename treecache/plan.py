@@ -49,6 +49,7 @@ from kernels.plan_ops import (
 from kernels.tree_decode import (
     MAX_BLOCK_M,
     launch_form,
+    next_pow2,
     stage2_blocks,
     tree_decode_launcher,
     tree_decode_stage1,
@@ -2267,11 +2268,6 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst, grow_g, v_g, v_k
     return out
 
 
-def _pow2(n: int) -> int:
-    """The least power of two >= ``n`` (0 for 0)."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
 def _spread(a: np.ndarray, pos: np.ndarray, n: int, fill) -> np.ndarray:
     """An array of ``n`` entries: ``a[i]`` at ``pos[i]``, ``fill`` elsewhere."""
     out = np.full(n, fill, dtype=a.dtype)
@@ -2474,10 +2470,11 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     # Padded phases: each phase's vnodes followed by empty ones (see build_plan);
     # v_pos is every vnode's position among them.
     v_pos = None
-    if pad_phases and (_pow2(n0), _pow2(n1)) != (n0, n1):
+    padded = [next_pow2(n) if n else 0 for n in (n0, n1)] if pad_phases else [n0, n1]
+    if padded != [n0, n1]:
         v_pos = np.arange(nv, dtype=np.int64)
-        v_pos[n0:] += _pow2(n0) - n0
-        n0, n1 = _pow2(n0), _pow2(n1)
+        v_pos[n0:] += padded[0] - n0
+        n0, n1 = padded
         nv = n0 + n1
         v_kv_start, v_kv_len, v_q_start, v_q_len = (
             _spread(a, v_pos, nv, 0) for a in (v_kv_start, v_kv_len, v_q_start, v_q_len))
