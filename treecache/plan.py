@@ -759,8 +759,12 @@ class DecodePlan:
         launch the same kernels with the same grids and arguments, so a CUDA graph
         captured from one computes the other once the other is written (the later plan
         overwrites the buffers). See ``pad_phases`` in :func:`build_plan`."""
-        return (self.buffers, self.generation, self.phases, self.direct, self.needs_stage2,
-                self.finish, self.masked, self.half_partials, self.num_requests)
+        return (self.buffers, self.generation, self.phases) + self._modes()
+
+    def _modes(self) -> tuple:
+        """The modes and sizes, besides the phases, that a plan's launches depend on."""
+        return (self.direct, self.needs_stage2, self.finish, self.masked, self.half_partials,
+                self.num_requests)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The index tensors and mid buffers as keyword arguments of the kernels.
@@ -922,8 +926,7 @@ class DecodePlan:
             # loop re-planning a tree of the same shape) reuse one set, already
             # compiled and launched directly.
             shared = self.buffers.launchers if SHARED_LAUNCHERS else {}
-            modes = (key, self.direct, self.needs_stage2, self.finish, self.masked,
-                     self.num_requests)
+            modes = (key,) + self._modes()
             skey = (modes, self.phases)
             fn = shared.pop(skey, None)
             if fn is None:
