@@ -11,6 +11,7 @@ capture), the captures and their time, the distinct launch keys, the GPU time of
 attention replayed (plain: a graph captured for the step; padded: the kept one) and the
 largest difference between the replayed and the plain eager outputs.
 """
+import argparse
 import json
 import random
 import statistics
@@ -131,9 +132,11 @@ def main(W, L=32, hq=32, hk=8, P=4096, warm=10, steps=50):
     return res
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    path = parser.parse_args().out
     if not torch.cuda.is_available():
         sys.exit("benchmarks.graph_beam needs a CUDA GPU (it captures CUDA graphs)")
-    path = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else None
     out = []
     for hq, hk in ((32, 8), (32, 32), (16, 1)):
         for W in (4, 16, 64):
