@@ -98,3 +98,58 @@ def test_expand_ranges_device_matches_host(seed):
             out = torch.full((ref.size,), -7, dtype=dtype)
             _expand_ranges_device(starts, lens, out)
             assert np.array_equal(out.numpy(), ref)
+
+
+def _plan_arrays(plan):
+    """Everything a plan's launches read, as numpy arrays (used parts only)."""
+    t = plan.tensors()
+    used = dict(kv_indices=plan.num_kv_entries, kv_mask=plan.num_kv_entries,
+                mid_q_rows=plan.num_mid_rows, req_mid_rows=plan.num_mid_rows,
+                req_mid_start=plan.num_requests, req_mid_len=plan.num_requests)
+    out = {k: t[k][:used.get(k, plan.num_vnodes)].numpy().copy()
+           for k in t if k not in ("mid_o", "mid_lse")}
+    out["tail_vnode"] = plan.tail_vnode.copy()
+    return out, (plan.phases, plan.q_tiles, plan.kv_tiles, plan.kv_split_sizes,
+                 list(plan.node_assignments), plan._modes())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plans_do_not_depend_on_which_heuristic_pass_ran(seed, monkeypatch):
+    # build_plan runs the scalar pass on small trees and the vectorised one on large
+    # ones (SCALAR_HEURISTIC_MAX_NODES): the plans must be the same either way.
+    import treecache.plan as plan_mod
+
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(3, 120))
+    inp = _random_input(rng, n, 0.6)
+    # Short nodes (1-40 tokens) under a longer root: many split-Q decisions.
+    seqlen = rng.integers(1, 41, size=n)
+    seqlen[inp.parent < 0] = 500
+    inp = PlanInput(parent=inp.parent, seqlen=seqlen,
+                    tok_ptr=np.concatenate([[0], np.cumsum(seqlen)[:-1]]),
+                    req_end=np.unique(inp.req_end))
+    calls = {"scalar": 0, "vec": 0}
+
+    def count(name, fn):
+        def wrapped(*a):
+            calls[name] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(plan_mod, "_tree_heuristic", count("scalar", _tree_heuristic))
+    monkeypatch.setattr(plan_mod, "_tree_heuristic_vec", count("vec", _tree_heuristic_vec))
+    built = []
+    for limit in (0, n, 10**9):
+        monkeypatch.setattr(plan_mod, "SCALAR_HEURISTIC_MAX_NODES", limit)
+        for hq, hk in ((32, 32), (32, 8), (16, 1)):
+            built.append(_plan_arrays(plan_mod.build_plan(
+                inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128, device="cpu")))
+    assert calls["scalar"] >= 6 and calls["vec"] >= 3  # both passes ran
+    assert sum(sum(meta[4]) > 0 for _, meta in built) >= 2  # some split-Q choices
+    for i in range(3, len(built)):
+        arrays, meta = built[i]
+        ref_arrays, ref_meta = built[i % 3]
+        assert meta == ref_meta
+        assert arrays.keys() == ref_arrays.keys()
+        for k in arrays:
+            np.testing.assert_array_equal(arrays[k], ref_arrays[k], err_msg=k)

@@ -99,6 +99,12 @@ AUTO_MAX_KV_ENTRIES = 200_000
 DEFAULT_PARA_THRESHS1 = (132, 528)
 DEFAULT_PARA_THRESHS2 = (132, 132)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+#: Trees of at most this many nodes run the cost model's heuristic as the scalar loop
+#: (:func:`_tree_heuristic`), larger ones vectorised (:func:`_tree_heuristic_vec`);
+#: both decide identically. On the development CPU the loop is the faster up to about
+#: 80 nodes (beam-search trees: 19 against 40 us at 6 nodes, 45 against 76 at 29, 138
+#: against 104 at 103; benchmarks/RESULTS.md, v30).
+SCALAR_HEURISTIC_MAX_NODES = 64
 #: Whether new plans store float16 partial outputs for float16 inputs
 #: (:attr:`DecodePlan.half_partials`). Measured on an H100 (benchmarks/RESULTS.md, v5):
 #: 5% faster on the geomean of the benchmark cases, up to 16% on trees of many small
@@ -1385,8 +1391,9 @@ def _scalar_cmm(q_tiles, kv_tiles, ag, bg):
 def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
     """Greedy split-K / split-Q choice for every edge; returns (assign, chain length).
 
-    The reference (scalar) form of the FastTree heuristic; :func:`_tree_heuristic_vec`
-    is the one plans use, and tests check that both decide identically.
+    The scalar form of the FastTree heuristic; :func:`_tree_heuristic_vec` is the
+    vectorised one, and tests check that both decide identically. Plans run this one on
+    small trees (see :func:`_heuristic`).
     """
     n = topo.n
     L = topo.seqlen.tolist()
@@ -1515,6 +1522,13 @@ def _tree_heuristic_vec(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, 
         np.subtract(before, taken[:-1] - taken[first_sibling], out=nQ[:2])
     assign.view(bool)[c] = pick
     return assign, chain
+
+
+def _heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
+    """The cost model's split choices: :func:`_tree_heuristic` for trees of at most
+    :data:`SCALAR_HEURISTIC_MAX_NODES` nodes, else :func:`_tree_heuristic_vec`."""
+    fn = _tree_heuristic if topo.n <= SCALAR_HEURISTIC_MAX_NODES else _tree_heuristic_vec
+    return fn(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
 
 
 def _flat_assignment(topo: _Topology):
@@ -2140,7 +2154,7 @@ def build_plan(
     if flat:
         assign, chain = _flat_assignment(topo)
     else:
-        assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+        assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
     groups = _Groups(topo, assign, chain)
     # Before the rule's adjustment: the plans of single chunk lengths start from here.
     base = (assign, chain, groups, tuple(q_tiles), tuple(kv_tiles))
@@ -2164,7 +2178,7 @@ def build_plan(
         if retile is not None:
             q_tiles = [q_tiles[retile]] * 2
             kv_tiles = [kv_tiles[retile]] * 2
-            assign, chain = _tree_heuristic_vec(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+            assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
             groups = _Groups(topo, assign, chain)
             tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
             par = tiling.par
