@@ -1801,7 +1801,12 @@ def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bo
     if not in_set.any():
         return None
     key = np.where(in_set, set_of[np.maximum(top, 0)], gid)
-    rep, eff = np.unique(key, return_inverse=True)
+    # The distinct keys (sorted) and each group's index among them, by a scatter (the
+    # keys are group ids).
+    present = np.zeros(ng, dtype=bool)
+    present[key] = True
+    rep = present.nonzero()[0]
+    eff = (np.cumsum(present) - 1)[key]
     # The new groups' rows: a set's naming groups' requests one after the other, every
     # other group's own.
     src = (~in_set | (is_top & in_set)).nonzero()[0]
@@ -1896,13 +1901,17 @@ def _inline_blocks(topo: _Topology, reqs: int, max_len: int, skip: np.ndarray | 
     return rows, seg_block, seg_node, bits, length
 
 
-def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes) -> np.ndarray:
+def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes):
     """Phase 1's KV tile for vnodes holding ``tokens`` KV entries in all, ``vnodes`` of
-    them (numbers or arrays, elementwise): :data:`SHORT_KV_TILE` where they average at
-    most :data:`SHORT_KV_MAX_MEAN` entries and the GQA group is at most
-    :data:`SHORT_KV_MAX_GROUP`, else ``kv_tile``."""
+    them (Python ints, or arrays elementwise): :data:`SHORT_KV_TILE` where they average
+    at most :data:`SHORT_KV_MAX_MEAN` entries and the GQA group is at most
+    :data:`SHORT_KV_MAX_GROUP`, else ``kv_tile``; an int for ints, else an int64 array."""
+    shortable = SHORT_KV_TILE and kv_tile > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP
+    if isinstance(vnodes, int) and isinstance(tokens, int):  # one plan's phase 1
+        short = shortable and vnodes > 0 and tokens <= SHORT_KV_MAX_MEAN * vnodes
+        return int(SHORT_KV_TILE if short else kv_tile)
     vnodes = np.asarray(vnodes)
-    if not (SHORT_KV_TILE and kv_tile > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP):
+    if not shortable:
         return np.full(vnodes.shape, kv_tile, dtype=np.int64)
     short = (vnodes > 0) & (np.asarray(tokens) <= SHORT_KV_MAX_MEAN * vnodes)
     return np.where(short, SHORT_KV_TILE, kv_tile).astype(np.int64)
@@ -2460,7 +2469,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
                                 grow_g if grown else None, v_g, v_kv_start, v_kv_len)
 
     kv_tiles = list(kv_tiles)
-    kv_tiles[1] = int(_phase1_kv_tile(kv_tiles[1], group, int(v_kv_len[n0:].sum()), n1))
+    kv_tiles[1] = _phase1_kv_tile(kv_tiles[1], group, int(v_kv_len[n0:].sum()), int(n1))
     # Which phases hold masked entries (phase-1 fusion masks phase 1 only).
     masked_ph = [True, True]
     if seg_mask is not None and UNMASKED_PHASES:
