@@ -766,26 +766,33 @@ class TreeKVCache:
 
     def _flush(self) -> None:
         """Attach tokens and pages added by the fast path to their node objects."""
-        if self._pending_nodes:
-            nodes = np.concatenate(self._pending_nodes)
-            slots = np.concatenate(self._pending_slots)
-            self._pending_nodes.clear()
-            self._pending_slots.clear()
-            self._attach(nodes, slots, "slots")
-        if self._pending_page_nodes:
-            nodes = np.concatenate(self._pending_page_nodes)
-            pages = np.concatenate(self._pending_pages)
-            self._pending_page_nodes.clear()
-            self._pending_pages.clear()
-            self._attach(nodes, pages, "pages")
+        slot_nodes, page_nodes = self._pending_nodes, self._pending_page_nodes
+        # Steps where every request took a fresh page list the same node arrays for
+        # slots and pages (always so with page_size 1): group the nodes once.
+        together = (bool(slot_nodes) and len(slot_nodes) == len(page_nodes)
+                    and all(x is y for x, y in zip(slot_nodes, page_nodes)))
+        if slot_nodes:
+            fields = {"slots": np.concatenate(self._pending_slots)}
+            if together:
+                fields["pages"] = np.concatenate(self._pending_pages)
+            self._attach(np.concatenate(slot_nodes), fields)
+        if page_nodes and not together:
+            self._attach(np.concatenate(page_nodes), {"pages": np.concatenate(self._pending_pages)})
+        for pending in (slot_nodes, self._pending_slots, page_nodes, self._pending_pages):
+            pending.clear()
 
-    def _attach(self, nodes: np.ndarray, values: np.ndarray, field: str) -> None:
+    def _attach(self, nodes: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        """Append to every node the entries of ``fields`` (node attribute -> values,
+        one per entry of ``nodes``) that ``nodes`` gives it, in their order."""
         order = np.argsort(nodes, kind="stable")
-        nodes, values = nodes[order], values[order]
+        nodes = nodes[order]
         cut = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()
         starts, ends = [0] + cut, cut + [nodes.size]
-        for nid, a, b in zip(nodes[starts].tolist(), starts, ends):
-            getattr(self._nodes[nid], field).append(values[a:b])
+        ids = nodes[starts].tolist()
+        for field, values in fields.items():
+            values = values[order]
+            for nid, a, b in zip(ids, starts, ends):
+                getattr(self._nodes[nid], field).append(values[a:b])
 
     def _reserve_step(self, reqs: np.ndarray, trusted: bool = False) -> np.ndarray:
         """One slot per request; the fast path when every node is an exclusive leaf.
