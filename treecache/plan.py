@@ -439,14 +439,16 @@ class PlanBuffers:
         for name in self._SMALL + ("runs",):
             self.offsets[name] = off
             off += caps[name]
+        # The slot table of a plan whose runs are gathered on the device (a cache's),
+        # right after the run table: the two travel in one copy (see upload).
+        self.offsets["slots"] = off
+        off += self.cap_slots
         self.offsets["kv_indices"] = off
         # Row masks of a masked plan's kv entries (DecodePlan.masked), one per entry.
         self.offsets["kv_mask"] = off + self.cap_kv
-        # The slot table of a plan whose runs are gathered on the device (a cache's).
-        self.offsets["slots"] = off + 2 * self.cap_kv
         self.caps = dict(caps, kv_indices=self.cap_kv, kv_mask=self.cap_kv,
                          slots=self.cap_slots)
-        total = off + 2 * self.cap_kv + self.cap_slots
+        total = off + 2 * self.cap_kv
         pin = self.device.type == "cuda"
         self.host = torch.zeros(total, dtype=torch.int32, device="cpu", pin_memory=pin)
         self.host_np = self.host.numpy()
@@ -548,9 +550,9 @@ class PlanBuffers:
         slot ``table`` those entries of it, and with ``masks`` the row mask ``bits_i``
         (int32). They are expanded where the device buffer lives: in the staging buffer
         on the CPU; otherwise the run table (at most :attr:`cap_runs` runs, see
-        :meth:`ensure`) travels in the same copy as the small regions, the slot table
-        (at most :attr:`cap_slots` entries) in one more, and one kernel expands them on
-        the device: the host's work is O(runs) plus the slot table's copy, not
+        :meth:`ensure`) and the slot table (at most :attr:`cap_slots` entries) travel
+        in the same copy as the small regions, and one kernel expands them on the
+        device: the host's work is O(runs) plus the slot table's copy, not
         O(entries), and the staging buffer's kv and mask regions do not hold them.
         With :data:`DEVICE_EXPAND` off only runs without ``dst`` or ``table`` are
         expanded on the device; the others in the staging buffer, then copied.
@@ -560,29 +562,33 @@ class PlanBuffers:
             bits = None
         on_device = self.dev is not self.host and (
             DEVICE_EXPAND or (dst is None and table is None))
+        n_table = 0 if table is None else int(np.size(table))
         if not on_device:
             _expand_run_table(self.host_view("kv_indices", kv_used),
                               self.host_view("kv_mask", kv_used) if masks else None,
                               starts, lens, dst, bits, table, self.scratch)
             if self.dev is self.host:
                 return
-            end = self.offsets["kv_indices"] + kv_used
+            # The small regions, then the kv entries (and masks) expanded here.
+            k0 = self.offsets["kv_indices"]
+            copies = [(0, self.offsets["runs"]), (k0, k0 + kv_used)]
+            if masks and kv_used:
+                m0 = self.offsets["kv_mask"]
+                copies.append((m0, m0 + kv_used))
         else:
             end = self._stage_runs(starts, lens, dst, bits)
-        self.dev[:end].copy_(self.host[:end], non_blocking=True)
-        if not on_device and masks and kv_used:
-            m0 = self.offsets["kv_mask"]
-            self.dev[m0:m0 + kv_used].copy_(self.host[m0:m0 + kv_used], non_blocking=True)
-        n_table = 0 if table is None else int(np.size(table))
-        if on_device and n_table:
-            if n_table > self.cap_slots:
-                raise PlanMismatchError(
-                    f"a slot table of {n_table} entries does not fit the buffers "
-                    f"({self.cap_slots}); call ensure(..., slots={n_table}) before writing "
-                    "the plan")
-            s0 = self.offsets["slots"]
-            self.host_np[s0:s0 + n_table] = table
-            self.dev[s0:s0 + n_table].copy_(self.host[s0:s0 + n_table], non_blocking=True)
+            if n_table:
+                if n_table > self.cap_slots:
+                    raise PlanMismatchError(
+                        f"a slot table of {n_table} entries does not fit the buffers "
+                        f"({self.cap_slots}); call ensure(..., slots={n_table}) before "
+                        "writing the plan")
+                # The slot table follows the run table: one copy holds both.
+                end = self.offsets["slots"] + n_table
+                self.host_np[end - n_table:end] = table
+            copies = [(0, end)]
+        for a, e in copies:
+            self.dev[a:e].copy_(self.host[a:e], non_blocking=True)
         if self.device.type == "cuda":
             if self._uploaded is None:
                 self._uploaded = torch.cuda.Event()
