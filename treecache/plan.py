@@ -102,9 +102,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 #: Trees of at most this many nodes run the cost model's heuristic as the scalar loop
 #: (:func:`_tree_heuristic`), larger ones vectorised (:func:`_tree_heuristic_vec`);
 #: both decide identically. On the development CPU the loop is the faster up to about
-#: 80 nodes (beam-search trees: 19 against 40 us at 6 nodes, 45 against 76 at 29, 138
-#: against 104 at 103; benchmarks/RESULTS.md, v30).
-SCALAR_HEURISTIC_MAX_NODES = 64
+#: 100 nodes (beam-search trees: 11 against 41 us at 6 nodes, 33 against 77 at 29, 90
+#: against 113 at 77; benchmarks/RESULTS.md, v30).
+SCALAR_HEURISTIC_MAX_NODES = 96
 #: Whether new plans store float16 partial outputs for float16 inputs
 #: (:attr:`DecodePlan.half_partials`). Measured on an H100 (benchmarks/RESULTS.md, v5):
 #: 5% faster on the geomean of the benchmark cases, up to 16% on trees of many small
@@ -1426,11 +1426,17 @@ def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamm
     ch_ids = topo.ch_ids.tolist()
     assign = [0] * n
     cmm = _scalar_cmm(q_tiles, kv_tiles, alpha * group, beta * group)
-    for x in topo.bfs_order.tolist():
+    # Parents are decided before their children (a child's decision reads its parent's
+    # final chain length); any such order gives the same decisions. Ids are one when
+    # every parent's id is smaller (a cache's trees, generated trees), else depth order.
+    parents = (topo.ch_ptr[1:] > topo.ch_ptr[:-1]).nonzero()[0]
+    if not (topo.ch_parent < topo.ch_ids).all():
+        parents = parents[topo.depth[parents].argsort(kind="stable")]
+    for x in parents.tolist():
         nq_cur = nq[x]
-        a, b = ch_ptr[x], ch_ptr[x + 1]
-        if nq_cur == 0 or a == b:
+        if nq_cur == 0:
             continue
+        a, b = ch_ptr[x], ch_ptr[x + 1]
         lenv = L[x]
         for j in range(a, b):
             c = ch_ids[j]
