@@ -1947,6 +1947,10 @@ def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes):
     return np.where(short, SHORT_KV_TILE, kv_tile).astype(np.int64)
 
 
+#: Columns of a group's phase indicator (phase 0, phase 1); see _split_costs.
+_PHASES = np.array([False, True])
+
+
 def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
                  num_kv_heads: int) -> np.ndarray:
     """Estimated cost of the plan over ``groups`` with each pair of KV chunk lengths
@@ -1957,47 +1961,50 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     rows), plus :data:`AUTO_MERGE_WEIGHT` per merge step (:func:`_merge_chain_steps`).
     Chains are cut into whole chunks and the rest (a rest that
     :data:`CHUNK_TAIL_ABSORB` joins to the chunk before it is counted as its own).
-    Float arithmetic (exact for these integers), one pass over
-    ``[chunks, groups]`` per phase."""
+    Float arithmetic (exact for these integers), one pass over ``[chunks, groups]``
+    for both phases."""
     pairs = np.asarray(chunks, dtype=np.float64).reshape(-1, 2)
     ph1 = groups.nreq <= q_tiles[1]
+    in_phase = (~ph1, ph1)
     cost = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64)
+    length = groups.length.astype(np.float64)
+    nreq = groups.nreq.astype(np.float64)
+    # Both phases in one pass over [chunks, groups]: per group its phase's chunk length
+    # and q tile; per phase sums through weights that are zero on the other phase's
+    # groups (sums of integers, exact in any order).
+    c = np.where(ph1, pairs[:, 1:2], pairs[:, 0:1])
+    nch = np.ceil(length / c)  # [chunks, groups]
+    nqt = np.ceil(nreq / np.where(ph1, q_tiles[1], q_tiles[0]))
+    per_phase = ph1[:, None] == _PHASES  # [groups, 2]: in phase 0, in phase 1
+    w_q = per_phase * nqt[:, None]
+    nv = nch @ w_q  # [chunks, 2]
+    kv = np.empty_like(nv)
+    kv[:, 0] = kv_tiles[0]
+    kv[:, 1] = _phase1_kv_tile(kv_tiles[1], group, length @ w_q[:, 1], nv[:, 1])
+    last = length - (nch - 1) * c  # the last chunk's length
+    steps = (nch - 1) @ w_q * np.ceil(pairs / kv) + np.ceil(last / np.where(ph1, kv[:, 1:2], kv[:, 0:1])) @ w_q
+    work = (steps + AUTO_PROGRAM_STEPS * nv) * num_kv_heads / AUTO_SLOTS
+    partials = cost * (nch @ (per_phase * nreq[:, None]))
     total = np.zeros(pairs.shape[0])
-    for phase in (1, 0):  # phase 1 first: its KV tile depends on its vnodes
-        mask = ph1 if phase else ~ph1
-        if not mask.any():
+    for phase in (1, 0):
+        if not in_phase[phase].any():
             continue
-        length = groups.length[mask].astype(np.float64)
-        nreq = groups.nreq[mask].astype(np.float64)
-        nqt = np.ceil(nreq / q_tiles[phase])
-        c = pairs[:, phase:phase + 1]
-        nch = np.ceil(length / c)  # [chunks, groups]
-        nv = nch @ nqt
-        if phase:
-            kv = _phase1_kv_tile(kv_tiles[1], group, length @ nqt, nv).astype(np.float64)
-        else:
-            kv = np.full_like(nv, kv_tiles[0])
-        kv = kv[:, None]
-        last = length - (nch - 1) * c  # the last chunk's length
-        steps = (nch - 1) @ nqt * np.ceil(c[:, 0] / kv[:, 0]) + np.ceil(last / kv) @ nqt
-        longest = np.ceil(np.minimum(length.max(), c[:, 0]) / kv[:, 0])
-        work = (steps + AUTO_PROGRAM_STEPS * nv) * num_kv_heads / AUTO_SLOTS
-        total += np.maximum(longest, work) + cost * (nch @ nreq)
+        longest = np.ceil(np.minimum(length[in_phase[phase]].max(), pairs[:, phase]) / kv[:, phase])
+        total += np.maximum(longest, work[:, phase]) + partials[:, phase]
     if AUTO_MERGE_WEIGHT:
-        total += AUTO_MERGE_WEIGHT * _merge_chain_steps(groups, q_tiles, pairs,
-                                                        group * num_kv_heads)
+        total += AUTO_MERGE_WEIGHT * _merge_chain_steps(groups, pairs, nch, group * num_kv_heads)
     return total
 
 
-def _merge_chain_steps(groups: _Groups, q_tiles, pairs: np.ndarray, num_heads: int) -> np.ndarray:
+def _merge_chain_steps(groups: _Groups, pairs: np.ndarray, nch: np.ndarray,
+                       num_heads: int) -> np.ndarray:
     """For each pair of chunk lengths (phase 0, phase 1) of ``pairs``: the merge steps of
-    the request with the most partials, less :data:`AUTO_MERGE_FREE_STEPS` (at least 0)."""
+    the request with the most partials, less :data:`AUTO_MERGE_FREE_STEPS` (at least 0).
+    ``nch``: every group's chunk count under each pair, ``[pairs, groups]``."""
     if groups.pair_req.size == 0:
         return np.zeros(pairs.shape[0])
-    ph1 = groups.nreq <= q_tiles[1]
-    # Each (request, group) pair contributes its group's chunk count: [pairs, groups],
-    # then every pair's per-request sums in one count over (pair, request).
-    nch = np.ceil(groups.length / np.where(ph1, pairs[:, 1:2], pairs[:, 0:1]))
+    # Each (request, group) pair contributes its group's chunk count: every pair's
+    # per-request sums in one count over (pair, request).
     nr = groups.num_requests
     at = (groups.pair_req + nr * np.arange(pairs.shape[0])[:, None]).ravel()
     most = np.bincount(at, weights=np.repeat(nch, groups.nreq, axis=1).ravel(),
