@@ -88,6 +88,10 @@ class _Node:
         return _joined(self.pages)
 
 
+#: See TreeKVCache._rebuild.
+_JOIN_PARTS = 8
+
+
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
     """The concatenation of ``parts``; the list keeps it as its only element."""
     if not parts:
@@ -994,7 +998,13 @@ class TreeKVCache:
         n = len(order)
         ids = np.array([nd.id for nd in order], dtype=np.int64)
         parent = np.array(parent, dtype=np.int64)
-        slot_parts = [nd.slot_array() for nd in order]
+        # Every node's slot arrays in order, one concatenation for all (a node's list
+        # is joined once it holds more than _JOIN_PARTS arrays, so that it stays short).
+        slot_parts = []
+        for nd in order:
+            if len(nd.slots) > _JOIN_PARTS:
+                _joined(nd.slots)
+            slot_parts += nd.slots
         # Position of every live node id (a scratch array kept across rebuilds).
         self._nd_pos = _grow(self._nd_pos, self._next_node, -1)
         index = self._nd_pos
