@@ -101,10 +101,11 @@ DEFAULT_PARA_THRESHS2 = (132, 132)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 #: Trees of at most this many nodes run the cost model's heuristic as the scalar loop
 #: (:func:`_tree_heuristic`), larger ones vectorised (:func:`_tree_heuristic_vec`);
-#: both decide identically. On the development CPU the loop is the faster up to about
-#: 100 nodes (beam-search trees: 11 against 41 us at 6 nodes, 33 against 77 at 29, 90
-#: against 113 at 77; benchmarks/RESULTS.md, v30).
-SCALAR_HEURISTIC_MAX_NODES = 96
+#: both decide identically. Measured on beam-search trees (benchmarks/RESULTS.md, v30),
+#: loop against vectorised: on the H100's host 59 / 165 us at 29 nodes, 153 / 281 at
+#: 77, 204 / 252 at 103, 317 / 287 at 160; on the development CPU 33 / 77 us at 29
+#: nodes, 90 / 113 at 77, 169 / 158 at 103.
+SCALAR_HEURISTIC_MAX_NODES = 128
 #: Whether new plans store float16 partial outputs for float16 inputs
 #: (:attr:`DecodePlan.half_partials`). Measured on an H100 (benchmarks/RESULTS.md, v5):
 #: 5% faster on the geomean of the benchmark cases, up to 16% on trees of many small
