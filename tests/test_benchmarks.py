@@ -113,7 +113,8 @@ def test_masked_probe_inline_configs():
                                     "benchmarks.warm_probe",
                                     "benchmarks.masked_probe",
                                     "benchmarks.floor_bound",
-                                    "benchmarks.cache_ops"])
+                                    "benchmarks.cache_ops",
+                                    "benchmarks.replan_ab"])
 def test_benchmark_modules_import(module):
     import importlib
 
@@ -136,6 +137,34 @@ def test_cache_ops_quick_run_times_every_call_and_replans_every_step(tmp_path):
         assert r["plan_rebuilds"] == 1 + 2 + 4
         assert r["nodes"] >= r["num_beams"]
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_replan_ab_compares_the_plans_of_two_versions(tmp_path):
+    # Against this checkout itself every step's plans are the same; against a copy whose
+    # planner cuts KV chunks of 16 entries they are not.
+    import shutil
+    from pathlib import Path
+
+    from benchmarks.replan_ab import main as replan_main
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ab.json"
+    rows = replan_main(["--base", str(root), "--quick", "--out", str(out)])
+    assert [r["W"] for r in rows] == [2, 5]
+    assert all(r["same_plans"] for r in rows)
+    assert all(r["prepare_us"] > 0 and r["prepare_base_us"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
+    other = tmp_path / "other"
+    shutil.copytree(root / "treecache", other / "treecache")
+    plan_py = other / "treecache" / "plan.py"
+    text = plan_py.read_text()
+    for old, new in (("\nAUTO_KV_CHUNKS = (1024, 512, 256, 128, 64)\n", "\nAUTO_KV_CHUNKS = ()\n"),
+                     ("\nDEFAULT_KV_SPLIT_SIZES = (1024, 128)\n", "\nDEFAULT_KV_SPLIT_SIZES = (16, 16)\n")):
+        assert old in text
+        text = text.replace(old, new)
+    plan_py.write_text(text)
+    rows = replan_main(["--base", str(other), "--quick"])
+    assert not any(r["same_plans"] for r in rows)
 
 
 def test_finish_warps_setting_patches_only_inside_its_block():

@@ -1,0 +1,153 @@
+"""Host time of a beam step's re-plan: this checkout against another version, in one process.
+
+``python -m benchmarks.replan_ab --base DIR --out results.json`` loads the ``treecache``
+package of ``DIR`` (another version's checkout, e.g. from ``git worktree add DIR REV``
+or ``git archive REV treecache | tar -x -C DIR``) beside this checkout's, under the name
+``treecache_base``. Both versions share this checkout's ``kernels`` package. It then runs
+the same beam steps on one cache of each version, the two caches' steps interleaved
+(which goes first alternates), as ``benchmarks.cache_ops`` does without K/V: one request
+holds a prompt, each step forks every new beam from a parent drawn among the first half
+of the beams, prunes the old beams, reserves one slot per beam and re-plans
+(``prepare``). Separate processes on a busy host differ by up to 1.5x in such times;
+interleaved steps of one process see the same state of the machine.
+
+Reported per head layout and width W: the median ``prepare`` time of each version
+(``time.perf_counter``, the device synchronised around each call), the median of the
+per-step ratios (this checkout / base), and whether every step's two plans were the same
+(the index tensors' used parts, phases, tiles, chunk lengths, modes and tail vnodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    import treecache
+except ImportError:  # running from a source checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import treecache
+
+
+def load_base(directory: Path):
+    """The ``treecache`` package of ``directory``, imported as ``treecache_base``."""
+    init = Path(directory) / "treecache" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--base: expected a directory holding treecache/__init__.py, got "
+                         f"{str(directory)!r}")
+    for name in [m for m in sys.modules if m.split(".")[0] == "treecache_base"]:
+        del sys.modules[name]  # a version loaded before
+    spec = importlib.util.spec_from_file_location(
+        "treecache_base", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["treecache_base"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def plan_summary(plan) -> tuple:
+    """What a plan's launches read: the index tensors' used parts, phases, tiles, chunk
+    lengths, modes and tail vnodes (as bytes and tuples, comparable across versions)."""
+    t = plan.tensors()
+    used = dict(kv_indices=plan.num_kv_entries, kv_mask=plan.num_kv_entries,
+                mid_q_rows=plan.num_mid_rows, req_mid_rows=plan.num_mid_rows,
+                req_mid_start=plan.num_requests, req_mid_len=plan.num_requests)
+    arrays = tuple((k, t[k][:used.get(k, plan.num_vnodes)].cpu().numpy().tobytes())
+                   for k in sorted(t) if k not in ("mid_o", "mid_lse"))
+    phases = tuple(tuple(p) for p in plan.phases)
+    return arrays + (phases, tuple(plan.q_tiles), tuple(plan.kv_tiles),
+                     tuple(plan.kv_split_sizes), plan.direct, plan.needs_stage2, plan.finish,
+                     plan.masked, plan.half_partials, np.asarray(plan.tail_vnode).tobytes())
+
+
+def measure(modules, width: int, heads: tuple[int, int], args, device) -> dict:
+    hq, hk = heads
+    caches, beams = [], []
+    for mod in modules:
+        c = mod.TreeKVCache(1, hq, hk, args.head_dim,
+                            capacity_tokens=args.prompt_len + width * (args.warmup + args.steps + 4),
+                            dtype=torch.float16, device=device, plan_headroom=8)
+        root = c.new_request()
+        c.reserve(root, args.prompt_len)
+        beams.append([root] + [c.fork(root) for _ in range(width - 1)])
+        c.prepare()
+        caches.append(c)
+    rng = random.Random(width)
+    times = [[], []]
+    same = True
+    for step in range(args.warmup + args.steps):
+        parents = [rng.randrange(max(1, width // 2)) for _ in range(width)]
+        plans = [None, None]
+        for i in ((0, 1) if step % 2 else (1, 0)):
+            c, b = caches[i], beams[i]
+            new = [c.fork(b[p]) for p in parents]
+            for x in b:
+                c.prune(x)
+            b[:] = new
+            c.reserve(b)
+            _sync(device)
+            t = time.perf_counter()
+            plans[i] = c.prepare(b)
+            _sync(device)
+            if step >= args.warmup:
+                times[i].append((time.perf_counter() - t) * 1e6)
+        same = same and plan_summary(plans[0]) == plan_summary(plans[1])
+    return {"heads": f"{hq}/{hk}", "W": width, "prepare_base_us": statistics.median(times[0]),
+            "prepare_us": statistics.median(times[1]),
+            "ratio": statistics.median(n / b for b, n in zip(*times)), "same_plans": same}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", type=Path, required=True,
+                   help="a directory holding the other version's treecache package")
+    p.add_argument("--num-beams", type=int, nargs="+", default=[4, 16, 64])
+    p.add_argument("--prompt-len", type=int, default=4096)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50, help="measured steps per width")
+    p.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
+    p.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    head_layouts = [(32, 8), (32, 32), (16, 1)]
+    if args.quick:
+        args.num_beams, args.prompt_len, args.head_dim = [2, 5], 40, 64
+        args.steps, args.warmup = 4, 1
+        head_layouts = [(4, 2)]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    modules = (load_base(args.base), treecache)
+    rows = []
+    for heads in head_layouts:
+        for width in args.num_beams:
+            r = measure(modules, width, heads, args, device)
+            rows.append(r)
+            print(f"{r['heads']} W={width}: prepare {r['prepare_base_us']:.1f} -> "
+                  f"{r['prepare_us']:.1f} us (step ratio {r['ratio']:.3f}), same plans: "
+                  f"{r['same_plans']}", flush=True)
+    if args.out is not None:
+        device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else "cpu")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": device_name,
+                                        "torch": torch.__version__, "rows": rows}, indent=1))
+        print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
