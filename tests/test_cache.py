@@ -280,6 +280,65 @@ def test_prune_of_a_request_ending_at_an_internal_node_frees_nothing():
     assert_all_layers(cache, model)
 
 
+def _pruned_tree(page_size, seed, together):
+    """A random tree of requests (forks, appends of 1-6 tokens), then a random half of
+    its requests pruned, in one call (``together``) or one call each."""
+    rng = np.random.default_rng(seed)
+    cache = make_cache(256, page_size=page_size)
+    model = Model(generator=torch.Generator().manual_seed(seed))
+    reqs = [new_with(cache, model, 5)]
+    for _ in range(14):
+        r = fork(cache, model, reqs[int(rng.integers(len(reqs)))])
+        append(cache, model, r, int(rng.integers(1, 7)))
+        reqs.append(r)
+    dead = [int(x) for x in rng.permutation(reqs)[:len(reqs) // 2]]
+    if together:
+        cache.prune(np.asarray(dead))  # numpy ids too
+    else:
+        for r in dead:
+            cache.prune(r)
+    for r in dead:
+        model.prune(r)
+    return cache, model
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("seed", range(3))
+def test_prune_of_a_list_ends_the_same_requests_as_one_prune_each(page_size, seed):
+    one, _ = _pruned_tree(page_size, seed, together=False)
+    many, model = _pruned_tree(page_size, seed, together=True)
+    a, b = snapshot(one), snapshot(many)
+    # The same requests, nodes, slots, pages and reference counts; the free pages are
+    # the same set (a list returns them to the pool in one call, so their order on the
+    # free stack may differ).
+    assert sorted(a.pop("free")) == sorted(b.pop("free"))
+    assert_same_state(a, b)
+    many.check()
+    assert_all_layers(many, model)
+
+
+def test_prune_of_a_list_rejects_bad_ids_without_change():
+    cache = make_cache(32)
+    model = Model()
+    r = new_with(cache, model, 4)
+    f = fork(cache, model, r)
+    g = fork(cache, model, r)
+    append(cache, model, g, 2)
+    cache.prune(g)
+    before = snapshot(cache)
+    with pytest.raises(TreeCacheError, match=f"request {f} twice"):
+        cache.prune([f, r, f])
+    with pytest.raises(UnknownRequestError, match=f"request {g} was pruned"):
+        cache.prune([f, g])
+    with pytest.raises(UnknownRequestError, match="unknown request id 99"):
+        cache.prune([r, 99])
+    cache.prune([])
+    assert_same_state(before, snapshot(cache))
+    cache.check()
+    cache.prune((f, r))
+    assert len(cache) == 0 and cache.pool.allocator.num_used == 0
+
+
 def test_new_request_is_an_empty_root():
     cache = make_cache(16)
     model = Model()
@@ -863,6 +922,8 @@ def test_accept_rejects_bad_arguments_without_change():
         cache.accept(r, d, discard=[r])
     with pytest.raises(TreeCacheError, match="discard"):
         cache.accept(r, d, discard=[d])
+    with pytest.raises(TreeCacheError, match=f"discard lists request {other} twice"):
+        cache.accept(r, d, discard=[other, other])
     assert_same_state(before, snapshot(cache))
     cache.check()
 

@@ -313,12 +313,26 @@ class TreeKVCache:
         self._refresh(node)
         return rid
 
-    def prune(self, req: int) -> None:
-        """End ``req``. Pages that no node references any more return to the pool."""
-        node = self._node_of(req)
+    def prune(self, req: int | Iterable[int]) -> None:
+        """End ``req``, or each request of an iterable of ids in its order (a beam
+        step's dead beams in one call). Every id is checked first: an unknown, ended or
+        repeated one raises before anything changes. Pages that no node references any
+        more return to the pool (for a list, in one call at the end)."""
+        reqs = [req] if isinstance(req, (int, np.integer)) else list(req)
+        seen = set()
+        for r in reqs:
+            self._node_of(r)
+            if r in seen:
+                raise TreeCacheError(f"prune lists request {r} twice")
+            seen.add(r)
         self._flush()
-        self._remove_request(req, node)
-        self._collapse(node)
+        freed: list[np.ndarray] = []
+        for r in reqs:
+            node = self._reqs[r]
+            self._remove_request(r, node)
+            self._collapse(node, freed)
+        if freed:
+            self.pool.allocator.decref(np.concatenate(freed) if len(freed) > 1 else freed[0])
 
     def accept(self, req: int, draft: int, discard: Iterable[int] = ()) -> None:
         """Speculative accept: ``req`` takes over the path of ``draft``.
@@ -336,6 +350,9 @@ class TreeKVCache:
             self._node_of(d)
             if d in (req, draft):
                 raise TreeCacheError(f"discard lists request {d}, which accept keeps")
+        if len(set(discard)) != len(discard):
+            twice = next(d for i, d in enumerate(discard) if d in discard[:i])
+            raise TreeCacheError(f"discard lists request {twice} twice")
         a = dnode
         while a is not None and a is not node:
             a = a.parent
@@ -354,8 +371,8 @@ class TreeKVCache:
         self._dirty()
         self._refresh(dnode)
         self._collapse(node)
-        for d in discard:
-            self.prune(d)
+        if discard:
+            self.prune(discard)
 
     def length(self, req: int) -> int:
         """Tokens on ``req``'s path."""
@@ -740,13 +757,17 @@ class TreeKVCache:
     def _dirty(self) -> None:
         self._plan_dirty = True
 
-    def _collapse(self, node: _Node) -> None:
+    def _collapse(self, node: _Node, freed: list | None = None) -> None:
         """Delete request-less leaves upwards; merge a request-less single-child node
-        into its child."""
+        into its child. The deleted nodes' pages are released, or with ``freed`` added
+        to it for the caller to release."""
         alloc = self.pool.allocator
         while node is not None and not node.ends and not node.children:
             parent = node.parent
-            alloc.decref(node.page_array())
+            if freed is None:
+                alloc.decref(node.page_array())
+            else:
+                freed.append(node.page_array())
             del self._nodes[node.id]
             self._nd_excl[node.id] = False
             if parent is not None:
