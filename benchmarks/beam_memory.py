@@ -291,9 +291,7 @@ def run_beam(tm, cache, prompt, width, steps, warmup, device, choices=None):
         else:
             parents, next_tokens = choices[step]
         alive = set(parents)
-        for b, r in enumerate(beams):
-            if b not in alive:
-                cache.prune(r)
+        cache.prune([r for b, r in enumerate(beams) if b not in alive])
         claimed, new_beams = set(), []
         for p in parents:
             if p in claimed:

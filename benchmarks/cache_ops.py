@@ -4,8 +4,9 @@
 on the CPU) runs beam steps on a ``TreeKVCache`` alone, without a model: one request
 holds a prompt of ``--prompt-len`` tokens and is forked into W beams; each step then
 forks every new beam from a parent drawn among the first half of the beams (a fixed
-random sequence, so that runs compare), prunes the old beams, reserves one slot per new
-beam, re-plans (``prepare``), writes K/V to every layer and attends every layer. Every
+random sequence, so that runs compare), prunes the old beams (one ``prune`` of the list,
+since v30), reserves one slot per new beam, re-plans (``prepare``), writes K/V to every
+layer and attends every layer. Every
 step changes the topology, so every step re-plans, as a beam search does at these
 widths.
 
@@ -63,8 +64,7 @@ def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
         t = [time.perf_counter()]
         new = [cache.fork(p) for p in parents]
         t.append(time.perf_counter())
-        for b in beams:
-            cache.prune(b)
+        cache.prune(beams)
         t.append(time.perf_counter())
         beams = new
         slots = cache.reserve(beams)

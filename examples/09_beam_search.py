@@ -142,12 +142,12 @@ def main() -> int:
         parent = (best.indices // args.vocab).tolist()
         token = best.indices % args.vocab
         counts = [parent.count(i) for i in range(len(beams))]
-        # Keep a beam picked once, fork it for every extra pick, prune it if never picked.
+        # Prune the beams never picked (one call), keep a beam picked once, fork it for
+        # every extra pick.
+        cache.prune([b for i, b in enumerate(beams) if counts[i] == 0])
         new_beams = []
         for i, b in enumerate(beams):
-            if counts[i] == 0:
-                cache.prune(b)
-            else:
+            if counts[i]:
                 new_beams.append(b)
                 new_beams += [cache.fork(b) for _ in range(counts[i] - 1)]
         order = sorted(range(W), key=lambda j: parent[j])  # new_beams lists parents in order
@@ -183,8 +183,7 @@ def main() -> int:
         max_err = max(max_err, (out.float() - ref).abs().max().item())
     tol = 1e-3 if dtype == torch.float32 else 2e-2
     print(f"max |attend - reference| over all beams and layers: {max_err:.2e}")
-    for b in beams:
-        cache.prune(b)
+    cache.prune(beams)
     print(f"after pruning every beam: {cache.stats()['pages_used']} pages used")
     ok = max_err < tol and cache.stats()["pages_used"] == 0
     print("OK" if ok else "MISMATCH")

@@ -145,8 +145,7 @@ def speculative_round(cache, models, req, pending, widths, check):
         keep = rows[path[-1]][0]
         cache.accept(req, keep, discard=[d for d in drafts if d != keep])
     else:
-        for d in drafts:
-            cache.prune(d)
+        cache.prune(drafts)
     return new_tokens, new_logits, len(path), len(drafts), err
 
 

@@ -98,8 +98,7 @@ def main(argv=None) -> int:
     for r in reqs[:4]:
         cache.fork(r)
         cache.fork(r)
-    for r in reqs[4:8]:
-        cache.prune(r)
+    cache.prune(reqs[4:8])
     rebuilds0 = cache.plan_rebuilds
     ms = decode_steps(args.steps)
     print(f"after forking 4 requests into beams and pruning 4: {len(cache.requests)} requests, "
@@ -113,8 +112,7 @@ def main(argv=None) -> int:
           f"had its own copy (sharing ratio {st['sharing_ratio']:.2f}x, {100 * saved:.0f}% memory saved)")
     print(f"max relative error vs float32 reference: {worst:.2e}")
     ok = worst <= (2e-3 if dtype == torch.float16 else 1e-4)
-    for r in cache.requests:
-        cache.prune(r)
+    cache.prune(cache.requests)
     cache.check()
     print(f"pruned everything: {cache.stats()['pages_free']} of {cache.stats()['pages_total']} pages free")
     print("demo " + ("passed" if ok else "FAILED"))

@@ -282,10 +282,9 @@ def beam_search(
         parents = top_beam[chosen].tolist()
         tokens = top_token[chosen].tolist()
         children = collections.Counter(parents)
-        for b, beam in enumerate(running):
-            if children[b] == 0:
-                cache.prune(beam.request)
-                prunes += 1
+        dead = [beam.request for b, beam in enumerate(running) if children[b] == 0]
+        cache.prune(dead)
+        prunes += len(dead)
         claimed: set[int] = set()
         next_running = []
         for p, t in zip(parents, tokens):
@@ -595,8 +594,7 @@ def speculative_decode(
         if node != 0:
             cache.accept(request, node_requests[node], discard=rejected)
         else:
-            for r in rejected:
-                cache.prune(r)
+            cache.prune(rejected)
         accepted_total += len(accepted)
         out.extend(accepted)
         history.extend(accepted)
