@@ -1983,14 +1983,16 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     kv[:, 0] = kv_tiles[0]
     kv[:, 1] = _phase1_kv_tile(kv_tiles[1], group, length @ w_q[:, 1], nv[:, 1])
     last = length - (nch - 1) * c  # the last chunk's length
-    steps = (nch - 1) @ w_q * np.ceil(pairs / kv) + np.ceil(last / np.where(ph1, kv[:, 1:2], kv[:, 0:1])) @ w_q
+    kv_g = np.where(ph1, kv[:, 1:2], kv[:, 0:1])  # [chunks, groups]
+    steps = (nch - 1) @ w_q * np.ceil(pairs / kv) + np.ceil(last / kv_g) @ w_q
     work = (steps + AUTO_PROGRAM_STEPS * nv) * num_kv_heads / AUTO_SLOTS
     partials = cost * (nch @ (per_phase * nreq[:, None]))
     total = np.zeros(pairs.shape[0])
     for phase in (1, 0):
         if not in_phase[phase].any():
             continue
-        longest = np.ceil(np.minimum(length[in_phase[phase]].max(), pairs[:, phase]) / kv[:, phase])
+        longest = np.ceil(np.minimum(length[in_phase[phase]].max(), pairs[:, phase])
+                          / kv[:, phase])
         total += np.maximum(longest, work[:, phase]) + partials[:, phase]
     if AUTO_MERGE_WEIGHT:
         total += AUTO_MERGE_WEIGHT * _merge_chain_steps(groups, pairs, nch, group * num_kv_heads)
