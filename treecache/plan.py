@@ -1936,16 +1936,16 @@ def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes):
     """Phase 1's KV tile for vnodes holding ``tokens`` KV entries in all, ``vnodes`` of
     them (Python ints, or arrays elementwise): :data:`SHORT_KV_TILE` where they average
     at most :data:`SHORT_KV_MAX_MEAN` entries and the GQA group is at most
-    :data:`SHORT_KV_MAX_GROUP`, else ``kv_tile``; an int for ints, else an int64 array."""
-    shortable = SHORT_KV_TILE and kv_tile > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP
-    if isinstance(vnodes, int) and isinstance(tokens, int):  # one plan's phase 1
-        short = shortable and vnodes > 0 and tokens <= SHORT_KV_MAX_MEAN * vnodes
+    :data:`SHORT_KV_MAX_GROUP`, else ``kv_tile``; an int for ints (one plan's phase 1,
+    without numpy calls), else an int64 array."""
+    scalar = isinstance(vnodes, int) and isinstance(tokens, int)
+    if not scalar:
+        vnodes, tokens = np.asarray(vnodes), np.asarray(tokens)
+    shortable = bool(SHORT_KV_TILE) and kv_tile > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP
+    short = shortable & (vnodes > 0) & (tokens <= SHORT_KV_MAX_MEAN * vnodes)
+    if scalar:
         return int(SHORT_KV_TILE if short else kv_tile)
-    vnodes = np.asarray(vnodes)
-    if not shortable:
-        return np.full(vnodes.shape, kv_tile, dtype=np.int64)
-    short = (vnodes > 0) & (np.asarray(tokens) <= SHORT_KV_MAX_MEAN * vnodes)
-    return np.where(short, SHORT_KV_TILE, kv_tile).astype(np.int64)
+    return np.where(short, SHORT_KV_TILE if shortable else kv_tile, kv_tile).astype(np.int64)
 
 
 #: Columns of a group's phase indicator (phase 0, phase 1); see _split_costs.
