@@ -319,12 +319,7 @@ class TreeKVCache:
         repeated one raises before anything changes. Pages that no node references any
         more return to the pool (for a list, in one call at the end)."""
         reqs = [req] if isinstance(req, (int, np.integer)) else list(req)
-        seen = set()
-        for r in reqs:
-            self._node_of(r)
-            if r in seen:
-                raise TreeCacheError(f"prune lists request {r} twice")
-            seen.add(r)
+        self._check_distinct(reqs, "prune")
         self._flush()
         freed: list[np.ndarray] = []
         for r in reqs:
@@ -350,9 +345,7 @@ class TreeKVCache:
             self._node_of(d)
             if d in (req, draft):
                 raise TreeCacheError(f"discard lists request {d}, which accept keeps")
-        if len(set(discard)) != len(discard):
-            twice = next(d for i, d in enumerate(discard) if d in discard[:i])
-            raise TreeCacheError(f"discard lists request {twice} twice")
+        self._check_distinct(discard, "discard")
         a = dnode
         while a is not None and a is not node:
             a = a.parent
@@ -673,6 +666,16 @@ class TreeKVCache:
         if isinstance(req, (int, np.integer)) and 0 <= req < self._next_req:
             raise UnknownRequestError(f"request {req} was pruned or accepted into another")
         raise UnknownRequestError(f"unknown request id {req!r}")
+
+    def _check_distinct(self, reqs: list, what: str) -> None:
+        """Every id of ``reqs`` live (else :class:`UnknownRequestError`) and listed once
+        (else ``TreeCacheError``: "``what`` lists request ``r`` twice")."""
+        seen = set()
+        for r in reqs:
+            self._node_of(r)
+            if r in seen:
+                raise TreeCacheError(f"{what} lists request {r} twice")
+            seen.add(r)
 
     def _live(self) -> tuple[tuple[int, ...], np.ndarray]:
         if self._live_cache is None:
