@@ -14,7 +14,7 @@ interleaved steps of one process see the same state of the machine.
 Reported per head layout and width W: the median ``prepare`` time of each version
 (``time.perf_counter``, the device synchronised around each call), the median of the
 per-step ratios (this checkout / base), and whether every step's two plans were the same
-(the index tensors' used parts, phases, tiles, chunk lengths, modes and tail vnodes).
+(see :func:`plan_summary`).
 """
 
 from __future__ import annotations
@@ -54,19 +54,28 @@ def load_base(directory: Path):
     return module
 
 
-def plan_summary(plan) -> tuple:
-    """What a plan's launches read: the index tensors' used parts, phases, tiles, chunk
-    lengths, modes and tail vnodes (as bytes and tuples, comparable across versions)."""
+def plan_summary(plan) -> tuple[dict, tuple]:
+    """What a plan's launches read, comparable across versions: ``(arrays, meta)``, the
+    index tensors' used parts and the tail vnodes as numpy arrays by name, and the
+    phases, tiles, chunk lengths, node assignments, modes and request count."""
     t = plan.tensors()
     used = dict(kv_indices=plan.num_kv_entries, kv_mask=plan.num_kv_entries,
                 mid_q_rows=plan.num_mid_rows, req_mid_rows=plan.num_mid_rows,
                 req_mid_start=plan.num_requests, req_mid_len=plan.num_requests)
-    arrays = tuple((k, t[k][:used.get(k, plan.num_vnodes)].cpu().numpy().tobytes())
-                   for k in sorted(t) if k not in ("mid_o", "mid_lse"))
-    phases = tuple(tuple(p) for p in plan.phases)
-    return arrays + (phases, tuple(plan.q_tiles), tuple(plan.kv_tiles),
-                     tuple(plan.kv_split_sizes), plan.direct, plan.needs_stage2, plan.finish,
-                     plan.masked, plan.half_partials, np.asarray(plan.tail_vnode).tobytes())
+    arrays = {k: t[k][:used.get(k, plan.num_vnodes)].cpu().numpy().copy()
+              for k in sorted(t) if k not in ("mid_o", "mid_lse")}
+    arrays["tail_vnode"] = np.asarray(plan.tail_vnode).copy()
+    meta = (tuple(tuple(p) for p in plan.phases), tuple(plan.q_tiles), tuple(plan.kv_tiles),
+            tuple(plan.kv_split_sizes), list(plan.node_assignments), plan.direct,
+            plan.needs_stage2, plan.finish, plan.masked, plan.half_partials,
+            plan.num_requests)
+    return arrays, meta
+
+
+def same_plans(a: tuple[dict, tuple], b: tuple[dict, tuple]) -> bool:
+    """Whether two :func:`plan_summary` results are equal."""
+    return (a[1] == b[1] and a[0].keys() == b[0].keys()
+            and all(np.array_equal(a[0][k], b[0][k]) for k in a[0]))
 
 
 def measure(modules, width: int, heads: tuple[int, int], args, device) -> dict:
@@ -100,7 +109,7 @@ def measure(modules, width: int, heads: tuple[int, int], args, device) -> dict:
             _sync(device)
             if step >= args.warmup:
                 times[i].append((time.perf_counter() - t) * 1e6)
-        same = same and plan_summary(plans[0]) == plan_summary(plans[1])
+        same = same and same_plans(plan_summary(plans[0]), plan_summary(plans[1]))
     return {"heads": f"{hq}/{hk}", "W": width, "prepare_base_us": statistics.median(times[0]),
             "prepare_us": statistics.median(times[1]),
             "ratio": statistics.median(n / b for b, n in zip(*times)), "same_plans": same}

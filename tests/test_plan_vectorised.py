@@ -100,24 +100,12 @@ def test_expand_ranges_device_matches_host(seed):
             assert np.array_equal(out.numpy(), ref)
 
 
-def _plan_arrays(plan):
-    """Everything a plan's launches read, as numpy arrays (used parts only)."""
-    t = plan.tensors()
-    used = dict(kv_indices=plan.num_kv_entries, kv_mask=plan.num_kv_entries,
-                mid_q_rows=plan.num_mid_rows, req_mid_rows=plan.num_mid_rows,
-                req_mid_start=plan.num_requests, req_mid_len=plan.num_requests)
-    out = {k: t[k][:used.get(k, plan.num_vnodes)].numpy().copy()
-           for k in t if k not in ("mid_o", "mid_lse")}
-    out["tail_vnode"] = plan.tail_vnode.copy()
-    return out, (plan.phases, plan.q_tiles, plan.kv_tiles, plan.kv_split_sizes,
-                 list(plan.node_assignments), plan._modes())
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_plans_do_not_depend_on_which_heuristic_pass_ran(seed, monkeypatch):
     # build_plan runs the scalar pass on small trees and the vectorised one on large
     # ones (SCALAR_HEURISTIC_MAX_NODES): the plans must be the same either way.
     import treecache.plan as plan_mod
+    from benchmarks.replan_ab import plan_summary
 
     rng = np.random.default_rng(100 + seed)
     n = int(rng.integers(3, 120))
@@ -142,7 +130,7 @@ def test_plans_do_not_depend_on_which_heuristic_pass_ran(seed, monkeypatch):
     for limit in (0, n, 10**9):
         monkeypatch.setattr(plan_mod, "SCALAR_HEURISTIC_MAX_NODES", limit)
         for hq, hk in ((32, 32), (32, 8), (16, 1)):
-            built.append(_plan_arrays(plan_mod.build_plan(
+            built.append(plan_summary(plan_mod.build_plan(
                 inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128, device="cpu")))
     assert calls["scalar"] >= 6 and calls["vec"] >= 3  # both passes ran
     assert sum(sum(meta[4]) > 0 for _, meta in built) >= 2  # some split-Q choices
