@@ -8,7 +8,9 @@ host time) or a per-token host loop:
   (a contiguous plan), expanded from a table of runs that was copied to the device with
   the rest of the plan: one launch, the host's work stays O(runs). With a slot table
   (a cache's plan) the runs are ranges of that table, gathered on the device, and the
-  entries' row masks of a masked plan are written there too.
+  entries' row masks of a masked plan are written there too. The launch may also read
+  the tables from the pinned staging buffer in place and copy the plan's small arrays
+  from it, so that a plan's upload is one launch and no copy.
 * :func:`grow_tails_launcher`: the append-only step of a cache (every request appends one
   token): the new slot goes to the end of each request's tail vnode (in rank order
   where several requests share the vnode's range, with their row masks) and the
@@ -45,13 +47,20 @@ EXPAND_BLOCK = 256
 
 
 @triton.jit
-def _expand_runs_kernel(buf, runs_off, kv_off, src_off, mask_off, GATHER: tl.constexpr,
-                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _expand_runs_kernel(buf, src, n_copy, runs_off, kv_off, src_off, mask_off,
+                        GATHER: tl.constexpr, HAS_MASK: tl.constexpr, COPY: tl.constexpr,
+                        BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    count = tl.load(buf + runs_off)
+    if COPY:
+        # src[0:n_copy] -> buf[0:n_copy], blocks dealt round-robin.
+        for i0 in range(pid * BLOCK, n_copy, nprog * BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            m = i < n_copy
+            tl.store(buf + i, tl.load(src + i, mask=m), mask=m)
+    count = tl.load(src + runs_off)
     for i in range(pid, count, nprog):
-        rec = buf + runs_off + 1 + i * 4
+        rec = src + runs_off + 1 + i * 4
         start = tl.load(rec)
         dst = tl.load(rec + 1)
         length = tl.load(rec + 2)
@@ -59,7 +68,7 @@ def _expand_runs_kernel(buf, runs_off, kv_off, src_off, mask_off, GATHER: tl.con
             j = j0 + tl.arange(0, BLOCK)
             m = j < length
             if GATHER:
-                val = tl.load(buf + src_off + start + j, mask=m)
+                val = tl.load(src + src_off + start + j, mask=m)
             else:
                 val = start + j
             tl.store(buf + kv_off + dst + j, val, mask=m)
@@ -104,17 +113,24 @@ def _grow_tails_stack_kernel(buf, slots, tails, free, top, n, kv_off, len_off, m
 
 
 def expand_runs_launcher(buf: torch.Tensor, runs_off: int, kv_off: int, src_off: int = -1,
-                         mask_off: int = -1):
+                         mask_off: int = -1, src: torch.Tensor | None = None,
+                         n_copy: int = 0):
     """A prepared expansion for ``buf`` (int32, CUDA): call it with ``buf`` itself. It
     reads the run table at ``buf[runs_off:]`` (see :data:`RUN_FIELDS`) and writes
     ``buf[kv_off + dst_i + j] = start_i + j``, or ``buf[src_off + start_i + j]`` with
     ``src_off >= 0`` (a slot table in the same buffer); with ``mask_off >= 0`` also
     ``buf[mask_off + dst_i + j] = mask_i``. The table's count is read on the device, so
-    one launcher serves every plan written into these buffers."""
+    one launcher serves every plan written into these buffers.
+
+    With ``src`` (int32, pinned host memory the device can address, laid out as
+    ``buf``) the run table and the slot table are read from ``src`` in place, and
+    ``src[:n_copy]`` is copied to ``buf[:n_copy]`` by the same launch: one launch
+    instead of a copy and a launch. ``src`` must not change until the launch has run."""
+    copy = src is not None
     return _KernelLaunch(_expand_runs_kernel, (EXPAND_PROGRAMS,),
-                         [buf, int(runs_off), int(kv_off), max(int(src_off), 0),
-                          max(int(mask_off), 0)],
-                         {"GATHER": src_off >= 0, "HAS_MASK": mask_off >= 0,
+                         [buf, src if copy else buf, int(n_copy) if copy else 0, int(runs_off),
+                          int(kv_off), max(int(src_off), 0), max(int(mask_off), 0)],
+                         {"GATHER": src_off >= 0, "HAS_MASK": mask_off >= 0, "COPY": copy,
                           "BLOCK": EXPAND_BLOCK}, slots=(0,))
 
 
@@ -124,9 +140,9 @@ def expand_runs(buf: torch.Tensor, runs_off: int, kv_off: int, count: int, src_o
     included); ``count`` (the table's first entry) only sizes the grid; ``src_off`` and
     ``mask_off`` as for :func:`expand_runs_launcher`."""
     grid = (max(1, min(EXPAND_PROGRAMS, int(count))),)
-    _expand_runs_kernel[grid](buf, int(runs_off), int(kv_off), max(int(src_off), 0),
+    _expand_runs_kernel[grid](buf, buf, 0, int(runs_off), int(kv_off), max(int(src_off), 0),
                               max(int(mask_off), 0), GATHER=src_off >= 0,
-                              HAS_MASK=mask_off >= 0, BLOCK=EXPAND_BLOCK)
+                              HAS_MASK=mask_off >= 0, COPY=False, BLOCK=EXPAND_BLOCK)
 
 
 def grow_tails_launcher(buf: torch.Tensor, tails: torch.Tensor, kv_off: int, len_off: int,

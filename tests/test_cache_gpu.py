@@ -294,6 +294,75 @@ def test_append_steps_derive_their_slots_on_the_device(cuda, monkeypatch, page_s
     assert calls["derived"] == derived
 
 
+def test_plan_upload_reads_the_staging_buffer_in_place(cuda, monkeypatch, caplog):
+    # Beam-like steps (fork, prune, reserve, re-plan) on two caches, one uploading with
+    # a single launch that reads the pinned staging buffer in place, one copying it
+    # first: the device buffers' used regions are equal after every re-plan, and
+    # attention is exact. Where the device cannot read the staging buffer (simulated:
+    # the launch raises as Triton does for such a pointer), the upload falls back to the
+    # copy for good, with a warning, and stays exact.
+    import logging
+
+    import treecache.plan as plan_mod
+
+    real_launcher = plan_mod.expand_runs_launcher
+
+    def refusing_launcher(*args, src=None, **kw):
+        if src is None:
+            return real_launcher(*args, **kw)
+
+        def refuse(dev):
+            raise ValueError("Pointer argument (at 1) cannot be accessed from Triton")
+        return refuse
+
+    def run(zero_copy, fail=False):
+        monkeypatch.setattr(plan_mod, "ZERO_COPY_UPLOAD", zero_copy)
+        if fail:
+            monkeypatch.setattr(plan_mod, "expand_runs_launcher", refusing_launcher)
+        cache = TreeKVCache(2, 32, 8, HEAD_DIM, 16_384, dtype=torch.float16, device=cuda,
+                            plan_headroom=4)
+        model = Model(2, 32, 8, HEAD_DIM, torch.float16, cuda, 11)
+        add_prompts(cache, model, (300, 77), forks=3)
+        rng = np.random.default_rng(2)
+        regions = []
+        for step in range(6):
+            reqs = cache.requests
+            parents = [reqs[i] for i in rng.integers(0, len(reqs), size=len(reqs))]
+            new = [cache.fork(p) for p in parents]
+            for p, c in zip(parents, new):
+                model.fork(p, c)
+            cache.prune(reqs)
+            for r in reqs:
+                model.prune(r)
+            write_step(cache, model, new, cache.reserve(new))
+            plan = cache.prepare()
+            buf = plan.buffers
+            torch.cuda.synchronize()
+            used = dict(small=buf.dev[:buf.offsets["runs"]],
+                        kv=buf.dev_view("kv_indices", plan.num_kv_entries))
+            if plan.masked:
+                used["mask"] = buf.dev_view("kv_mask", plan.num_kv_entries)
+            regions.append({k: v.cpu().clone() for k, v in used.items()})
+            q = torch.randn(len(new), 32, HEAD_DIM, dtype=torch.float16, device=cuda)
+            for layer in range(2):
+                assert_attends(cache, model, q, layer)
+        return regions, cache.prepare().buffers
+
+    a, buf_a = run(True)
+    b, _ = run(False)
+    assert buf_a._zero_copy and any(k[2] for k in buf_a._expand)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    with caplog.at_level(logging.WARNING, logger="treecache.plan"):
+        c, buf_c = run(True, fail=True)
+    assert not buf_c._zero_copy and "copying it instead" in caplog.text
+    for x, y in zip(c, b):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
 # ============================================================================ CUDA graphs
 
 

@@ -1108,6 +1108,38 @@ def test_buffers_reuse_invalidates_older_plan():
     _check_run(p2, expected_paths(inp2), q2, k2, v2, "auto")
 
 
+class _CountedEvent:
+    """Stands in for the upload's CUDA event: counts waits, records what the buffers
+    held at each."""
+
+    def __init__(self, buffers=None):
+        self.buffers, self.waits = buffers, []
+
+    def synchronize(self):
+        self.waits.append(None if self.buffers is None else self.buffers.host)
+
+
+def test_buffers_keep_the_staging_buffer_until_the_last_upload_ran():
+    # The device may read the staging buffer after upload() returns: growing the
+    # buffers waits for the last upload before the old staging tensor goes, and so does
+    # dropping the buffers (a finaliser).
+    import gc
+
+    buffers = PlanBuffers(1, 16, "cpu", vnodes=1, requests=1, mid_rows=1, kv_entries=1)
+    old = buffers.host
+    ev = _CountedEvent(buffers)
+    buffers._uploaded = buffers._upload_event[0] = ev
+    buffers.ensure(1, 1, 1, 1)  # fits: no wait
+    assert ev.waits == []
+    buffers.ensure(5, 1, 1, 1)
+    assert len(ev.waits) == 1 and ev.waits[0] is old and buffers.host is not old
+    ev2 = _CountedEvent()
+    buffers._upload_event[0] = ev2
+    del buffers, ev  # ev referred to the buffers
+    gc.collect()
+    assert ev2.waits == [None]
+
+
 def test_buffers_grow():
     buffers = PlanBuffers(1, 16, "cpu", vnodes=1, requests=1, mid_rows=1, kv_entries=1)
     assert buffers.generation == 1

@@ -38,13 +38,17 @@ def _run_table(buf, runs_off, starts, lens, dst=None, bits=None):
 
 
 @needs_triton
+@pytest.mark.parametrize("source", ["buf", "src"])
 @pytest.mark.parametrize("gather", [False, True], ids=["slots", "table"])
 @pytest.mark.parametrize("seed", range(4))
-def test_expand_runs_matches_host_expansion(seed, gather):
+def test_expand_runs_matches_host_expansion(seed, gather, source):
     # Random runs (some empty, some longer than a block), poisoned buffer: the kv region
     # gets the host expansion, nothing outside it changes; the prepared launcher and
     # the JIT call agree. With a slot table ("table") the runs are ranges of it, placed
-    # with gaps between them, each with its row mask (bit 31 set on some).
+    # with gaps between them, each with its row mask (bit 31 set on some). With
+    # source "src" the tables are read from a separate (pinned host, on a GPU) buffer
+    # laid out like ``buf``, whose first ``runs_off`` entries the launch copies to
+    # ``buf``; nothing else of it reaches ``buf``.
     rng = np.random.default_rng(seed)
     dev = _device()
     n = int(rng.integers(1, 50))
@@ -67,17 +71,31 @@ def test_expand_runs_matches_host_expansion(seed, gather):
         dst = bits = None
         want = _expand_ranges(starts, lens)
         size = want.size
-    runs_off, kv_off = 7, 8 + RUN_FIELDS * n
+    copied = source == "src"
+    runs_off = 1300 if copied else 7  # copied: more than two blocks before the table
+    kv_off = runs_off + 1 + RUN_FIELDS * n
     mask_off = kv_off + size + 9 if gather else -1
     src_off = mask_off + size + 4 if gather else -1
     end = src_off + table.size + 3 if gather else kv_off + size + 9
     buf = torch.full((end,), -3, dtype=torch.int32, device=dev)
-    _run_table(buf, runs_off, starts, lens, dst, bits)
+    tables = buf
+    if copied:
+        tables = torch.full((end,), -5, dtype=torch.int32,
+                            pin_memory=dev.type == "cuda")
+        tables[:runs_off] = torch.from_numpy(
+            rng.integers(-(1 << 31), 1 << 31, size=runs_off).astype(np.int32))
+    _run_table(tables, runs_off, starts, lens, dst, bits)
     if gather:
-        buf[src_off:src_off + table.size] = torch.from_numpy(table.astype(np.int32)).to(dev)
+        tables[src_off:src_off + table.size] = torch.from_numpy(table.astype(np.int32))
     before = buf.clone()
-    launcher = expand_runs_launcher(buf, runs_off, kv_off, src_off, mask_off)
+    expect = before.cpu().numpy().copy()
+    if copied:
+        expect[:runs_off] = tables[:runs_off].numpy()
+    launcher = expand_runs_launcher(buf, runs_off, kv_off, src_off, mask_off,
+                                    src=tables if copied else None, n_copy=runs_off)
     for call in ("jit", "launcher", "launcher"):  # the launcher's first and later calls
+        if call == "jit" and copied:
+            continue  # the JIT form reads buf itself
         buf.copy_(before)
         if call == "jit":
             expand_runs(buf, runs_off, kv_off, n, src_off, mask_off)
@@ -85,13 +103,13 @@ def test_expand_runs_matches_host_expansion(seed, gather):
             launcher(buf)
         got = buf.cpu().numpy()
         assert np.array_equal(got[kv_off:kv_off + size], want)
-        assert np.array_equal(got[:kv_off], before[:kv_off].cpu().numpy())
+        assert np.array_equal(got[:kv_off], expect[:kv_off])
         rest = np.ones(got.size, dtype=bool)
         rest[:kv_off + size] = False
         if gather:
             assert np.array_equal(got[mask_off:mask_off + size], want_mask)
             rest[mask_off:mask_off + size] = False
-        assert np.array_equal(got[rest], before.cpu().numpy()[rest])
+        assert np.array_equal(got[rest], expect[rest])
 
 
 @needs_triton

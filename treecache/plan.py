@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from typing import Sequence
 
 import attrs
@@ -249,6 +250,11 @@ RESIZED_LAUNCHERS = True
 #: :meth:`PlanBuffers.upload`). False: only contiguous plans without headroom are
 #: expanded there; the others write every entry on the host (before v25).
 DEVICE_EXPAND = True
+#: On a GPU, the launch that expands a plan's kv entries also reads the pinned staging
+#: buffer in place (its run and slot tables) and copies the plan's small arrays from
+#: it: one launch per upload instead of a copy and a launch (see
+#: :meth:`PlanBuffers.upload`). False: the staging buffer's used part is copied first.
+ZERO_COPY_UPLOAD = True
 
 
 def _default_tsqs() -> list[int]:
@@ -418,6 +424,14 @@ class PlanBuffers:
         #: its own serial is the latest.
         self.serial = 0
         self._uploaded = None  # event after the last staging-buffer upload
+        # The device may read the pinned staging buffer after upload returns (see
+        # ZERO_COPY_UPLOAD): it is not released, with these buffers or on growth, before
+        # that read has run.
+        self._upload_event = [None]
+        weakref.finalize(self, _wait_event, self._upload_event)
+        #: False once the device failed to read the staging buffer in place (see
+        #: :data:`ZERO_COPY_UPLOAD`): uploads then copy it.
+        self._zero_copy = True
         self._stream = self._stream_raw = None  # see _current_stream
         self._alloc(vnodes, requests, mid_rows, kv_entries, runs, slots)
 
@@ -487,6 +501,7 @@ class PlanBuffers:
 
         logger.debug("plan buffers grow: vnodes %d, requests %d, mid rows %d, kv %d, runs %d, "
                      "slots %d", vnodes, requests, mid_rows, kv_entries, runs, slots)
+        self.host_writable()  # the old staging buffer is released below
         self._alloc(grow(self.cap_vnodes, vnodes), grow(self.cap_requests, requests),
                     grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries),
                     grow(self.cap_runs, runs), grow(self.cap_slots, slots))
@@ -552,12 +567,16 @@ class PlanBuffers:
         slot ``table`` those entries of it, and with ``masks`` the row mask ``bits_i``
         (int32). They are expanded where the device buffer lives: in the staging buffer
         on the CPU; otherwise the run table (at most :attr:`cap_runs` runs, see
-        :meth:`ensure`) and the slot table (at most :attr:`cap_slots` entries) travel
-        in the same copy as the small regions, and one kernel expands them on the
-        device: the host's work is O(runs) plus the slot table's copy, not
-        O(entries), and the staging buffer's kv and mask regions do not hold them.
-        With :data:`DEVICE_EXPAND` off only runs without ``dst`` or ``table`` are
-        expanded on the device; the others in the staging buffer, then copied.
+        :meth:`ensure`) and the slot table (at most :attr:`cap_slots` entries) are
+        written to the staging buffer after the small regions, and one kernel expands
+        them on the device: the host's work is O(runs) plus the slot table, not
+        O(entries), and the staging buffer's kv and mask regions do not hold them. On a
+        GPU that kernel reads the staging buffer (pinned) in place and copies the small
+        regions to the device itself: one launch, no copy (:data:`ZERO_COPY_UPLOAD`;
+        off, or where the device cannot read the staging buffer, the used part is
+        copied first). With :data:`DEVICE_EXPAND` off only runs without ``dst`` or
+        ``table`` are expanded on the device; the others in the staging buffer, then
+        copied.
         """
         starts, lens, dst, bits = runs
         if not masks:
@@ -589,23 +608,25 @@ class PlanBuffers:
                 end = self.offsets["slots"] + n_table
                 self.host_np[end - n_table:end] = table
             copies = [(0, end)]
-        for a, e in copies:
-            self.dev[a:e].copy_(self.host[a:e], non_blocking=True)
-        if self.device.type == "cuda":
-            if self._uploaded is None:
-                self._uploaded = torch.cuda.Event()
-            self._uploaded.record(self._current_stream())
-        if not on_device or kv_used == 0:
-            return
         src_off = self.offsets["slots"] if n_table else -1
         mask_off = self.offsets["kv_mask"] if masks else -1
         if self.device.type == "cuda":
-            key = (src_off >= 0, mask_off >= 0)
-            if key not in self._expand:
-                self._expand[key] = expand_runs_launcher(
-                    self.dev, self.offsets["runs"], self.offsets["kv_indices"], src_off, mask_off)
-            self._expand[key](self.dev)
-        elif interpreter_enabled():
+            if on_device and ZERO_COPY_UPLOAD and self._zero_copy:
+                # One launch reads the staging buffer in place: no copy.
+                if self._expansion(src_off, mask_off, copy=True):
+                    self._record_upload()
+                    return
+            for a, e in copies:
+                self.dev[a:e].copy_(self.host[a:e], non_blocking=True)
+            self._record_upload()
+            if on_device and kv_used:
+                self._expansion(src_off, mask_off, copy=False)
+            return
+        for a, e in copies:
+            self.dev[a:e].copy_(self.host[a:e], non_blocking=True)
+        if not on_device or kv_used == 0:
+            return
+        if interpreter_enabled():
             expand_runs(self.dev, self.offsets["runs"], self.offsets["kv_indices"],
                         int(np.size(starts)), src_off, mask_off)
         elif dst is None and not n_table and not masks:
@@ -642,6 +663,36 @@ class PlanBuffers:
         table[:, 3] = 0 if bits is None else np.asarray(bits).astype(np.int32)
         return off + 1 + RUN_FIELDS * n
 
+    def _expansion(self, src_off: int, mask_off: int, copy: bool) -> bool:
+        """Launch the run expansion on the current stream (:func:`expand_runs_launcher`;
+        ``copy``: reading the staging buffer in place and copying its small regions).
+        False, and no launch, where the device cannot read the staging buffer (then
+        :attr:`_zero_copy` goes off for good and the caller copies instead)."""
+        key = (src_off >= 0, mask_off >= 0, copy)
+        launch = self._expand.get(key)
+        if launch is None:
+            launch = self._expand[key] = expand_runs_launcher(
+                self.dev, self.offsets["runs"], self.offsets["kv_indices"], src_off, mask_off,
+                src=self.host if copy else None, n_copy=self.offsets["runs"])
+        try:
+            launch(self.dev)
+        except (ValueError, RuntimeError, TypeError) as err:
+            if not copy:
+                raise
+            logger.warning("plan upload: the device cannot read the pinned staging "
+                           "buffer (%s); copying it instead", err)
+            del self._expand[key]
+            self._zero_copy = False
+            return False
+        return True
+
+    def _record_upload(self) -> None:
+        """Mark the end of the device's reads of the staging buffer (see
+        :meth:`host_writable`)."""
+        if self._uploaded is None:
+            self._uploaded = self._upload_event[0] = torch.cuda.Event()
+        self._uploaded.record(self._current_stream())
+
     def _current_stream(self) -> torch.cuda.Stream:
         """The current CUDA stream of the buffers' device, kept while it stays the
         current one (``torch.cuda.current_stream`` builds a new object every call, about
@@ -658,6 +709,16 @@ class PlanBuffers:
         earlier)."""
         if self._uploaded is not None:
             self._uploaded.synchronize()
+
+
+def _wait_event(cell: list) -> None:
+    """Wait for the event in ``cell[0]`` (if any): a finaliser of :class:`PlanBuffers`,
+    so that its staging buffer outlives the device's last read of it."""
+    if cell[0] is not None:
+        try:
+            cell[0].synchronize()
+        except Exception:  # CUDA already torn down (interpreter exit): nothing runs
+            pass
 
 
 def _raw_stream(index: int) -> int | None:
