@@ -1807,29 +1807,30 @@ def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int
         lo = -(-hi // (q_tile * hk)) * hk
         if lo <= (FUSE_PACK_MAX_PROGRAMS or lo) and hi >= (FUSE_PACK_MIN_PROGRAMS or 0):
             packs = (True, False)
-    for pack in packs:
-        if not pack and hi < (FUSE_MIN_PROGRAMS or 0):
-            # Fusion without packing never adds vnodes: the bound below would refuse it.
-            continue
-        fused = _fuse_phase1(groups, tiling, b, q_tile, pack)
-        if fused is None:
-            continue
-        eff, rep = fused[:2]
-        # New groups of two or more old ones: one vnode each.
+    def within(eff, rep, pack):
+        # Phase 1's programs after fusion within the bounds: new groups of two or more
+        # old ones have one vnode each.
         is_set = np.bincount(eff, minlength=rep.size) > 1
         programs = int(np.where(is_set, 1, lay.nv_g[rep])[tiling.phase1[rep]].sum()) * hk
-        if pack and not ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
-                         <= (FUSE_PACK_MAX_PROGRAMS or programs)):
-            fused = None  # outside the measured range: try without packing
-        elif not pack and programs < (FUSE_MIN_PROGRAMS or 0):
-            fused = None
-        else:
+        if pack:  # outside the measured range: try without packing
+            return ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
+                    <= (FUSE_PACK_MAX_PROGRAMS or programs))
+        return programs >= (FUSE_MIN_PROGRAMS or 0)
+
+    for pack in packs:
+        if not pack and hi < (FUSE_MIN_PROGRAMS or 0):
+            # Fusion without packing never adds vnodes: the bound would refuse it.
+            continue
+        fused = _fuse_phase1(groups, tiling, b, q_tile, pack,
+                             accept=lambda eff, rep: within(eff, rep, pack))
+        if fused is not None:
             break
     if fused is None:
         return None
     # The fused sets become groups: one chunk, one q tile, their chains one after the
     # other (the groups' segments re-sorted by their new group).
     eff, rep, seg_bits, pair_req, req_start, nreq = fused
+    is_set = np.bincount(eff, minlength=rep.size) > 1
     seg_mask = seg_bits[lay.seg_group]
     cg = eff[lay.seg_group]
     order = cg.argsort(kind="stable")
@@ -1840,9 +1841,11 @@ def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int
                    nreq, length, pair_req, req_start, cg, cn, seg_mask, lay.q_tiles, hk)
 
 
-def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bool):
+def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bool,
+                 accept=None):
     """Sets of phase-1 groups to fuse into masked vnodes (see :data:`FUSE_PHASE1`), or
-    None when no set qualifies.
+    None when no set qualifies, or when ``accept(eff, rep)`` (``eff`` and ``rep`` as
+    returned below) is false: that is asked before the rows and masks are built.
 
     A request's phase-1 groups lie on its path; the one with the most requests holds
     all requests of every phase-1 group linked to it through shared requests (the
@@ -1899,6 +1902,8 @@ def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bo
     present[key] = True
     rep = present.nonzero()[0]
     eff = (np.cumsum(present) - 1)[key]
+    if accept is not None and not accept(eff, rep):
+        return None
     # The new groups' rows: a set's naming groups' requests one after the other, every
     # other group's own.
     src = (~in_set | (is_top & in_set)).nonzero()[0]
