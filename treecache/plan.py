@@ -2295,8 +2295,7 @@ def build_plan(
             kv_tiles = [kv_tiles[retile]] * 2
             assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
             groups = _Groups(topo, assign, chain)
-            tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
-            par = tiling.par
+            tiling = None  # made below if this plan is kept (the choice may drop it)
     if auto and 0 < int(base[2].length.sum()) <= AUTO_MAX_KV_ENTRIES:
         # The chunk length chosen per plan: the rule's plan against one chunk length
         # for both phases (over the cost model's own groups), by estimated cost; the
@@ -2316,9 +2315,10 @@ def build_plan(
             q_tiles, kv_tiles = list(base[3]), list(base[4])
             splits = [int(AUTO_KV_CHUNKS[best])] * 2
             tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
-            par = tiling.par
+    if tiling is None:
+        tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
     logger.debug("plan: parallelism %s, q tiles %s, kv tiles %s, kv splits %s",
-                 par, q_tiles, kv_tiles, splits)
+                 tiling.par, q_tiles, kv_tiles, splits)
 
     return _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits,
                         req_q, req_k, num_qo_heads, num_kv_heads, head_dim, device,
