@@ -114,7 +114,8 @@ def test_masked_probe_inline_configs():
                                     "benchmarks.masked_probe",
                                     "benchmarks.floor_bound",
                                     "benchmarks.cache_ops",
-                                    "benchmarks.replan_ab"])
+                                    "benchmarks.replan_ab",
+                                    "benchmarks.driver_call_probe"])
 def test_benchmark_modules_import(module):
     import importlib
 
