@@ -1611,6 +1611,51 @@ def test_packed_leaves_share_vnodes(monkeypatch):
     assert mask[off:off + 10] == [1] * 5 + [2] * 5
 
 
+def test_fused_programs_ok_bounds():
+    # A packed phase 1 is kept within FUSE_PACK_MIN_PROGRAMS .. FUSE_PACK_MAX_PROGRAMS,
+    # an unpacked one from FUSE_MIN_PROGRAMS up; None or 0 is no bound.
+    lo, hi, least = (plan_module.FUSE_PACK_MIN_PROGRAMS, plan_module.FUSE_PACK_MAX_PROGRAMS,
+                     plan_module.FUSE_MIN_PROGRAMS)
+    ok = plan_module._fused_programs_ok
+    assert [ok(n, True) for n in (lo - 1, lo, hi, hi + 1)] == [False, True, True, False]
+    assert [ok(n, False) for n in (least - 1, least, 10 ** 6)] == [False, True, True]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plan_module, "FUSE_PACK_MIN_PROGRAMS", None)
+        mp.setattr(plan_module, "FUSE_PACK_MAX_PROGRAMS", 0)
+        mp.setattr(plan_module, "FUSE_MIN_PROGRAMS", None)
+        assert ok(0, True) and ok(10 ** 9, True) and ok(0, False)
+
+
+@pytest.mark.parametrize("pack_min", [0, 4], ids=["packed", "pack-refused"])
+def test_fusion_bounds_asked_before_rows_same_plans(monkeypatch, pack_min):
+    # The fusion analysis asks its program bounds once the new groups are known, before
+    # it builds their rows and masks: the plans are those of asking afterwards. 40 leaves
+    # of one request, and 8 pairs of two-request groups, under a shared root: packing
+    # gives 3 + 8 phase-1 programs, refused below 4 + 8 = 12 (then fused without packing).
+    from benchmarks.replan_ab import plan_summary, same_plans
+
+    parent = [-1] + [0] * 40 + [0] * 8 + [n for n in range(41, 49) for _ in range(2)]
+    seqlen = [100] + [5] * 40 + [30] * 8 + [4] * 16
+    inp = plan_input(parent, seqlen, list(range(1, 41)) + list(range(49, 65)) * 2)
+    monkeypatch.setattr(plan_module, "FUSE_MIN_PROGRAMS", 0)
+    monkeypatch.setattr(plan_module, "FUSE_PACK_MIN_PROGRAMS", pack_min + 8 if pack_min else 0)
+    early = build(inp, params=None, **NO_ADJUST)
+    real = plan_module._fuse_phase1
+    calls = []
+
+    def late(groups, tiling, b, q_tile, pack, accept=None):
+        fused = real(groups, tiling, b, q_tile, pack)
+        calls.append((pack, fused is not None and accept(*fused[:2])))
+        return fused if fused is None or accept(*fused[:2]) else None
+
+    monkeypatch.setattr(plan_module, "_fuse_phase1", late)
+    assert same_plans(plan_summary(early), plan_summary(build(inp, params=None, **NO_ADJUST)))
+    assert early.masked
+    assert calls[0] == (True, not pack_min)  # packing kept, or refused by its bound
+    if pack_min:
+        assert calls[1][0] is False
+
+
 # ---------------------------------------------------------- inlined request paths
 
 

@@ -1807,22 +1807,20 @@ def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int
         lo = -(-hi // (q_tile * hk)) * hk
         if lo <= (FUSE_PACK_MAX_PROGRAMS or lo) and hi >= (FUSE_PACK_MIN_PROGRAMS or 0):
             packs = (True, False)
+
     def within(eff, rep, pack):
-        # Phase 1's programs after fusion within the bounds: new groups of two or more
-        # old ones have one vnode each.
+        # Phase 1's programs after fusion: new groups of two or more old ones have one
+        # vnode each.
         is_set = np.bincount(eff, minlength=rep.size) > 1
         programs = int(np.where(is_set, 1, lay.nv_g[rep])[tiling.phase1[rep]].sum()) * hk
-        if pack:  # outside the measured range: try without packing
-            return ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
-                    <= (FUSE_PACK_MAX_PROGRAMS or programs))
-        return programs >= (FUSE_MIN_PROGRAMS or 0)
+        return _fused_programs_ok(programs, pack)
 
     for pack in packs:
         if not pack and hi < (FUSE_MIN_PROGRAMS or 0):
             # Fusion without packing never adds vnodes: the bound would refuse it.
             continue
         fused = _fuse_phase1(groups, tiling, b, q_tile, pack,
-                             accept=lambda eff, rep: within(eff, rep, pack))
+                             accept=functools.partial(within, pack=pack))
         if fused is not None:
             break
     if fused is None:
@@ -1839,6 +1837,17 @@ def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int
     return _Layout(tiling.phase1[rep], np.where(is_set, 1, tiling.nch[rep]),
                    np.where(is_set, np.maximum(length, 1), lay.split[rep]), lay.q_tile[rep],
                    nreq, length, pair_req, req_start, cg, cn, seg_mask, lay.q_tiles, hk)
+
+
+def _fused_programs_ok(programs: int, pack: bool) -> bool:
+    """Whether a fused phase 1 of ``programs`` programs (vnodes x KV heads) is kept:
+    packed, within :data:`FUSE_PACK_MIN_PROGRAMS` .. :data:`FUSE_PACK_MAX_PROGRAMS` (the
+    measured range; outside it the fusion is tried without packing), else at least
+    :data:`FUSE_MIN_PROGRAMS`."""
+    if pack:
+        return ((FUSE_PACK_MIN_PROGRAMS or 0) <= programs
+                <= (FUSE_PACK_MAX_PROGRAMS or programs))
+    return programs >= (FUSE_MIN_PROGRAMS or 0)
 
 
 def _fuse_phase1(groups: _Groups, tiling: _Tiling, b: int, q_tile: int, pack: bool,
