@@ -72,7 +72,7 @@ def test_expand_runs_matches_host_expansion(seed, gather, source):
         want = _expand_ranges(starts, lens)
         size = want.size
     copied = source == "src"
-    runs_off = 1300 if copied else 7  # copied: more than two blocks before the table
+    runs_off = 1300 if copied else 7  # copied: five blocks and more before the table
     kv_off = runs_off + 1 + RUN_FIELDS * n
     mask_off = kv_off + size + 9 if gather else -1
     src_off = mask_off + size + 4 if gather else -1
