@@ -1816,8 +1816,9 @@ def _fused_layout(lay: _Layout, groups: _Groups, tiling: _Tiling, seqlen, b: int
         return _fused_programs_ok(programs, pack)
 
     for pack in packs:
-        if not pack and hi < (FUSE_MIN_PROGRAMS or 0):
-            # Fusion without packing never adds vnodes: the bound would refuse it.
+        if not pack and not _fused_programs_ok(hi, False):
+            # Fusion without packing never adds vnodes: below the bound unfused, it
+            # stays below.
             continue
         fused = _fuse_phase1(groups, tiling, b, q_tile, pack,
                              accept=functools.partial(within, pack=pack))
