@@ -13,8 +13,10 @@ interleaved steps of one process see the same state of the machine.
 
 Reported per head layout and width W: the median ``prepare`` time of each version
 (``time.perf_counter``, the device synchronised around each call), the median of the
-per-step ratios (this checkout / base), and whether every step's two plans were the same
-(see :func:`plan_summary`).
+per-step ratios (this checkout / base), the same for the step's bookkeeping before it
+(its forks, its ``prune`` of the old beams' list and its ``reserve``: ``book``), and
+whether every step's two plans were the same (see :func:`plan_summary`). The base must be
+v30 or newer (a list ``prune``).
 """
 
 from __future__ import annotations
@@ -92,27 +94,32 @@ def measure(modules, width: int, heads: tuple[int, int], args, device) -> dict:
         caches.append(c)
     rng = random.Random(width)
     times = [[], []]
+    book = [[], []]
     same = True
     for step in range(args.warmup + args.steps):
         parents = [rng.randrange(max(1, width // 2)) for _ in range(width)]
         plans = [None, None]
         for i in ((0, 1) if step % 2 else (1, 0)):
             c, b = caches[i], beams[i]
+            _sync(device)
+            t = time.perf_counter()
             new = [c.fork(b[p]) for p in parents]
-            for x in b:
-                c.prune(x)
+            c.prune(b)
             b[:] = new
             c.reserve(b)
             _sync(device)
-            t = time.perf_counter()
+            t1 = time.perf_counter()
             plans[i] = c.prepare(b)
             _sync(device)
             if step >= args.warmup:
-                times[i].append((time.perf_counter() - t) * 1e6)
+                times[i].append((time.perf_counter() - t1) * 1e6)
+                book[i].append((t1 - t) * 1e6)
         same = same and same_plans(plan_summary(plans[0]), plan_summary(plans[1]))
     return {"heads": f"{hq}/{hk}", "W": width, "prepare_base_us": statistics.median(times[0]),
             "prepare_us": statistics.median(times[1]),
-            "ratio": statistics.median(n / b for b, n in zip(*times)), "same_plans": same}
+            "ratio": statistics.median(n / b for b, n in zip(*times)),
+            "book_base_us": statistics.median(book[0]), "book_us": statistics.median(book[1]),
+            "book_ratio": statistics.median(n / b for b, n in zip(*book)), "same_plans": same}
 
 
 def _sync(device):
@@ -146,8 +153,9 @@ def main(argv=None):
             r = measure(modules, width, heads, args, device)
             rows.append(r)
             print(f"{r['heads']} W={width}: prepare {r['prepare_base_us']:.1f} -> "
-                  f"{r['prepare_us']:.1f} us (step ratio {r['ratio']:.3f}), same plans: "
-                  f"{r['same_plans']}", flush=True)
+                  f"{r['prepare_us']:.1f} us (step ratio {r['ratio']:.3f}); forks, prune, reserve "
+                  f"{r['book_base_us']:.1f} -> {r['book_us']:.1f} us ({r['book_ratio']:.3f}); "
+                  f"same plans: {r['same_plans']}", flush=True)
     if args.out is not None:
         device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else "cpu")

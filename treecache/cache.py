@@ -310,7 +310,7 @@ class TreeKVCache:
         """
         node = self._node_of(req)
         rid = self._add_request(node)
-        self._refresh(node)
+        self._nd_excl[node.id] = False  # two requests or more end there now
         return rid
 
     def prune(self, req: int | Iterable[int]) -> None:
@@ -670,6 +670,13 @@ class TreeKVCache:
     def _check_distinct(self, reqs: list, what: str) -> None:
         """Every id of ``reqs`` live (else :class:`UnknownRequestError`) and listed once
         (else ``TreeCacheError``: "``what`` lists request ``r`` twice")."""
+        try:
+            ids = set(reqs)
+        except TypeError:  # an unhashable id: the loop below names it
+            pass
+        else:
+            if len(ids) == len(reqs) and ids <= self._reqs.keys():
+                return
         seen = set()
         for r in reqs:
             self._node_of(r)
@@ -701,9 +708,10 @@ class TreeKVCache:
         if key == self._plan_requests and not self._plan_dirty:
             key = self._plan_requests
         else:
-            for r in key:
-                self._node_of(r)
-            if len(set(key)) != len(key):
+            ids = set(key)
+            if len(ids) != len(key) or not ids <= self._reqs.keys():
+                for r in key:
+                    self._node_of(r)  # names the first unknown id
                 raise TreeCacheError("requests lists a request twice")
         if type(seq) is list:
             self._last_requests = (seq.copy(), key)
@@ -718,7 +726,7 @@ class TreeKVCache:
         self._nodes[nid] = node
         if parent is not None:
             parent.children.append(node)
-            self._refresh(parent)
+            self._nd_excl[parent.id] = False  # it has a child now
         if nid >= self._nd_seqlen.size:
             n = nid + 1
             self._nd_seqlen = _grow(self._nd_seqlen, n, 0)
@@ -728,31 +736,33 @@ class TreeKVCache:
         self._nd_seqlen[nid] = 0
         self._nd_tailpage[nid] = -1
         self._nd_tailfree[nid] = 0
-        self._dirty()
+        self._plan_dirty = True
         return node
 
     def _add_request(self, node: _Node) -> int:
         rid = self._next_req
-        self._next_req += 1
-        self._rq_node = _grow(self._rq_node, rid + 1, -1)
-        self._rq_alive = _grow(self._rq_alive, rid + 1, False)
-        self._plan_rows = _grow(self._plan_rows, rid + 1, -1)
+        self._next_req = rid + 1
+        if rid >= self._rq_node.size or rid >= self._rq_alive.size or rid >= self._plan_rows.size:
+            self._rq_node = _grow(self._rq_node, rid + 1, -1)
+            self._rq_alive = _grow(self._rq_alive, rid + 1, False)
+            self._plan_rows = _grow(self._plan_rows, rid + 1, -1)
         self._reqs[rid] = node
         node.ends.append(rid)
         self._rq_node[rid] = node.id
         self._rq_alive[rid] = True
         self._live_cache = None
-        self._dirty()
+        self._plan_dirty = True
         return rid
 
     def _remove_request(self, req: int, node: _Node) -> None:
-        node.ends.remove(req)
+        ends = node.ends
+        ends.remove(req)
         del self._reqs[req]
         self._rq_alive[req] = False
         self._rq_node[req] = -1
         self._live_cache = None
-        self._dirty()
-        self._refresh(node)
+        self._plan_dirty = True
+        self._nd_excl[node.id] = not node.children and len(ends) == 1
 
     def _refresh(self, node: _Node) -> None:
         self._nd_excl[node.id] = (not node.children) and len(node.ends) == 1
@@ -762,35 +772,37 @@ class TreeKVCache:
 
     def _collapse(self, node: _Node, freed: list | None = None) -> None:
         """Delete request-less leaves upwards; merge a request-less single-child node
-        into its child. The deleted nodes' pages are released, or with ``freed`` added
-        to it for the caller to release."""
-        alloc = self.pool.allocator
+        into its child. The deleted nodes' pages are released, or with ``freed`` their
+        page arrays added to it for the caller to release."""
+        excl = self._nd_excl
         while node is not None and not node.ends and not node.children:
             parent = node.parent
             if freed is None:
-                alloc.decref(node.page_array())
+                self.pool.allocator.decref(node.page_array())
             else:
-                freed.append(node.page_array())
+                freed += node.pages
             del self._nodes[node.id]
-            self._nd_excl[node.id] = False
+            excl[node.id] = False
             if parent is not None:
-                parent.children.remove(node)
-                self._refresh(parent)
+                siblings = parent.children
+                siblings.remove(node)
+                excl[parent.id] = not siblings and len(parent.ends) == 1
             node = parent
-            self._dirty()
+            self._plan_dirty = True
         if node is not None and not node.ends and len(node.children) == 1:
             child = node.children[0]
-            # The child absorbs the node: tokens keep their slots, requests don't move.
-            child.slots = [node.slot_array(), child.slot_array()]
-            child.pages = [node.page_array(), child.page_array()]
+            # The child absorbs the node: tokens keep their slots, requests don't move
+            # (the arrays are joined when they are read, see _joined).
+            child.slots = node.slots + child.slots
+            child.pages = node.pages + child.pages
             self._nd_seqlen[child.id] += self._nd_seqlen[node.id]
             child.parent = node.parent
             if node.parent is not None:
                 siblings = node.parent.children
                 siblings[siblings.index(node)] = child
             del self._nodes[node.id]
-            self._nd_excl[node.id] = False
-            self._dirty()
+            excl[node.id] = False
+            self._plan_dirty = True
 
     def _flush(self) -> None:
         """Attach tokens and pages added by the fast path to their node objects."""
@@ -812,15 +824,24 @@ class TreeKVCache:
     def _attach(self, nodes: np.ndarray, fields: dict[str, np.ndarray]) -> None:
         """Append to every node the entries of ``fields`` (node attribute -> values,
         one per entry of ``nodes``) that ``nodes`` gives it, in their order."""
+        if nodes.size == 0:
+            return
         order = np.argsort(nodes, kind="stable")
         nodes = nodes[order]
         cut = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()
+        objs = [self._nodes[nid] for nid in nodes[[0] + cut].tolist()]
+        if len(objs) == nodes.size:
+            # One entry per node (a step's usual case): its one-element views, made by
+            # iterating over the rows of a column.
+            for field, values in fields.items():
+                for nd, part in zip(objs, values[order].reshape(-1, 1)):
+                    getattr(nd, field).append(part)
+            return
         starts, ends = [0] + cut, cut + [nodes.size]
-        ids = nodes[starts].tolist()
         for field, values in fields.items():
             values = values[order]
-            for nid, a, b in zip(ids, starts, ends):
-                getattr(self._nodes[nid], field).append(values[a:b])
+            for nd, a, b in zip(objs, starts, ends):
+                getattr(nd, field).append(values[a:b])
 
     def _reserve_step(self, reqs: np.ndarray, trusted: bool = False) -> np.ndarray:
         """One slot per request; the fast path when every node is an exclusive leaf.
@@ -853,8 +874,7 @@ class TreeKVCache:
         # A new leaf for each request whose node is shared (moving a request out never
         # makes a node exclusive); then every request ends at an exclusive node and
         # takes its slot as in an append-only step, pages handed out in list order.
-        for r in reqs[~excl].tolist():
-            self._move_to_new_leaf(r, self._reqs[r])
+        self._new_leaves(reqs[~excl])
         return self._extend_exclusive(reqs, self._rq_node[reqs])
 
     def _extend_exclusive(self, reqs: np.ndarray, nodes: np.ndarray,
@@ -961,6 +981,39 @@ class TreeKVCache:
             self._dirty()
         return slots
 
+    def _new_leaves(self, reqs: np.ndarray) -> None:
+        """:meth:`_move_to_new_leaf` for each of ``reqs`` (distinct, live), in order;
+        the id-indexed arrays are written once for all."""
+        if reqs.size == 0:
+            return
+        first = self._next_node
+        end = first + reqs.size
+        self._next_node = end
+        nodes, live = self._nodes, self._reqs
+        parents = []
+        for nid, r in enumerate(reqs.tolist(), first):
+            node = live[r]
+            leaf = _Node(nid, node)
+            nodes[nid] = leaf
+            node.children.append(leaf)
+            node.ends.remove(r)
+            leaf.ends.append(r)
+            live[r] = leaf
+            parents.append(node.id)
+        if end > self._nd_seqlen.size:
+            self._nd_seqlen = _grow(self._nd_seqlen, end, 0)
+            self._nd_excl = _grow(self._nd_excl, end, False)
+            self._nd_tailpage = _grow(self._nd_tailpage, end, -1)
+            self._nd_tailfree = _grow(self._nd_tailfree, end, 0)
+        ids = np.arange(first, end)
+        self._nd_seqlen[first:end] = 0
+        self._nd_tailpage[first:end] = -1
+        self._nd_tailfree[first:end] = 0
+        self._nd_excl[parents] = False  # each has a child (a new leaf)
+        self._nd_excl[first:end] = True  # a leaf where one request ends
+        self._rq_node[reqs] = ids
+        self._plan_dirty = True
+
     def _move_to_new_leaf(self, req: int, node: _Node) -> _Node:
         """A new (empty) leaf under ``node``; ``req`` moves there."""
         leaf = self._new_node(node)
@@ -968,8 +1021,8 @@ class TreeKVCache:
         leaf.ends.append(req)
         self._reqs[req] = leaf
         self._rq_node[req] = leaf.id
-        self._refresh(node)
-        self._refresh(leaf)
+        self._nd_excl[node.id] = False  # it has a child (the leaf)
+        self._nd_excl[leaf.id] = True  # a leaf where only req ends
         return leaf
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
