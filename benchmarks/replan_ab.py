@@ -14,9 +14,11 @@ interleaved steps of one process see the same state of the machine.
 Reported per head layout and width W: the median ``prepare`` time of each version
 (``time.perf_counter``, the device synchronised around each call), the median of the
 per-step ratios (this checkout / base), the same for the step's bookkeeping before it
-(its forks, its ``prune`` of the old beams' list and its ``reserve``: ``book``), and
-whether every step's two plans were the same (see :func:`plan_summary`). The base must be
-v30 or newer (a list ``prune``).
+(its forks, its ``prune`` of the old beams' list and its ``reserve``: ``book``) and for
+the calls after it, the ``write`` of one token per beam into each of ``--layers`` layers
+(``write``) and an ``attend`` of each layer (``attend``, the first of which runs the new
+plan's first launches), and whether every step's two plans were the same (see
+:func:`plan_summary`). The base must be v30 or newer (a list ``prune``).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def measure(modules, width: int, heads: tuple[int, int], args, device) -> dict:
     hq, hk = heads
     caches, beams = [], []
     for mod in modules:
-        c = mod.TreeKVCache(1, hq, hk, args.head_dim,
+        c = mod.TreeKVCache(args.layers, hq, hk, args.head_dim,
                             capacity_tokens=args.prompt_len + width * (args.warmup + args.steps + 4),
                             dtype=torch.float16, device=device, plan_headroom=8)
         root = c.new_request()
@@ -93,8 +95,13 @@ def measure(modules, width: int, heads: tuple[int, int], args, device) -> dict:
         c.prepare()
         caches.append(c)
     rng = random.Random(width)
+    gen = torch.Generator().manual_seed(width)
+    q = torch.randn(width, hq, args.head_dim, generator=gen).to(device, torch.float16)
+    kv = torch.randn(width, hk, args.head_dim, generator=gen).to(device, torch.float16)
+    out = torch.empty_like(q)
     times = [[], []]
     book = [[], []]
+    layer_times = {"write": [[], []], "attend": [[], []]}
     same = True
     for step in range(args.warmup + args.steps):
         parents = [rng.randrange(max(1, width // 2)) for _ in range(width)]
@@ -106,20 +113,36 @@ def measure(modules, width: int, heads: tuple[int, int], args, device) -> dict:
             new = [c.fork(b[p]) for p in parents]
             c.prune(b)
             b[:] = new
-            c.reserve(b)
+            slots = c.reserve(b)
             _sync(device)
             t1 = time.perf_counter()
             plans[i] = c.prepare(b)
             _sync(device)
+            t2 = time.perf_counter()
+            for layer in range(args.layers):
+                c.write(layer, slots, kv, kv)
+            _sync(device)
+            t3 = time.perf_counter()
+            for layer in range(args.layers):
+                c.attend(q, layer, b, out=out)
+            _sync(device)
+            t4 = time.perf_counter()
             if step >= args.warmup:
-                times[i].append((time.perf_counter() - t1) * 1e6)
+                times[i].append((t2 - t1) * 1e6)
                 book[i].append((t1 - t) * 1e6)
+                layer_times["write"][i].append((t3 - t2) * 1e6)
+                layer_times["attend"][i].append((t4 - t3) * 1e6)
         same = same and same_plans(plan_summary(plans[0]), plan_summary(plans[1]))
     return {"heads": f"{hq}/{hk}", "W": width, "prepare_base_us": statistics.median(times[0]),
             "prepare_us": statistics.median(times[1]),
             "ratio": statistics.median(n / b for b, n in zip(*times)),
             "book_base_us": statistics.median(book[0]), "book_us": statistics.median(book[1]),
-            "book_ratio": statistics.median(n / b for b, n in zip(*book)), "same_plans": same}
+            "book_ratio": statistics.median(n / b for b, n in zip(*book)),
+            **{f"{name}{suffix}": value for name, (tb, tn) in layer_times.items()
+               for suffix, value in (("_base_us", statistics.median(tb)),
+                                     ("_us", statistics.median(tn)),
+                                     ("_ratio", statistics.median(n / b for b, n in zip(tb, tn))))},
+            "same_plans": same}
 
 
 def _sync(device):
@@ -134,6 +157,7 @@ def main(argv=None):
     p.add_argument("--num-beams", type=int, nargs="+", default=[4, 16, 64])
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4, help="layers written and attended per step")
     p.add_argument("--steps", type=int, default=50, help="measured steps per width")
     p.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
     p.add_argument("--device", default=None, help="default: CUDA if available, else CPU")
@@ -142,7 +166,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     head_layouts = [(32, 8), (32, 32), (16, 1)]
     if args.quick:
-        args.num_beams, args.prompt_len, args.head_dim = [2, 5], 40, 64
+        args.num_beams, args.prompt_len, args.head_dim, args.layers = [2, 5], 40, 64, 2
         args.steps, args.warmup = 4, 1
         head_layouts = [(4, 2)]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -155,6 +179,9 @@ def main(argv=None):
             print(f"{r['heads']} W={width}: prepare {r['prepare_base_us']:.1f} -> "
                   f"{r['prepare_us']:.1f} us (step ratio {r['ratio']:.3f}); forks, prune, reserve "
                   f"{r['book_base_us']:.1f} -> {r['book_us']:.1f} us ({r['book_ratio']:.3f}); "
+                  f"write {r['write_base_us']:.1f} -> {r['write_us']:.1f} us "
+                  f"({r['write_ratio']:.3f}); attend {r['attend_base_us']:.1f} -> "
+                  f"{r['attend_us']:.1f} us ({r['attend_ratio']:.3f}); "
                   f"same plans: {r['same_plans']}", flush=True)
     if args.out is not None:
         device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"

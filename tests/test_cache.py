@@ -1214,6 +1214,11 @@ def test_attend_out_buffer_mismatch():
     out64 = torch.zeros(2, HQ, D, dtype=torch.float64)
     _expect_shape_error(cache, lambda: cache.attend(q, 0, out=out64),
                         "out", "torch.float64", "torch.float32")
+    # The kernels write the last dimension contiguously: a strided one is refused.
+    strided = torch.zeros(2, HQ, 2 * D)[..., ::2]
+    _expect_shape_error(cache, lambda: cache.attend(q, 0, out=strided),
+                        "out", "contiguous last dimension", str(tuple(strided.stride())))
+    _expect_shape_error(cache, lambda: cache.attend(q, 0, out=q.numpy()), "out", "ndarray")
 
 
 @pytest.mark.parametrize("which", ["k", "v"])
@@ -1260,6 +1265,11 @@ def test_write_rejects_bad_slots():
                         "slots", "torch.int32", "torch.int64")
     _expect_shape_error(cache, lambda: cache.write(0, slots.view(2, 1), kv, kv), "slots", "(2, 1)")
     _expect_shape_error(cache, lambda: cache.write(0, slots.numpy(), kv, kv), "slots", "ndarray")
+    # On the CPU the slots' range is checked too (a slot past the pool, or negative).
+    n = cache.pool.num_slots
+    for bad in ([0, n], [-1, 0]):
+        _expect_shape_error(cache, lambda: cache.write(0, torch.tensor(bad), kv, kv),
+                            "slots", f"[0, {n})", str(min(bad)), str(max(bad)))
 
 
 def test_every_error_is_a_treecache_error():

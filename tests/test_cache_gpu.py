@@ -507,3 +507,52 @@ def test_cuda_graphs_kept_by_launch_key_replay_beam_steps(cuda, num_qo_heads, nu
         step.replay_checked(model, beams, i)
     assert cache.plan_version == steps
     assert reused >= steps // 2, f"{len(graphs)} graphs for {steps} plans"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+def test_fused_kv_write_matches_two_copies(cuda, monkeypatch, dtype):
+    # write() stores K and V with one prepared launch (FUSED_KV_WRITE) where the sources'
+    # rows are contiguous, else with two index_copy_ calls: the pools must come out the
+    # same either way, for the layouts a model passes (contiguous, cut from a fused
+    # projection, misaligned by one element) and one the kernel cannot read.
+    import treecache.cache as cache_mod
+
+    hk, d, layers = 8, 128, 2
+    gen = torch.Generator(device=cuda).manual_seed(7)
+    caches = [TreeKVCache(layers, 32, hk, d, capacity_tokens=4096, dtype=dtype, device=cuda)
+              for _ in range(2)]
+    for c in caches:
+        r = c.new_request()
+        c.reserve(r, 3)
+
+    def sources(n, layout):
+        if layout == "contiguous":
+            return (torch.randn(n, hk, d, generator=gen, device=cuda, dtype=dtype),
+                    torch.randn(n, hk, d, generator=gen, device=cuda, dtype=dtype))
+        if layout == "fused":
+            qkv = torch.randn(n, 48, d, generator=gen, device=cuda, dtype=dtype)
+            return qkv[:, 32:40], qkv[:, 40:48]
+        if layout == "misaligned":
+            flat = torch.randn(2 * n * hk * d + 1, generator=gen, device=cuda, dtype=dtype)
+            return (flat[1:n * hk * d + 1].view(n, hk, d),
+                    flat[n * hk * d + 1:].view(n, hk, d))
+        t = torch.randn(n, d, hk, generator=gen, device=cuda, dtype=dtype)
+        return t.transpose(1, 2), t.transpose(1, 2)  # heads not major: two copies
+
+    for n, layout in [(300, "contiguous"), (5, "contiguous"), (5, "fused"),
+                      (5, "misaligned"), (5, "heads-minor"), (0, "contiguous"),
+                      (16, "fused")]:
+        k, v = sources(n, layout)
+        for fused, c in zip((True, False), caches):
+            s = (torch.zeros(0, dtype=torch.int64, device=cuda) if n == 0
+                 else c.reserve(c.requests[0], n))
+            monkeypatch.setattr(cache_mod, "FUSED_KV_WRITE", fused)
+            for layer in range(layers):
+                c.write(layer, s, k, v)
+        torch.cuda.synchronize()
+        assert torch.equal(caches[0].pool.k, caches[1].pool.k), (n, layout)
+        assert torch.equal(caches[0].pool.v, caches[1].pool.v), (n, layout)
+    assert not caches[1]._kv_writes
+    launches = list(caches[0]._kv_writes.values())
+    assert launches and sum(x.fast_calls for x in launches) > 0  # the direct path ran

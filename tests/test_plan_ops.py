@@ -18,6 +18,7 @@ from kernels.plan_ops import (
     grow_tails_launcher,
     grow_tails_stack_launcher,
 )
+from kernels.kv_write import kv_write, kv_write_launcher, kv_write_ok
 from treecache.plan import FastTreeParams, _expand_ranges, build_plan
 
 needs_triton = pytest.mark.skipif(
@@ -317,3 +318,48 @@ def test_every_request_step_from_the_free_stack_on_a_device_copy():
     upd = plans[1].prepare_tails(np.array([0]), np.array([5]))
     assert plans[1].send_tails_from_stack(upd, free, top, 2) is None
 
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, dim", [(1, 16), (3, 16), (16, 128)])
+@pytest.mark.parametrize("call", ["jit", "launcher"])
+def test_kv_write_matches_index_copy(call, heads, dim, dtype):
+    # Rows of 16, 48 (not a power of two) and 2,048 elements (two steps of the block);
+    # k is a view of a [n, 2, heads, dim] tensor (row stride 2 * heads * dim, as when cut
+    # from a fused projection), v a tensor of its own; every other slot keeps its value.
+    dev = _device()
+    gen = torch.Generator().manual_seed(heads * dim)
+    slots_total = 64
+    k_pool = torch.randn(slots_total, heads, dim, generator=gen).to(dev, dtype)
+    v_pool = torch.randn(slots_total, heads, dim, generator=gen).to(dev, dtype)
+    want_k, want_v = k_pool.clone(), v_pool.clone()
+    launch = None
+    for n in (7, 3):  # the launcher is resized for the second size
+        k = torch.randn(n, 2, heads, dim, generator=gen).to(dev, dtype)[:, 1]
+        v = torch.randn(n, heads, dim, generator=gen).to(dev, dtype)
+        assert kv_write_ok(k, v)
+        slots = torch.randperm(slots_total, generator=gen)[:n].to(dev)
+        want_k.index_copy_(0, slots, k)
+        want_v.index_copy_(0, slots, v)
+        if call == "jit":
+            kv_write(k_pool, v_pool, slots, k, v)
+        else:
+            launch = (kv_write_launcher(n, heads * dim, k.stride(0), v.stride(0))
+                      if launch is None else launch.resized(n, (), ()))
+            assert launch.grid[0] == n
+            launch(k_pool, v_pool, slots, k, v)
+        assert torch.equal(k_pool, want_k) and torch.equal(v_pool, want_v)
+
+
+def test_kv_write_ok_needs_contiguous_rows():
+    t = torch.zeros(5, 4, 16)
+    assert kv_write_ok(t, t)
+    assert kv_write_ok(t[:, :, :8].contiguous(), t[:, :, :8].contiguous())
+    assert not kv_write_ok(t[:, :, ::2], t[:, :, ::2])  # strided elements
+    swapped = torch.zeros(5, 16, 4).transpose(1, 2)  # heads not major
+    assert not kv_write_ok(t, swapped)
+    one_head = torch.zeros(5, 3, 16)[:, 1:2]  # one head: its stride does not matter
+    assert kv_write_ok(one_head, one_head)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        kv_write_launcher(0, 64, 64, 64)

@@ -34,6 +34,9 @@ import numpy as np
 import torch
 
 
+from kernels import Backend
+from kernels.kv_write import kv_write_launcher, kv_write_ok
+
 from .fasttree import resolve_backend
 from .errors import (
     OutOfPagesError,
@@ -66,6 +69,12 @@ logger = logging.getLogger(__name__)
 #: stack instead of copying them from the host (CUDA; other devices copy). The mirror
 #: is brought up to date after pages are freed, with one copy of the changed entries.
 DEVICE_STEP_SLOTS = True
+
+#: On CUDA with the Triton backend, :meth:`TreeKVCache.write` stores a layer's K and V
+#: rows with one prepared launch (:func:`kernels.kv_write.kv_write_launcher`) instead of
+#: two ``index_copy_`` calls, where each source row is contiguous (else, or False, the
+#: two copies). Measured on an H100 host (benchmarks/RESULTS.md, v32).
+FUSED_KV_WRITE = True
 
 
 class _Node:
@@ -197,6 +206,8 @@ class TreeKVCache:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = normalize_device(device)
+        # See _here: the CUDA device index, or -1 for the CPU.
+        self._cuda_index = self.device.index if self.device.type == "cuda" else -1
         self.num_layers = int(num_layers)
         self.num_qo_heads = int(num_qo_heads)
         self.num_kv_heads = int(num_kv_heads)
@@ -209,6 +220,7 @@ class TreeKVCache:
         # Each layer's K/V view, made once (indexing the pool costs a view per call).
         self._k_layers = self.pool.k.unbind(0)
         self._v_layers = self.pool.v.unbind(0)
+        self._kv_writes: dict = {}  # prepared K/V writes (see _kv_write)
         self.params = (FastTreeParams.for_heads(self.num_qo_heads, self.num_kv_heads)
                        if params is None else params)
         self.params.validate()
@@ -415,6 +427,29 @@ class TreeKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` ``[len(slots), num_kv_heads, head_dim]`` into ``layer``'s slots."""
+        # The usual arguments pass a few cheap tests (a model calls this for every
+        # layer of every step); anything else takes the checks below, which name what
+        # is wrong. On the CPU the slots' range is checked too.
+        fast = (type(layer) is int and 0 <= layer < self.num_layers
+                and type(slots) is torch.Tensor and slots.dtype is torch.int64
+                and slots.dim() == 1 and self._here(slots)
+                and type(k) is torch.Tensor and type(v) is torch.Tensor
+                and k.dtype is self.dtype and v.dtype is self.dtype
+                and k.shape == v.shape == (slots.shape[0], self.num_kv_heads, self.head_dim)
+                and self._here(k) and self._here(v))
+        if fast and self._cuda_index < 0 and slots.numel():
+            fast = int(slots.min()) >= 0 and int(slots.max()) < self.pool.num_slots
+        if fast:
+            if (FUSED_KV_WRITE and self._cuda_index >= 0 and self.backend is Backend.TRITON
+                    and kv_write_ok(k, v)):
+                n = slots.shape[0]
+                if n:
+                    self._kv_write(n, k.stride(0), v.stride(0))(
+                        self._k_layers[layer], self._v_layers[layer], slots, k, v)
+                return
+            self._k_layers[layer].index_copy_(0, slots, k)
+            self._v_layers[layer].index_copy_(0, slots, v)
+            return
         self._check_layer(layer)
         if not isinstance(slots, torch.Tensor):
             raise ShapeMismatchError(
@@ -438,6 +473,20 @@ class TreeKVCache:
             self._check_dtype_device(name, t)
         self._k_layers[layer].index_copy_(0, slots, k)
         self._v_layers[layer].index_copy_(0, slots, v)
+
+    def _kv_write(self, n: int, k_stride: int, v_stride: int):
+        """The prepared K/V write of ``n`` rows from sources of these row strides (see
+        :data:`FUSED_KV_WRITE`): one per pair of strides, resized for another ``n``."""
+        key = (k_stride, v_stride)
+        launch = self._kv_writes.get(key)
+        if launch is None:
+            if len(self._kv_writes) >= 8:  # sources of many layouts: keep a few
+                self._kv_writes.clear()
+            launch = self._kv_writes[key] = kv_write_launcher(
+                n, self.num_kv_heads * self.head_dim, k_stride, v_stride)
+        elif launch.grid[0] != n:
+            launch = self._kv_writes[key] = launch.resized(n, (), ())
+        return launch
 
     def append(self, req: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append ``n`` tokens to ``req``; ``k``, ``v`` are ``[num_layers, n, num_kv_heads, head_dim]``.
@@ -493,22 +542,36 @@ class TreeKVCache:
         -------
         Tensor like ``q``: row ``i`` attends every token on ``requests[i]``'s path.
         """
-        self._check_layer(layer)
+        if not (type(layer) is int and 0 <= layer < self.num_layers):
+            self._check_layer(layer)
         plan = self.prepare(requests)
         want = (plan.num_requests, self.num_qo_heads, self.head_dim)
-        if not isinstance(q, torch.Tensor) or tuple(q.shape) != want:
-            got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-            raise ShapeMismatchError(
-                f"q has shape {got}, expected [len(requests), num_qo_heads, head_dim] = {list(want)}")
-        self._check_dtype_device("q", q)
+        # As in write: cheap tests first, the checks that name what is wrong after.
+        if not (type(q) is torch.Tensor and q.shape == want and q.dtype is self.dtype
+                and self._here(q)):
+            if not isinstance(q, torch.Tensor) or tuple(q.shape) != want:
+                got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+                raise ShapeMismatchError(
+                    f"q has shape {got}, expected [len(requests), num_qo_heads, head_dim] = "
+                    f"{list(want)}")
+            self._check_dtype_device("q", q)
         if q.stride(-1) != 1:
             q = q.contiguous()
         if out is None:
             out = torch.empty_like(q)
-        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ShapeMismatchError(
-                f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected q's "
-                f"{tuple(q.shape)} {q.dtype} on {q.device}")
+        elif not (type(out) is torch.Tensor and out.shape == want and out.dtype is self.dtype
+                  and self._here(out) and out.stride(-1) == 1):
+            if not isinstance(out, torch.Tensor):
+                raise ShapeMismatchError(
+                    f"out must be a torch.Tensor like q, got {type(out).__name__}")
+            if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+                raise ShapeMismatchError(
+                    f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected q's "
+                    f"{tuple(q.shape)} {q.dtype} on {q.device}")
+            if out.stride(-1) != 1:
+                raise ShapeMismatchError(
+                    f"out must have a contiguous last dimension (stride 1), got strides "
+                    f"{tuple(out.stride())}")
         if plan.num_requests == 0:
             return out
         return plan.run(q, self._k_layers[layer], self._v_layers[layer], out,
@@ -653,6 +716,12 @@ class TreeKVCache:
             raise ShapeMismatchError(f"{name} has dtype {t.dtype}, the cache stores {self.dtype}")
         if t.device != self.device:
             raise ShapeMismatchError(f"{name} is on {t.device}, the cache is on {self.device}")
+
+    def _here(self, t: torch.Tensor) -> bool:
+        """Whether tensor ``t`` is on the cache's device (cheaper than comparing
+        ``t.device``, which builds a device object)."""
+        i = self._cuda_index
+        return t.is_cuda and t.get_device() == i if i >= 0 else t.is_cpu
 
     def _check_layer(self, layer: int) -> None:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
