@@ -1,14 +1,15 @@
-"""Host time of a beam step's re-plan: this checkout against another version, in one process.
+"""Host time of a beam step (re-plan, bookkeeping, write, attend): this checkout against
+another version, in one process.
 
 ``python -m benchmarks.replan_ab --base DIR --out results.json`` loads the ``treecache``
 package of ``DIR`` (another version's checkout, e.g. from ``git worktree add DIR REV``
 or ``git archive REV treecache | tar -x -C DIR``) beside this checkout's, under the name
 ``treecache_base``. Both versions share this checkout's ``kernels`` package. It then runs
 the same beam steps on one cache of each version, the two caches' steps interleaved
-(which goes first alternates), as ``benchmarks.cache_ops`` does without K/V: one request
-holds a prompt, each step forks every new beam from a parent drawn among the first half
-of the beams, prunes the old beams, reserves one slot per beam and re-plans
-(``prepare``). Separate processes on a busy host differ by up to 1.5x in such times;
+(which goes first alternates), as ``benchmarks.cache_ops`` does: one request holds a
+prompt (its K/V not written), each step forks every new beam from a parent drawn among
+the first half of the beams, prunes the old beams, reserves one slot per beam, re-plans
+(``prepare``), writes the new slots' K/V and attends, in every layer. Separate processes on a busy host differ by up to 1.5x in such times;
 interleaved steps of one process see the same state of the machine.
 
 Reported per head layout and width W: the median ``prepare`` time of each version
