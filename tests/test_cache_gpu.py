@@ -556,3 +556,22 @@ def test_fused_kv_write_matches_two_copies(cuda, monkeypatch, dtype):
     assert not caches[1]._kv_writes
     launches = list(caches[0]._kv_writes.values())
     assert launches and sum(x.fast_calls for x in launches) > 0  # the direct path ran
+
+
+def test_fused_kv_write_only_from_the_cache_device(cuda, monkeypatch):
+    # Triton launches on the current device; while another device is current, write()
+    # takes the two index_copy_ calls, which torch places on the tensors' device.
+    cache = TreeKVCache(1, 8, 2, 64, capacity_tokens=256, dtype=torch.float16, device=cuda)
+    r = cache.new_request()
+    slots = cache.reserve(r, 4)
+    k = torch.randn(4, 2, 64, device=cuda, dtype=torch.float16)
+    other = cache.device.index + 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: other)
+    cache.write(0, slots, k, k)
+    assert not cache._kv_writes
+    monkeypatch.undo()
+    torch.cuda.synchronize()
+    assert torch.equal(cache.pool.k[0, slots], k) and torch.equal(cache.pool.v[0, slots], k)
+    cache.write(0, slots, 2 * k, k)
+    torch.cuda.synchronize()
+    assert cache._kv_writes and torch.equal(cache.pool.k[0, slots], 2 * k)

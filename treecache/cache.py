@@ -72,8 +72,9 @@ DEVICE_STEP_SLOTS = True
 
 #: On CUDA with the Triton backend, :meth:`TreeKVCache.write` stores a layer's K and V
 #: rows with one prepared launch (:func:`kernels.kv_write.kv_write_launcher`) instead of
-#: two ``index_copy_`` calls, where each source row is contiguous (else, or False, the
-#: two copies). Measured on an H100 host (benchmarks/RESULTS.md, v32).
+#: two ``index_copy_`` calls, where each source row is contiguous and the cache's device
+#: is the current one (else, or False, the two copies). Measured on an H100 host
+#: (benchmarks/RESULTS.md, v32).
 FUSED_KV_WRITE = True
 
 
@@ -440,8 +441,9 @@ class TreeKVCache:
         if fast and self._cuda_index < 0 and slots.numel():
             fast = int(slots.min()) >= 0 and int(slots.max()) < self.pool.num_slots
         if fast:
+            # (Triton launches on the current device: from another one, the two copies.)
             if (FUSED_KV_WRITE and self._cuda_index >= 0 and self.backend is Backend.TRITON
-                    and kv_write_ok(k, v)):
+                    and kv_write_ok(k, v) and torch.cuda.current_device() == self._cuda_index):
                 n = slots.shape[0]
                 if n:
                     self._kv_write(n, k.stride(0), v.stride(0))(
