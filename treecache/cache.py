@@ -1026,7 +1026,8 @@ class TreeKVCache:
                 f"{alloc.num_free} are free")
         self._flush()
         if not excl:
-            node = self._move_to_new_leaf(req, node)
+            self._new_leaves(np.array([req], dtype=np.int64))
+            node = self._reqs[req]
             have = 0
         pages = alloc.allocate(need_pages)
         nid = node.id
@@ -1053,8 +1054,9 @@ class TreeKVCache:
         return slots
 
     def _new_leaves(self, reqs: np.ndarray) -> None:
-        """:meth:`_move_to_new_leaf` for each of ``reqs`` (distinct, live), in order;
-        the id-indexed arrays are written once for all."""
+        """A new (empty) leaf under each of ``reqs``' nodes (distinct, live requests), in
+        order; each request moves to its leaf. The id-indexed arrays are written once for
+        all."""
         if reqs.size == 0:
             return
         first = self._next_node
@@ -1084,17 +1086,6 @@ class TreeKVCache:
         self._nd_excl[first:end] = True  # a leaf where one request ends
         self._rq_node[reqs] = ids
         self._plan_dirty = True
-
-    def _move_to_new_leaf(self, req: int, node: _Node) -> _Node:
-        """A new (empty) leaf under ``node``; ``req`` moves there."""
-        leaf = self._new_node(node)
-        node.ends.remove(req)
-        leaf.ends.append(req)
-        self._reqs[req] = leaf
-        self._rq_node[req] = leaf.id
-        self._nd_excl[node.id] = False  # it has a child (the leaf)
-        self._nd_excl[leaf.id] = True  # a leaf where only req ends
-        return leaf
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
         upd, self._pending_plan_update = self._pending_plan_update, None
