@@ -9,8 +9,9 @@ the same beam steps on one cache of each version, the two caches' steps interlea
 (which goes first alternates), as ``benchmarks.cache_ops`` does: one request holds a
 prompt (its K/V not written), each step forks every new beam from a parent drawn among
 the first half of the beams, prunes the old beams, reserves one slot per beam, re-plans
-(``prepare``), writes the new slots' K/V and attends, in every layer. Separate processes on a busy host differ by up to 1.5x in such times;
-interleaved steps of one process see the same state of the machine.
+(``prepare``), writes the new slots' K/V and attends, in every layer. Separate processes
+on a busy host differ by up to 1.5x in such times; interleaved steps of one process see
+the same state of the machine.
 
 Reported per head layout and width W: the median ``prepare`` time of each version
 (``time.perf_counter``, the device synchronised around each call), the median of the

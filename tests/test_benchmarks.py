@@ -154,7 +154,9 @@ def test_replan_ab_compares_the_plans_of_two_versions(tmp_path):
     assert [r["W"] for r in rows] == [2, 5]
     assert all(r["same_plans"] for r in rows)
     assert all(r["prepare_us"] > 0 and r["prepare_base_us"] > 0 for r in rows)
-    assert all(r["book_us"] > 0 and r["book_base_us"] > 0 and r["book_ratio"] > 0 for r in rows)
+    for name in ("book", "write", "attend"):
+        assert all(r[f"{name}_us"] > 0 and r[f"{name}_base_us"] > 0 and r[f"{name}_ratio"] > 0
+                   for r in rows), name
     assert json.loads(out.read_text())["rows"] == rows
     other = tmp_path / "other"
     shutil.copytree(root / "treecache", other / "treecache")
