@@ -575,3 +575,30 @@ def test_fused_kv_write_only_from_the_cache_device(cuda, monkeypatch):
     cache.write(0, slots, 2 * k, k)
     torch.cuda.synchronize()
     assert cache._kv_writes and torch.equal(cache.pool.k[0, slots], 2 * k)
+
+
+def test_fused_kv_write_in_a_captured_graph(cuda):
+    # A model's whole decode step may be captured, write() included, without a call
+    # before the capture: the replays store the K/V of whatever the static buffers hold.
+    cache = TreeKVCache(2, 8, 2, 64, capacity_tokens=256, dtype=torch.float16, device=cuda)
+    r = cache.new_request()
+    first = cache.reserve(r, 8)
+    slots = torch.empty(4, dtype=torch.int64, device=cuda)
+    k = torch.empty(4, 2, 64, device=cuda, dtype=torch.float16)
+    slots.copy_(first[:4])
+    k.normal_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for layer in range(2):
+            cache.write(layer, slots, k, 2 * k if layer else k)
+    torch.cuda.current_stream().wait_stream(stream)
+    for part in (first[:4], first[4:]):
+        slots.copy_(part)
+        k.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(cache.pool.k[0, part], k) and torch.equal(cache.pool.v[0, part], k)
+        assert torch.equal(cache.pool.k[1, part], k)
+        assert torch.equal(cache.pool.v[1, part], 2 * k)
