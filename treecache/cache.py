@@ -309,7 +309,7 @@ class TreeKVCache:
 
     def new_request(self) -> int:
         """Start an empty request at a new root; returns its id."""
-        node = self._new_node(None)
+        node = self._new_root()
         rid = self._add_request(node)
         self._refresh(node)
         return rid
@@ -790,24 +790,23 @@ class TreeKVCache:
             self._last_requests = (seq, key)
         return key
 
-    def _new_node(self, parent: _Node | None) -> _Node:
-        nid = self._next_node
-        self._next_node += 1
-        node = _Node(nid, parent)
-        self._nodes[nid] = node
-        if parent is not None:
-            parent.children.append(node)
-            self._nd_excl[parent.id] = False  # it has a child now
-        if nid >= self._nd_seqlen.size:
-            n = nid + 1
-            self._nd_seqlen = _grow(self._nd_seqlen, n, 0)
-            self._nd_excl = _grow(self._nd_excl, n, False)
-            self._nd_tailpage = _grow(self._nd_tailpage, n, -1)
-            self._nd_tailfree = _grow(self._nd_tailfree, n, 0)
-        self._nd_seqlen[nid] = 0
-        self._nd_tailpage[nid] = -1
-        self._nd_tailfree[nid] = 0
+    def _take_node_ids(self, count: int) -> int:
+        """The next ``count`` node ids (the first is returned), the id-indexed arrays
+        grown to hold them. Ids are never reused, so their entries still hold the fill
+        values (no tokens, not exclusive, no tail page)."""
+        first = self._next_node
+        end = self._next_node = first + count
+        if end > self._nd_seqlen.size:
+            self._nd_seqlen = _grow(self._nd_seqlen, end, 0)
+            self._nd_excl = _grow(self._nd_excl, end, False)
+            self._nd_tailpage = _grow(self._nd_tailpage, end, -1)
+            self._nd_tailfree = _grow(self._nd_tailfree, end, 0)
         self._plan_dirty = True
+        return first
+
+    def _new_root(self) -> _Node:
+        nid = self._take_node_ids(1)
+        node = self._nodes[nid] = _Node(nid, None)
         return node
 
     def _add_request(self, node: _Node) -> int:
@@ -1059,9 +1058,7 @@ class TreeKVCache:
         all."""
         if reqs.size == 0:
             return
-        first = self._next_node
-        end = first + reqs.size
-        self._next_node = end
+        first = self._take_node_ids(reqs.size)
         nodes, live = self._nodes, self._reqs
         parents = []
         for nid, r in enumerate(reqs.tolist(), first):
@@ -1073,19 +1070,10 @@ class TreeKVCache:
             leaf.ends.append(r)
             live[r] = leaf
             parents.append(node.id)
-        if end > self._nd_seqlen.size:
-            self._nd_seqlen = _grow(self._nd_seqlen, end, 0)
-            self._nd_excl = _grow(self._nd_excl, end, False)
-            self._nd_tailpage = _grow(self._nd_tailpage, end, -1)
-            self._nd_tailfree = _grow(self._nd_tailfree, end, 0)
-        ids = np.arange(first, end)
-        self._nd_seqlen[first:end] = 0
-        self._nd_tailpage[first:end] = -1
-        self._nd_tailfree[first:end] = 0
+        end = first + reqs.size
         self._nd_excl[parents] = False  # each has a child (a new leaf)
         self._nd_excl[first:end] = True  # a leaf where one request ends
-        self._rq_node[reqs] = ids
-        self._plan_dirty = True
+        self._rq_node[reqs] = np.arange(first, end)
 
     def _to_device(self, slots: np.ndarray) -> torch.Tensor:
         upd, self._pending_plan_update = self._pending_plan_update, None
