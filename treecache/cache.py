@@ -440,39 +440,35 @@ class TreeKVCache:
                 and self._here(k) and self._here(v))
         if fast and self._cuda_index < 0 and slots.numel():
             fast = int(slots.min()) >= 0 and int(slots.max()) < self.pool.num_slots
-        if fast:
-            # (Triton launches on the current device: from another one, the two copies.)
-            if (FUSED_KV_WRITE and self._cuda_index >= 0 and self.backend is Backend.TRITON
-                    and kv_write_ok(k, v) and torch.cuda.current_device() == self._cuda_index):
-                n = slots.shape[0]
-                if n:
-                    self._kv_write(n, k.stride(0), v.stride(0))(
-                        self._k_layers[layer], self._v_layers[layer], slots, k, v)
-                return
-            self._k_layers[layer].index_copy_(0, slots, k)
-            self._v_layers[layer].index_copy_(0, slots, v)
-            return
-        self._check_layer(layer)
-        if not isinstance(slots, torch.Tensor):
-            raise ShapeMismatchError(
-                f"slots must be the tensor reserve() returned, got {type(slots).__name__}")
-        if slots.dtype != torch.int64 or slots.dim() != 1 or slots.device != self.device:
-            raise ShapeMismatchError(
-                f"slots must be a 1-D torch.int64 tensor on {self.device}, got shape "
-                f"{tuple(slots.shape)}, {slots.dtype} on {slots.device}")
-        if slots.device.type == "cpu" and slots.numel() and (
-                int(slots.min()) < 0 or int(slots.max()) >= self.pool.num_slots):
-            raise ShapeMismatchError(
-                f"slots must lie in [0, {self.pool.num_slots}), got values in "
-                f"[{int(slots.min())}, {int(slots.max())}]")
-        n = slots.numel()
-        want = (n, self.num_kv_heads, self.head_dim)
-        for name, t in (("k", k), ("v", v)):
-            if tuple(t.shape) != want:
+        if not fast:
+            self._check_layer(layer)
+            if not isinstance(slots, torch.Tensor):
                 raise ShapeMismatchError(
-                    f"{name} has shape {tuple(t.shape)}, expected [len(slots), num_kv_heads, "
-                    f"head_dim] = {list(want)}")
-            self._check_dtype_device(name, t)
+                    f"slots must be the tensor reserve() returned, got {type(slots).__name__}")
+            if slots.dtype != torch.int64 or slots.dim() != 1 or slots.device != self.device:
+                raise ShapeMismatchError(
+                    f"slots must be a 1-D torch.int64 tensor on {self.device}, got shape "
+                    f"{tuple(slots.shape)}, {slots.dtype} on {slots.device}")
+            if slots.device.type == "cpu" and slots.numel() and (
+                    int(slots.min()) < 0 or int(slots.max()) >= self.pool.num_slots):
+                raise ShapeMismatchError(
+                    f"slots must lie in [0, {self.pool.num_slots}), got values in "
+                    f"[{int(slots.min())}, {int(slots.max())}]")
+            want = (slots.numel(), self.num_kv_heads, self.head_dim)
+            for name, t in (("k", k), ("v", v)):
+                if tuple(t.shape) != want:
+                    raise ShapeMismatchError(
+                        f"{name} has shape {tuple(t.shape)}, expected [len(slots), "
+                        f"num_kv_heads, head_dim] = {list(want)}")
+                self._check_dtype_device(name, t)
+        # (Triton launches on the current device: from another one, the two copies.)
+        if (FUSED_KV_WRITE and self._cuda_index >= 0 and self.backend is Backend.TRITON
+                and kv_write_ok(k, v) and torch.cuda.current_device() == self._cuda_index):
+            n = slots.shape[0]
+            if n:
+                self._kv_write(n, k.stride(0), v.stride(0))(
+                    self._k_layers[layer], self._v_layers[layer], slots, k, v)
+            return
         self._k_layers[layer].index_copy_(0, slots, k)
         self._v_layers[layer].index_copy_(0, slots, v)
 
