@@ -6,9 +6,8 @@ holds a prompt of ``--prompt-len`` tokens and is forked into W beams; each step 
 forks every new beam from a parent drawn among the first half of the beams (a fixed
 random sequence, so that runs compare), prunes the old beams (one ``prune`` of the list,
 since v30), reserves one slot per new beam, re-plans (``prepare``), writes K/V to every
-layer and attends every layer. Every
-step changes the topology, so every step re-plans, as a beam search does at these
-widths.
+layer and attends every layer. Every step changes the topology, so every step re-plans,
+as a beam search does at these widths.
 
 Reported per W: the median host time (``time.perf_counter``; the device is synchronised
 before and after each group of calls) of the step's forks, its prunes, its ``reserve``,
