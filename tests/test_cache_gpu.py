@@ -294,13 +294,61 @@ def test_append_steps_derive_their_slots_on_the_device(cuda, monkeypatch, page_s
     assert calls["derived"] == derived
 
 
+def _beam_step_regions(device, steps=6, grow_at=None):
+    """Beam-like steps (fork, prune, reserve, re-plan) on a new cache; after each
+    re-plan the device buffer's used regions (small arrays, kv entries, masks), and
+    attention checked against the model. ``grow_at``: the step before which one request
+    appends 700 tokens (the slot table outgrows the buffers). Returns the regions and
+    the last plan's buffers."""
+    cache = TreeKVCache(2, 32, 8, HEAD_DIM, 16_384, dtype=torch.float16, device=device,
+                        plan_headroom=4)
+    model = Model(2, 32, 8, HEAD_DIM, torch.float16, device, 11)
+    add_prompts(cache, model, (300, 77), forks=3)
+    rng = np.random.default_rng(2)
+    regions = []
+    for step in range(steps):
+        reqs = cache.requests
+        if step == grow_at:
+            k, v = model.tokens(700)
+            cache.append(reqs[0], k, v)
+            model.append(reqs[0], k, v)
+        parents = [reqs[i] for i in rng.integers(0, len(reqs), size=len(reqs))]
+        new = [cache.fork(p) for p in parents]
+        for p, c in zip(parents, new):
+            model.fork(p, c)
+        cache.prune(reqs)
+        for r in reqs:
+            model.prune(r)
+        write_step(cache, model, new, cache.reserve(new))
+        plan = cache.prepare()
+        buf = plan.buffers
+        torch.cuda.synchronize()
+        used = dict(small=buf.dev[:buf.offsets["runs"]],
+                    kv=buf.dev_view("kv_indices", plan.num_kv_entries),
+                    slot0=buf.dev_view("vnode_slot0", plan.num_vnodes))
+        if plan.masked:
+            used["mask"] = buf.dev_view("kv_mask", plan.num_kv_entries)
+        regions.append({k: v.cpu().clone() for k, v in used.items()})
+        q = torch.randn(len(new), 32, HEAD_DIM, dtype=torch.float16, device=device)
+        for layer in range(2):
+            assert_attends(cache, model, q, layer)
+    return regions, cache.prepare().buffers
+
+
+def assert_same_regions(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
 def test_plan_upload_reads_the_staging_buffer_in_place(cuda, monkeypatch, caplog):
-    # Beam-like steps (fork, prune, reserve, re-plan) on two caches, one uploading with
-    # a single launch that reads the pinned staging buffer in place, one copying it
-    # first: the device buffers' used regions are equal after every re-plan, and
-    # attention is exact. Where the device cannot read the staging buffer (simulated:
-    # the launch raises as Triton does for such a pointer), the upload falls back to the
-    # copy for good, with a warning, and stays exact.
+    # Two caches, one uploading with a single launch that reads the pinned staging
+    # buffer in place, one copying it first: the device buffers' used regions are equal
+    # after every re-plan, and attention is exact. Where the device cannot read the
+    # staging buffer (simulated: the launch raises as Triton does for such a pointer),
+    # the upload falls back to the copy for good, with a warning, and stays exact.
     import logging
 
     import treecache.plan as plan_mod
@@ -319,48 +367,48 @@ def test_plan_upload_reads_the_staging_buffer_in_place(cuda, monkeypatch, caplog
         monkeypatch.setattr(plan_mod, "ZERO_COPY_UPLOAD", zero_copy)
         if fail:
             monkeypatch.setattr(plan_mod, "expand_runs_launcher", refusing_launcher)
-        cache = TreeKVCache(2, 32, 8, HEAD_DIM, 16_384, dtype=torch.float16, device=cuda,
-                            plan_headroom=4)
-        model = Model(2, 32, 8, HEAD_DIM, torch.float16, cuda, 11)
-        add_prompts(cache, model, (300, 77), forks=3)
-        rng = np.random.default_rng(2)
-        regions = []
-        for step in range(6):
-            reqs = cache.requests
-            parents = [reqs[i] for i in rng.integers(0, len(reqs), size=len(reqs))]
-            new = [cache.fork(p) for p in parents]
-            for p, c in zip(parents, new):
-                model.fork(p, c)
-            cache.prune(reqs)
-            for r in reqs:
-                model.prune(r)
-            write_step(cache, model, new, cache.reserve(new))
-            plan = cache.prepare()
-            buf = plan.buffers
-            torch.cuda.synchronize()
-            used = dict(small=buf.dev[:buf.offsets["runs"]],
-                        kv=buf.dev_view("kv_indices", plan.num_kv_entries))
-            if plan.masked:
-                used["mask"] = buf.dev_view("kv_mask", plan.num_kv_entries)
-            regions.append({k: v.cpu().clone() for k, v in used.items()})
-            q = torch.randn(len(new), 32, HEAD_DIM, dtype=torch.float16, device=cuda)
-            for layer in range(2):
-                assert_attends(cache, model, q, layer)
-        return regions, cache.prepare().buffers
+        return _beam_step_regions(cuda)
 
     a, buf_a = run(True)
     b, _ = run(False)
     assert buf_a._zero_copy and any(k[2] for k in buf_a._expand)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert torch.equal(x[k], y[k]), k
+    assert_same_regions(a, b)
     with caplog.at_level(logging.WARNING, logger="treecache.plan"):
         c, buf_c = run(True, fail=True)
     assert not buf_c._zero_copy and "copying it instead" in caplog.text
-    for x, y in zip(c, b):
-        for k in x:
-            assert torch.equal(x[k], y[k]), k
+    assert_same_regions(c, b)
+
+
+def test_replan_slot_table_in_place_and_run_flags_give_the_same_buffers(cuda, monkeypatch):
+    # A re-plan that joins the slot table straight into the staging buffer and hands the
+    # planner the nodes' run flags writes the same device regions as one that joins a
+    # new array (copied by the upload) and lets the planner find the runs, through a
+    # growth of the buffers' slot region; the in-place table was used on every re-plan.
+    import treecache.cache as cache_mod
+
+    real = TreeKVCache._slot_table
+    kinds = []
+
+    def spy(self, parts, total):
+        out = real(self, parts, total)
+        kinds.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(TreeKVCache, "_slot_table", spy)
+    monkeypatch.setattr(cache_mod, "NODE_RUNS", True)
+    monkeypatch.setattr(cache_mod, "SLOT_TABLE_IN_PLACE", True)
+    a, buf_a = _beam_step_regions(cuda, steps=8, grow_at=4)
+    assert kinds and all(k == np.int32 for k in kinds[1:]), kinds
+    gen_a = buf_a.generation
+    monkeypatch.setattr(cache_mod, "NODE_RUNS", False)
+    monkeypatch.setattr(cache_mod, "SLOT_TABLE_IN_PLACE", False)
+    kinds.clear()
+    b, _ = _beam_step_regions(cuda, steps=8, grow_at=4)
+    assert all(k == np.int64 for k in kinds)
+    assert gen_a >= 2  # the slot region grew during the run
+    assert_same_regions(a, b)
+    # Both kinds of vnodes: contiguous (a first slot) and gathered (-1).
+    assert any((r["slot0"] >= 0).any() for r in a) and any((r["slot0"] < 0).any() for r in a)
 
 
 # ============================================================================ CUDA graphs

@@ -77,6 +77,16 @@ DEVICE_STEP_SLOTS = True
 #: (benchmarks/RESULTS.md, v32).
 FUSED_KV_WRITE = True
 
+#: A re-plan hands the planner each node's run flag (its slots follow each other by
+#: one), kept up to date as slots are added, instead of the planner finding the runs
+#: with a pass over the whole slot table. False: that pass (the same plans).
+NODE_RUNS = True
+
+#: On a GPU a re-plan joins the nodes' slot arrays straight into the plan buffers'
+#: staging region for the slot table (int32), instead of joining them into a new
+#: array that the upload then copies there. False: that copy (the same plans).
+SLOT_TABLE_IN_PLACE = True
+
 
 class _Node:
     """A run of tokens. ``slots`` and ``pages`` are lists of int64 arrays (in order)."""
@@ -246,6 +256,12 @@ class TreeKVCache:
         self._nd_excl = np.zeros(64, dtype=bool)  # leaf, exactly one request ends here
         self._nd_tailpage = np.full(64, -1, dtype=np.int64)
         self._nd_tailfree = np.zeros(64, dtype=np.int64)  # free slots left in tail page
+        # Whether a node's attached slots form one run (first, first + 1, ...), and its
+        # first and last attached slot (-1: none yet): the plan's contiguity test reads
+        # these instead of a pass over the slot table (see _note_slots).
+        self._nd_run = np.ones(64, dtype=bool)
+        self._nd_first = np.full(64, -1, dtype=np.int64)
+        self._nd_last = np.full(64, -1, dtype=np.int64)
         self._rq_node = np.full(64, -1, dtype=np.int64)
         self._rq_alive = np.zeros(64, dtype=bool)
         self._rq_scratch = np.full(64, -1, dtype=np.int64)
@@ -668,6 +684,14 @@ class TreeKVCache:
             if s.size != self._nd_seqlen[nd.id]:
                 raise TreeCacheError(
                     f"node {nd.id} has {s.size} slots but seqlen {int(self._nd_seqlen[nd.id])}")
+            run = bool(s.size < 2 or (s[1:] == s[:-1] + 1).all())
+            ends = (s[0], s[-1]) if s.size else (-1, -1)
+            if (bool(self._nd_run[nd.id]) != run
+                    or (self._nd_first[nd.id], self._nd_last[nd.id]) != ends):
+                raise TreeCacheError(
+                    f"node {nd.id}: run flag out of date (run {bool(self._nd_run[nd.id])}, "
+                    f"first {int(self._nd_first[nd.id])}, last {int(self._nd_last[nd.id])}; "
+                    f"its slots: run {run}, first {int(ends[0])}, last {int(ends[1])})")
             p = nd.page_array()
             if np.unique(p).size != p.size:
                 raise TreeCacheError(f"node {nd.id} holds a page twice")
@@ -797,6 +821,9 @@ class TreeKVCache:
             self._nd_excl = _grow(self._nd_excl, end, False)
             self._nd_tailpage = _grow(self._nd_tailpage, end, -1)
             self._nd_tailfree = _grow(self._nd_tailfree, end, 0)
+            self._nd_run = _grow(self._nd_run, end, True)
+            self._nd_first = _grow(self._nd_first, end, -1)
+            self._nd_last = _grow(self._nd_last, end, -1)
         self._plan_dirty = True
         return first
 
@@ -861,6 +888,7 @@ class TreeKVCache:
             # (the arrays are joined when they are read, see _joined).
             child.slots = node.slots + child.slots
             child.pages = node.pages + child.pages
+            self._join_runs(node.id, child.id)
             self._nd_seqlen[child.id] += self._nd_seqlen[node.id]
             child.parent = node.parent
             if node.parent is not None:
@@ -896,6 +924,8 @@ class TreeKVCache:
         nodes = nodes[order]
         cut = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()
         objs = [self._nodes[nid] for nid in nodes[[0] + cut].tolist()]
+        if "slots" in fields:
+            self._note_slots(nodes, fields["slots"][order], cut)
         if len(objs) == nodes.size:
             # One entry per node (a step's usual case): its one-element views, made by
             # iterating over the rows of a column.
@@ -908,6 +938,50 @@ class TreeKVCache:
             values = values[order]
             for nd, a, b in zip(objs, starts, ends):
                 getattr(nd, field).append(values[a:b])
+
+    def _note_slots(self, nodes: np.ndarray, slots: np.ndarray, cut: list | None) -> None:
+        """Update the run flags and first / last slots of ``nodes`` for ``slots``
+        appended to them: ``nodes`` sorted, each node's slots in their order, ``cut``
+        the positions where a node's entries start (but the first; None: no entries)."""
+        if cut is None or nodes.size == 0:
+            return
+        if len(cut) + 1 == nodes.size:  # one slot per node (a step's usual case)
+            ids, heads, tails, inner_ok = nodes, slots, slots, None
+        else:
+            starts = np.array([0] + cut, dtype=np.int64)
+            ids = nodes[starts]
+            heads = slots[starts]
+            tails = slots[np.append(starts[1:], nodes.size) - 1]
+            # A node whose new slots do not follow each other by one.
+            gap = (slots[1:] != slots[:-1] + 1) & (nodes[1:] == nodes[:-1])
+            inner_ok = np.ones(ids.size, dtype=bool)
+            inner_ok[starts.searchsorted(gap.nonzero()[0] + 1, side="right") - 1] = False
+        last = self._nd_last[ids]
+        new = last < 0  # nodes without slots so far
+        ok = (heads == last + 1) | new
+        if inner_ok is not None:
+            ok &= inner_ok
+        if not ok.all():
+            self._nd_run[ids[~ok]] = False
+        if new.any():
+            self._nd_first[ids[new]] = heads[new]
+        self._nd_last[ids] = tails
+
+    def _join_runs(self, upper: int, lower: int) -> None:
+        """Run flags of node ``lower`` after it absorbed its parent ``upper``'s slots
+        (``upper``'s first)."""
+        last, first = self._nd_last, self._nd_first
+        u_last = int(last[upper])
+        if u_last < 0:
+            return  # the parent held no slots
+        run = self._nd_run
+        l_first = int(first[lower])
+        if l_first < 0:
+            run[lower] = run[upper]
+            last[lower] = u_last
+        elif l_first != u_last + 1 or not run[upper]:
+            run[lower] = False
+        first[lower] = first[upper]
 
     def _reserve_step(self, reqs: np.ndarray, trusted: bool = False) -> np.ndarray:
         """One slot per request; the fast path when every node is an exclusive leaf.
@@ -1040,6 +1114,8 @@ class TreeKVCache:
             self._nd_tailfree[nid] = need_pages * p - rest
         slots = np.concatenate(parts)
         node.slots.append(slots)
+        self._note_slots(np.full(slots.size, nid, dtype=np.int64), slots,
+                         [] if slots.size else None)
         self._nd_seqlen[nid] += n
         # A request growing its own leaf keeps the plan: its tail vnode grows in place.
         row = int(self._plan_rows[req])
@@ -1101,6 +1177,22 @@ class TreeKVCache:
             alloc.mark_mirrored(hi)
         return self._free_dev
 
+    def _slot_table(self, parts: list[np.ndarray], total: int) -> np.ndarray:
+        """The nodes' slot arrays ``parts`` one after the other (``total`` slots). On a
+        GPU they are written straight into the plan buffers' staging region for the
+        slot table, as the int32 the upload takes (:data:`SLOT_TABLE_IN_PLACE`), so
+        that the upload copies nothing more."""
+        bufs = self._buffers
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        if not (SLOT_TABLE_IN_PLACE and bufs is not None and bufs.dev is not bufs.host):
+            return np.concatenate(parts)
+        bufs.ensure(0, 0, 0, 0, slots=total)
+        bufs.host_writable()  # the last upload may still read the old table
+        out = bufs.host_view("slots", total)
+        np.concatenate(parts, out=out, casting="same_kind")
+        return out
+
     def _topo_order(self) -> tuple[list[_Node], list[int]]:
         """The nodes depth-first (roots in creation order, children in order) and each
         one's parent's position in that list (-1 for a root)."""
@@ -1133,7 +1225,7 @@ class TreeKVCache:
         index = self._nd_pos
         index[ids] = np.arange(n)
         seqlen = self._nd_seqlen[ids]
-        node_tokens = np.concatenate(slot_parts) if slot_parts else np.zeros(0, np.int64)
+        node_tokens = self._slot_table(slot_parts, int(seqlen.sum()))
         tok_ptr = np.zeros(n, dtype=np.int64)
         if n:
             tok_ptr[1:] = np.cumsum(seqlen)[:-1]
@@ -1142,7 +1234,8 @@ class TreeKVCache:
         req_end = index[end_nodes]
         growable = self._nd_excl[end_nodes]
         inp = PlanInput(parent=parent, seqlen=seqlen, tok_ptr=tok_ptr, req_end=req_end,
-                        node_tokens=node_tokens, growable=growable)
+                        node_tokens=node_tokens, growable=growable,
+                        node_runs=self._nd_run[ids] if NODE_RUNS else None)
         self._plan = build_plan(
             inp, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, params=self.params, device=self.device,

@@ -358,6 +358,12 @@ class PlanInput:
         Node where each request's path ends (request ``b`` is query row ``b``).
     growable : bool ``[B]`` or None
         Requests whose end node may grow in place (plan reserves headroom for them).
+    node_runs : bool ``[n]`` or None
+        With a slot table: whether each node's slots form one run (``node_tokens[tok_ptr[i]
+        + j] == node_tokens[tok_ptr[i]] + j``), as its owner already knows them (a
+        :class:`~treecache.TreeKVCache` keeps them per node). ``None``: the planner finds
+        them with a pass over the table. Trusted, not checked: a node marked as a run
+        that is not one makes the kernels read the wrong slots.
     """
 
     parent: np.ndarray
@@ -366,6 +372,7 @@ class PlanInput:
     req_end: np.ndarray
     node_tokens: np.ndarray | None = None
     growable: np.ndarray | None = None
+    node_runs: np.ndarray | None = None
 
 
 def normalize_device(device: torch.device | str) -> torch.device:
@@ -604,9 +611,13 @@ class PlanBuffers:
                         f"a slot table of {n_table} entries does not fit the buffers "
                         f"({self.cap_slots}); call ensure(..., slots={n_table}) before "
                         "writing the plan")
-                # The slot table follows the run table: one copy holds both.
+                # The slot table follows the run table: one copy holds both. A caller
+                # may have written it there already (a cache's re-plan on a GPU).
                 end = self.offsets["slots"] + n_table
-                self.host_np[end - n_table:end] = table
+                region = self.host_np[end - n_table:end]
+                if not (isinstance(table, np.ndarray) and table.dtype == region.dtype
+                        and table.ctypes.data == region.ctypes.data):
+                    region[:] = table
             copies = [(0, end)]
         src_off = self.offsets["slots"] if n_table else -1
         mask_off = self.offsets["kv_mask"] if masks else -1
@@ -2335,16 +2346,17 @@ def build_plan(
                         buffers, headroom, inline_ok=not flat, pad_phases=pad_phases)
 
 
-def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst, grow_g, v_g, v_kv_start,
-                      v_kv_len) -> np.ndarray:
+def _contiguous_slot0(inp, ng, cg, seg_node, seg_start, seg_len, seg_dst, grow_g, v_g,
+                      v_kv_start, v_kv_len) -> np.ndarray:
     """First slot of every vnode whose slots form one contiguous run, else -1.
 
     A group's chain is a list of node segments (``cg``: their groups, sorted, each chain
     top first); in the seed layout (no slot table) each segment is a run
     ``tok_ptr[n] + [0, seqlen[n])``. A vnode (a range of its group's chain) is contiguous
     when every segment it overlaps is a run and each segment boundary inside it continues
-    the previous segment's run. With a slot table the per-node runs are checked once over
-    the table (O(tokens)). ``seg_dst``: each segment's first kv position. ``grow_g``:
+    the previous segment's run. With a slot table the per-node runs are
+    ``inp.node_runs`` where given, else checked once over the table (O(tokens)).
+    ``seg_node``: each segment's node. ``seg_dst``: each segment's first kv position. ``grow_g``:
     each group's growth headroom, or None if no group has any; vnodes of groups with
     headroom stay -1: their tail grows by arbitrary slots. Every vnode holds at least
     one entry.
@@ -2355,6 +2367,13 @@ def _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst, grow_g, v_g, v_k
         return np.zeros(0, dtype=np.int64)
     if inp.node_tokens is None:
         first, run_ok = seg_start, None
+    elif inp.node_runs is not None:
+        # The owner's per-node flags: no pass over the table (nor a conversion of it).
+        tokens = np.asarray(inp.node_tokens)
+        run_ok = np.asarray(inp.node_runs, dtype=bool)[seg_node] | (seg_len == 0)
+        last = max(tokens.size - 1, 0)
+        first = (tokens[np.minimum(seg_start, last)].astype(np.int64) if tokens.size
+                 else np.zeros(seg_start.size, dtype=np.int64))
     else:
         tokens = np.asarray(inp.node_tokens, dtype=np.int64)
         # Per node: is node_tokens[tok_ptr : tok_ptr + seqlen] a +1 run? It is when no
@@ -2581,7 +2600,7 @@ def _materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, r
     seg_dst = np.add.accumulate(seg_len) - seg_len
     if grown:
         seg_dst += (np.add.accumulate(grow_g) - grow_g)[cg]
-    v_slot0 = _contiguous_slot0(inp, ng, cg, seg_start, seg_len, seg_dst,
+    v_slot0 = _contiguous_slot0(inp, ng, cg, cn, seg_start, seg_len, seg_dst,
                                 grow_g if grown else None, v_g, v_kv_start, v_kv_len)
 
     kv_tiles = list(kv_tiles)
