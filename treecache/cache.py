@@ -1187,9 +1187,7 @@ class TreeKVCache:
             return np.zeros(0, dtype=np.int64)
         if not (SLOT_TABLE_IN_PLACE and bufs is not None and bufs.dev is not bufs.host):
             return np.concatenate(parts)
-        bufs.ensure(0, 0, 0, 0, slots=total)
-        bufs.host_writable()  # the last upload may still read the old table
-        out = bufs.host_view("slots", total)
+        out = bufs.staged_slot_table(total)
         np.concatenate(parts, out=out, casting="same_kind")
         return out
 

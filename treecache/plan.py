@@ -105,8 +105,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 #: both decide identically. Measured on beam-search trees (benchmarks/RESULTS.md, v30),
 #: loop against vectorised: on the H100's host 59 / 165 us at 29 nodes, 153 / 281 at
 #: 77, 204 / 252 at 103, 317 / 287 at 160; on the development CPU 33 / 77 us at 29
-#: nodes, 90 / 113 at 77, 169 / 158 at 103.
-SCALAR_HEURISTIC_MAX_NODES = 128
+#: nodes, 90 / 113 at 77, 169 / 158 at 103. Since v33 the loop writes the cost model
+#: out (no call per term): on the development CPU 25 / 97 us at 29 nodes, 76 / 110 at
+#: 103, 152 / 208 at 214, 420 / 344 at 416 (v33).
+SCALAR_HEURISTIC_MAX_NODES = 256
 #: Whether new plans store float16 partial outputs for float16 inputs
 #: (:attr:`DecodePlan.half_partials`). Measured on an H100 (benchmarks/RESULTS.md, v5):
 #: 5% faster on the geomean of the benchmark cases, up to 16% on trees of many small
@@ -483,6 +485,7 @@ class PlanBuffers:
         self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
                                    dtype=torch.float32, device=self.device)
         self._expand = {}  # prepared run expansions (CUDA) by (gather, masks)
+        self._staged = None  # see staged_slot_table
         #: Views of these buffers as the kernels take them, shared by the plans written
         #: here (see DecodePlan.tensors), by request count and masking.
         self.views: dict = {}
@@ -512,6 +515,16 @@ class PlanBuffers:
         self._alloc(grow(self.cap_vnodes, vnodes), grow(self.cap_requests, requests),
                     grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries),
                     grow(self.cap_runs, runs), grow(self.cap_slots, slots))
+
+    def staged_slot_table(self, n: int) -> np.ndarray:
+        """The staging region of a slot table of ``n`` entries (int32; grown first if
+        needed), for a caller to write the table into: passed on as the plan's
+        ``node_tokens`` (that very array), the next :meth:`upload` does not copy it
+        again. Waits for the last upload's reads of the staging buffer first."""
+        self.ensure(0, 0, 0, 0, slots=n)
+        self.host_writable()
+        self._staged = self.host_view("slots", n)
+        return self._staged
 
     def scratch(self, n: int, which: int = 0) -> np.ndarray:
         """A reusable int64 host work array of length ``n`` (two independent ones)."""
@@ -588,6 +601,7 @@ class PlanBuffers:
         starts, lens, dst, bits = runs
         if not masks:
             bits = None
+        staged, self._staged = self._staged, None
         on_device = self.dev is not self.host and (
             DEVICE_EXPAND or (dst is None and table is None))
         n_table = 0 if table is None else int(np.size(table))
@@ -611,13 +625,11 @@ class PlanBuffers:
                         f"a slot table of {n_table} entries does not fit the buffers "
                         f"({self.cap_slots}); call ensure(..., slots={n_table}) before "
                         "writing the plan")
-                # The slot table follows the run table: one copy holds both. A caller
-                # may have written it there already (a cache's re-plan on a GPU).
+                # The slot table follows the run table: one copy holds both. It may be
+                # there already (see staged_slot_table).
                 end = self.offsets["slots"] + n_table
-                region = self.host_np[end - n_table:end]
-                if not (isinstance(table, np.ndarray) and table.dtype == region.dtype
-                        and table.ctypes.data == region.ctypes.data):
-                    region[:] = table
+                if table is not staged:
+                    self.host_np[end - n_table:end] = table
             copies = [(0, end)]
         src_off = self.offsets["slots"] if n_table else -1
         mask_off = self.offsets["kv_mask"] if masks else -1
@@ -1468,21 +1480,20 @@ class _Topology:
         return np.argsort(self.depth, kind="stable")
 
 
-def _scalar_cmm(q_tiles, kv_tiles, ag, bg):
-    """``Cmm(nQ, nK)`` of the cost model for Python ints (``ag = alpha*g``, ``bg = beta*g``)."""
+def _cmm_tables(q_tiles, kv_tiles, ag, max_nq: int) -> tuple[list, list]:
+    """The factors of ``Cmm(nQ, nK)`` that depend on ``nQ`` alone, for ``nQ`` = 0 ..
+    ``max_nq``: ``ag * padq`` (``padq`` the query tile's padding rows) and the KV tile
+    (the phase-1 tiles where ``nQ`` fits one). ``Cmm(nQ, nK) = qf[nQ] * nK + bg * padk
+    * nQ``, ``padk = tk[nQ] - nK`` where ``nK < tk[nQ]``, else 0 (the cost model of
+    :func:`_tree_heuristic`)."""
     tq0, tq1 = q_tiles
     tk0, tk1 = kv_tiles
-
-    def cmm(nQ, nK):
-        if nQ > tq1:
-            tq, tk = tq0, tk0
-        else:
-            tq, tk = tq1, tk1
-        padq = tq - ((nQ - 1) % tq + 1)
-        padk = tk - nK if nK < tk else 0
-        return ag * padq * nK + bg * padk * nQ
-
-    return cmm
+    qf, tk = [], []
+    for nQ in range(max_nq + 1):
+        tq, t = (tq0, tk0) if nQ > tq1 else (tq1, tk1)
+        qf.append(ag * (tq - ((nQ - 1) % tq + 1)))
+        tk.append(t)
+    return qf, tk
 
 
 def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamma):
@@ -1490,7 +1501,8 @@ def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamm
 
     The scalar form of the FastTree heuristic; :func:`_tree_heuristic_vec` is the
     vectorised one, and tests check that both decide identically. Plans run this one on
-    small trees (see :func:`_heuristic`).
+    small trees (see :func:`_heuristic`). ``Cmm`` is written out in the loop (four per
+    edge, from :func:`_cmm_tables`), in the same float operations as there.
     """
     n = topo.n
     L = topo.seqlen.tolist()
@@ -1498,7 +1510,8 @@ def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamm
     ch_ptr = topo.ch_ptr.tolist()
     ch_ids = topo.ch_ids.tolist()
     assign = [0] * n
-    cmm = _scalar_cmm(q_tiles, kv_tiles, alpha * group, beta * group)
+    bg = beta * group
+    qf, tk = _cmm_tables(q_tiles, kv_tiles, alpha * group, max(nq) if n else 0)
     # Parents are decided before their children (a child's decision reads its parent's
     # final chain length); any such order gives the same decisions. Ids are one when
     # every parent's id is smaller (a cache's trees, generated trees), else depth order.
@@ -1509,20 +1522,29 @@ def _tree_heuristic(topo: _Topology, q_tiles, kv_tiles, group, alpha, beta, gamm
         nq_cur = nq[x]
         if nq_cur == 0:
             continue
-        a, b = ch_ptr[x], ch_ptr[x + 1]
         lenv = L[x]
-        for j in range(a, b):
-            c = ch_ids[j]
+        for c in ch_ids[ch_ptr[x]:ch_ptr[x + 1]]:
             nql = nq[c]
             if nql == 0:
                 continue
             lenl = L[c]
-            split_k = cmm(nq_cur, lenv) + cmm(nql, lenl) + gamma * nql
-            split_q = cmm(nq_cur - nql, lenv) + cmm(nql, lenl + lenv)
-            if split_k > split_q:
+            # split_k = Cmm(nq_cur, lenv) + Cmm(nql, lenl) + gamma * nql
+            t = tk[nq_cur]
+            a1 = qf[nq_cur] * lenv + bg * (t - lenv if lenv < t else 0) * nq_cur
+            t = tk[nql]
+            a2 = qf[nql] * lenl + bg * (t - lenl if lenl < t else 0) * nql
+            split_k = a1 + a2 + gamma * nql
+            # split_q = Cmm(nq_cur - nql, lenv) + Cmm(nql, lenl + lenv)
+            rest = nq_cur - nql
+            t = tk[rest]
+            b1 = qf[rest] * lenv + bg * (t - lenv if lenv < t else 0) * rest
+            both = lenl + lenv
+            t = tk[nql]
+            b2 = qf[nql] * both + bg * (t - both if both < t else 0) * nql
+            if split_k > b1 + b2:
                 assign[c] = 1
-                nq_cur -= nql
-                L[c] = lenl + lenv
+                nq_cur = rest
+                L[c] = both
     return np.asarray(assign, dtype=np.int8), np.asarray(L, dtype=np.int64)
 
 
