@@ -257,10 +257,9 @@ class TreeKVCache:
         self._nd_tailpage = np.full(64, -1, dtype=np.int64)
         self._nd_tailfree = np.zeros(64, dtype=np.int64)  # free slots left in tail page
         # Whether a node's attached slots form one run (first, first + 1, ...), and its
-        # first and last attached slot (-1: none yet): the plan's contiguity test reads
-        # these instead of a pass over the slot table (see _note_slots).
+        # last attached slot (-1: none yet): the plan's contiguity test reads these
+        # instead of a pass over the slot table (see _note_slots).
         self._nd_run = np.ones(64, dtype=bool)
-        self._nd_first = np.full(64, -1, dtype=np.int64)
         self._nd_last = np.full(64, -1, dtype=np.int64)
         self._rq_node = np.full(64, -1, dtype=np.int64)
         self._rq_alive = np.zeros(64, dtype=bool)
@@ -685,13 +684,11 @@ class TreeKVCache:
                 raise TreeCacheError(
                     f"node {nd.id} has {s.size} slots but seqlen {int(self._nd_seqlen[nd.id])}")
             run = bool(s.size < 2 or (s[1:] == s[:-1] + 1).all())
-            ends = (s[0], s[-1]) if s.size else (-1, -1)
-            if (bool(self._nd_run[nd.id]) != run
-                    or (self._nd_first[nd.id], self._nd_last[nd.id]) != ends):
+            last = int(s[-1]) if s.size else -1
+            if bool(self._nd_run[nd.id]) != run or int(self._nd_last[nd.id]) != last:
                 raise TreeCacheError(
                     f"node {nd.id}: run flag out of date (run {bool(self._nd_run[nd.id])}, "
-                    f"first {int(self._nd_first[nd.id])}, last {int(self._nd_last[nd.id])}; "
-                    f"its slots: run {run}, first {int(ends[0])}, last {int(ends[1])})")
+                    f"last {int(self._nd_last[nd.id])}; its slots: run {run}, last {last})")
             p = nd.page_array()
             if np.unique(p).size != p.size:
                 raise TreeCacheError(f"node {nd.id} holds a page twice")
@@ -822,7 +819,6 @@ class TreeKVCache:
             self._nd_tailpage = _grow(self._nd_tailpage, end, -1)
             self._nd_tailfree = _grow(self._nd_tailfree, end, 0)
             self._nd_run = _grow(self._nd_run, end, True)
-            self._nd_first = _grow(self._nd_first, end, -1)
             self._nd_last = _grow(self._nd_last, end, -1)
         self._plan_dirty = True
         return first
@@ -888,7 +884,7 @@ class TreeKVCache:
             # (the arrays are joined when they are read, see _joined).
             child.slots = node.slots + child.slots
             child.pages = node.pages + child.pages
-            self._join_runs(node.id, child.id)
+            self._join_runs(node, child)
             self._nd_seqlen[child.id] += self._nd_seqlen[node.id]
             child.parent = node.parent
             if node.parent is not None:
@@ -940,13 +936,14 @@ class TreeKVCache:
                 getattr(nd, field).append(values[a:b])
 
     def _note_slots(self, nodes: np.ndarray, slots: np.ndarray, cut: list | None) -> None:
-        """Update the run flags and first / last slots of ``nodes`` for ``slots``
-        appended to them: ``nodes`` sorted, each node's slots in their order, ``cut``
-        the positions where a node's entries start (but the first; None: no entries)."""
+        """Update the run flags and last slots of ``nodes`` for ``slots`` appended to
+        them: ``nodes`` sorted, each node's slots in their order, ``cut`` the positions
+        where a node's entries start (but the first; None: no entries)."""
         if cut is None or nodes.size == 0:
             return
         if len(cut) + 1 == nodes.size:  # one slot per node (a step's usual case)
-            ids, heads, tails, inner_ok = nodes, slots, slots, None
+            ids, heads, tails = nodes, slots, slots
+            ok = None
         else:
             starts = np.array([0] + cut, dtype=np.int64)
             ids = nodes[starts]
@@ -954,34 +951,31 @@ class TreeKVCache:
             tails = slots[np.append(starts[1:], nodes.size) - 1]
             # A node whose new slots do not follow each other by one.
             gap = (slots[1:] != slots[:-1] + 1) & (nodes[1:] == nodes[:-1])
-            inner_ok = np.ones(ids.size, dtype=bool)
-            inner_ok[starts.searchsorted(gap.nonzero()[0] + 1, side="right") - 1] = False
+            ok = np.ones(ids.size, dtype=bool)
+            ok[starts.searchsorted(gap.nonzero()[0] + 1, side="right") - 1] = False
         last = self._nd_last[ids]
-        new = last < 0  # nodes without slots so far
-        ok = (heads == last + 1) | new
-        if inner_ok is not None:
-            ok &= inner_ok
-        if not ok.all():
-            self._nd_run[ids[~ok]] = False
-        if new.any():
-            self._nd_first[ids[new]] = heads[new]
+        # Each node's first new slot continues its last one, or it had none.
+        cont = heads == last + 1
+        cont |= last < 0
+        if ok is not None:
+            cont &= ok
+        if not cont.all():
+            self._nd_run[ids[~cont]] = False
         self._nd_last[ids] = tails
 
-    def _join_runs(self, upper: int, lower: int) -> None:
-        """Run flags of node ``lower`` after it absorbed its parent ``upper``'s slots
-        (``upper``'s first)."""
-        last, first = self._nd_last, self._nd_first
-        u_last = int(last[upper])
+    def _join_runs(self, upper: _Node, lower: _Node) -> None:
+        """Run flag and last slot of node ``lower`` after it absorbed its parent
+        ``upper``'s slots (its slot list already joined: ``upper``'s first)."""
+        u, l = upper.id, lower.id
+        u_last = int(self._nd_last[u])
         if u_last < 0:
             return  # the parent held no slots
         run = self._nd_run
-        l_first = int(first[lower])
-        if l_first < 0:
-            run[lower] = run[upper]
-            last[lower] = u_last
-        elif l_first != u_last + 1 or not run[upper]:
-            run[lower] = False
-        first[lower] = first[upper]
+        if len(lower.slots) == len(upper.slots):  # the child held none
+            run[l] = run[u]
+            self._nd_last[l] = u_last
+        elif int(lower.slots[len(upper.slots)][0]) != u_last + 1 or not run[u]:
+            run[l] = False
 
     def _reserve_step(self, reqs: np.ndarray, trusted: bool = False) -> np.ndarray:
         """One slot per request; the fast path when every node is an exclusive leaf.
