@@ -121,6 +121,11 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0]
 
 
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    """``parts`` joined (the one array itself when there is one)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _grow(a: np.ndarray, n: int, fill) -> np.ndarray:
     if n <= a.size:
         return a
@@ -902,26 +907,41 @@ class TreeKVCache:
         together = (bool(slot_nodes) and len(slot_nodes) == len(page_nodes)
                     and all(x is y for x, y in zip(slot_nodes, page_nodes)))
         if slot_nodes:
-            fields = {"slots": np.concatenate(self._pending_slots)}
+            fields = {"slots": _cat(self._pending_slots)}
             if together:
-                fields["pages"] = np.concatenate(self._pending_pages)
-            self._attach(np.concatenate(slot_nodes), fields)
+                fields["pages"] = _cat(self._pending_pages)
+            # One step's nodes are distinct (reserve refuses a request twice and gives
+            # each its own exclusive leaf).
+            self._attach(_cat(slot_nodes), fields, distinct=len(slot_nodes) == 1)
         if page_nodes and not together:
-            self._attach(np.concatenate(page_nodes), {"pages": np.concatenate(self._pending_pages)})
+            self._attach(_cat(page_nodes), {"pages": _cat(self._pending_pages)},
+                         distinct=len(page_nodes) == 1)
         for pending in (slot_nodes, self._pending_slots, page_nodes, self._pending_pages):
             pending.clear()
 
-    def _attach(self, nodes: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+    def _attach(self, nodes: np.ndarray, fields: dict[str, np.ndarray],
+                distinct: bool = False) -> None:
         """Append to every node the entries of ``fields`` (node attribute -> values,
-        one per entry of ``nodes``) that ``nodes`` gives it, in their order."""
+        one per entry of ``nodes``) that ``nodes`` gives it, in their order
+        (``distinct``: ``nodes`` holds no id twice)."""
         if nodes.size == 0:
+            return
+        if distinct:
+            # One entry per node, in any order: no grouping needed.
+            objs = [self._nodes[nid] for nid in nodes.tolist()]
+            if "slots" in fields:
+                self._note_slots(nodes, fields["slots"], None)
+            for field, values in fields.items():
+                for nd, part in zip(objs, values.reshape(-1, 1)):
+                    getattr(nd, field).append(part)
             return
         order = np.argsort(nodes, kind="stable")
         nodes = nodes[order]
         cut = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()
         objs = [self._nodes[nid] for nid in nodes[[0] + cut].tolist()]
         if "slots" in fields:
-            self._note_slots(nodes, fields["slots"][order], cut)
+            self._note_slots(nodes, fields["slots"][order],
+                             None if len(objs) == nodes.size else cut)
         if len(objs) == nodes.size:
             # One entry per node (a step's usual case): its one-element views, made by
             # iterating over the rows of a column.
@@ -937,11 +957,12 @@ class TreeKVCache:
 
     def _note_slots(self, nodes: np.ndarray, slots: np.ndarray, cut: list | None) -> None:
         """Update the run flags and last slots of ``nodes`` for ``slots`` appended to
-        them: ``nodes`` sorted, each node's slots in their order, ``cut`` the positions
-        where a node's entries start (but the first; None: no entries)."""
-        if cut is None or nodes.size == 0:
+        them: either one slot per node (``cut`` None), or ``nodes`` sorted with each
+        node's slots in their order and ``cut`` the positions where a node's entries
+        start (but the first)."""
+        if nodes.size == 0:
             return
-        if len(cut) + 1 == nodes.size:  # one slot per node (a step's usual case)
+        if cut is None:  # one slot per node (a step's usual case)
             ids, heads, tails = nodes, slots, slots
             ok = None
         else:
@@ -1109,7 +1130,7 @@ class TreeKVCache:
         slots = np.concatenate(parts)
         node.slots.append(slots)
         self._note_slots(np.full(slots.size, nid, dtype=np.int64), slots,
-                         [] if slots.size else None)
+                         [] if slots.size > 1 else None)
         self._nd_seqlen[nid] += n
         # A request growing its own leaf keeps the plan: its tail vnode grows in place.
         row = int(self._plan_rows[req])
