@@ -909,8 +909,17 @@ class _KernelLaunch:
         both 32-bit integers (the type the JIT gives them); otherwise its first call
         goes through the JIT as a new launch's does."""
         new = object.__new__(_KernelLaunch)
-        for name in self.__slots__:
-            setattr(new, name, getattr(self, name))
+        # Every field (__slots__), the grid and the call count set anew.
+        new.fn = self.fn
+        new.slots = self.slots
+        new.consts = self.consts
+        new.tail = self.tail
+        new.compiled = self.compiled
+        new.aligned = self.aligned
+        new.all_aligned = self.all_aligned
+        new.device = self.device
+        new.fast_args = self.fast_args
+        new.driver = self.driver
         new.grid = (int(grid0),) + self.grid[1:]
         new.fast_calls = 0
         args = new.args = self.args.copy()
@@ -1199,14 +1208,19 @@ def tree_decode_launcher(
                       stage1, stage2, q.device if overlap else None)
 
 
-def _phase_groups(phases, group: int, num_kv_heads: int, finish: bool) -> list:
-    """The phases of each stage-1 launch group of :func:`tree_decode_launcher`."""
+def _phase_groups(phases, group: int, num_kv_heads: int, finish: bool,
+                  merged: bool | None = None) -> list:
+    """The phases of each stage-1 launch group of :func:`tree_decode_launcher`
+    (``merged``: whether the phases share one launch, as :func:`launch_form` found; None:
+    decided here)."""
     live = [ph for ph in phases if ph.num_vnodes > 0]
     if finish:
         if len(live) != 2:
             raise ValueError(f"finish needs two phases, got {len(live)}")
         return [[ph] for ph in live]
-    if merge_phases(live, group, num_kv_heads):
+    if merged is None:
+        merged = merge_phases(live, group, num_kv_heads)
+    if merged:
         return [live]
     return [[ph] for ph in live]
 
@@ -1259,17 +1273,20 @@ class _LaunchSet:
         if self.stage2 is not None:
             self.stage2(o)
 
-    def resized(self, phases: Sequence[Phase]) -> "_LaunchSet | None":
+    def resized(self, phases: Sequence[Phase], form: tuple | None = None) -> "_LaunchSet | None":
         """This set for a plan whose ``phases`` have other sizes but the same
         :func:`launch_form` (else None), over the same tensors and modes: the grids and
         the vnode offsets and counts change, and the compiled kernels stay bound (no
         JIT call, no argument binding), which costs a few microseconds of host time
         where building a set and its first launches cost a few hundred on a plan of
-        many vnodes. The result equals what :func:`tree_decode_launcher` would build."""
+        many vnodes. The result equals what :func:`tree_decode_launcher` would build.
+        ``form``: ``launch_form(phases, ...)`` where the caller has it already."""
         group, hk, finish = self.shape
-        if launch_form(phases, group, hk, finish) != self.form:
+        if form is None:
+            form = launch_form(phases, group, hk, finish)
+        if form != self.form:
             return None
-        groups = _phase_groups(phases, group, hk, finish)
+        groups = _phase_groups(phases, group, hk, finish, merged=form[1])
         stage1 = [part.resized(grp) for part, grp in zip(self.stage1, groups)]
         return _LaunchSet(self.form, self.shape, stage1, self.stage2, self.overlap_device)
 

@@ -905,6 +905,10 @@ def test_resized_kernel_launch_keeps_its_kernel_only_where_the_jit_would_not_tel
     assert kept.fast_args == [None, 16, 7, 8] and kept.compiled is compiled
     assert kept.aligned == [True] and kept.all_aligned and kept.driver == ("device", "stream")
     assert kept.fast_calls == 0 and kept.consts == {"BLOCK": 8} and kept.slots == (0,)
+    # Every field is set, and those not named above are the original's.
+    for name in td._KernelLaunch.__slots__:
+        if name not in ("grid", "args", "fast_args", "fast_calls"):
+            assert getattr(kept, name) is getattr(launch, name), name
     assert launch.grid == (3, 2, 1) and launch.args == [None, 5, 7]
     assert launch.fast_args == [None, 5, 7, 8] and launch.fast_calls == 4
     for positions, values in (((1,), (2 ** 31,)), ((1,), (-2 ** 31 - 1,)), ((2,), (16,)),

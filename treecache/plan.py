@@ -1051,11 +1051,12 @@ class DecodePlan:
                 forms = (self.buffers.launch_forms
                          if RESIZED_LAUNCHERS and SHARED_LAUNCHERS else None)
                 if forms is not None:
-                    fkey = (modes, launch_form(self.phases, q.shape[1] // k.shape[1],
-                                               k.shape[1], self.finish))
+                    form = launch_form(self.phases, q.shape[1] // k.shape[1], k.shape[1],
+                                       self.finish)
+                    fkey = (modes, form)
                     template = forms.pop(fkey, None)
                     if template is not None:
-                        fn = template.resized(self.phases)
+                        fn = template.resized(self.phases, form)
                 if fn is None:
                     fn = tree_decode_launcher(q, k, v, o, phases=self.phases,
                                               sm_scale=sm_scale, logit_cap=logit_cap,
