@@ -89,9 +89,12 @@ SLOT_TABLE_IN_PLACE = True
 
 
 class _Node:
-    """A run of tokens. ``slots`` and ``pages`` are lists of int64 arrays (in order)."""
+    """A run of tokens. ``slots`` and ``pages`` are lists of int64 arrays (in order).
+    ``run``: whether the slots follow each other by one; ``first`` and ``last``: the
+    first and last slot (-1: none yet). A re-plan hands the runs to the planner instead
+    of it finding them with a pass over the slot table (see :data:`NODE_RUNS`)."""
 
-    __slots__ = ("id", "parent", "children", "ends", "slots", "pages")
+    __slots__ = ("id", "parent", "children", "ends", "slots", "pages", "run", "first", "last")
 
     def __init__(self, nid: int, parent: "_Node | None"):
         self.id = nid
@@ -100,6 +103,8 @@ class _Node:
         self.ends: list[int] = []  # requests whose path ends here (creation order)
         self.slots: list[np.ndarray] = []
         self.pages: list[np.ndarray] = []
+        self.run = True
+        self.first = self.last = -1
 
     def slot_array(self) -> np.ndarray:
         return _joined(self.slots)
@@ -119,6 +124,18 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
     if len(parts) > 1:
         parts[:] = [np.concatenate(parts)]
     return parts[0]
+
+
+def _note_run(nd: _Node, head: int, tail: int, inner: bool) -> None:
+    """Keep ``nd``'s run flag and first and last slot for new slots ``head .. tail``
+    appended to it (``inner``: they follow each other by one)."""
+    if nd.last < 0:
+        nd.first = head
+    elif head != nd.last + 1:
+        nd.run = False
+    if not inner:
+        nd.run = False
+    nd.last = tail
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -261,11 +278,6 @@ class TreeKVCache:
         self._nd_excl = np.zeros(64, dtype=bool)  # leaf, exactly one request ends here
         self._nd_tailpage = np.full(64, -1, dtype=np.int64)
         self._nd_tailfree = np.zeros(64, dtype=np.int64)  # free slots left in tail page
-        # Whether a node's attached slots form one run (first, first + 1, ...), and its
-        # last attached slot (-1: none yet): the plan's contiguity test reads these
-        # instead of a pass over the slot table (see _note_slots).
-        self._nd_run = np.ones(64, dtype=bool)
-        self._nd_last = np.full(64, -1, dtype=np.int64)
         self._rq_node = np.full(64, -1, dtype=np.int64)
         self._rq_alive = np.zeros(64, dtype=bool)
         self._rq_scratch = np.full(64, -1, dtype=np.int64)
@@ -689,11 +701,11 @@ class TreeKVCache:
                 raise TreeCacheError(
                     f"node {nd.id} has {s.size} slots but seqlen {int(self._nd_seqlen[nd.id])}")
             run = bool(s.size < 2 or (s[1:] == s[:-1] + 1).all())
-            last = int(s[-1]) if s.size else -1
-            if bool(self._nd_run[nd.id]) != run or int(self._nd_last[nd.id]) != last:
+            ends = (int(s[0]), int(s[-1])) if s.size else (-1, -1)
+            if (nd.run, nd.first, nd.last) != (run, *ends):
                 raise TreeCacheError(
-                    f"node {nd.id}: run flag out of date (run {bool(self._nd_run[nd.id])}, "
-                    f"last {int(self._nd_last[nd.id])}; its slots: run {run}, last {last})")
+                    f"node {nd.id}: run flag out of date (run {nd.run}, first {nd.first}, "
+                    f"last {nd.last}; its slots: run {run}, first {ends[0]}, last {ends[1]})")
             p = nd.page_array()
             if np.unique(p).size != p.size:
                 raise TreeCacheError(f"node {nd.id} holds a page twice")
@@ -823,8 +835,6 @@ class TreeKVCache:
             self._nd_excl = _grow(self._nd_excl, end, False)
             self._nd_tailpage = _grow(self._nd_tailpage, end, -1)
             self._nd_tailfree = _grow(self._nd_tailfree, end, 0)
-            self._nd_run = _grow(self._nd_run, end, True)
-            self._nd_last = _grow(self._nd_last, end, -1)
         self._plan_dirty = True
         return first
 
@@ -923,80 +933,66 @@ class TreeKVCache:
                 distinct: bool = False) -> None:
         """Append to every node the entries of ``fields`` (node attribute -> values,
         one per entry of ``nodes``) that ``nodes`` gives it, in their order
-        (``distinct``: ``nodes`` holds no id twice)."""
+        (``distinct``: ``nodes`` holds no id twice); with ``"slots"`` also keep each
+        node's run flag and first and last slot."""
         if nodes.size == 0:
             return
         if distinct:
-            # One entry per node, in any order: no grouping needed.
+            order = None
             objs = [self._nodes[nid] for nid in nodes.tolist()]
-            if "slots" in fields:
-                self._note_slots(nodes, fields["slots"], None)
-            for field, values in fields.items():
-                for nd, part in zip(objs, values.reshape(-1, 1)):
-                    getattr(nd, field).append(part)
-            return
-        order = np.argsort(nodes, kind="stable")
-        nodes = nodes[order]
-        cut = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()
-        objs = [self._nodes[nid] for nid in nodes[[0] + cut].tolist()]
-        if "slots" in fields:
-            self._note_slots(nodes, fields["slots"][order],
-                             None if len(objs) == nodes.size else cut)
+        else:
+            order = np.argsort(nodes, kind="stable")
+            nodes = nodes[order]
+            cut = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()
+            objs = [self._nodes[nid] for nid in nodes[[0] + cut].tolist()]
         if len(objs) == nodes.size:
             # One entry per node (a step's usual case): its one-element views, made by
             # iterating over the rows of a column.
             for field, values in fields.items():
-                for nd, part in zip(objs, values[order].reshape(-1, 1)):
-                    getattr(nd, field).append(part)
+                if order is not None:
+                    values = values[order]
+                if field != "slots":
+                    for nd, part in zip(objs, values.reshape(-1, 1)):
+                        getattr(nd, field).append(part)
+                    continue
+                for nd, part, v in zip(objs, values.reshape(-1, 1), values.tolist()):
+                    nd.slots.append(part)
+                    last = nd.last
+                    if last < 0:
+                        nd.first = v
+                    elif v != last + 1:
+                        nd.run = False
+                    nd.last = v
             return
         starts, ends = [0] + cut, cut + [nodes.size]
         for field, values in fields.items():
             values = values[order]
-            for nd, a, b in zip(objs, starts, ends):
-                getattr(nd, field).append(values[a:b])
-
-    def _note_slots(self, nodes: np.ndarray, slots: np.ndarray, cut: list | None) -> None:
-        """Update the run flags and last slots of ``nodes`` for ``slots`` appended to
-        them: either one slot per node (``cut`` None), or ``nodes`` sorted with each
-        node's slots in their order and ``cut`` the positions where a node's entries
-        start (but the first)."""
-        if nodes.size == 0:
-            return
-        if cut is None:  # one slot per node (a step's usual case)
-            ids, heads, tails = nodes, slots, slots
-            ok = None
-        else:
-            starts = np.array([0] + cut, dtype=np.int64)
-            ids = nodes[starts]
-            heads = slots[starts]
-            tails = slots[np.append(starts[1:], nodes.size) - 1]
-            # A node whose new slots do not follow each other by one.
-            gap = (slots[1:] != slots[:-1] + 1) & (nodes[1:] == nodes[:-1])
-            ok = np.ones(ids.size, dtype=bool)
-            ok[starts.searchsorted(gap.nonzero()[0] + 1, side="right") - 1] = False
-        last = self._nd_last[ids]
-        # Each node's first new slot continues its last one, or it had none.
-        cont = heads == last + 1
-        cont |= last < 0
-        if ok is not None:
-            cont &= ok
-        if not cont.all():
-            self._nd_run[ids[~cont]] = False
-        self._nd_last[ids] = tails
+            if field != "slots":
+                for nd, a, b in zip(objs, starts, ends):
+                    getattr(nd, field).append(values[a:b])
+                continue
+            # Per node: its first and last new slot, and whether its new slots follow
+            # each other by one.
+            at = np.array(starts, dtype=np.int64)
+            heads = values[at].tolist()
+            tails = values[np.array(ends, dtype=np.int64) - 1].tolist()
+            gap = (values[1:] != values[:-1] + 1) & (nodes[1:] == nodes[:-1])
+            inner = np.ones(len(objs), dtype=bool)
+            inner[at.searchsorted(gap.nonzero()[0] + 1, side="right") - 1] = False
+            for nd, a, b, h, t, ok in zip(objs, starts, ends, heads, tails, inner.tolist()):
+                nd.slots.append(values[a:b])
+                _note_run(nd, h, t, ok)
 
     def _join_runs(self, upper: _Node, lower: _Node) -> None:
-        """Run flag and last slot of node ``lower`` after it absorbed its parent
-        ``upper``'s slots (its slot list already joined: ``upper``'s first)."""
-        u, l = upper.id, lower.id
-        u_last = int(self._nd_last[u])
-        if u_last < 0:
+        """Run flag and first and last slot of node ``lower`` after it absorbed its
+        parent ``upper``'s slots (``upper``'s first)."""
+        if upper.last < 0:
             return  # the parent held no slots
-        run = self._nd_run
-        if len(lower.slots) == len(upper.slots):  # the child held none
-            run[l] = run[u]
-            self._nd_last[l] = u_last
-        elif int(lower.slots[len(upper.slots)][0]) != u_last + 1 or not run[u]:
-            run[l] = False
+        if lower.last < 0:  # the child held none
+            lower.run, lower.last = upper.run, upper.last
+        elif lower.first != upper.last + 1 or not upper.run:
+            lower.run = False
+        lower.first = upper.first
 
     def _reserve_step(self, reqs: np.ndarray, trusted: bool = False) -> np.ndarray:
         """One slot per request; the fast path when every node is an exclusive leaf.
@@ -1129,8 +1125,8 @@ class TreeKVCache:
             self._nd_tailfree[nid] = need_pages * p - rest
         slots = np.concatenate(parts)
         node.slots.append(slots)
-        self._note_slots(np.full(slots.size, nid, dtype=np.int64), slots,
-                         [] if slots.size > 1 else None)
+        _note_run(node, int(slots[0]), int(slots[-1]),
+                  slots.size < 2 or bool((slots[1:] == slots[:-1] + 1).all()))
         self._nd_seqlen[nid] += n
         # A request growing its own leaf keeps the plan: its tail vnode grows in place.
         row = int(self._plan_rows[req])
@@ -1248,7 +1244,8 @@ class TreeKVCache:
         growable = self._nd_excl[end_nodes]
         inp = PlanInput(parent=parent, seqlen=seqlen, tok_ptr=tok_ptr, req_end=req_end,
                         node_tokens=node_tokens, growable=growable,
-                        node_runs=self._nd_run[ids] if NODE_RUNS else None)
+                        node_runs=(np.array([nd.run for nd in order], dtype=bool)
+                                   if NODE_RUNS else None))
         self._plan = build_plan(
             inp, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, params=self.params, device=self.device,
