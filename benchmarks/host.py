@@ -11,7 +11,11 @@
   (``treecache.cache.DEVICE_STEP_SLOTS``), alternating three times;
 * a TreeKVCache re-plan after a topology change (``prepare`` after a fork and a prune);
   on CUDA also with its kv entries written on the host instead of expanded on the
-  device (``treecache.plan.DEVICE_EXPAND``), alternating three times.
+  device (``treecache.plan.DEVICE_EXPAND``), alternating three times; and with the
+  planner's pass over the slot table and the slot table's copy into the staging buffer
+  (``treecache.cache.NODE_RUNS`` and ``SLOT_TABLE_IN_PLACE`` off, as before v33) against
+  the nodes' run flags and the table joined in place, alternating (three times on
+  CUDA, once on the CPU).
 
 Times are host wall-clock medians (``time.perf_counter``), in microseconds.
 """
@@ -19,6 +23,7 @@ Times are host wall-clock medians (``time.perf_counter``), in microseconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -67,13 +72,17 @@ def _median_us(fn, reps):
     return statistics.median(ts) * 1e6
 
 
-def _alternate(module, name, fn, reps, rounds):
+def _alternate(module, names, fn, reps, rounds):
     """``(off, on)``: medians of ``fn`` (``reps`` calls each) with ``module.<name>`` off,
-    then on, alternating ``rounds`` times in one run."""
+    then on (for each of ``names``, one name or a list), alternating ``rounds`` times in
+    one run."""
+    names = [names] if isinstance(names, str) else list(names)
     times = {False: [], True: []}
     for _ in range(rounds):
         for on in (False, True):
-            with _patched(name, on, module):
+            with contextlib.ExitStack() as stack:
+                for name in names:
+                    stack.enter_context(_patched(name, on, module))
                 times[on].append(_median_us(fn, reps))
     return times[False], times[True]
 
@@ -160,6 +169,10 @@ def main(argv=None):
         # the device from its run table.
         res["replan_host_expanded_us"], res["replan_device_expanded_us"] = _alternate(
             plan_mod, "DEVICE_EXPAND", topo_change, 5, ab_rounds)
+    # The planner's pass over the slot table, and the table copied into the staging
+    # buffer (before v33), against the nodes' run flags and the table joined in place.
+    res["replan_table_pass_us"], res["replan_node_runs_us"] = _alternate(
+        cache_mod, ["NODE_RUNS", "SLOT_TABLE_IN_PLACE"], topo_change, 5, ab_rounds or 1)
     if ab_rounds:
         # Slots copied from the host (before v14) against derived on the device. After
         # the re-plan, whose time grows with the tokens that steps add.

@@ -122,6 +122,21 @@ def test_benchmark_modules_import(module):
     assert hasattr(importlib.import_module(module), "main")
 
 
+def test_host_quick_run_times_each_stage_and_the_replan_both_ways(tmp_path):
+    import json
+
+    from benchmarks.host import main as host_main
+
+    out = tmp_path / "host.json"
+    res = host_main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["tree"] == res["tree"]
+    for key in ("build_plan_us", "append_step_us", "replan_us", "fasttree_preparation_us"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert res["append_step_rebuilds"] == 0  # append-only steps keep the plan
+    for key in ("replan_table_pass_us", "replan_node_runs_us"):
+        assert len(res[key]) >= 1 and all(math.isfinite(x) and x > 0 for x in res[key]), key
+
+
 def test_cache_ops_quick_run_times_every_call_and_replans_every_step(tmp_path):
     from benchmarks.cache_ops import CALLS
     from benchmarks.cache_ops import main as cache_ops_main
