@@ -15,7 +15,8 @@
   planner's pass over the slot table and the slot table's copy into the staging buffer
   (``treecache.cache.NODE_RUNS`` and ``SLOT_TABLE_IN_PLACE`` off, as before v33) against
   the nodes' run flags and the table joined in place, alternating (three times on
-  CUDA, once on the CPU).
+  CUDA, once on the CPU); with ``--replan-modes ROUNDS`` each of the four settings of
+  those two flags, the device synchronised before every call.
 
 Times are host wall-clock medians (``time.perf_counter``), in microseconds.
 """
@@ -87,12 +88,36 @@ def _alternate(module, names, fn, reps, rounds):
     return times[False], times[True]
 
 
+def _replan_modes(fn, rounds: int, device: torch.device) -> dict:
+    """Median host time of ``fn`` (a re-plan) per setting of the two v33 re-plan flags,
+    the settings alternating ``rounds`` times, 4 calls each, the device synchronised
+    before every call (so that no call waits for the previous one's upload)."""
+    modes = [(True, True), (True, False), (False, True), (False, False)]
+    times = {m: [] for m in modes}
+    for _ in range(rounds):
+        for m in modes:
+            with _patched("NODE_RUNS", m[0], cache_mod), \
+                    _patched("SLOT_TABLE_IN_PLACE", m[1], cache_mod):
+                fn()  # the first call after a change of setting is not timed
+                for _ in range(4):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    fn()
+                    times[m].append((time.perf_counter() - t) * 1e6)
+    return {f"node_runs={m[0]},in_place={m[1]}": statistics.median(v) for m, v in times.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="host-side planning and cache step costs")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="write a JSON file here")
     ap.add_argument("--profile", action="store_true",
                     help="print a cProfile summary of the append-only step")
+    ap.add_argument("--replan-modes", type=int, default=0, metavar="ROUNDS",
+                    help="also time the re-plan under each setting of NODE_RUNS and "
+                         "SLOT_TABLE_IN_PLACE, alternating for ROUNDS rounds of 4 calls, "
+                         "the device synchronised before each call")
     args = ap.parse_args(argv)
     spec = "1,4,16 64,8,32" if args.quick else LARGEST
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +198,10 @@ def main(argv=None):
     # buffer (before v33), against the nodes' run flags and the table joined in place.
     res["replan_table_pass_us"], res["replan_node_runs_us"] = _alternate(
         cache_mod, ["NODE_RUNS", "SLOT_TABLE_IN_PLACE"], topo_change, 5, ab_rounds or 1)
+    if args.replan_modes:
+        res["replan_us_by_mode"] = _replan_modes(topo_change, args.replan_modes, device)
+        print("re-plan by (NODE_RUNS, SLOT_TABLE_IN_PLACE), medians: " + ", ".join(
+            f"{k} {v:.1f} us" for k, v in res["replan_us_by_mode"].items()))
     if ab_rounds:
         # Slots copied from the host (before v14) against derived on the device. After
         # the re-plan, whose time grows with the tokens that steps add.

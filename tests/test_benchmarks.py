@@ -128,13 +128,15 @@ def test_host_quick_run_times_each_stage_and_the_replan_both_ways(tmp_path):
     from benchmarks.host import main as host_main
 
     out = tmp_path / "host.json"
-    res = host_main(["--quick", "--out", str(out)])
+    res = host_main(["--quick", "--out", str(out), "--replan-modes", "1"])
     assert json.loads(out.read_text())["tree"] == res["tree"]
     for key in ("build_plan_us", "append_step_us", "replan_us", "fasttree_preparation_us"):
         assert math.isfinite(res[key]) and res[key] > 0, key
     assert res["append_step_rebuilds"] == 0  # append-only steps keep the plan
     for key in ("replan_table_pass_us", "replan_node_runs_us"):
         assert len(res[key]) >= 1 and all(math.isfinite(x) and x > 0 for x in res[key]), key
+    modes = res["replan_us_by_mode"]
+    assert len(modes) == 4 and all(math.isfinite(x) and x > 0 for x in modes.values())
 
 
 def test_cache_ops_quick_run_times_every_call_and_replans_every_step(tmp_path):
