@@ -704,6 +704,24 @@ def test_contiguity_hint_slot_table():
     assert hinted_runs(p) == {tuple(range(20, 34)): 20, tuple(range(20, 30)) + (5, 3, 4): -1}
 
 
+def test_contiguity_hint_from_node_runs():
+    # The owner's run flags give the hints of the planner's own pass over the table
+    # (both groupings); flags of another length are refused, naming the field.
+    table = list(range(20, 30)) + [5, 3, 4] + [30, 31, 32, 33]
+    base = plan_input([-1, 0, 0], [10, 3, 4], [1, 2], node_tokens=table)
+    inp = attrs.evolve(base, node_runs=np.array([True, False, True]))
+    for gamma in (0.0, 1000.0):
+        params = FastTreeParams(gamma=gamma)
+        want = hinted_runs(build(base, params=params, **NO_ADJUST))
+        assert hinted_runs(build(inp, params=params, **NO_ADJUST)) == want
+    # The flags are trusted: a node marked as no run is gathered.
+    none = attrs.evolve(base, node_runs=np.zeros(3, dtype=bool))
+    assert set(hinted_runs(build(none, params=FastTreeParams(gamma=0.0), **NO_ADJUST)).values()) == {-1}
+    with pytest.raises(PlanMismatchError,
+                       match=r"inp.node_runs must have one entry per node \(3\), got 2"):
+        build(attrs.evolve(base, node_runs=np.ones(2, dtype=bool)))
+
+
 def test_contiguity_hint_not_on_growable_tails():
     # A request that may grow in place gets arbitrary slots appended: its tail vnode is
     # never hinted, and stays correct after growing.

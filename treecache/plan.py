@@ -364,8 +364,8 @@ class PlanInput:
         With a slot table: whether each node's slots form one run (``node_tokens[tok_ptr[i]
         + j] == node_tokens[tok_ptr[i]] + j``), as its owner already knows them (a
         :class:`~treecache.TreeKVCache` keeps them per node). ``None``: the planner finds
-        them with a pass over the table. Trusted, not checked: a node marked as a run
-        that is not one makes the kernels read the wrong slots.
+        them with a pass over the table. Only its length is checked: a node marked as a
+        run that is not one makes the kernels read the wrong slots.
     """
 
     parent: np.ndarray
@@ -2303,6 +2303,10 @@ def build_plan(
         raise PlanMismatchError(
             f"para_threshs1/2 must have two entries each, got {para_threshs1!r}, {para_threshs2!r}")
 
+    if inp.node_runs is not None and np.size(inp.node_runs) != np.size(inp.parent):
+        raise PlanMismatchError(
+            f"inp.node_runs must have one entry per node ({np.size(inp.parent)}), got "
+            f"{np.size(inp.node_runs)}")
     topo = _Topology(inp)
     req_q = (int(params.TSQs[0]), int(params.TSQs[1]))
     req_k = (int(params.TSKs[0]), int(params.TSKs[1]))
