@@ -2394,25 +2394,24 @@ def _contiguous_slot0(inp, ng, cg, seg_node, seg_start, seg_len, seg_dst, grow_g
         return np.zeros(0, dtype=np.int64)
     if inp.node_tokens is None:
         first, run_ok = seg_start, None
-    elif inp.node_runs is not None:
-        # The owner's per-node flags: no pass over the table (nor a conversion of it).
-        tokens = np.asarray(inp.node_tokens)
-        run_ok = np.asarray(inp.node_runs, dtype=bool)[seg_node] | (seg_len == 0)
-        last = max(tokens.size - 1, 0)
-        first = (tokens[np.minimum(seg_start, last)].astype(np.int64) if tokens.size
-                 else np.zeros(seg_start.size, dtype=np.int64))
     else:
-        tokens = np.asarray(inp.node_tokens, dtype=np.int64)
-        # Per node: is node_tokens[tok_ptr : tok_ptr + seqlen] a +1 run? It is when no
-        # step i in [tok_ptr, tok_ptr + seqlen - 1) has node_tokens[i + 1] !=
-        # node_tokens[i] + 1; such steps are few, so count them in a sorted list.
-        steps = (tokens[1:] - tokens[:-1] != 1).nonzero()[0]
+        tokens = np.asarray(inp.node_tokens)
         last = max(tokens.size - 1, 0)
         # Empty segments may start past the table's end: clamp (their flags are unused).
         a = np.minimum(seg_start, last)
-        e = np.minimum(a + np.maximum(seg_len, 1) - 1, last)  # last token of each segment
-        run_ok = (seg_len == 0) | (steps.searchsorted(e) == steps.searchsorted(a))
-        first = tokens[a] if tokens.size else np.zeros(a.size, dtype=np.int64)
+        first = (tokens[a].astype(np.int64) if tokens.size
+                 else np.zeros(a.size, dtype=np.int64))
+        if inp.node_runs is not None:
+            # The owner's per-node flags: no pass over the table (nor a conversion of it).
+            run_ok = np.asarray(inp.node_runs, dtype=bool)[seg_node] | (seg_len == 0)
+        else:
+            # Per node: is node_tokens[tok_ptr : tok_ptr + seqlen] a +1 run? It is when no
+            # step i in [tok_ptr, tok_ptr + seqlen - 1) has node_tokens[i + 1] !=
+            # node_tokens[i] + 1; such steps are few, so count them in a sorted list.
+            t64 = tokens.astype(np.int64, copy=False)
+            steps = (t64[1:] - t64[:-1] != 1).nonzero()[0]
+            e = np.minimum(a + np.maximum(seg_len, 1) - 1, last)  # each segment's last token
+            run_ok = (seg_len == 0) | (steps.searchsorted(e) == steps.searchsorted(a))
     # Empty segments hold no positions: drop them.
     if np.count_nonzero(seg_len) < seg_len.size:
         nz = seg_len.nonzero()[0]
