@@ -363,3 +363,13 @@ def test_kv_write_ok_needs_contiguous_rows():
     assert kv_write_ok(one_head, one_head)
     with pytest.raises(ValueError, match="n must be >= 1"):
         kv_write_launcher(0, 64, 64, 64)
+
+
+def test_staged_slot_table_only_for_buffers_off_the_cpu():
+    # CPU buffers read a plan's slot table in place: there is no staging region to
+    # hand out, and the buffers do not grow one.
+    from treecache.plan import PlanBuffers
+
+    bufs = PlanBuffers(4, 64, "cpu")
+    assert bufs.staged_slot_table(100) is None
+    assert bufs.cap_slots == 0

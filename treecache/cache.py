@@ -1193,12 +1193,13 @@ class TreeKVCache:
         GPU they are written straight into the plan buffers' staging region for the
         slot table, as the int32 the upload takes (:data:`SLOT_TABLE_IN_PLACE`), so
         that the upload copies nothing more."""
-        bufs = self._buffers
         if not parts:
             return np.zeros(0, dtype=np.int64)
-        if not (SLOT_TABLE_IN_PLACE and bufs is not None and bufs.dev is not bufs.host):
+        bufs = self._buffers
+        out = (bufs.staged_slot_table(total)
+               if SLOT_TABLE_IN_PLACE and bufs is not None else None)
+        if out is None:
             return np.concatenate(parts)
-        out = bufs.staged_slot_table(total)
         np.concatenate(parts, out=out, casting="same_kind")
         return out
 

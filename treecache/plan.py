@@ -516,11 +516,14 @@ class PlanBuffers:
                     grow(self.cap_mid_rows, mid_rows), grow(self.cap_kv, kv_entries),
                     grow(self.cap_runs, runs), grow(self.cap_slots, slots))
 
-    def staged_slot_table(self, n: int) -> np.ndarray:
+    def staged_slot_table(self, n: int) -> np.ndarray | None:
         """The staging region of a slot table of ``n`` entries (int32; grown first if
         needed), for a caller to write the table into: passed on as the plan's
         ``node_tokens`` (that very array), the next :meth:`upload` does not copy it
-        again. Waits for the last upload's reads of the staging buffer first."""
+        again. Waits for the last upload's reads of the staging buffer first. None
+        where the buffers live on the CPU (their plans read any table in place)."""
+        if self.dev is self.host:
+            return None
         self.ensure(0, 0, 0, 0, slots=n)
         self.host_writable()
         self._staged = self.host_view("slots", n)
