@@ -450,6 +450,131 @@ def test_chunk_length_chosen_by_the_estimate(monkeypatch, spec, hq, hk):
     check_plan(chosen, inp, hq // hk)
 
 
+def split_costs_by_group(groups, q_tiles, kv_tiles, chunks, group, num_kv_heads):
+    """plan_module._split_costs written out group by group in Python integers."""
+    from kernels.tree_decode import stage2_blocks
+
+    pm = plan_module
+    length, nreq = groups.length.tolist(), groups.nreq.tolist()
+    phase = [int(n <= q_tiles[1]) for n in nreq]
+    nqt = [-(-n // q_tiles[p]) for n, p in zip(nreq, phase)]
+    owner = np.arange(len(nreq)).repeat(groups.nreq).tolist()  # each pair's group
+    out = []
+    for pair in chunks:
+        nch = [-(-L // pair[p]) for L, p in zip(length, phase)]
+        nv, rows, longest, tokens1 = [0, 0], [0, 0], [None, None], 0
+        for L, n, p, q, k in zip(length, nreq, phase, nqt, nch):
+            nv[p] += k * q
+            rows[p] += k * n
+            longest[p] = L if longest[p] is None else max(longest[p], L)
+            tokens1 += L * q if p else 0
+        kv = list(kv_tiles)
+        if (pm.SHORT_KV_TILE and kv[1] > pm.SHORT_KV_TILE and group <= pm.SHORT_KV_MAX_GROUP
+                and nv[1] > 0 and tokens1 <= pm.SHORT_KV_MAX_MEAN * nv[1]):
+            kv[1] = pm.SHORT_KV_TILE
+        steps = [0, 0]
+        for L, p, q, k in zip(length, phase, nqt, nch):
+            last = L - (k - 1) * pair[p]
+            steps[p] += (k - 1) * q * -(-pair[p] // kv[p]) + -(-last // kv[p]) * q
+        total = 0.0
+        for p in (1, 0):
+            if longest[p] is None:
+                continue
+            work = (steps[p] + pm.AUTO_PROGRAM_STEPS * nv[p]) * num_kv_heads / pm.AUTO_SLOTS
+            partials = pm.AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64) * rows[p]
+            total += max(-(-min(longest[p], pair[p]) // kv[p]), work) + partials
+        if pm.AUTO_MERGE_WEIGHT and len(owner):
+            per_req = [0] * groups.num_requests
+            for r, g in zip(groups.pair_req.tolist(), owner):
+                per_req[r] += nch[g]
+            per_step = stage2_blocks(groups.num_requests, group * num_kv_heads, 128)[1]
+            steps_m = max(-(-max(per_req) // per_step) - pm.AUTO_MERGE_FREE_STEPS, 0)
+            total += pm.AUTO_MERGE_WEIGHT * steps_m
+        out.append(total)
+    return out
+
+
+def test_split_costs_equal_a_group_by_group_sum():
+    # The vectorised estimate is exact: the same floats as the sums written out, on
+    # random groups (either phase may be empty).
+    import types
+
+    rng = np.random.default_rng(7)
+    chunks = [(c, c) for c in plan_module.AUTO_KV_CHUNKS] + [(1024, 128), (128, 1024), (48, 80)]
+    for trial in range(60):
+        ng = int(rng.integers(1, 30))
+        nr = int(rng.integers(1, 200))
+        nreq = rng.integers(1, min(nr, 70) + 1, size=ng)
+        if trial % 3 == 0:
+            nreq[:] = rng.integers(1, min(nr, 16) + 1, size=ng)  # phase 1 alone
+        length = rng.integers(1, 3000, size=ng)
+        pair_req = np.concatenate([np.sort(rng.choice(nr, size=n, replace=False)) for n in nreq])
+        groups = types.SimpleNamespace(nreq=nreq.astype(np.int64), length=length.astype(np.int64),
+                                       pair_req=pair_req.astype(np.int64), num_requests=nr)
+        q_tiles = [(64, 16), (16, 16), (128, 32), (64, 1)][trial % 4]
+        kv_tiles = [(32, 64), (64, 16), (16, 32)][trial % 3]
+        group, hk = [(1, 32), (4, 8), (16, 1), (2, 4)][trial % 4]
+        got = plan_module._split_costs(groups, q_tiles, kv_tiles, chunks, group, hk)
+        want = split_costs_by_group(groups, q_tiles, kv_tiles, chunks, group, hk)
+        assert got.tolist() == want, (trial, got, want)
+
+
+def seed_rule_choice(inp, hq, hk, splits_in):
+    """The seed's adjustment of KV splits and tiles, one tiling per step: returns the
+    (q tiles, kv tiles, splits) a rule plan (``kv_split_sizes`` given) is built with."""
+    pm = plan_module
+    group = hq // hk
+    params = FastTreeParams.for_heads(hq, hk)
+    topo = pm._Topology(inp)
+    q_tiles = [pm._effective_q_tile(t, group) for t in params.TSQs]
+    kv_tiles = list(params.TSKs)
+    weights = (params.alpha, params.beta, params.gamma)
+    groups = pm._Groups(topo, *pm._heuristic(topo, q_tiles, kv_tiles, group, *weights))
+    splits = [splits_in[0]] * 2
+    par = pm._Tiling(groups, q_tiles, splits, hk).par
+    changed = False
+    for phase in range(2):
+        if 0 < par[phase] < pm.DEFAULT_PARA_THRESHS1[phase]:
+            splits[phase], changed = splits_in[1], True
+    if changed:
+        par = pm._Tiling(groups, q_tiles, splits, hk).par
+        th2 = pm.DEFAULT_PARA_THRESHS2
+        retile = 1 if 0 < par[0] < th2[0] else 0 if 0 < par[1] < th2[1] else None
+        if retile is not None:
+            q_tiles, kv_tiles = [q_tiles[retile]] * 2, [kv_tiles[retile]] * 2
+    return q_tiles, kv_tiles, splits
+
+
+@pytest.mark.parametrize("hq, hk", [(32, 32), (32, 8), (16, 1)])
+def test_rule_plans_follow_the_seed_adjustment(monkeypatch, hq, hk):
+    # With kv_split_sizes given, the plan's tiles and splits are the seed's rule's,
+    # including the smaller splits of the second size and the re-tiling.
+    from treecache.fasttree import tree_plan_input
+    from treecache.tree import generate_tree_from_spec, kv_ptrs
+
+    seen = []
+    materialise = plan_module._materialise
+
+    def spy(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits, *rest, **kw):
+        seen.append([list(q_tiles), list(kv_tiles), list(splits)])
+        return materialise(inp, topo, assign, groups, tiling, q_tiles, kv_tiles, splits,
+                           *rest, **kw)
+
+    monkeypatch.setattr(plan_module, "_materialise", spy)
+    kinds = set()
+    for spec in CHOICE_TREES + ["1,16 4096,16", "1,4,16,64,256,1024 256,8,256,64,32,256"]:
+        nodes = generate_tree_from_spec(spec)
+        inp = tree_plan_input(nodes, kv_ptrs(nodes), sum(1 for n in nodes if n.num_children == 0))
+        for splits_in in [(1024, 128), (256, 64), (64, 16)]:
+            want = seed_rule_choice(inp, hq, hk, splits_in)
+            seen.clear()
+            build_plan(inp, num_qo_heads=hq, num_kv_heads=hk, head_dim=128,
+                       params=FastTreeParams.for_heads(hq, hk), kv_split_sizes=splits_in)
+            assert seen == [list(want)], (spec, splits_in)
+            kinds.add((want[2][0] != want[2][1], want[0][0] == want[0][1]))
+    assert len(kinds) >= 2  # some plans adjusted, some not
+
+
 def test_chunk_length_choice_can_be_turned_off(monkeypatch):
     from treecache.tree import generate_tree_from_spec, kv_ptrs
     from treecache.fasttree import tree_plan_input
