@@ -2045,6 +2045,12 @@ def _inline_blocks(topo: _Topology, reqs: int, max_len: int, skip: np.ndarray | 
     return rows, seg_block, seg_node, bits, length
 
 
+def _shortable(kv_tile: int, group: int) -> bool:
+    """Whether phase 1 may take :data:`SHORT_KV_TILE` instead of ``kv_tile`` at GQA
+    group ``group`` (see :func:`_phase1_kv_tile`)."""
+    return bool(SHORT_KV_TILE) and kv_tile > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP
+
+
 def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes):
     """Phase 1's KV tile for vnodes holding ``tokens`` KV entries in all, ``vnodes`` of
     them (Python ints, or arrays elementwise): :data:`SHORT_KV_TILE` where they average
@@ -2054,7 +2060,7 @@ def _phase1_kv_tile(kv_tile: int, group: int, tokens, vnodes):
     scalar = isinstance(vnodes, int) and isinstance(tokens, int)
     if not scalar:
         vnodes, tokens = np.asarray(vnodes), np.asarray(tokens)
-    shortable = bool(SHORT_KV_TILE) and kv_tile > SHORT_KV_TILE and group <= SHORT_KV_MAX_GROUP
+    shortable = _shortable(kv_tile, group)
     short = shortable & (vnodes > 0) & (tokens <= SHORT_KV_MAX_MEAN * vnodes)
     if scalar:
         return int(SHORT_KV_TILE if short else kv_tile)
@@ -2076,37 +2082,41 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     Chains are cut into whole chunks and the rest (a rest that
     :data:`CHUNK_TAIL_ABSORB` joins to the chunk before it is counted as its own).
     Float arithmetic (exact for these integers), one pass over ``[chunks, groups]``
-    for both phases."""
+    for both phases. A phase without groups adds 0 (its programs, steps and partials
+    are all 0); the phases' terms are added phase 1 first."""
     pairs = np.asarray(chunks, dtype=np.float64).reshape(-1, 2)
+    if groups.length.size == 0:
+        return np.zeros(pairs.shape[0])
     ph1 = groups.nreq <= q_tiles[1]
-    in_phase = (~ph1, ph1)
-    cost = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64)
     length = groups.length.astype(np.float64)
     nreq = groups.nreq.astype(np.float64)
     # Both phases in one pass over [chunks, groups]: per group its phase's chunk length
     # and q tile; per phase sums through weights that are zero on the other phase's
     # groups (sums of integers, exact in any order).
+    per_phase = ph1[:, None] == _PHASES  # [groups, 2]: in phase 0, in phase 1
+    nqt = np.ceil(nreq / np.where(ph1, q_tiles[1], q_tiles[0]))
+    w_q = per_phase * nqt[:, None]
     c = np.where(ph1, pairs[:, 1:2], pairs[:, 0:1])
     nch = np.ceil(length / c)  # [chunks, groups]
-    nqt = np.ceil(nreq / np.where(ph1, q_tiles[1], q_tiles[0]))
-    per_phase = ph1[:, None] == _PHASES  # [groups, 2]: in phase 0, in phase 1
-    w_q = per_phase * nqt[:, None]
     nv = nch @ w_q  # [chunks, 2]
     kv = np.empty_like(nv)
     kv[:, 0] = kv_tiles[0]
-    kv[:, 1] = _phase1_kv_tile(kv_tiles[1], group, length @ w_q[:, 1], nv[:, 1])
+    kv[:, 1] = (_phase1_kv_tile(kv_tiles[1], group, length @ w_q[:, 1], nv[:, 1])
+                if _shortable(kv_tiles[1], group) else kv_tiles[1])
     last = length - (nch - 1) * c  # the last chunk's length
     kv_g = np.where(ph1, kv[:, 1:2], kv[:, 0:1])  # [chunks, groups]
-    steps = (nch - 1) @ w_q * np.ceil(pairs / kv) + np.ceil(last / kv_g) @ w_q
+    # The whole chunks' steps (nv less one chunk per q tile of every group), then the
+    # last chunks'.
+    steps = (nv - w_q.sum(axis=0)) * np.ceil(pairs / kv) + np.ceil(last / kv_g) @ w_q
     work = (steps + AUTO_PROGRAM_STEPS * nv) * num_kv_heads / AUTO_SLOTS
+    cost = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64)
     partials = cost * (nch @ (per_phase * nreq[:, None]))
-    total = np.zeros(pairs.shape[0])
-    for phase in (1, 0):
-        if not in_phase[phase].any():
-            continue
-        longest = np.ceil(np.minimum(length[in_phase[phase]].max(), pairs[:, phase])
-                          / kv[:, phase])
-        total += np.maximum(longest, work[:, phase]) + partials[:, phase]
+    # Each phase's longest chain (0 without groups) cut at its chunk length.
+    longest = np.ceil(np.minimum(np.where(per_phase, length[:, None], 0.0).max(axis=0), pairs)
+                      / kv)
+    term = np.maximum(longest, work)
+    term += partials
+    total = term[:, 1] + term[:, 0]
     if AUTO_MERGE_WEIGHT:
         total += AUTO_MERGE_WEIGHT * _merge_chain_steps(groups, pairs, nch, group * num_kv_heads)
     return total
