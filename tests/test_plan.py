@@ -575,6 +575,79 @@ def test_rule_plans_follow_the_seed_adjustment(monkeypatch, hq, hk):
     assert len(kinds) >= 2  # some plans adjusted, some not
 
 
+def test_retiled_cost_floor_is_a_lower_bound():
+    # Whatever the cost model makes of a tree with one tile shape in both phases (and
+    # the flat plan's groups), the estimate is at least the floor, and the floor is
+    # reached on some trees (it is not vacuous).
+    pm = plan_module
+    rng = np.random.default_rng(5)
+    ratios = []
+    for trial in range(150):
+        n = int(rng.integers(1, 60))
+        parent = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+        if trial % 5 == 0 and n > 2:
+            parent[int(rng.integers(1, n))] = -1  # a forest
+        seqlen = rng.integers(0 if trial % 7 == 0 else 1, 600, size=n)
+        seqlen[0] = int(rng.integers(1, 5000))
+        kids = np.bincount([x for x in parent if x >= 0], minlength=n)
+        ends = [i for i in range(n) if kids[i] == 0 or rng.random() < 0.2]
+        req_end = [int(x) for x in np.repeat(ends, rng.integers(1, 4, size=len(ends)))]
+        topo = pm._Topology(plan_input(parent, seqlen, req_end))
+        q = int(rng.choice([1, 2, 4, 16, 64]))
+        k = int(rng.choice([16, 32, 64]))
+        splits = [int(x) for x in rng.choice([16, 64, 128, 512, 1024], size=2)]
+        group, hk = [(1, 32), (4, 8), (16, 1), (8, 2)][trial % 4]
+        floor = pm._retiled_cost_floor(topo, q, k, splits, group, hk)
+        for assign, chain in (pm._heuristic(topo, [q, q], [k, k], group, 0.6, 0.3, 0.5),
+                              pm._flat_assignment(topo)):
+            groups = pm._Groups(topo, assign, chain)
+            cost = pm._split_costs(groups, [q, q], [k, k], [splits], group, hk)[0]
+            assert floor <= cost * (1 + 1e-12), (trial, floor, cost)
+            ratios.append(floor / cost)
+    assert max(ratios) > 0.999 and min(ratios) > 0
+
+
+def test_retiled_rule_plans_skipped_only_where_they_lose(monkeypatch):
+    # Plans with the floor's shortcut equal plans that build and cost every re-tiled
+    # rule plan (the floor pushed to 0), and the shortcut is taken.
+    from treecache.fasttree import tree_plan_input
+    from treecache.tree import generate_tree_from_spec, kv_ptrs
+
+    floor, heuristic = plan_module._retiled_cost_floor, plan_module._heuristic
+    calls = []
+    runs = {"fast": 0, "full": 0}
+
+    def spy(*args):
+        calls.append(floor(*args))
+        return calls[-1]
+
+    def counted(which):
+        def run(*args):
+            runs[which] += 1
+            return heuristic(*args)
+        return run
+
+    for spec in CHOICE_TREES + ["1,16 4096,16", "1,4 4096,8"]:
+        nodes = generate_tree_from_spec(spec)
+        inp = tree_plan_input(nodes, kv_ptrs(nodes), sum(1 for n in nodes if n.num_children == 0))
+        for hq, hk in [(16, 1), (32, 8)]:
+            kw = dict(num_qo_heads=hq, num_kv_heads=hk, head_dim=128,
+                      params=FastTreeParams.for_heads(hq, hk))
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(plan_module, "_retiled_cost_floor", spy)
+                mp.setattr(plan_module, "_heuristic", counted("fast"))
+                fast = build_plan(inp, **kw)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(plan_module, "_retiled_cost_floor", lambda *a: 0.0)
+                mp.setattr(plan_module, "_heuristic", counted("full"))
+                full = build_plan(inp, **kw)
+            assert vnode_table(fast) == vnode_table(full), (spec, hq, hk)
+            assert (fast.phases, fast.q_tiles, fast.kv_tiles, fast.kv_split_sizes) == (
+                full.phases, full.q_tiles, full.kv_tiles, full.kv_split_sizes)
+    assert calls  # some plans were re-tiled
+    assert runs["fast"] < runs["full"]  # and some re-tiled plans were not built
+
+
 def test_chunk_length_choice_can_be_turned_off(monkeypatch):
     from treecache.tree import generate_tree_from_spec, kv_ptrs
     from treecache.fasttree import tree_plan_input

@@ -2122,6 +2122,38 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     return total
 
 
+def _retiled_cost_floor(topo: _Topology, q_tile: int, kv_tile: int, splits, group: int,
+                        num_kv_heads: int) -> float:
+    """A lower bound of :func:`_split_costs` for a plan of ``topo`` with the q tile
+    ``q_tile`` in both phases, KV tiles of at most ``kv_tile`` and the KV chunk lengths
+    ``splits`` (phase 0, phase 1), whatever its groups (a re-tiled rule plan's before
+    its cost model runs). Every request's path is cut into its groups' chains, so it
+    has at least ``ceil(path / max(splits))`` partials (the partial and merge terms);
+    every node's tokens are read by at least ``ceil(queries / q_tile)`` q tiles in
+    steps of at most ``kv_tile`` entries (the work term); and the node with the most
+    tokens among those with queries lies in some chain, cut at ``min(splits)`` at least
+    (the longest program). Each phase's term is at least its work and its longest
+    program, so the sum of the phases' terms is at least the larger of all work and
+    the longest program."""
+    seqlen, nq = topo.seqlen, topo.nq
+    b = topo.req_end.size
+    used = nq > 0
+    if b == 0 or not used.any():
+        return 0.0
+    path = np.bincount(topo.path_req, weights=seqlen[topo.path_node], minlength=b)
+    parts = np.ceil(path / max(splits))
+    partials = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64) * float(parts.sum())
+    reads = float(np.dot(seqlen, -(-nq // q_tile)))
+    work = reads / kv_tile * num_kv_heads / AUTO_SLOTS
+    longest = -(-min(int(seqlen[used].max()), min(splits)) // kv_tile)
+    total = max(longest, work) + partials
+    if AUTO_MERGE_WEIGHT:
+        per_step = stage2_blocks(b, group * num_kv_heads, 128)[1]
+        merge = max(-(-int(parts.max()) // per_step) - AUTO_MERGE_FREE_STEPS, 0)
+        total += AUTO_MERGE_WEIGHT * merge
+    return total
+
+
 def _merge_chain_steps(groups: _Groups, pairs: np.ndarray, nch: np.ndarray,
                        num_heads: int) -> np.ndarray:
     """For each pair of chunk lengths (phase 0, phase 1) of ``pairs``: the merge steps of
@@ -2339,6 +2371,7 @@ def build_plan(
     # The seed's adjustment loop (not for flat plans): smaller KV chunks when a phase has
     # too few programs, then one tile shape for both phases (re-running the cost model).
     changed = False
+    retiled = None  # (q tiles, kv tiles) of a re-tiled rule plan not built yet
     for phase in range(2):
         if not flat and 0 < par[phase] < th1[phase]:
             splits[phase] = splits_in[1]
@@ -2352,30 +2385,44 @@ def build_plan(
         elif 0 < par[1] < th2[1]:
             retile = 0
         if retile is not None:
-            q_tiles = [q_tiles[retile]] * 2
-            kv_tiles = [kv_tiles[retile]] * 2
-            assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
-            groups = _Groups(topo, assign, chain)
-            tiling = None  # made below if this plan is kept (the choice may drop it)
+            # One tile shape for both phases; the cost model re-runs below, where this
+            # plan is kept or the choice must cost it.
+            retiled = ([q_tiles[retile]] * 2, [kv_tiles[retile]] * 2)
+            tiling = None
     if auto and 0 < int(base[2].length.sum()) <= AUTO_MAX_KV_ENTRIES:
         # The chunk length chosen per plan: the rule's plan against one chunk length
         # for both phases (over the cost model's own groups), by estimated cost; the
-        # rule's plan is costed in the same pass unless it re-ran the cost model.
+        # rule's plan is costed in the same pass unless it is re-tiled. A re-tiled rule
+        # plan is built and costed only where its cost's lower bound does not already
+        # exceed the best single chunk length's (:func:`_retiled_cost_floor`).
         cand = [(c, c) for c in AUTO_KV_CHUNKS]
-        same = groups is base[2]
-        costs = _split_costs(base[2], base[3], base[4], ([splits] if same else []) + cand,
-                             group, num_kv_heads)
-        if same:
+        costs = _split_costs(groups, q_tiles, kv_tiles,
+                             ([splits] if retiled is None else []) + cand, group, num_kv_heads)
+        if retiled is None:
             rule_cost, costs = costs[0], costs[1:]
-        else:
-            rule_cost = _split_costs(groups, q_tiles, kv_tiles, [splits], group,
-                                     num_kv_heads)[0]
         best = int(costs.argmin())
+        if retiled is not None:
+            floor = _retiled_cost_floor(topo, retiled[0][0], retiled[1][0], splits, group,
+                                        num_kv_heads)
+            if floor > costs[best] + 1e-9 * max(1.0, costs[best]):
+                rule_cost = math.inf  # the rule's plan cannot win
+            else:
+                q_tiles, kv_tiles = (list(t) for t in retiled)
+                assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+                groups = _Groups(topo, assign, chain)
+                retiled = None
+                rule_cost = _split_costs(groups, q_tiles, kv_tiles, [splits], group,
+                                         num_kv_heads)[0]
         if costs[best] < rule_cost:
             assign, chain, groups = base[:3]
             q_tiles, kv_tiles = list(base[3]), list(base[4])
             splits = [int(AUTO_KV_CHUNKS[best])] * 2
             tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
+            retiled = None
+    if retiled is not None:  # the re-tiled rule plan is kept
+        q_tiles, kv_tiles = (list(t) for t in retiled)
+        assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
+        groups = _Groups(topo, assign, chain)
     if tiling is None:
         tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
     logger.debug("plan: parallelism %s, q tiles %s, kv tiles %s, kv splits %s",
