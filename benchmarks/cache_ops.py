@@ -15,11 +15,18 @@ its ``prepare``, the ``write`` of all layers and the ``attend`` of all layers, a
 cache's node count at the end; also the host time of the first layer's ``attend`` alone
 (``attend_first_us``: where the step's plan has phases not met before, it builds the
 plan's launch set and makes its first launches).
+
+``--stages`` also times, per measured step, each stage of the re-plan and of the
+``reserve`` (:data:`STAGES`: the cache's flush, node walk and slot table, the planner's
+stages, the upload, and the reserve's copy of the new slots to the device), each
+inclusive of the stages it calls, by wrapping those functions for the run
+(``stages_us``, host time per step; the wrappers add well under a microsecond a call).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -41,6 +48,54 @@ from benchmarks.beam_memory import _sync, add_beam_args, device_and_dtype
 
 CALLS = ("fork", "prune", "reserve", "prepare", "write", "attend")
 
+#: What ``--stages`` times: (module or class, function name) in ``treecache.cache`` and
+#: ``treecache.plan``, reported as ``"module.name"``.
+STAGES = (
+    ("cache", "TreeKVCache._reserve_step"), ("cache", "TreeKVCache._to_device"),
+    ("cache", "to_device_async"), ("cache", "TreeKVCache._rebuild"),
+    ("cache", "TreeKVCache._flush"), ("cache", "TreeKVCache._topo_order"),
+    ("cache", "TreeKVCache._slot_table"), ("cache", "build_plan"),
+    ("plan", "_Topology"), ("plan", "_heuristic"), ("plan", "_Groups"), ("plan", "_Tiling"),
+    ("plan", "_split_costs"), ("plan", "_retiled_cost_floor"), ("plan", "_materialise"),
+    ("plan", "_shared_layout"), ("plan", "_cost_model_layout"), ("plan", "_fused_layout"),
+    ("plan", "_tails"), ("plan", "_contiguous_slot0"), ("plan", "_chain_segments"),
+    ("plan", "PlanBuffers.upload"),
+)
+
+
+@contextlib.contextmanager
+def timed_stages(totals: dict):
+    """Within the block every function of :data:`STAGES` adds its host time (seconds,
+    inclusive) to ``totals[name]``; the functions are restored afterwards."""
+    import treecache.cache as cache_mod
+    import treecache.plan as plan_mod
+
+    modules = {"cache": cache_mod, "plan": plan_mod}
+    saved = []
+
+    def timed(fn, name):
+        def run(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
+        return run
+
+    try:
+        for mod, path in STAGES:
+            owner = modules[mod]
+            *outer, attr = path.split(".")
+            for part in outer:
+                owner = getattr(owner, part)
+            fn = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+            saved.append((owner, attr, fn))
+            setattr(owner, attr, timed(fn, f"{mod}.{path}"))
+        yield totals
+    finally:
+        for owner, attr, fn in reversed(saved):
+            setattr(owner, attr, fn)
+
 
 def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
     """``warmup + steps`` beam steps at ``width``; medians of the measured ones (us)."""
@@ -57,7 +112,24 @@ def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
     rng = random.Random(width)
     times = {c: [] for c in CALLS}
     first = []
+    stages: dict = {}
+    with timed_stages(stages) if args.stages else contextlib.nullcontext():
+        _steps(args, cache, beams, width, q, kv, rng, device, times, first, stages)
+    cache.check()
+    row = {"num_beams": width, "prompt_len": args.prompt_len, "layers": args.layers,
+           "steps": args.steps}
+    row.update({f"{c}_us": statistics.median(v) for c, v in times.items()})
+    row["attend_first_us"] = statistics.median(first)
+    row.update(nodes=cache.stats()["nodes"], plan_rebuilds=cache.plan_rebuilds)
+    if args.stages:
+        row["stages_us"] = {k: v * 1e6 / args.steps for k, v in stages.items()}
+    return row
+
+
+def _steps(args, cache, beams, width, q, kv, rng, device, times, first, stages) -> None:
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            stages.clear()  # only the measured steps
         parents = [rng.choice(beams[:max(1, width // 2)]) for _ in range(width)]
         _sync(device)
         t = [time.perf_counter()]
@@ -86,13 +158,6 @@ def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
             for i, c in enumerate(CALLS):
                 times[c].append((t[i + 1] - t[i]) * 1e6)
             first.append((t_first - t[-2]) * 1e6)
-    cache.check()
-    row = {"num_beams": width, "prompt_len": args.prompt_len, "layers": args.layers,
-           "steps": args.steps}
-    row.update({f"{c}_us": statistics.median(v) for c, v in times.items()})
-    row["attend_first_us"] = statistics.median(first)
-    row.update(nodes=cache.stats()["nodes"], plan_rebuilds=cache.plan_rebuilds)
-    return row
 
 
 def markdown(rows) -> str:
@@ -109,6 +174,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_beam_args(p, steps=60, warmup=30,
                   warmup_help="unmeasured steps first (kernel compilation, new plan shapes)")
+    p.add_argument("--stages", action="store_true",
+                   help="also time each stage of the re-plan and the reserve (STAGES)")
     args = p.parse_args(argv)
     if args.quick:
         args.num_beams = [2, 4]
@@ -136,6 +203,9 @@ def main(argv=None):
         print(f"W={width}: prune {r['prune_us']:.1f} us, reserve {r['reserve_us']:.1f} us, "
               f"prepare {r['prepare_us']:.1f} us, first attend {r['attend_first_us']:.1f} us "
               f"(medians of {args.steps} steps)")
+        if args.stages:
+            for name, us in sorted(r["stages_us"].items(), key=lambda kv: -kv[1]):
+                print(f"    {name:34s} {us:9.1f} us per step")
     print()
     print(markdown(rows))
     if args.out is not None:

@@ -157,6 +157,26 @@ def test_cache_ops_quick_run_times_every_call_and_replans_every_step(tmp_path):
     assert json.loads(out.read_text())["rows"] == rows
 
 
+def test_cache_ops_stages_time_the_replan_by_stage_and_restore_the_functions():
+    import treecache.cache as cache_mod
+    import treecache.plan as plan_mod
+    from benchmarks.cache_ops import main as cache_ops_main
+
+    before = (plan_mod._split_costs, cache_mod.build_plan, cache_mod.TreeKVCache._rebuild,
+              plan_mod.PlanBuffers.upload)
+    rows = cache_ops_main(["--quick", "--stages"])
+    assert (plan_mod._split_costs, cache_mod.build_plan, cache_mod.TreeKVCache._rebuild,
+            plan_mod.PlanBuffers.upload) == before
+    for r in rows:
+        st = r["stages_us"]
+        # Inclusive times: the re-plan holds the planner, which holds its stages; the
+        # re-plan is part of prepare's host time.
+        assert 0 < st["plan._materialise"] <= st["cache.build_plan"] <= st["cache.TreeKVCache._rebuild"]
+        assert st["cache.TreeKVCache._rebuild"] <= r["prepare_us"] * 1.5
+        assert st["plan.PlanBuffers.upload"] <= st["plan._materialise"]
+        assert st["cache.TreeKVCache._reserve_step"] > 0
+
+
 def test_replan_ab_compares_the_plans_of_two_versions(tmp_path):
     # Against this checkout itself every step's plans are the same; against a copy whose
     # planner cuts KV chunks of 16 entries they are not.
