@@ -20,7 +20,8 @@ plan's launch set and makes its first launches).
 ``reserve`` (:data:`STAGES`: the cache's flush, node walk and slot table, the planner's
 stages, the upload, and the reserve's copy of the new slots to the device), each
 inclusive of the stages it calls, by wrapping those functions for the run
-(``stages_us``, host time per step; the wrappers add well under a microsecond a call).
+(``stages_us``, the median over the measured steps of each stage's host time in a step;
+the wrappers add well under a microsecond a call).
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
     times = {c: [] for c in CALLS}
     first = []
     stages: dict = {}
+    per_step: list[dict] = []
     with timed_stages(stages) if args.stages else contextlib.nullcontext():
-        _steps(args, cache, beams, width, q, kv, rng, device, times, first, stages)
+        _steps(args, cache, beams, width, q, kv, rng, device, times, first, stages, per_step)
     cache.check()
     row = {"num_beams": width, "prompt_len": args.prompt_len, "layers": args.layers,
            "steps": args.steps}
@@ -122,14 +124,16 @@ def measure(args, width: int, device: torch.device, dtype: torch.dtype) -> dict:
     row["attend_first_us"] = statistics.median(first)
     row.update(nodes=cache.stats()["nodes"], plan_rebuilds=cache.plan_rebuilds)
     if args.stages:
-        row["stages_us"] = {k: v * 1e6 / args.steps for k, v in stages.items()}
+        names = sorted({k for d in per_step for k in d})
+        row["stages_us"] = {k: statistics.median(d.get(k, 0.0) for d in per_step) * 1e6
+                            for k in names}
     return row
 
 
-def _steps(args, cache, beams, width, q, kv, rng, device, times, first, stages) -> None:
+def _steps(args, cache, beams, width, q, kv, rng, device, times, first, stages,
+           per_step) -> None:
     for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            stages.clear()  # only the measured steps
+        stages.clear()  # this step's stage times, kept below for the measured steps
         parents = [rng.choice(beams[:max(1, width // 2)]) for _ in range(width)]
         _sync(device)
         t = [time.perf_counter()]
@@ -158,6 +162,7 @@ def _steps(args, cache, beams, width, q, kv, rng, device, times, first, stages) 
             for i, c in enumerate(CALLS):
                 times[c].append((t[i + 1] - t[i]) * 1e6)
             first.append((t_first - t[-2]) * 1e6)
+            per_step.append(dict(stages))
 
 
 def markdown(rows) -> str:
@@ -205,7 +210,7 @@ def main(argv=None):
               f"(medians of {args.steps} steps)")
         if args.stages:
             for name, us in sorted(r["stages_us"].items(), key=lambda kv: -kv[1]):
-                print(f"    {name:34s} {us:9.1f} us per step")
+                print(f"    {name:34s} {us:9.1f} us per step (median)")
     print()
     print(markdown(rows))
     if args.out is not None:
