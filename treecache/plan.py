@@ -2109,8 +2109,7 @@ def _split_costs(groups: _Groups, q_tiles, kv_tiles, chunks, group: int,
     # last chunks'.
     steps = (nv - w_q.sum(axis=0)) * np.ceil(pairs / kv) + np.ceil(last / kv_g) @ w_q
     work = (steps + AUTO_PROGRAM_STEPS * nv) * num_kv_heads / AUTO_SLOTS
-    cost = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64)
-    partials = cost * (nch @ (per_phase * nreq[:, None]))
+    partials = _partial_row_cost(group, num_kv_heads) * (nch @ (per_phase * nreq[:, None]))
     # Each phase's longest chain (0 without groups) cut at its chunk length.
     longest = np.ceil(np.minimum(np.where(per_phase, length[:, None], 0.0).max(axis=0), pairs)
                       / kv)
@@ -2142,16 +2141,28 @@ def _retiled_cost_floor(topo: _Topology, q_tile: int, kv_tile: int, splits, grou
         return 0.0
     path = np.bincount(topo.path_req, weights=seqlen[topo.path_node], minlength=b)
     parts = np.ceil(path / max(splits))
-    partials = AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64) * float(parts.sum())
+    partials = _partial_row_cost(group, num_kv_heads) * float(parts.sum())
     reads = float(np.dot(seqlen, -(-nq // q_tile)))
     work = reads / kv_tile * num_kv_heads / AUTO_SLOTS
     longest = -(-min(int(seqlen[used].max()), min(splits)) // kv_tile)
     total = max(longest, work) + partials
     if AUTO_MERGE_WEIGHT:
-        per_step = stage2_blocks(b, group * num_kv_heads, 128)[1]
-        merge = max(-(-int(parts.max()) // per_step) - AUTO_MERGE_FREE_STEPS, 0)
-        total += AUTO_MERGE_WEIGHT * merge
+        total += AUTO_MERGE_WEIGHT * float(_merge_steps(parts.max(), b, group * num_kv_heads))
     return total
+
+
+def _partial_row_cost(group: int, num_kv_heads: int) -> float:
+    """The estimate's cost of one partial row (all query heads of a KV head's group, all
+    KV heads): :data:`AUTO_PARTIAL_WEIGHT` per 8,448 rows x heads (132 SMs x 64 rows)."""
+    return AUTO_PARTIAL_WEIGHT * (group * num_kv_heads) / (132 * 64)
+
+
+def _merge_steps(most, num_requests: int, num_heads: int):
+    """Stage 2's merge steps beyond :data:`AUTO_MERGE_FREE_STEPS` (at least 0) for a
+    request of ``most`` partials (a float, or an array elementwise)."""
+    # Stage 2's partials per step (its shape does not depend on the head dimension).
+    per_step = stage2_blocks(num_requests, num_heads, 128)[1]
+    return np.maximum(np.ceil(most / per_step) - AUTO_MERGE_FREE_STEPS, 0.0)
 
 
 def _merge_chain_steps(groups: _Groups, pairs: np.ndarray, nch: np.ndarray,
@@ -2167,9 +2178,7 @@ def _merge_chain_steps(groups: _Groups, pairs: np.ndarray, nch: np.ndarray,
     at = (groups.pair_req + nr * np.arange(pairs.shape[0])[:, None]).ravel()
     most = np.bincount(at, weights=np.repeat(nch, groups.nreq, axis=1).ravel(),
                        minlength=nr * pairs.shape[0]).reshape(pairs.shape[0], nr).max(axis=1)
-    # Stage 2's partials per step (its shape does not depend on the head dimension).
-    per_step = stage2_blocks(groups.num_requests, num_heads, 128)[1]
-    return np.maximum(np.ceil(most / per_step) - AUTO_MERGE_FREE_STEPS, 0.0)
+    return _merge_steps(most, nr, num_heads)
 
 
 def path_token_indices(parent: np.ndarray, seqlen: np.ndarray, tok_ptr: np.ndarray,
@@ -2389,6 +2398,13 @@ def build_plan(
             # plan is kept or the choice must cost it.
             retiled = ([q_tiles[retile]] * 2, [kv_tiles[retile]] * 2)
             tiling = None
+
+    def retiled_plan():
+        # The rule's plan with one tile shape for both phases: the cost model re-run.
+        qt, kt = (list(t) for t in retiled)
+        a, ch = _heuristic(topo, qt, kt, group, alpha, beta, gamma)
+        return qt, kt, a, ch, _Groups(topo, a, ch)
+
     if auto and 0 < int(base[2].length.sum()) <= AUTO_MAX_KV_ENTRIES:
         # The chunk length chosen per plan: the rule's plan against one chunk length
         # for both phases (over the cost model's own groups), by estimated cost; the
@@ -2407,9 +2423,7 @@ def build_plan(
             if floor > costs[best] + 1e-9 * max(1.0, costs[best]):
                 rule_cost = math.inf  # the rule's plan cannot win
             else:
-                q_tiles, kv_tiles = (list(t) for t in retiled)
-                assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
-                groups = _Groups(topo, assign, chain)
+                q_tiles, kv_tiles, assign, chain, groups = retiled_plan()
                 retiled = None
                 rule_cost = _split_costs(groups, q_tiles, kv_tiles, [splits], group,
                                          num_kv_heads)[0]
@@ -2420,9 +2434,7 @@ def build_plan(
             tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
             retiled = None
     if retiled is not None:  # the re-tiled rule plan is kept
-        q_tiles, kv_tiles = (list(t) for t in retiled)
-        assign, chain = _heuristic(topo, q_tiles, kv_tiles, group, alpha, beta, gamma)
-        groups = _Groups(topo, assign, chain)
+        q_tiles, kv_tiles, assign, chain, groups = retiled_plan()
     if tiling is None:
         tiling = _Tiling(groups, q_tiles, splits, num_kv_heads)
     logger.debug("plan: parallelism %s, q tiles %s, kv tiles %s, kv splits %s",
