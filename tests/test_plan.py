@@ -401,6 +401,15 @@ def estimated_cost(plan: DecodePlan, group: int) -> float:
     return total + plan_module.AUTO_MERGE_WEIGHT * steps
 
 
+def spec_input(spec: str) -> PlanInput:
+    """The PlanInput of the generated tree of ``spec`` (one request per leaf)."""
+    from treecache.fasttree import tree_plan_input
+    from treecache.tree import generate_tree_from_spec, kv_ptrs
+
+    nodes = generate_tree_from_spec(spec)
+    return tree_plan_input(nodes, kv_ptrs(nodes))
+
+
 CHOICE_TREES = ["1,2,64 8,256,32", "1,256 256,32", "1,10 4000,400", "1,4,16,512 1024,256,128,32",
                 "1,16,64 1024,256,32", "1,4,8,256 8,256,256,32"]
 
@@ -416,11 +425,7 @@ def test_chunk_length_chosen_by_the_estimate(monkeypatch, spec, hq, hk):
     # rest, so short rests are not joined here.
     monkeypatch.setattr(plan_module, "FUSE_PHASE1", False)
     monkeypatch.setattr(plan_module, "CHUNK_TAIL_ABSORB", 0.0)
-    from treecache.tree import generate_tree_from_spec, kv_ptrs
-    from treecache.fasttree import tree_plan_input
-
-    nodes = generate_tree_from_spec(spec)
-    inp = tree_plan_input(nodes, kv_ptrs(nodes), sum(1 for n in nodes if n.num_children == 0))
+    inp = spec_input(spec)
     kw = dict(num_qo_heads=hq, num_kv_heads=hk, head_dim=128,
               params=FastTreeParams.for_heads(hq, hk))
     calls = []
@@ -549,9 +554,6 @@ def seed_rule_choice(inp, hq, hk, splits_in):
 def test_rule_plans_follow_the_seed_adjustment(monkeypatch, hq, hk):
     # With kv_split_sizes given, the plan's tiles and splits are the seed's rule's,
     # including the smaller splits of the second size and the re-tiling.
-    from treecache.fasttree import tree_plan_input
-    from treecache.tree import generate_tree_from_spec, kv_ptrs
-
     seen = []
     materialise = plan_module._materialise
 
@@ -563,8 +565,7 @@ def test_rule_plans_follow_the_seed_adjustment(monkeypatch, hq, hk):
     monkeypatch.setattr(plan_module, "_materialise", spy)
     kinds = set()
     for spec in CHOICE_TREES + ["1,16 4096,16", "1,4,16,64,256,1024 256,8,256,64,32,256"]:
-        nodes = generate_tree_from_spec(spec)
-        inp = tree_plan_input(nodes, kv_ptrs(nodes), sum(1 for n in nodes if n.num_children == 0))
+        inp = spec_input(spec)
         for splits_in in [(1024, 128), (256, 64), (64, 16)]:
             want = seed_rule_choice(inp, hq, hk, splits_in)
             seen.clear()
@@ -610,9 +611,6 @@ def test_retiled_cost_floor_is_a_lower_bound():
 def test_retiled_rule_plans_skipped_only_where_they_lose(monkeypatch):
     # Plans with the floor's shortcut equal plans that build and cost every re-tiled
     # rule plan (the floor pushed to 0), and the shortcut is taken.
-    from treecache.fasttree import tree_plan_input
-    from treecache.tree import generate_tree_from_spec, kv_ptrs
-
     floor, heuristic = plan_module._retiled_cost_floor, plan_module._heuristic
     calls = []
     runs = {"fast": 0, "full": 0}
@@ -628,8 +626,7 @@ def test_retiled_rule_plans_skipped_only_where_they_lose(monkeypatch):
         return run
 
     for spec in CHOICE_TREES + ["1,16 4096,16", "1,4 4096,8"]:
-        nodes = generate_tree_from_spec(spec)
-        inp = tree_plan_input(nodes, kv_ptrs(nodes), sum(1 for n in nodes if n.num_children == 0))
+        inp = spec_input(spec)
         for hq, hk in [(16, 1), (32, 8)]:
             kw = dict(num_qo_heads=hq, num_kv_heads=hk, head_dim=128,
                       params=FastTreeParams.for_heads(hq, hk))
@@ -1654,11 +1651,7 @@ DEEP_SPEC = "1,2,4,8,16,128 16,16,16,16,16,16"
 
 
 def deep_input() -> PlanInput:
-    from treecache.fasttree import tree_plan_input
-    from treecache.tree import generate_tree_from_spec, kv_ptrs
-
-    nodes = generate_tree_from_spec(DEEP_SPEC)
-    return tree_plan_input(nodes, kv_ptrs(nodes))
+    return spec_input(DEEP_SPEC)
 
 
 @pytest.mark.parametrize("node_tokens", [False, True], ids=["seed-layout", "slot-table"])
