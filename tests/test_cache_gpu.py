@@ -411,6 +411,39 @@ def test_replan_slot_table_in_place_and_run_flags_give_the_same_buffers(cuda, mo
     assert any((r["slot0"] >= 0).any() for r in a) and any((r["slot0"] < 0).any() for r in a)
 
 
+def test_a_replan_waits_for_the_last_upload_once(cuda, monkeypatch):
+    # A re-plan makes the staging buffer writable before it joins the slot table and
+    # again before it writes the plan's arrays: only the first waits for the upload's
+    # event; the next upload needs a wait again.
+    waits = []
+    real = torch.cuda.Event.synchronize
+
+    def counted(self):
+        waits.append(self)
+        return real(self)
+
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
+    cache = TreeKVCache(1, 32, 8, HEAD_DIM, 4096, dtype=torch.float16, device=cuda,
+                        plan_headroom=4)
+    model = Model(1, 32, 8, HEAD_DIM, torch.float16, cuda, 3)
+    add_prompts(cache, model, (200,), forks=3)
+    cache.prepare()
+    for step in range(4):
+        reqs = cache.requests
+        new = [cache.fork(r) for r in reqs[:2] for _ in range(2)]
+        for p, c in zip([r for r in reqs[:2] for _ in range(2)], new):
+            model.fork(p, c)
+        cache.prune(reqs)
+        for r in reqs:
+            model.prune(r)
+        write_step(cache, model, new, cache.reserve(new))
+        waits.clear()
+        cache.prepare()
+        assert len(waits) == 1, step
+        q = torch.randn(len(new), 32, HEAD_DIM, dtype=torch.float16, device=cuda)
+        assert_attends(cache, model, q, 0)
+
+
 # ============================================================================ CUDA graphs
 
 

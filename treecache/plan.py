@@ -433,6 +433,7 @@ class PlanBuffers:
         #: its own serial is the latest.
         self.serial = 0
         self._uploaded = None  # event after the last staging-buffer upload
+        self._waited = None  # that event once the host has waited for it (until re-recorded)
         # The device may read the pinned staging buffer after upload returns (see
         # ZERO_COPY_UPLOAD): it is not released, with these buffers or on growth, before
         # that read has run.
@@ -718,6 +719,7 @@ class PlanBuffers:
         if self._uploaded is None:
             self._uploaded = self._upload_event[0] = torch.cuda.Event()
         self._uploaded.record(self._current_stream())
+        self._waited = None
 
     def _current_stream(self) -> torch.cuda.Stream:
         """The current CUDA stream of the buffers' device, kept while it stays the
@@ -733,8 +735,10 @@ class PlanBuffers:
         """Wait until the last :meth:`upload` has read the staging buffer (it copies
         asynchronously from pinned memory, so the next plan must not overwrite it
         earlier)."""
-        if self._uploaded is not None:
-            self._uploaded.synchronize()
+        ev = self._uploaded
+        if ev is not None and ev is not self._waited:  # once per upload (a re-plan asks twice)
+            ev.synchronize()
+            self._waited = ev
 
 
 def _wait_event(cell: list) -> None:
