@@ -88,6 +88,46 @@ def test_sharded_quick_runs_merge_into_one(tmp_path):
               str(tmp_path / "x")])
 
 
+def test_other_head_dim_runs_without_the_seed_and_with_its_own_roofline(tmp_path):
+    from benchmarks.kernel import roofline_bytes
+
+    # A quick run at head_dim 32 (float32 on the CPU): every row records the setting, its
+    # roofline is that of 32-wide heads, and its error is against the reference.
+    results = main(["--quick", "--head-dim", "32", "--out", str(tmp_path)])
+    for r in results:
+        assert r["head_dim"] == 32 and r["dtype"] == "float32" and r["seed_us"] is None
+        assert r["rel_err"] <= 2e-3 and math.isfinite(r["rel_err"])
+        assert r["roofline_us"] == pytest.approx(
+            roofline_bytes(r["unique_tokens"], r["requests"], r["hq"], r["hk"], 32) / 3.0e6)
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("Device: CPU (float32, head_dim 32)")
+    assert "targets 1-3 are stated for float16 at head_dim 128" in md
+    # Parts run at other head dims are not merged into one run.
+    main(["--quick", "--shard", "1/2", "--out", str(tmp_path / "p1")])
+    main(["--quick", "--shard", "2/2", "--head-dim", "64", "--out", str(tmp_path / "p2")])
+    with pytest.raises(ValueError, match="other settings: float32, head_dim 64/128"):
+        main(["--merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out",
+              str(tmp_path / "x")])
+
+
+def test_summary_takes_the_seed_only_at_its_settings_and_bf16_bounds():
+    import torch
+
+    from benchmarks.kernel import seed_comparable
+
+    assert seed_comparable(torch.float16, 128) and seed_comparable(torch.float32, 128)
+    assert not seed_comparable(torch.bfloat16, 128) and not seed_comparable(torch.float16, 64)
+    # bf16 rows are held to 1e-2: 5e-3 passes there, and fails on a float16 row.
+    rows = [dict(_case("a", seed=None, ours=5.0, cached=5.0, graph=4.0, roofline=2.0, err=5e-3),
+                 dtype="bfloat16", head_dim=128, err_bound=1e-2)]
+    text = "\n".join(summarize(rows))
+    assert "target 5: max relative error = 5.00e-03 over 1 cases (<= 1e-2 bf16); failing: 0" in text
+    assert "not checked on this run's bfloat16, head_dim 128" in text
+    rows.append(dict(rows[0], dtype="float16", err_bound=2e-3))
+    text = "\n".join(summarize(rows))
+    assert "(<= 2e-3 fp16, 1e-2 bf16); failing: 1" in text
+
+
 @pytest.mark.parametrize("shard", ["0/2", "3/2", "a/b", "1"])
 def test_shard_argument_is_checked(shard, capsys):
     with pytest.raises(SystemExit):
