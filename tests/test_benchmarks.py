@@ -91,21 +91,23 @@ def test_sharded_quick_runs_merge_into_one(tmp_path):
 def test_other_head_dim_runs_without_the_seed_and_with_its_own_roofline(tmp_path):
     from benchmarks.kernel import roofline_bytes
 
-    # A quick run at head_dim 32 (float32 on the CPU): every row records the setting, its
-    # roofline is that of 32-wide heads, and its error is against the reference.
+    # A quick run at head_dim 32 (float16 on a GPU, float32 on the CPU): every row records
+    # the setting, its roofline is that of 32-wide heads, and its error is against the
+    # reference.
+    dtype = "float16" if torch.cuda.is_available() else "float32"
     results = main(["--quick", "--head-dim", "32", "--out", str(tmp_path)])
     for r in results:
-        assert r["head_dim"] == 32 and r["dtype"] == "float32" and r["seed_us"] is None
+        assert r["head_dim"] == 32 and r["dtype"] == dtype and r["seed_us"] is None
         assert r["rel_err"] <= 2e-3 and math.isfinite(r["rel_err"])
         assert r["roofline_us"] == pytest.approx(
             roofline_bytes(r["unique_tokens"], r["requests"], r["hq"], r["hk"], 32) / 3.0e6)
     md = (tmp_path / "results.md").read_text()
-    assert md.startswith("Device: CPU (float32, head_dim 32)")
+    assert md.splitlines()[0].endswith(f" ({dtype}, head_dim 32)")
     assert "targets 1-3 are stated for float16 at head_dim 128" in md
     # Parts run at other head dims are not merged into one run.
     main(["--quick", "--shard", "1/2", "--out", str(tmp_path / "p1")])
     main(["--quick", "--shard", "2/2", "--head-dim", "64", "--out", str(tmp_path / "p2")])
-    with pytest.raises(ValueError, match="other settings: float32, head_dim 64/128"):
+    with pytest.raises(ValueError, match=f"other settings: {dtype}, head_dim 64/128"):
         main(["--merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out",
               str(tmp_path / "x")])
 
