@@ -272,7 +272,7 @@ def main() -> int:
     t_start = time.perf_counter()
     bar = progress(2 + len(round1) + len(weights_grid), "settings")
     seed_params = FastTreeParams()
-    heads_params = FastTreeParams.for_heads(hq, hk)
+    heads_params = FastTreeParams.for_heads(hq, hk, d)
     seed_row = tuner.evaluate(seed_params, DEFAULT_KV_SPLIT_SIZES)
     bar.update()
     heads_row = tuner.evaluate(heads_params, None)
@@ -319,7 +319,7 @@ def main() -> int:
     print("\nreferences")
     print(HEADER)
     print(fmt_row(seed_row, seed_us), " FastTreeParams() (seed defaults)")
-    print(fmt_row(heads_row, seed_us), f" FastTreeParams.for_heads({hq}, {hk})")
+    print(fmt_row(heads_row, seed_us), f" FastTreeParams.for_heads({hq}, {hk}, {d})")
 
     # Confirm: the best setting and the two references, interleaved, timed again.
     best = ranked[0]
@@ -328,7 +328,7 @@ def main() -> int:
     contenders = {
         "best of the sweep": (best_params, best["splits"]),
         "FastTreeParams()": (seed_params, DEFAULT_KV_SPLIT_SIZES),
-        f"for_heads({hq}, {hk})": (heads_params, None),
+        f"for_heads({hq}, {hk}, {d})": (heads_params, None),
     }
     plans = {name: tuner.plan(prm, spl) for name, (prm, spl) in contenders.items()}
     times = {name: [] for name in plans}
@@ -339,7 +339,7 @@ def main() -> int:
     print(f"\nside by side ({max(1, args.confirm_rounds)} interleaved rounds, median):")
     for name, us in med.items():
         print(f"  {name:22s} {us:10.1f} us   {med['FastTreeParams()'] / us:5.2f}x vs seed "
-              f"defaults, {med[f'for_heads({hq}, {hk})'] / us:5.2f}x vs for_heads")
+              f"defaults, {med[f'for_heads({hq}, {hk}, {d})'] / us:5.2f}x vs for_heads")
     print("\nbest setting:")
     print(f"  params = FastTreeParams(alpha={best['alpha']}, beta={best['beta']}, "
           f"gamma={best['gamma']}, TSQs={best['TSQs']}, TSKs={best['TSKs']})")

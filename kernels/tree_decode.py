@@ -124,15 +124,27 @@ def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int,
     return block_m, block_n, block_d
 
 
+#: With GQA, tiles of at most 16 rows run on 4 warps from this head dim (``BLOCK_D``) on,
+#: instead of one (a 16 x 256 float32 accumulator takes 128 registers a thread on one
+#: warp). Measured on an H100 at head_dim 256 (benchmarks/RESULTS.md, v35) on the 33 GQA
+#: benchmark cases: graph time 0.945x on the geometric mean (0.819-1.011x), eager 0.955x
+#: (0.787-1.006x). Without GQA (2 warps) 4 warps gave 1.008x (0.937-1.100x): kept at 2.
+SMALL_TILE_WIDE_HEAD_DIM = 256
+
+
 def default_launch(block_m: int, block_n: int, block_d: int, group: int = 1) -> tuple[int, int]:
     """``(num_warps, num_stages)`` of a stage-1 launch for these block sizes and GQA group.
 
     Tiles of at most 16 rows (the leaves' phase) run on 2 warps without GQA and on one
-    warp with it; wider tiles on 4 warps (8 from 128 rows). Measured on an H100 under
-    graph replay (benchmarks/RESULTS.md, v8): against 4 warps everywhere, 1.027x on the
-    geometric mean of the 51 benchmark cases, 1.08-1.12x on the deep 32/32 trees.
+    warp with it (on 4 with it at head dims from :data:`SMALL_TILE_WIDE_HEAD_DIM`); wider
+    tiles on 4 warps (8 from 128 rows). Measured on an H100 under graph replay
+    (benchmarks/RESULTS.md, v8): against 4 warps everywhere, 1.027x on the geometric
+    mean of the 51 benchmark cases, 1.08-1.12x on the deep 32/32 trees (head_dim 128);
+    v35 for head_dim 256.
     """
     if block_m <= 16:
+        if group > 1 and block_d >= SMALL_TILE_WIDE_HEAD_DIM:
+            return 4, 2
         return (2 if group == 1 else 1), 2
     return (8 if block_m >= 128 else 4), 2
 

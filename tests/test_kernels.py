@@ -775,6 +775,13 @@ def test_default_launch_rule():
     assert default_launch(16, 32, 128, group=16) == (1, 2)
     assert default_launch(64, 32, 128, group=4) == (4, 2)
     assert default_launch(128, 32, 128) == (8, 2)
+    # From head_dim 256, small GQA tiles run on 4 warps (SMALL_TILE_WIDE_HEAD_DIM); small
+    # tiles without GQA and wider tiles keep their warps.
+    assert default_launch(16, 32, 256, group=4) == (4, 2)
+    assert default_launch(16, 32, 256, group=16) == (4, 2)
+    assert default_launch(16, 32, 256) == (2, 2)
+    assert default_launch(64, 32, 256, group=4) == (4, 2)
+    assert default_launch(16, 32, 64, group=4) == (1, 2)
 
 
 @pytest.mark.parametrize("hq,hk", [(16, 1), (32, 8), (8, 8)])

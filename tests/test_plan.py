@@ -1073,6 +1073,40 @@ def _check_run(plan, paths, q, k, v, backend, tol=1e-4):
     assert ((o.float() - ref).norm() / ref.norm()).item() <= tol
 
 
+def test_default_tiles_follow_the_head_dim():
+    # for_heads: phase 0 takes 64-token KV tiles with GQA at head_dim 64 (the one
+    # measured); without GQA, or at other head dims, both phases take 32.
+    assert FastTreeParams.for_heads(32, 8).TSKs == [32, 32]
+    assert FastTreeParams.for_heads(32, 8, 128).TSKs == [32, 32]
+    assert FastTreeParams.for_heads(32, 8, 64).TSKs == [64, 32]
+    assert FastTreeParams.for_heads(16, 1, 64).TSKs == [64, 32]
+    assert FastTreeParams.for_heads(16, 1, 32).TSKs == [32, 32]
+    assert FastTreeParams.for_heads(32, 8, 16).TSKs == [32, 32]
+    assert FastTreeParams.for_heads(32, 32, 64).TSKs == [32, 32]
+    assert FastTreeParams.for_heads(16, 1, 256).TSKs == [32, 32]
+    assert FastTreeParams.for_heads(32, 8, 64).TSQs == FastTreeParams.for_heads(32, 8).TSQs
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_default_plan_at_each_head_dim_decodes_like_the_reference(head_dim):
+    # A plan built with params=None asks for_heads with its head dim: at 64 its
+    # shared-prefix phase runs 64-token KV tiles, at 32 and 128 32-token ones; every plan
+    # decodes like the reference (the GPU tests run such plans at head_dim 16-256). A
+    # cache with the same heads takes the same tiles.
+    inp = spec_input("1,3,6 100,40,8")
+    plan = build_plan(inp, num_qo_heads=8, num_kv_heads=2, head_dim=head_dim)
+    want = 64 if head_dim == 64 else 32
+    assert plan.requested_kv_tiles == (want, 32)
+    assert plan.phases[0].num_vnodes > 0 and plan.phases[0].kv_tile == want
+    paths = [torch.tensor(p) for p in expected_paths(inp)]
+    q, k, v = _qkv(plan, int((inp.tok_ptr + inp.seqlen).max()), seed=head_dim)
+    _check_run(plan, paths, q, k, v, "auto")  # the interpreter where there is no GPU
+    from treecache import TreeKVCache
+
+    cache = TreeKVCache(1, 8, 2, head_dim, 64)
+    assert cache.params.TSKs == [want, 32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
                          ids=["fp16", "bf16", "fp32"])
 def test_half_partials(dtype):

@@ -254,7 +254,8 @@ class TreeKVCache:
         self._k_layers = self.pool.k.unbind(0)
         self._v_layers = self.pool.v.unbind(0)
         self._kv_writes: dict = {}  # prepared K/V writes (see _kv_write)
-        self.params = (FastTreeParams.for_heads(self.num_qo_heads, self.num_kv_heads)
+        self.params = (FastTreeParams.for_heads(self.num_qo_heads, self.num_kv_heads,
+                                                self.head_dim)
                        if params is None else params)
         self.params.validate()
         self.backend = resolve_backend(self.device, backend)

@@ -267,6 +267,15 @@ def _default_tsks() -> list[int]:
     return [32, 128]
 
 
+#: :meth:`FastTreeParams.for_heads` gives phase 0 KV tiles of 64 tokens for GQA heads of
+#: these dims (32 otherwise, and without GQA). Measured on an H100 at head_dim 64
+#: (benchmarks/RESULTS.md, v35), against 32-token tiles on the 33 GQA benchmark cases:
+#: graph time 0.903x on the geometric mean (0.655-1.055x), eager 0.929x (0.747-1.136x).
+#: Without GQA it was 0.999x (0.913-1.172x), so those keep 32. Head dims 16 and 32 were
+#: not measured and keep 32.
+WIDE_KV_TILE_HEAD_DIMS = (64,)
+
+
 @attrs.define
 class FastTreeParams:
     """Cost-model weights and tile sizes of the FastTree planner.
@@ -302,15 +311,20 @@ class FastTreeParams:
     kv_group_num: int = 1
 
     @classmethod
-    def for_heads(cls, num_qo_heads: int, num_kv_heads: int) -> "FastTreeParams":
-        """Tiles measured to run well on an H100 for this head layout (fp16, head_dim 128).
+    def for_heads(cls, num_qo_heads: int, num_kv_heads: int,
+                  head_dim: int = 128) -> "FastTreeParams":
+        """Tiles measured to run well on an H100 for this head layout (fp16).
 
-        KV tile 32; query tiles of 64 and 16 rows of the GQA-expanded tile
-        (``q_tile = rows // group``). See benchmarks/RESULTS.md for the sweep behind it.
+        Query tiles of 64 and 16 rows of the GQA-expanded tile (``q_tile = rows //
+        group``); KV tiles of 32, or 64 in phase 0 with GQA (``num_qo_heads >
+        num_kv_heads``) at the head dims of :data:`WIDE_KV_TILE_HEAD_DIMS` (a 64-token
+        K/V tile of 64-wide heads takes the space of a 32-token one at head_dim 128). See benchmarks/RESULTS.md for the sweeps behind them (head_dim 128; v35 for
+        64).
         Used whenever a planner is given ``params=None``.
         """
         group = max(1, int(num_qo_heads) // max(1, int(num_kv_heads)))
-        return cls(TSQs=[max(1, 64 // group), max(1, 16 // group)], TSKs=[32, 32],
+        kv0 = 64 if group > 1 and int(head_dim) in WIDE_KV_TILE_HEAD_DIMS else 32
+        return cls(TSQs=[max(1, 64 // group), max(1, 16 // group)], TSKs=[kv0, 32],
                    kv_group_num=group)
 
     def set_values(self, alpha: float, beta: float, gamma: float) -> None:
@@ -2334,7 +2348,7 @@ def build_plan(
     """
     num_qo_heads, num_kv_heads, head_dim = int(num_qo_heads), int(num_kv_heads), int(head_dim)
     if params is None:
-        params = FastTreeParams.for_heads(num_qo_heads, max(1, num_kv_heads))
+        params = FastTreeParams.for_heads(num_qo_heads, max(1, num_kv_heads), head_dim)
     params.validate()
     if num_kv_heads < 1 or num_qo_heads % num_kv_heads:
         raise UnsupportedConfigError(
