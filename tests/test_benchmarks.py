@@ -112,6 +112,29 @@ def test_other_head_dim_runs_without_the_seed_and_with_its_own_roofline(tmp_path
               str(tmp_path / "x")])
 
 
+def test_head_dim_ab_compares_the_defaults_with_the_head_dim_128_ones(tmp_path):
+    from benchmarks.head_dim_ab import main as ab_main
+
+    # At head_dim 64 the GQA cases' defaults ask for 64-token phase-0 KV tiles, the
+    # head_dim-128 rules for 32; without GQA both ask for 32. Both plans decode like the
+    # reference, and every row is timed both ways.
+    rows = ab_main(["--quick", "--head-dim", "64", "--rounds", "1",
+                    "--out", str(tmp_path / "ab.json")])
+    assert len(rows) == 4
+    for r in rows:
+        gqa = r["hq"] > r["hk"]
+        assert r["requested_kv_tiles"]["old"] == [32, 32]
+        assert r["requested_kv_tiles"]["new"] == ([64, 32] if gqa else [32, 32])
+        for which in ("old", "new"):
+            assert r["err"][which] <= 2e-3 and math.isfinite(r["err"][which])
+            assert r["eager_us"][which] > 0
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert data["head_dim"] == 64 and len(data["rows"]) == 4
+    assert any(line.startswith("with GQA, eager: new / old =") for line in data["summary"])
+    with pytest.raises(SystemExit):
+        ab_main(["--quick", "--rounds", "0"])
+
+
 def test_summary_takes_the_seed_only_at_its_settings_and_bf16_bounds():
     import torch
 
@@ -157,7 +180,8 @@ def test_masked_probe_inline_configs():
                                     "benchmarks.floor_bound",
                                     "benchmarks.cache_ops",
                                     "benchmarks.replan_ab",
-                                    "benchmarks.driver_call_probe"])
+                                    "benchmarks.driver_call_probe",
+                                    "benchmarks.head_dim_ab"])
 def test_benchmark_modules_import(module):
     import importlib
 
