@@ -1,6 +1,7 @@
 """Profile one tree: time per kernel stage, bytes moved, achieved bandwidth.
 
     python examples/06_profiling.py --tree "1,1024 2048,32" --heads 32,8
+    python examples/06_profiling.py --tree "1,1024 2048,32" --heads 32,8 --head_dim 64 --dtype bfloat16
 
 For each stage-1 phase and for stage 2 it launches the kernel alone (median of many
 runs on a GPU, wall clock on the CPU) and reports the bytes that stage must move:
@@ -41,7 +42,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", default="1,1024 2048,32", help="'nodes per level  tokens per level'")
     ap.add_argument("--heads", default="32,8", help="num_qo_heads,num_kv_heads")
-    ap.add_argument("--head_dim", type=int, default=128)
+    ap.add_argument("--head_dim", type=int, default=128, choices=[16, 32, 64, 128, 256])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                    help="input dtype on a GPU (default float16; the CPU runs float32)")
     args = ap.parse_args()
     hq, hk = (int(x) for x in args.heads.split(","))
     d = args.head_dim
@@ -50,7 +53,7 @@ def main():
         print("no GPU and TRITON_INTERPRET is not set: the stages below run in Triton's "
               "interpreter only; set TRITON_INTERPRET=1 (slow) or use a GPU")
         return
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     nodes = tc.generate_tree_from_spec(args.tree)
     q, _, _, _, k, v, ptrs = tc.qkv_preparation(nodes, hq, hk, d, device, dtype, build_cache=False)
     b = q.shape[0]

@@ -31,6 +31,8 @@ CASES = [
     ("04_gqa_example.py", ["--iters", "1"], "OK"),
     ("05_parameter_tuning.py", ["--quick"], "best setting:"),
     ("06_profiling.py", ["--tree", "1,2,4 16,8,4", "--heads", "4,2"], "whole decode"),
+    ("06_profiling.py", ["--tree", "1,4 24,6", "--heads", "8,2", "--head_dim", "64",
+                         "--dtype", "bfloat16"], "head_dim 64"),
     ("07_batch_processing.py", ["--quick"], "all outputs match the reference"),
     ("08_integration_template.py", ["--steps", "3"], "OK"),
     ("09_beam_search.py", ["--steps", "3", "--beam_width", "2"], "OK"),
