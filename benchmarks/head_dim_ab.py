@@ -40,23 +40,6 @@ td = importlib.import_module("kernels.tree_decode")
 _NEVER = 1 << 30
 
 
-def _plans(nodes, ptrs, b, hq, hk, d, device):
-    """The ``old`` and ``new`` plans of one case (see the module's docstring), each with
-    its launches made under its own warp rule."""
-    plans = {}
-    for which in ("old", "new"):
-        params = FastTreeParams.for_heads(hq, hk, HEAD_DIM) if which == "old" else None
-        meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, d, params=params, device=device)
-        plans[which] = meta.plan
-    return plans
-
-
-def _warps(which):
-    """The warp rule of ``which`` plan, for :func:`_patched`."""
-    return ("SMALL_TILE_WIDE_HEAD_DIM",
-            _NEVER if which == "old" else td.SMALL_TILE_WIDE_HEAD_DIM)
-
-
 def run_case(name, nodes, hq, hk, d, device, dtype, rounds):
     """One case's row: both plans' tiles, errors and median times (see the module)."""
     b = tree_stats(nodes)["num_requests"]
@@ -67,18 +50,22 @@ def run_case(name, nodes, hq, hk, d, device, dtype, rounds):
     slots = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
     sm = 1.0 / math.sqrt(d)
     ref = reference_decode(q, k, v, [torch.from_numpy(s).to(device) for s in slots], sm)
-    plans = _plans(nodes, ptrs, b, hq, hk, d, device)
     row = dict(case=name, hq=hq, hk=hk, head_dim=d, requested_kv_tiles={}, kv_tiles={},
                err={}, graph_us={}, eager_us={})
     calls = {}
-    for which, plan in plans.items():
+    for which in ("old", "new"):
+        params = FastTreeParams.for_heads(hq, hk, HEAD_DIM) if which == "old" else None
+        meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, d, params=params, device=device)
+        plan = meta.plan
         o = torch.full_like(q, float("nan"))
 
         def call(plan=plan, o=o):
             plan.run(q, k, v, o, sm_scale=sm, check=False)
 
-        with _patched(*_warps(which)):
-            call()  # the plan's launches are made here, under its rule
+        # The plan's launches are made at its first call, under its warp rule.
+        with _patched("SMALL_TILE_WIDE_HEAD_DIM",
+                      _NEVER if which == "old" else td.SMALL_TILE_WIDE_HEAD_DIM):
+            call()
         row["err"][which] = rel_err(o, ref)
         row["requested_kv_tiles"][which] = list(plan.requested_kv_tiles)
         row["kv_tiles"][which] = list(plan.kv_tiles)

@@ -136,8 +136,6 @@ def test_head_dim_ab_compares_the_defaults_with_the_head_dim_128_ones(tmp_path):
 
 
 def test_summary_takes_the_seed_only_at_its_settings_and_bf16_bounds():
-    import torch
-
     from benchmarks.kernel import error_bound, seed_comparable
 
     assert error_bound(torch.bfloat16) == 1e-2

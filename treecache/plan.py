@@ -318,8 +318,8 @@ class FastTreeParams:
         Query tiles of 64 and 16 rows of the GQA-expanded tile (``q_tile = rows //
         group``); KV tiles of 32, or 64 in phase 0 with GQA (``num_qo_heads >
         num_kv_heads``) at the head dims of :data:`WIDE_KV_TILE_HEAD_DIMS` (a 64-token
-        K/V tile of 64-wide heads takes the space of a 32-token one at head_dim 128). See benchmarks/RESULTS.md for the sweeps behind them (head_dim 128; v35 for
-        64).
+        K/V tile of 64-wide heads takes the space of a 32-token one at head_dim 128).
+        See benchmarks/RESULTS.md for the sweeps behind them (head_dim 128; v35 for 64).
         Used whenever a planner is given ``params=None``.
         """
         group = max(1, int(num_qo_heads) // max(1, int(num_kv_heads)))
