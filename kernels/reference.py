@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .tree_decode import Phase
+from .tree_decode import Phase, scaled_partials
 
 __all__ = ["reference_decode", "torch_tree_decode", "softcap_logits"]
 
@@ -202,8 +202,17 @@ def _torch_stage1_batch(q, k, v, mid_o, mid_lse, kv_indices, mid_q_rows,
     lse = lse.view(nv, hk, qm, group).permute(0, 2, 1, 3).reshape(nv, qm, hk * group)
     sel = q_ok.to(dev)
     rows = mid_rows.to(dev)[sel]
-    mid_o[rows] = out[sel].to(mid_o.dtype)
-    mid_lse[rows] = lse[sel]
+    out, lse = out[sel], lse[sel]
+    hq = lse.shape[-1]
+    if scaled_partials(mid_o, q.dtype):
+        # As the kernel stores them: times 2**-shift, the shifts after the lse columns.
+        amax = out.abs().amax(dim=-1)
+        shift = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 13.0,
+                            torch.zeros_like(amax)).clamp(-120.0, 120.0)
+        out = out * torch.exp2(-shift)[..., None]
+        mid_lse[rows, hq:] = shift
+    mid_o[rows] = out.to(mid_o.dtype)
+    mid_lse[rows, :hq] = lse
 
 
 def _torch_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows):
@@ -221,11 +230,15 @@ def _torch_stage2(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows):
     pos = (req_mid_start.long().to(dev)[:, None] + ar[None, :]).clamp(max=max(req_mid_rows.numel() - 1, 0))
     rows = req_mid_rows.long().to(dev)[pos]
     rows = torch.where(ok, rows, torch.zeros_like(rows))
-    lse = mid_lse[rows].masked_fill(~ok[..., None], float("-inf"))  # [B, N, Hq]
+    hq = o.shape[1]
+    lse = mid_lse[rows, :hq].masked_fill(~ok[..., None], float("-inf"))  # [B, N, Hq]
     m = lse.amax(dim=1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp2(lse - m)  # [B, N, Hq]
+    wo = w
+    if scaled_partials(mid_o, o.dtype):
+        wo = torch.exp2(lse + mid_lse[rows, hq:] - m)
     parts = mid_o[rows].float().masked_fill(~ok[..., None, None], 0.0)  # [B, N, Hq, D]
-    num = (parts * w[..., None]).sum(dim=1)
+    num = (parts * wo[..., None]).sum(dim=1)
     den = w.sum(dim=1)
     o.copy_((num / torch.where(den > 0, den, torch.ones_like(den))[..., None]).to(o.dtype))

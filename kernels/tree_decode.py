@@ -28,8 +28,9 @@ Index arrays (all int32, on the device of ``q``):
   only where bit ``min(i, 31)`` is set (-1: every query), so that one vnode may hold
   several requests over the union of their contexts.
 
-Partial outputs (``mid_o``) are float32 or the dtype of ``q`` (plans use float16 for
-float16 inputs, else float32); their log-sum-exps (``mid_lse``) are always float32.
+Partial outputs (``mid_o``) are float32, the dtype of ``q``, or float16 for bfloat16
+inputs (stored scaled, :func:`scaled_partials`); plans use float16 for float16 and
+bfloat16 inputs, else float32. Their log-sum-exps (``mid_lse``) are always float32.
 
 Log-sum-exp convention: **base 2**. Logits are scaled by ``sm_scale * log2(e)`` and
 exponentiated with ``exp2``; ``mid_lse`` holds ``log2(sum(exp2(s)))`` of those scaled
@@ -57,6 +58,7 @@ __all__ = [
     "tree_decode",
     "stage1_block_sizes",
     "stage2_blocks",
+    "scaled_partials",
     "tree_decode_launcher",
 ]
 
@@ -234,11 +236,12 @@ def _kv_loop(q, K, V, KvIdx, kv_start, kv_len, slot0, kv_head,
 @triton.jit
 def _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
                  MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh,
-                 PDL_WAIT: tl.constexpr):
+                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, num_heads,
+                 PDL_WAIT: tl.constexpr, SCALED: tl.constexpr):
     """Merge each row's partial ``(out, lse)`` with the other partials of its request
     (its mid rows other than ``mid_row``) and store the request's output: the stage-2
-    merge, done by the program that computes a request's last partial."""
+    merge, done by the program that computes a request's last partial. ``SCALED``: the
+    stored partials are scaled (see :func:`_store_partial`)."""
     count = tl.load(ReqMidLen + q_row, mask=row_ok, other=0)
     start = tl.load(ReqMidStart + q_row, mask=row_ok, other=0)
     if PDL_WAIT:
@@ -264,12 +267,38 @@ def _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
         m_ref = tl.where(finite, m_new, 0.0)
         alpha = tl.where(finite, tl.exp2(m - m_ref), 0.0)
         w = tl.where(finite, tl.exp2(lse_p - m_ref), 0.0)
-        acc = acc * alpha[:, None] + part * w[:, None]
+        if SCALED:
+            shift = tl.load(MidLSE + r * stride_ml_r + num_heads + head, mask=ok, other=0.0)
+            acc = acc * alpha[:, None] + part * tl.where(finite, tl.exp2(lse_p + shift - m_ref),
+                                                         0.0)[:, None]
+        else:
+            acc = acc * alpha[:, None] + part * w[:, None]
         l = l * alpha + w
         m = m_new
     res = acc / tl.where(l > 0.0, l, 1.0)[:, None]
     tl.store(O + q_row[:, None] * stride_ob + head[:, None] * stride_oh + offs_d[None, :],
              res.to(O.dtype.element_ty), mask=hd_ok)
+
+
+@triton.jit
+def _store_partial(out, lse, mid_row, head, keep, offs_d, d_ok, MidO, MidLSE,
+                   stride_mo_r, stride_mo_h, stride_ml_r, num_heads, SCALED: tl.constexpr):
+    """Store each row's partial output and log-sum-exp in its mid row. ``SCALED``
+    (float16 partials of bfloat16 inputs): the output is stored times ``2**-shift``, with
+    ``shift`` the row's power of two that brings its largest magnitude into [2**13, 2**14)
+    (0 for a zero row), so that any bfloat16 magnitude fits float16 with float16's
+    precision; ``shift`` goes to column ``num_heads + head`` of the row's log-sum-exps."""
+    if SCALED:
+        amax = tl.max(tl.abs(out), axis=1)
+        shift = tl.where(amax > 0.0, tl.floor(tl.log2(tl.maximum(amax, 1e-36))) - 13.0, 0.0)
+        # Within float32's normal range both ways (bfloat16's range needs -146..114).
+        shift = tl.minimum(tl.maximum(shift, -120.0), 120.0)
+        out = out * tl.exp2(-shift)[:, None]
+        tl.store(MidLSE + mid_row * stride_ml_r + num_heads + head, shift, mask=keep)
+    tl.store(MidO + mid_row[:, None] * stride_mo_r + head[:, None] * stride_mo_h
+             + offs_d[None, :], out.to(MidO.dtype.element_ty),
+             mask=keep[:, None] & d_ok[None, :])
+    tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=keep)
 
 
 @triton.jit
@@ -284,7 +313,7 @@ def _stage1_vnode(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_SLOT0: tl.constexpr,
     DIRECT: tl.constexpr, OFF32: tl.constexpr, FINISH: tl.constexpr, PDL_WAIT: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, SCALED: tl.constexpr,
 ):
     """Stage 1 for vnode ``vid`` and one KV head (one tile shape).
 
@@ -328,10 +357,12 @@ def _stage1_vnode(
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
     mid_row = q_start + q_in_vnode
+    num_heads = tl.num_programs(1) * GROUP  # the grid's second axis is the KV heads
     if FINISH:
         _finish_rows(out, lse, q_row, mid_row, head, row_ok, offs_d, d_ok,
                      MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
-                     stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, PDL_WAIT)
+                     stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, num_heads,
+                     PDL_WAIT, SCALED)
     else:
         keep = row_ok
         if DIRECT:
@@ -345,13 +376,8 @@ def _stage1_vnode(
                 mask=single[:, None] & d_ok[None, :],
             )
             keep = row_ok & (cnt != 1)
-        tl.store(
-            MidO + mid_row[:, None] * stride_mo_r + head[:, None] * stride_mo_h
-            + offs_d[None, :],
-            out.to(MidO.dtype.element_ty),
-            mask=keep[:, None] & d_ok[None, :],
-        )
-        tl.store(MidLSE + mid_row * stride_ml_r + head, lse, mask=keep)
+        _store_partial(out, lse, mid_row, head, keep, offs_d, d_ok, MidO, MidLSE,
+                       stride_mo_r, stride_mo_h, stride_ml_r, num_heads, SCALED)
 
 
 @triton.jit(do_not_specialize=STAGE1_SIZE_ARGS)
@@ -387,6 +413,7 @@ def _stage1_kernel(
     PDL_WAIT: tl.constexpr,
     WAIT_AT_END: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     if PDL_TRIGGER:
         # Let stage 2 (a programmatic dependent launch) be scheduled now; it waits for
@@ -405,7 +432,7 @@ def _stage1_kernel(
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK)
+                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK, SCALED)
         else:
             _stage1_vnode(
                 vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
@@ -413,7 +440,7 @@ def _stage1_kernel(
                 stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
                 GROUP, HEAD_DIM, BLOCK_D, BLOCK_M1, BLOCK_N1, USE_CAP, DOT_PRECISION, UPCAST,
-                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK)
+                HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK, SCALED)
     else:
         _stage1_vnode(
             vid, kv_head, Q, K, V, MidO, MidLSE, O, ReqMidLen, ReqMidStart, ReqMidRows,
@@ -421,7 +448,7 @@ def _stage1_kernel(
             stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_mo_r, stride_mo_h, stride_ml_r, stride_ob, stride_oh, qk_scale, logit_cap,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M0, BLOCK_N0, USE_CAP, DOT_PRECISION, UPCAST,
-            HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK)
+            HAS_SLOT0, DIRECT, OFF32, FINISH, PDL_WAIT, HAS_MASK, SCALED)
     if WAIT_AT_END:
         # A programmatic dependent launch that reads nothing of the launch before it: it
         # runs beside that launch and only its end waits for it, so that this grid ends
@@ -446,10 +473,13 @@ def _stage2_kernel(
     BLOCK_P: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
     PDL_WAIT: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     # One program per (request, block of BLOCK_H query heads); BLOCK_P partials of all
     # those heads are loaded per step as one [BLOCK_P, BLOCK_H, BLOCK_D] tile.
     # SKIP_SINGLE: stage 1 already wrote the output of requests with one partial.
+    # SCALED: the partials are scaled by 2**-shift, shift in column num_heads + head of
+    # their log-sum-exps (see _store_partial).
     req = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < num_heads
@@ -487,7 +517,13 @@ def _stage2_kernel(
         m_ref = tl.where(finite, m_new, 0.0)
         alpha = tl.where(finite, tl.exp2(m - m_ref), 0.0)  # [H]
         w = tl.where(finite[None, :], tl.exp2(lse - m_ref[None, :]), 0.0)  # [P, H]
-        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], axis=0)
+        if SCALED:
+            shift = tl.load(MidLSE + rows[:, None] * stride_ml_r + num_heads + heads[None, :],
+                            mask=p_ok[:, None] & h_ok[None, :], other=0.0)  # [P, H]
+            wo = tl.where(finite[None, :], tl.exp2(lse + shift - m_ref[None, :]), 0.0)
+            acc = acc * alpha[:, None] + tl.sum(part * wo[:, :, None], axis=0)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], axis=0)
         l = l * alpha + tl.sum(w, axis=0)
         m = m_new
     out = acc / tl.where(l > 0.0, l, 1.0)[:, None]
@@ -496,6 +532,28 @@ def _stage2_kernel(
         write = hd_ok & ((heads * 0 + count) != 1)[:, None]  # a block mask (interpreter)
     tl.store(O + req * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=write)
+
+
+def scaled_partials(mid_o: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether partial outputs in ``mid_o`` for inputs of ``dtype`` are stored scaled:
+    float16 partials of bfloat16 inputs. Each is stored times a power of two
+    ``2**-shift`` that brings its largest magnitude into [2**13, 2**14), and ``mid_lse``
+    is then ``[R, 2 * Hq]``: log-sum-exps in columns ``[0, Hq)``, shifts in
+    ``[Hq, 2 * Hq)``. Half the partial traffic of float32 partials, with float16's
+    11-bit precision at any bfloat16 magnitude (bfloat16 partials would have 8 bits)."""
+    return mid_o.dtype == torch.float16 and dtype == torch.bfloat16
+
+
+def _check_stats(mid_o: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise ValueError unless ``mid_lse`` has the columns the partials in ``mid_o``
+    need for inputs of ``dtype`` (twice the heads with scaled partials)."""
+    hq = mid_o.shape[1]
+    cols = 2 * hq if scaled_partials(mid_o, dtype) else hq
+    if mid_lse.dim() != 2 or mid_lse.shape[1] != cols:
+        raise ValueError(
+            f"mid_lse has shape {tuple(mid_lse.shape)}, expected [rows, {cols}] for "
+            f"{mid_o.dtype} partials of {dtype} inputs"
+            + (" (log-sum-exps then shifts: see scaled_partials)" if cols != hq else ""))
 
 
 def _check_index(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -572,9 +630,11 @@ def tree_decode_stage1(
     ----------
     q : Tensor ``[B, Hq, D]`` (fp16 / bf16 / fp32), last dim contiguous.
     k, v : Tensor ``[S, Hk, D]``, same dtype as ``q``; rows are KV slots.
-    mid_o : Tensor ``[R, Hq, D]``, float32 or ``q``'s dtype: partial outputs (``R`` mid
-        rows), stored normalised (divided by their softmax sum).
-    mid_lse : Tensor ``[R, Hq]`` float32, base-2 log-sum-exp of each partial output.
+    mid_o : Tensor ``[R, Hq, D]``, float32 or ``q``'s dtype (or float16 for bfloat16
+        ``q``, :func:`scaled_partials`): partial outputs (``R`` mid rows), stored
+        normalised (divided by their softmax sum).
+    mid_lse : Tensor ``[R, Hq]`` float32, base-2 log-sum-exp of each partial output
+        (``[R, 2 * Hq]`` with scaled partials: the shifts follow).
     kv_indices, vnode_* , mid_q_rows : int32 index arrays (see the module docstring).
     phase : Phase or a sequence of at most two adjacent phases
         Which vnodes to run and their tile sizes; every vnode of a phase must have
@@ -599,6 +659,7 @@ def tree_decode_stage1(
         (entries every query attends carry -1). A query that sees none of its vnode's
         entries gets an empty partial (log-sum-exp ``-inf``).
     """
+    _check_stats(mid_o, mid_lse, q.dtype)
     _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_kv_len,
                      vnode_q_start, vnode_q_len, mid_q_rows, phase, sm_scale, logit_cap,
                      num_warps, num_stages, vnode_slot0, o, req_mid_len,
@@ -699,7 +760,8 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
         HAS_SLOT0=vnode_slot0 is not None, DIRECT=direct,
         OFF32=_offsets_fit_int32(k) and _offsets_fit_int32(v), PDL_TRIGGER=bool(pdl),
         FINISH=finish is not None, PDL_WAIT=bool(pdl_wait), WAIT_AT_END=bool(wait_at_end),
-        HAS_MASK=kv_mask is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_MASK=kv_mask is not None, SCALED=scaled_partials(mid_o, q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if pdl_wait or wait_at_end:
         consts["launch_pdl"] = True
@@ -1033,8 +1095,10 @@ def tree_decode_stage2(
     A request with no mid rows (an empty context) gets zeros. ``skip_single``: leave the
     rows of requests with exactly one partial alone (stage 1 wrote them, ``direct``).
     ``block_h`` (heads per program), ``block_p`` (partials per step) and ``num_warps``
-    default to :func:`stage2_blocks`.
+    default to :func:`stage2_blocks`. float16 partials for a bfloat16 ``o`` are read as
+    scaled (:func:`scaled_partials`).
     """
+    _check_stats(mid_o, mid_lse, o.dtype)
     _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows,
                      skip_single, block_h, block_p, num_warps)(o)
 
@@ -1060,8 +1124,8 @@ def _stage2_launcher(mid_o, mid_lse, o, req_mid_start, req_mid_len, req_mid_rows
             o.stride(0), o.stride(1),
             hq)
     consts = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_P=block_p,
-                  SKIP_SINGLE=bool(skip_single), PDL_WAIT=bool(pdl), num_warps=num_warps,
-                  num_stages=2)
+                  SKIP_SINGLE=bool(skip_single), PDL_WAIT=bool(pdl),
+                  SCALED=scaled_partials(mid_o, o.dtype), num_warps=num_warps, num_stages=2)
     if pdl:
         consts["launch_pdl"] = True
     return _KernelLaunch(_stage2_kernel, (b, triton.cdiv(hq, block_h)), args, consts,
@@ -1106,11 +1170,11 @@ def tree_decode(
 
     Writes ``o``. ``vnode_slot0`` is the optional contiguity hint and ``kv_mask`` the
     optional row masks of :func:`tree_decode_stage1`; ``mid_o`` may be float32 or
-    ``q``'s dtype.
+    ``q``'s dtype, or float16 for bfloat16 ``q`` (:func:`scaled_partials`).
 
     Shapes: ``q``, ``o`` ``[B, Hq, D]``; ``k``, ``v`` ``[S, Hk, D]`` with ``Hq % Hk == 0``;
-    ``mid_o`` ``[R, Hq, D]`` float32 or ``q``'s dtype; ``mid_lse`` ``[R, Hq]`` float32,
-    where ``R`` is at least the number of mid rows the vnodes use. Returns ``o``.
+    ``mid_o`` ``[R, Hq, D]``; ``mid_lse`` ``[R, Hq]`` float32 (``[R, 2 * Hq]`` with scaled
+    partials), where ``R`` is at least the number of mid rows the vnodes use. Returns ``o``.
     """
     if check:
         _check_args(q, k, v, o, mid_o, mid_lse)
@@ -1400,12 +1464,13 @@ def _check_args(q, k, v, o, mid_o, mid_lse) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("o", o)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension")
-    if mid_o.dtype not in (torch.float32, q.dtype) or mid_lse.dtype != torch.float32:
+    scaled = scaled_partials(mid_o, q.dtype)
+    if (mid_o.dtype not in (torch.float32, q.dtype) and not scaled) or mid_lse.dtype != torch.float32:
         raise ValueError(
-            f"mid_o must be float32 or q's dtype {q.dtype} (got {mid_o.dtype}) and mid_lse "
-            f"float32 (got {mid_lse.dtype})")
-    if mid_o.shape[1:] != q.shape[1:] or mid_lse.shape[1] != q.shape[1]:
+            f"mid_o must be float32 or q's dtype {q.dtype} (or float16 for bfloat16 q; got "
+            f"{mid_o.dtype}) and mid_lse float32 (got {mid_lse.dtype})")
+    if mid_o.shape[1:] != q.shape[1:]:
         raise ValueError(
-            f"mid_o {tuple(mid_o.shape)} / mid_lse {tuple(mid_lse.shape)} do not match "
-            f"q's heads and head_dim {tuple(q.shape[1:])}"
-        )
+            f"mid_o {tuple(mid_o.shape)} does not match q's heads and head_dim "
+            f"{tuple(q.shape[1:])}")
+    _check_stats(mid_o, mid_lse, q.dtype)

@@ -19,7 +19,8 @@ import torch
 
 from kernels import Phase, reference_decode, torch_tree_decode, tree_decode
 from kernels.backend import interpreter_enabled
-from kernels.tree_decode import stage1_block_sizes, tree_decode_stage1, tree_decode_stage2
+from kernels.tree_decode import (scaled_partials, stage1_block_sizes, tree_decode_stage1,
+                                 tree_decode_stage2)
 
 # The Triton kernels run in the interpreter on CPU tensors, or compiled on a GPU when the
 # interpreter is off (a GPU machine): then every tensor of these tests lives on the GPU.
@@ -115,7 +116,9 @@ class Case:
         rows = self.num_mid_rows + self.spare
         o = torch.full_like(q, float("nan"))
         mid_o = torch.full((rows, hq, d), float("nan"), dtype=mid_dtype)
-        mid_lse = torch.full((rows, hq), float("nan"), dtype=torch.float32)
+        # Scaled partials (float16 for bfloat16 inputs) keep their shifts after the lses.
+        lse_cols = 2 * hq if scaled_partials(mid_o, q.dtype) else hq
+        mid_lse = torch.full((rows, lse_cols), float("nan"), dtype=torch.float32)
         extra = dict(kw) if vnode_slot0 is None else dict(kw, vnode_slot0=vnode_slot0)
         out = IMPLS[impl](q, k, v, o, mid_o=mid_o, mid_lse=mid_lse, phases=self.phases,
                           sm_scale=sm_scale, logit_cap=logit_cap, **self.index, **extra)
@@ -528,6 +531,46 @@ def test_half_precision_partials(impl):
     torch.testing.assert_close(mid_lse[:n], lse32[:n], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("mode", ["stage2", "direct", "finish"])
+@pytest.mark.parametrize("v_scale", [1e-6, 1.0, 1e6])
+def test_scaled_half_partials_of_bfloat16(impl, mode, v_scale):
+    # bfloat16 inputs keep float16 partials scaled by a power of two per row: values
+    # far outside float16's range (1e6 overflows it, 1e-6 is below its normal range)
+    # give the result of float32 partials, in every mode that reads partials.
+    vnodes = [([0, 1, 3, 4], list(range(0, 45))), ([1, 3], list(range(110, 118))),
+              ([1], list(range(45, 52))), ([3], list(range(52, 90))), ([2], list(range(90, 97))),
+              ([4], []), ([0], [97, 99, 101])]
+    case = Case(vnodes, 5, phases=[(0, 2, 32), (2, 5, 16)], shuffle_req_rows=True,
+                generator=torch.Generator().manual_seed(5))
+    q, k, v = make_qkv(5, 120, 8, 2, 64, torch.float32, seed=23)
+    q, k, v = q.bfloat16(), k.bfloat16(), (v * v_scale).bfloat16()
+    kw = {"stage2": {}, "direct": {"direct": True}, "finish": {"finish": True}}[mode]
+    o, mid_o, mid_lse = case.run(impl, q, k, v, 0.2, mid_dtype=torch.float16, **kw)
+    assert mid_o.dtype == torch.float16 and mid_lse.shape[1] == 16
+    ref = reference_decode(q, k, v, case.request_slots, 0.2)
+    assert not torch.isnan(o).any() and torch.isfinite(o).all()
+    assert rel_err(o, ref) <= TOL[torch.bfloat16]
+    o32, _, _ = case.run(impl, q, k, v, 0.2, **kw)
+    # Both round to bfloat16 at the end: at most about one bfloat16 step apart.
+    assert rel_err(o, o32.float()) <= 4e-3
+    if mode == "stage2":
+        # Each stored row's largest magnitude is in [2**13, 2**14) after its shift (an
+        # integer, stored after the row's lses; request 4's empty vnode keeps 0).
+        n = case.num_mid_rows
+        shift, part = mid_lse[:n, 8:], mid_o[:n].float()
+        assert torch.equal(shift, shift.round())
+        amax = part.abs().amax(dim=-1)
+        live = amax > 0
+        assert live.sum() >= n * 8 - 8
+        assert ((amax[live] >= 2 ** 13) & (amax[live] < 2 ** 14)).all()
+        assert (shift[~live] == 0).all()
+        # Undo the shifts: the float32 partials, to float16 rounding.
+        _, mid32, _ = case.run(impl, q, k, v, 0.2)
+        torch.testing.assert_close(part * torch.exp2(shift)[..., None], mid32[:n],
+                                   rtol=2e-3, atol=1e-30)
+
+
 def test_two_phases_in_one_launch_equal_separate_launches():
     # One stage-1 launch over both phases writes the same partials as one launch each
     # (bit for bit with the same warp count; with each launch's own default warps -
@@ -701,11 +744,19 @@ def test_rejects_wide_q_tile():
         (lambda a: a.update(o=a["o"][:2]), r"o has shape \(2, 2, 16\), expected q's \(3, 2, 16\)"),
         (lambda a: a.update(v=a["v"][:10]), r"k has shape .* but v has"),
         (lambda a: a.update(mid_o=a["mid_o"].bfloat16()),
-         r"mid_o must be float32 or q's dtype torch.float16 \(got torch.bfloat16\)"),
+         r"mid_o must be float32 or q's dtype torch.float16 \(or float16 for bfloat16 q; "
+         r"got torch.bfloat16\)"),
         (lambda a: a.update(k=a["k"][..., :8].contiguous(), v=a["v"][..., :8].contiguous()),
          r"k has head_dim 8, q has 16"),
+        # bfloat16 inputs with float16 partials need the shifts' columns too.
+        (lambda a: a.update(**{n: a[n].bfloat16() for n in "qkvo"}, mid_o=a["mid_o"].half()),
+         r"mid_lse has shape \(6, 2\), expected \[rows, 4\] for torch.float16 partials of "
+         r"torch.bfloat16 inputs \(log-sum-exps then shifts"),
+        (lambda a: a.update(mid_lse=a["mid_lse"][:, :1]),
+         r"mid_lse has shape \(6, 1\), expected \[rows, 2\] for torch.float32 partials"),
     ],
-    ids=["index-dtype", "kv-dtype", "o-shape", "v-rows", "mid-dtype", "head-dim"],
+    ids=["index-dtype", "kv-dtype", "o-shape", "v-rows", "mid-dtype", "head-dim",
+         "scaled-stats", "stats-shape"],
 )
 def test_argument_checks(mutate, message):
     case, q, k, v, o, mid_o, mid_lse = _small_args()
@@ -713,6 +764,21 @@ def test_argument_checks(mutate, message):
     mutate(args)
     with pytest.raises(ValueError, match=message):
         tree_decode(phases=case.phases, sm_scale=0.25, **args)
+
+
+def test_stage_launches_check_the_stats_columns():
+    # The stage functions alone refuse lse buffers without the shifts' columns where
+    # the partials are scaled, before any launch.
+    case, q, k, v, o, mid_o, mid_lse = _small_args()
+    q, k, v, o = (t.bfloat16() for t in (q, k, v, o))
+    ix = case.index
+    with pytest.raises(ValueError, match=r"expected \[rows, 4\]"):
+        tree_decode_stage1(q, k, v, mid_o.half(), mid_lse, ix["kv_indices"],
+                           ix["vnode_kv_start"], ix["vnode_kv_len"], ix["vnode_q_start"],
+                           ix["vnode_q_len"], ix["mid_q_rows"], case.phases, 0.25)
+    with pytest.raises(ValueError, match=r"expected \[rows, 4\]"):
+        tree_decode_stage2(mid_o.half(), mid_lse, o, ix["req_mid_start"], ix["req_mid_len"],
+                           ix["req_mid_rows"])
 
 
 @pytest.mark.parametrize("d", [40, 96])

@@ -1110,20 +1110,26 @@ def test_default_plan_at_each_head_dim_decodes_like_the_reference(head_dim):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
                          ids=["fp16", "bf16", "fp32"])
 def test_half_partials(dtype):
-    # float16 inputs: the partials go through a float16 view of the float32 buffer
-    # (first half of each row); other dtypes keep float32 partials. Both modes agree
-    # with the reference, and switching the mode off gives float32 partials again.
+    # float16 and bfloat16 inputs: the partials go through a float16 view of the
+    # float32 buffer (first half of each row), for bfloat16 scaled, with their shifts in
+    # the second half of the buffers' lse rows; float32 inputs keep float32 partials.
+    # Both modes agree with the reference, and switching the mode off gives float32
+    # partials again.
     inp = plan_input([-1, 0, 0, 1, 1], [40, 5, 7, 3, 9], [3, 4, 2, 0])
     plan = build(inp, group=2, params=FastTreeParams(gamma=0.0), **NO_ADJUST)
     assert plan.half_partials and int(np.max(host(plan, "req_mid_len", 4))) >= 2
     q, k, v = _qkv(plan, 64, seed=6, dtype=dtype)
     t = plan.kernel_tensors(dtype)
-    if dtype == torch.float16:
+    if dtype != torch.float32:
         mid = t["mid_o"]
         assert mid.dtype == torch.float16
         assert mid.data_ptr() == plan.buffers.mid_o.data_ptr()
         assert mid.stride() == (2 * plan.buffers.mid_o.stride(0), 2 * plan.buffers.mid_o.stride(1), 1)
         assert plan.kernel_tensors(dtype) is t  # cached
+        lse, hq = t["mid_lse"], plan.num_qo_heads
+        assert lse.data_ptr() == plan.tensors()["mid_lse"].data_ptr()
+        assert lse.shape[1] == (2 * hq if dtype == torch.bfloat16 else hq)
+        assert lse.stride(0) == 2 * hq
     else:
         assert t is plan.tensors()
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}[dtype]

@@ -109,10 +109,11 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 #: out (no call per term): on the development CPU 25 / 97 us at 29 nodes, 76 / 110 at
 #: 103, 152 / 208 at 214, 420 / 344 at 416 (v33).
 SCALAR_HEURISTIC_MAX_NODES = 256
-#: Whether new plans store float16 partial outputs for float16 inputs
-#: (:attr:`DecodePlan.half_partials`). Measured on an H100 (benchmarks/RESULTS.md, v5):
-#: 5% faster on the geomean of the benchmark cases, up to 16% on trees of many small
-#: nodes; slower on three cases (1.26x on ``1,1024 2048,32`` 16/1).
+#: Whether new plans store float16 partial outputs for float16 and bfloat16 inputs
+#: (:attr:`DecodePlan.half_partials`; scaled per row for bfloat16). Measured on an H100
+#: (benchmarks/RESULTS.md, v5): 5% faster on the geomean of the benchmark cases, up to
+#: 16% on trees of many small nodes; slower on three cases (1.26x on ``1,1024 2048,32``
+#: 16/1). bfloat16 since v36 (see RESULTS.md).
 HALF_PARTIALS = True
 #: KV tile of the small-tile phase (phase 1) when its vnodes are short: a plan lowers
 #: the phase's KV tile to this when the mean KV length of its vnodes is at most
@@ -421,7 +422,9 @@ class PlanBuffers:
     """Fixed-capacity device buffers that plans write into (CUDA-graph friendly).
 
     All int32 index arrays live in one device tensor at fixed offsets, filled from one
-    host staging tensor with a single copy; ``mid_o``/``mid_lse`` are float32 buffers.
+    host staging tensor with a single copy; ``mid_o``/``mid_stats`` are float32 buffers
+    (``mid_lse`` is the first ``num_qo_heads`` columns of ``mid_stats``, the rest hold
+    the shifts of scaled bfloat16 partials, see :meth:`DecodePlan.kernel_tensors`).
     A GPU plan expands its ``kv_indices`` (and the row masks of a masked plan) on the
     device from a table of runs that travels in the same copy (one kernel,
     :func:`kernels.plan_ops.expand_runs`): over contiguous node runs the runs are the
@@ -497,8 +500,11 @@ class PlanBuffers:
                     else torch.zeros(total, dtype=torch.int32, device=self.device))
         self.mid_o = torch.empty(self.cap_mid_rows, self.num_qo_heads, self.head_dim,
                                  dtype=torch.float32, device=self.device)
-        self.mid_lse = torch.empty(self.cap_mid_rows, self.num_qo_heads,
-                                   dtype=torch.float32, device=self.device)
+        # Log-sum-exps in the first num_qo_heads columns; scaled partials (bfloat16
+        # inputs, kernels.tree_decode.scaled_partials) keep their shifts in the rest.
+        self.mid_stats = torch.empty(self.cap_mid_rows, 2 * self.num_qo_heads,
+                                     dtype=torch.float32, device=self.device)
+        self.mid_lse = self.mid_stats[:, :self.num_qo_heads]
         self._expand = {}  # prepared run expansions (CUDA) by (gather, masks)
         self._staged = None  # see staged_slot_table
         #: Views of these buffers as the kernels take them, shared by the plans written
@@ -853,9 +859,11 @@ class DecodePlan:
     #: request's partials and writes its output, with no stage 2 (see
     #: :data:`FINISH_MIN_GROUP`, :data:`FINISH_MIN_PROGRAMS` and :data:`FINISH_MAX_PROGRAMS`).
     finish: bool = False
-    #: With float16 inputs, stage 1 stores the partial outputs in float16 (in the
-    #: first half of each float32 row of ``buffers.mid_o``: half the partial traffic);
-    #: other dtypes, or ``False``, keep float32 partials. See :data:`HALF_PARTIALS`.
+    #: With float16 or bfloat16 inputs, stage 1 stores the partial outputs in float16
+    #: (in the first half of each float32 row of ``buffers.mid_o``: half the partial
+    #: traffic; scaled by a power of two per row for bfloat16, see
+    #: :func:`kernels.tree_decode.scaled_partials`); float32 inputs, or ``False``, keep
+    #: float32 partials. See :data:`HALF_PARTIALS`.
     half_partials: bool = True
     #: Some phase-1 vnodes hold several requests over the union of their contexts, each
     #: kv entry with a mask of the queries that attend it (``kv_mask``; see
@@ -932,18 +940,24 @@ class DecodePlan:
 
     def kernel_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """:meth:`tensors` as decode uses them for inputs of ``dtype``: with
-        :attr:`half_partials` and float16 inputs, ``mid_o`` is a float16 view of the
-        float32 buffer (row stride unchanged, the first half of each row used). Shared
-        like :meth:`tensors`."""
+        :attr:`half_partials` and float16 or bfloat16 inputs, ``mid_o`` is a float16
+        view of the float32 buffer (row stride unchanged, the first half of each row
+        used); for bfloat16 the partials are scaled and ``mid_lse`` has their shifts
+        after the log-sum-exps (``[R, 2 * Hq]``, see
+        :func:`kernels.tree_decode.scaled_partials`). Shared like :meth:`tensors`."""
         t = self.tensors()
-        if not (self.half_partials and dtype == torch.float16):
+        if not (self.half_partials and dtype in (torch.float16, torch.bfloat16)):
             return t
-        key = (self.num_requests, self.masked, "half")
+        scaled = dtype == torch.bfloat16
+        key = (self.num_requests, self.masked, "scaled" if scaled else "half")
         half_t = self.buffers.views.get(key)
         if half_t is None:
             mid = t["mid_o"]
             half = mid.view(torch.float16)[..., :mid.shape[-1]]
-            half_t = self.buffers.views[key] = dict(t, mid_o=half)
+            half_t = dict(t, mid_o=half)
+            if scaled:
+                half_t["mid_lse"] = self.buffers.mid_stats
+            self.buffers.views[key] = half_t
         return half_t
 
     def run_stage1(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phase,
