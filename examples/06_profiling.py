@@ -59,11 +59,13 @@ def main():
     b = q.shape[0]
     meta, _ = tc.fasttree_preparation(nodes, ptrs, b, hq, hk, d, device=device)
     plan = meta.plan
-    t = plan.kernel_tensors(q.dtype)  # what decode uses (float16 partials for float16)
+    t = plan.kernel_tensors(q.dtype)  # what decode uses (float16 partials for 16-bit inputs)
     o = torch.empty_like(q)
     sm = 1 / math.sqrt(d)
     esz = q.element_size()
     psz = t["mid_o"].element_size()  # bytes per partial-output value
+    # Bytes of statistics per partial: its log-sum-exp (and, for bfloat16, its shift).
+    lsz = 4 * (t["mid_lse"].shape[1] // hq)
     st = tc.tree_stats(nodes)
     print(f"tree {args.tree!r}: {st['num_nodes']} nodes, {b} requests, {st['unique_tokens']} "
           f"unique tokens; heads {hq}/{hk}, head_dim {d}, {dtype}, {device}")
@@ -76,14 +78,14 @@ def main():
         sl = slice(ph.vnode_offset, ph.vnode_offset + ph.num_vnodes)
         tokens = int(lens[sl].sum())
         rows = int(qlens[sl].sum())
-        nbytes = 2 * tokens * hk * d * esz + rows * hq * d * (esz + psz) + rows * hq * 4
+        nbytes = 2 * tokens * hk * d * esz + rows * hq * (d * (esz + psz) + lsz)
         us = bench(lambda ph=ph: plan.run_stage1(q, k, v, ph, sm), device)
         total_us += us
         total_bytes += nbytes
         print(f"stage 1 phase {i}: {ph.num_vnodes:5d} vnodes x {hk} heads, q tile {ph.q_tile}, "
               f"{tokens} KV tokens read: {us:8.1f} us, {nbytes / 1e6:8.1f} MB, "
               f"{nbytes / us / 1e6:6.2f} TB/s")
-    nbytes = plan.num_mid_rows * hq * (d * psz + 4) + b * hq * d * esz
+    nbytes = plan.num_mid_rows * hq * (d * psz + lsz) + b * hq * d * esz
     us = bench(lambda: tree_decode_stage2(t["mid_o"], t["mid_lse"], o, t["req_mid_start"],
                                           t["req_mid_len"], t["req_mid_rows"]), device)
     total_us += us
