@@ -488,13 +488,14 @@ def _stage2_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     start = tl.load(ReqMidStart + req)
     count = tl.load(ReqMidLen + req)
+    n_parts = count
+    if SKIP_SINGLE:
+        n_parts = tl.where(count == 1, 0, count)  # nothing to merge (and no store)
+    rows_next = tl.load(ReqMidRows + start + offs_p, mask=offs_p < n_parts, other=0)
     if PDL_WAIT:
         # Launched as a programmatic dependent of stage 1: everything above reads only
         # the plan; wait for stage 1's partials (and their visibility) here.
         tl.extra.cuda.gdc_wait()
-    n_parts = count
-    if SKIP_SINGLE:
-        n_parts = tl.where(count == 1, 0, count)  # nothing to merge (and no store)
 
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -502,7 +503,10 @@ def _stage2_kernel(
     hd_ok = h_ok[:, None] & d_ok[None, :]
     for p0 in range(0, n_parts, BLOCK_P):
         p_ok = p0 + offs_p < n_parts
-        rows = tl.load(ReqMidRows + start + p0 + offs_p, mask=p_ok, other=0).to(tl.int64)
+        rows = rows_next.to(tl.int64)
+        # The next step's mid rows, in flight while this step merges.
+        nxt = p0 + BLOCK_P + offs_p
+        rows_next = tl.load(ReqMidRows + start + nxt, mask=nxt < n_parts, other=0)
         lse = tl.load(MidLSE + rows[:, None] * stride_ml_r + heads[None, :],
                       mask=p_ok[:, None] & h_ok[None, :], other=float("-inf"))  # [P, H]
         part = tl.load(

@@ -135,6 +135,37 @@ def test_head_dim_ab_compares_the_defaults_with_the_head_dim_128_ones(tmp_path):
         ab_main(["--quick", "--rounds", "0"])
 
 
+def test_kernel_ab_runs_two_versions_of_the_kernels_on_one_plan(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from benchmarks.kernel_ab import main as ab_main
+
+    # The working tree's kernels against a copy of themselves: both decode like the
+    # reference on every quick case; with --stage2-only only the plans that launch
+    # stage 2 stay. A file without the launcher is refused.
+    src = importlib.util.find_spec("kernels.tree_decode").origin
+    old = tmp_path / "old_tree_decode.py"
+    old.write_text(Path(src).read_text())
+    rows = ab_main(["--quick", "--old", str(old), "--rounds", "1",
+                    "--out", str(tmp_path / "ab.json")])
+    assert len(rows) == 4
+    for r in rows:
+        for which in ("old", "new"):
+            assert r["err"][which] <= 1e-4 and math.isfinite(r["err"][which])
+            assert r["eager_us"][which] > 0
+        assert not (r["finish"] and r["stage2"])  # a finishing plan merges in phase 1
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert data["old"] == str(old) and len(data["rows"]) == 4
+    assert data["summary"][0].startswith("all, eager: new / old =")
+    staged = ab_main(["--quick", "--old", str(old), "--rounds", "1", "--stage2-only"])
+    assert [r["case"] for r in staged] == [r["case"] for r in rows if r["stage2"]]
+    bad = tmp_path / "empty.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="has no tree_decode_launcher"):
+        ab_main(["--quick", "--old", str(bad)])
+
+
 def test_summary_takes_the_seed_only_at_its_settings_and_bf16_bounds():
     from benchmarks.kernel import error_bound, seed_comparable
 
@@ -181,7 +212,8 @@ def test_masked_probe_inline_configs():
                                     "benchmarks.cache_ops",
                                     "benchmarks.replan_ab",
                                     "benchmarks.driver_call_probe",
-                                    "benchmarks.head_dim_ab"])
+                                    "benchmarks.head_dim_ab",
+                                    "benchmarks.kernel_ab"])
 def test_benchmark_modules_import(module):
     import importlib
 

@@ -1,0 +1,157 @@
+"""The kernels of the working tree against another version of ``kernels/tree_decode.py``,
+on the benchmark's cases, in one process.
+
+``git show REV:kernels/tree_decode.py > old.py`` and then ``python -m
+benchmarks.kernel_ab --old old.py --out results.json`` builds the default plan of every
+case (float16 on a GPU, float32 on the CPU; ``--dtype bfloat16`` on a GPU) and launches
+it through both modules' ``tree_decode_launcher`` with the same plan tensors: ``old``
+(the given file, loaded as a module of its own) and ``new`` (the working tree). Both
+decode into a poisoned output and are checked against the float32 reference; then
+each is timed in turn, ``--rounds`` times: CUDA-graph replay and ``do_bench`` (eager,
+L2 flushed) on a GPU, wall time on the CPU. ``--stage2-only`` keeps the cases whose
+plan launches stage 2 (neither a finishing phase nor every request direct). Reported
+per case: the plan's modes, both errors and median times and the ratio new / old; at
+the end the geometric means of the ratios. This is the A/B behind the v36 merge entry
+of benchmarks/RESULTS.md (``--quick``: the tiny cases, a CPU smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from kernels import reference_decode
+from treecache import fasttree_preparation, qkv_preparation, tree_stats
+from treecache.fasttree import tree_plan_input
+from treecache.plan import path_token_indices
+
+from .kernel import HEAD_DIM, _bench, _geomean, _graph_time, _progress, rel_err
+from .suite import quick_cases, suite_cases
+
+# The package re-exports a function named tree_decode; fetch the module itself.
+td_new = importlib.import_module("kernels.tree_decode")
+
+
+def load_kernels(path: str):
+    """The module in ``path`` (a copy of ``kernels/tree_decode.py``), under a name of
+    its own so that its Triton kernels are compiled apart from the working tree's."""
+    spec = importlib.util.spec_from_file_location("_kernel_ab_old", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--old {path!r} is not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "tree_decode_launcher"):
+        raise SystemExit(f"--old {path!r} has no tree_decode_launcher")
+    return mod
+
+
+def runs_stage2(plan) -> bool:
+    """Whether the plan's decode launches stage 2."""
+    return not plan.finish and (plan.needs_stage2 or not plan.direct)
+
+
+def run_case(name, nodes, hq, hk, device, dtype, old, rounds, stage2_only=False):
+    """One case's row (see the module), or None where ``stage2_only`` drops it."""
+    b = tree_stats(nodes)["num_requests"]
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, HEAD_DIM, device, dtype,
+                                             generator=gen, build_cache=False)
+    meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, HEAD_DIM, device=device)
+    plan = meta.plan
+    if stage2_only and not runs_stage2(plan):
+        return None
+    sm = 1.0 / math.sqrt(HEAD_DIM)
+    inp = tree_plan_input(nodes, ptrs, b)
+    slots = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
+    ref = reference_decode(q, k, v, [torch.from_numpy(s).to(device) for s in slots], sm)
+    row = dict(case=name, hq=hq, hk=hk, finish=plan.finish, direct=plan.direct,
+               stage2=runs_stage2(plan), err={}, graph_us={}, eager_us={})
+    calls = {}
+    for which, mod in (("old", old), ("new", td_new)):
+        o = torch.full_like(q, float("nan"))
+        launch = mod.tree_decode_launcher(q, k, v, o, phases=plan.phases, sm_scale=sm,
+                                          **plan.launch_modes, **plan.kernel_tensors(q.dtype))
+        launch(q, k, v, o)
+        row["err"][which] = rel_err(o, ref)
+        calls[which] = (lambda launch=launch, o=o: launch(q, k, v, o))
+    graph, eager = {w: [] for w in calls}, {w: [] for w in calls}
+    for _ in range(rounds):
+        for which, call in calls.items():
+            graph[which].append(_graph_time(call, device))
+            eager[which].append(_bench(call, device))
+    for which in calls:
+        g = [t for t in graph[which] if t is not None]
+        row["graph_us"][which] = statistics.median(g) if g else None
+        row["eager_us"][which] = statistics.median(eager[which])
+    return row
+
+
+def summary(rows) -> list[str]:
+    """Geometric means of new / old per timing, over all rows and by plan kind."""
+    lines = []
+    for label, keep in (("all", lambda r: True), ("finishing plans", lambda r: r["finish"]),
+                        ("plans with stage 2", lambda r: r["stage2"])):
+        sel = [r for r in rows if keep(r)]
+        for key in ("graph_us", "eager_us"):
+            ratios = [r[key]["new"] / r[key]["old"] for r in sel
+                      if r[key]["new"] and r[key]["old"]]
+            if ratios:
+                lines.append(f"{label}, {key[:-3]}: new / old = {_geomean(ratios):.3f} "
+                             f"(geomean of {len(ratios)} cases, {min(ratios):.3f}-"
+                             f"{max(ratios):.3f}; slower by > 2%: "
+                             f"{sum(x > 1.02 for x in ratios)})")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", required=True, help="a copy of kernels/tree_decode.py")
+    ap.add_argument("--out", default=None, help="write a JSON file here")
+    ap.add_argument("--only", default=None, help="substring filter on case names")
+    ap.add_argument("--stage2-only", action="store_true",
+                    help="only the cases whose plan launches stage 2")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"),
+                    help="input dtype on a GPU (the CPU runs float32)")
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds (default 3)")
+    ap.add_argument("--quick", action="store_true", help="tiny cases (CPU smoke test)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    old = load_kernels(args.old)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    cases = quick_cases() if args.quick else suite_cases(extra=True)
+    if args.only:
+        cases = [c for c in cases if args.only in c[0]]
+    rows = []
+    for name, nodes, (hq, hk) in _progress(cases, len(cases), "cases"):
+        r = run_case(name, nodes, hq, hk, device, dtype, old, args.rounds, args.stage2_only)
+        if r is None:
+            continue
+        rows.append(r)
+        g, e = r["graph_us"], r["eager_us"]
+        graph = (f"graph {g['old']:8.1f} -> {g['new']:8.1f} us ({g['new'] / g['old']:.3f}) "
+                 if g["old"] else "")
+        print(f"{name[:34]:34s} {hq}/{hk} {'finish' if r['finish'] else 'stage2' if r['stage2'] else 'direct'}: "
+              f"{graph}eager {e['old']:8.1f} -> {e['new']:8.1f} us "
+              f"({e['new'] / e['old']:.3f}), error {r['err']['new']:.1e}", flush=True)
+    lines = summary(rows)
+    for line in lines:
+        print(line)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+            dtype=str(dtype).replace("torch.", ""), old=args.old, rows=rows, summary=lines),
+            indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
