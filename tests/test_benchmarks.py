@@ -150,9 +150,10 @@ def test_kernel_ab_runs_two_versions_of_the_kernels_on_one_plan(tmp_path):
     rows = ab_main(["--quick", "--old", str(old), "--rounds", "1",
                     "--out", str(tmp_path / "ab.json")])
     assert len(rows) == 4
+    bound = 2e-3 if torch.cuda.is_available() else 1e-4  # float16 on a GPU, else float32
     for r in rows:
         for which in ("old", "new"):
-            assert r["err"][which] <= 1e-4 and math.isfinite(r["err"][which])
+            assert r["err"][which] <= bound and math.isfinite(r["err"][which])
             assert r["eager_us"][which] > 0
         assert not (r["finish"] and r["stage2"])  # a finishing plan merges in phase 1
     data = json.loads((tmp_path / "ab.json").read_text())
