@@ -20,7 +20,6 @@ import argparse
 import importlib
 import json
 import math
-import statistics
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from treecache import FastTreeParams, fasttree_preparation, qkv_preparation, tre
 from treecache.fasttree import tree_plan_input
 from treecache.plan import SUPPORTED_HEAD_DIMS, path_token_indices
 
-from .kernel import HEAD_DIM, _bench, _geomean, _graph_time, _patched, _progress, rel_err
+from .kernel import HEAD_DIM, _patched, _progress, ab_row_line, ab_summary, ab_times, rel_err
 from .suite import quick_cases, suite_cases
 
 # The package re-exports a function named tree_decode; fetch the module itself.
@@ -51,7 +50,7 @@ def run_case(name, nodes, hq, hk, d, device, dtype, rounds):
     sm = 1.0 / math.sqrt(d)
     ref = reference_decode(q, k, v, [torch.from_numpy(s).to(device) for s in slots], sm)
     row = dict(case=name, hq=hq, hk=hk, head_dim=d, requested_kv_tiles={}, kv_tiles={},
-               err={}, graph_us={}, eager_us={})
+               err={})
     calls = {}
     for which in ("old", "new"):
         params = FastTreeParams.for_heads(hq, hk, HEAD_DIM) if which == "old" else None
@@ -70,33 +69,14 @@ def run_case(name, nodes, hq, hk, d, device, dtype, rounds):
         row["requested_kv_tiles"][which] = list(plan.requested_kv_tiles)
         row["kv_tiles"][which] = list(plan.kv_tiles)
         calls[which] = call
-    graph, eager = {w: [] for w in calls}, {w: [] for w in calls}
-    for _ in range(rounds):
-        for which, call in calls.items():
-            graph[which].append(_graph_time(call, device))
-            eager[which].append(_bench(call, device))
-    for which in calls:
-        g = [t for t in graph[which] if t is not None]
-        row["graph_us"][which] = statistics.median(g) if g else None
-        row["eager_us"][which] = statistics.median(eager[which])
+    row["graph_us"], row["eager_us"] = ab_times(calls, device, rounds)
     return row
 
 
 def summary(rows) -> list[str]:
-    """Geometric means of new / old, with and without GQA, per timing."""
-    lines = []
-    for label, keep in (("with GQA", lambda r: r["hq"] > r["hk"]),
-                        ("without GQA", lambda r: r["hq"] == r["hk"])):
-        sel = [r for r in rows if keep(r)]
-        for key in ("graph_us", "eager_us"):
-            ratios = [r[key]["new"] / r[key]["old"] for r in sel
-                      if r[key]["new"] and r[key]["old"]]
-            if ratios:
-                lines.append(f"{label}, {key[:-3]}: new / old = {_geomean(ratios):.3f} "
-                             f"(geomean of {len(ratios)} cases, {min(ratios):.3f}-"
-                             f"{max(ratios):.3f}; slower by > 2%: "
-                             f"{sum(x > 1.02 for x in ratios)})")
-    return lines
+    """Geometric means of new / old per timing, with and without GQA."""
+    return ab_summary(rows, (("with GQA", lambda r: r["hq"] > r["hk"]),
+                             ("without GQA", lambda r: r["hq"] == r["hk"])))
 
 
 def main(argv=None):
@@ -118,12 +98,8 @@ def main(argv=None):
     for name, nodes, (hq, hk) in _progress(cases, len(cases), "cases"):
         r = run_case(name, nodes, hq, hk, args.head_dim, device, dtype, args.rounds)
         rows.append(r)
-        g, e = r["graph_us"], r["eager_us"]
-        graph = (f"graph {g['old']:8.1f} -> {g['new']:8.1f} us ({g['new'] / g['old']:.3f}) "
-                 if g["old"] else "")
-        print(f"{name[:34]:34s} {hq}/{hk} kv tiles {r['kv_tiles']['old']} -> "
-              f"{r['kv_tiles']['new']}: {graph}eager {e['old']:8.1f} -> {e['new']:8.1f} us "
-              f"({e['new'] / e['old']:.3f}), error {r['err']['new']:.1e}", flush=True)
+        print(ab_row_line(r, f"kv tiles {r['kv_tiles']['old']} -> {r['kv_tiles']['new']}"),
+              flush=True)
     lines = summary(rows)
     for line in lines:
         print(line)

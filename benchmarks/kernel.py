@@ -125,6 +125,50 @@ def _graph_time(fn, device, calls=1):
     return statistics.median(reps)
 
 
+def ab_times(calls: dict, device, rounds: int) -> tuple[dict, dict]:
+    """An A/B's timings: each of ``calls`` (name -> function) timed in turn,
+    ``rounds`` times, under CUDA-graph replay and eagerly (:func:`_bench`). Returns the
+    median graph and eager microseconds by name (graph None off CUDA)."""
+    graph, eager = {w: [] for w in calls}, {w: [] for w in calls}
+    for _ in range(rounds):
+        for which, call in calls.items():
+            graph[which].append(_graph_time(call, device))
+            eager[which].append(_bench(call, device))
+    medians = {}
+    for which in calls:
+        g = [t for t in graph[which] if t is not None]
+        medians[which] = statistics.median(g) if g else None
+    return medians, {w: statistics.median(eager[w]) for w in calls}
+
+
+def ab_summary(rows, groups) -> list[str]:
+    """Geometric means of ``new`` / ``old`` of an A/B's rows (each with ``graph_us``
+    and ``eager_us`` dicts) for each ``(label, keep)`` of ``groups``, per timing."""
+    lines = []
+    for label, keep in groups:
+        sel = [r for r in rows if keep(r)]
+        for key in ("graph_us", "eager_us"):
+            ratios = [r[key]["new"] / r[key]["old"] for r in sel
+                      if r[key]["new"] and r[key]["old"]]
+            if ratios:
+                lines.append(f"{label}, {key[:-3]}: new / old = {_geomean(ratios):.3f} "
+                             f"(geomean of {len(ratios)} cases, {min(ratios):.3f}-"
+                             f"{max(ratios):.3f}; slower by > 2%: "
+                             f"{sum(x > 1.02 for x in ratios)})")
+    return lines
+
+
+def ab_row_line(r: dict, label: str) -> str:
+    """One A/B row (``case``, ``hq``, ``hk``, ``graph_us``, ``eager_us``, ``err``) as a
+    line of progress output: old -> new times, their ratio, and the new error."""
+    g, e = r["graph_us"], r["eager_us"]
+    graph = (f"graph {g['old']:8.1f} -> {g['new']:8.1f} us ({g['new'] / g['old']:.3f}) "
+             if g["old"] else "")
+    return (f"{r['case'][:34]:34s} {r['hq']}/{r['hk']} {label}: {graph}eager "
+            f"{e['old']:8.1f} -> {e['new']:8.1f} us ({e['new'] / e['old']:.3f}), "
+            f"error {r['err']['new']:.1e}")
+
+
 def _flash_varlen(q, k_tree, v_tree, slots, device):
     """Tree-unaware FA2: every request's whole context laid out contiguously."""
     if device.type != "cuda":

@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import json
 import math
-import statistics
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from treecache import fasttree_preparation, qkv_preparation, tree_stats
 from treecache.fasttree import tree_plan_input
 from treecache.plan import path_token_indices
 
-from .kernel import HEAD_DIM, _bench, _geomean, _graph_time, _progress, rel_err
+from .kernel import HEAD_DIM, _progress, ab_row_line, ab_summary, ab_times, rel_err
 from .suite import quick_cases, suite_cases
 
 # The package re-exports a function named tree_decode; fetch the module itself.
@@ -72,7 +71,7 @@ def run_case(name, nodes, hq, hk, device, dtype, old, rounds, stage2_only=False)
     slots = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
     ref = reference_decode(q, k, v, [torch.from_numpy(s).to(device) for s in slots], sm)
     row = dict(case=name, hq=hq, hk=hk, finish=plan.finish, direct=plan.direct,
-               stage2=runs_stage2(plan), err={}, graph_us={}, eager_us={})
+               stage2=runs_stage2(plan), err={})
     calls = {}
     for which, mod in (("old", old), ("new", td_new)):
         o = torch.full_like(q, float("nan"))
@@ -81,33 +80,14 @@ def run_case(name, nodes, hq, hk, device, dtype, old, rounds, stage2_only=False)
         launch(q, k, v, o)
         row["err"][which] = rel_err(o, ref)
         calls[which] = (lambda launch=launch, o=o: launch(q, k, v, o))
-    graph, eager = {w: [] for w in calls}, {w: [] for w in calls}
-    for _ in range(rounds):
-        for which, call in calls.items():
-            graph[which].append(_graph_time(call, device))
-            eager[which].append(_bench(call, device))
-    for which in calls:
-        g = [t for t in graph[which] if t is not None]
-        row["graph_us"][which] = statistics.median(g) if g else None
-        row["eager_us"][which] = statistics.median(eager[which])
+    row["graph_us"], row["eager_us"] = ab_times(calls, device, rounds)
     return row
 
 
 def summary(rows) -> list[str]:
     """Geometric means of new / old per timing, over all rows and by plan kind."""
-    lines = []
-    for label, keep in (("all", lambda r: True), ("finishing plans", lambda r: r["finish"]),
-                        ("plans with stage 2", lambda r: r["stage2"])):
-        sel = [r for r in rows if keep(r)]
-        for key in ("graph_us", "eager_us"):
-            ratios = [r[key]["new"] / r[key]["old"] for r in sel
-                      if r[key]["new"] and r[key]["old"]]
-            if ratios:
-                lines.append(f"{label}, {key[:-3]}: new / old = {_geomean(ratios):.3f} "
-                             f"(geomean of {len(ratios)} cases, {min(ratios):.3f}-"
-                             f"{max(ratios):.3f}; slower by > 2%: "
-                             f"{sum(x > 1.02 for x in ratios)})")
-    return lines
+    return ab_summary(rows, (("all", lambda r: True), ("finishing plans", lambda r: r["finish"]),
+                             ("plans with stage 2", lambda r: r["stage2"])))
 
 
 def main(argv=None):
@@ -136,12 +116,8 @@ def main(argv=None):
         if r is None:
             continue
         rows.append(r)
-        g, e = r["graph_us"], r["eager_us"]
-        graph = (f"graph {g['old']:8.1f} -> {g['new']:8.1f} us ({g['new'] / g['old']:.3f}) "
-                 if g["old"] else "")
-        print(f"{name[:34]:34s} {hq}/{hk} {'finish' if r['finish'] else 'stage2' if r['stage2'] else 'direct'}: "
-              f"{graph}eager {e['old']:8.1f} -> {e['new']:8.1f} us "
-              f"({e['new'] / e['old']:.3f}), error {r['err']['new']:.1e}", flush=True)
+        kind = "finish" if r["finish"] else "stage2" if r["stage2"] else "direct"
+        print(ab_row_line(r, kind), flush=True)
     lines = summary(rows)
     for line in lines:
         print(line)
