@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -29,7 +27,7 @@ from treecache import FastTreeParams, fasttree_preparation, qkv_preparation, tre
 from treecache.fasttree import tree_plan_input
 from treecache.plan import SUPPORTED_HEAD_DIMS, path_token_indices
 
-from .kernel import HEAD_DIM, _patched, _progress, ab_row_line, ab_summary, ab_times, rel_err
+from .kernel import HEAD_DIM, _patched, _progress, ab_report, ab_row_line, ab_summary, ab_times, rel_err
 from .suite import quick_cases, suite_cases
 
 # The package re-exports a function named tree_decode; fetch the module itself.
@@ -100,13 +98,7 @@ def main(argv=None):
         rows.append(r)
         print(ab_row_line(r, f"kv tiles {r['kv_tiles']['old']} -> {r['kv_tiles']['new']}"),
               flush=True)
-    lines = summary(rows)
-    for line in lines:
-        print(line)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(
-            device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-            head_dim=args.head_dim, rows=rows, summary=lines), indent=1))
+    ab_report(rows, summary(rows), args.out, device, head_dim=args.head_dim)
     return rows
 
 

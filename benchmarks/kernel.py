@@ -169,6 +169,17 @@ def ab_row_line(r: dict, label: str) -> str:
             f"error {r['err']['new']:.1e}")
 
 
+def ab_report(rows, lines, out, device, **meta) -> None:
+    """Print an A/B's summary ``lines``; with ``out``, write them, the ``rows``, the
+    device's name and ``meta`` to that JSON file."""
+    for line in lines:
+        print(line)
+    if out:
+        Path(out).write_text(json.dumps(dict(
+            device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+            **meta, rows=rows, summary=lines), indent=1))
+
+
 def _flash_varlen(q, k_tree, v_tree, slots, device):
     """Tree-unaware FA2: every request's whole context laid out contiguously."""
     if device.type != "cuda":

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -31,7 +29,7 @@ from treecache import fasttree_preparation, qkv_preparation, tree_stats
 from treecache.fasttree import tree_plan_input
 from treecache.plan import path_token_indices
 
-from .kernel import HEAD_DIM, _progress, ab_row_line, ab_summary, ab_times, rel_err
+from .kernel import HEAD_DIM, _progress, ab_report, ab_row_line, ab_summary, ab_times, rel_err
 from .suite import quick_cases, suite_cases
 
 # The package re-exports a function named tree_decode; fetch the module itself.
@@ -118,14 +116,8 @@ def main(argv=None):
         rows.append(r)
         kind = "finish" if r["finish"] else "stage2" if r["stage2"] else "direct"
         print(ab_row_line(r, kind), flush=True)
-    lines = summary(rows)
-    for line in lines:
-        print(line)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(
-            device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-            dtype=str(dtype).replace("torch.", ""), old=args.old, rows=rows, summary=lines),
-            indent=1))
+    ab_report(rows, summary(rows), args.out, device, dtype=str(dtype).replace("torch.", ""),
+              old=args.old)
     return rows
 
 

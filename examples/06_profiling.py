@@ -22,6 +22,7 @@ import torch
 import treecache as tc
 from kernels import select_backend
 from kernels.tree_decode import tree_decode_stage2
+from treecache.plan import SUPPORTED_HEAD_DIMS
 
 
 def bench(fn, device):
@@ -42,7 +43,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", default="1,1024 2048,32", help="'nodes per level  tokens per level'")
     ap.add_argument("--heads", default="32,8", help="num_qo_heads,num_kv_heads")
-    ap.add_argument("--head_dim", type=int, default=128, choices=[16, 32, 64, 128, 256])
+    ap.add_argument("--head_dim", type=int, default=128, choices=SUPPORTED_HEAD_DIMS)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                     help="input dtype on a GPU (default float16; the CPU runs float32)")
     args = ap.parse_args()
