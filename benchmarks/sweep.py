@@ -422,6 +422,41 @@ def finish_warps(out_path=None):
                            for w in FINISH_WARPS_CONFIGS], FINISH_WARPS_CONFIGS, out_path)
 
 
+#: The wide tiles' register caps of the shared-phase KV-tile sweep (v37).
+PHASE0_KV16_CAPS = (128, 96)
+
+
+def phase0_kv16(out_path=None):
+    """16-token KV tiles in the shared phase (``TSKs = [16, 32]``) against the default
+    plan, with the wide tiles' register cap (:data:`WIDE_TILE_MAX_REGISTERS`) at each
+    of :data:`PHASE0_KV16_CAPS` (96: meant to fit five programs an SM), every case;
+    whole decode replayed and eager, the slower of two alternating repeats; the largest
+    relative difference to the default plan's output. The default plan runs under the
+    library's cap. See the v37 entry of benchmarks/RESULTS.md."""
+    dev = torch.device("cuda")
+    rows = []
+    for spec, nodes, hq, hk, q, k, v, ptrs in _suite(extra=True):
+        b = q.shape[0]
+        meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, device=dev)
+        runs = _launch_runs(meta.plan, q, k, v, [(contextlib.nullcontext(), {})])
+        p = FastTreeParams.for_heads(hq, hk, 128)
+        p.set_kv_tile_sizes([16, 32])
+        meta16, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, params=p, device=dev)
+        runs += _launch_runs(meta16.plan, q, k, v,
+                             [(_patched("WIDE_TILE_MAX_REGISTERS", cap), {})
+                              for cap in PHASE0_KV16_CAPS])
+        rows.append(_plans_row(spec, hq, hk, runs, q, k, v, dev))
+        rows[-1]["tile16"] = any(ph.kv_tile == 16 for ph in meta16.plan.phases)
+        g_us, e_us = rows[-1]["graph_us"], rows[-1]["eager_us"]
+        print(f"{spec[:34]} {hq}/{hk}: default {g_us[0]:.1f}/{e_us[0]:.1f}; " + "; ".join(
+            f"kv16 cap {c} {gu:.1f}/{eu:.1f}"
+            for c, gu, eu in zip(PHASE0_KV16_CAPS, g_us[1:], e_us[1:]))
+            + f" (graph/eager us), max rel diff {rows[-1]['max_rel_diff']:.1e}", flush=True)
+    _report_configs(rows, ["default plan"] + [f"16-token phase-0 KV tiles, cap {c}"
+                                              for c in PHASE0_KV16_CAPS],
+                    [None, *PHASE0_KV16_CAPS], out_path)
+
+
 def chain(out_path=None):
     """Plans whose two stage-1 phases are two launches: the second as a programmatic
     dependent launch of the first (``CHAIN_PHASES``) against the previous launches (one
@@ -776,6 +811,8 @@ SWEEPS = (
     ("shared-inline", shared_inline, "long nodes shared beside inlined short ones, every case"),
     ("plan-space", plan_space, "the planner's plan choices side by side, every case"),
     ("finish-warps", finish_warps, "warps of the finishing launch, every plan that finishes"),
+    ("phase0-kv16", phase0_kv16,
+     "16-token KV tiles in the shared phase, at two register caps, every case"),
     ("kv-tiles-eager", kv_tiles_eager, "the phases' KV tiles, eager and replayed, every case"),
     ("wide-tile", wide_tile, "KV tile and stages of the wide-tile launches, every case"),
     ("split-sizes", split_sizes, "KV chunk lengths in both phases, every case"),
