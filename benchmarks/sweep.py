@@ -426,6 +426,13 @@ def finish_warps(out_path=None):
 PHASE0_KV16_CAPS = (128, 96)
 
 
+def phase0_kv16_params(hq: int, hk: int) -> FastTreeParams:
+    """The sweep's tiles: the defaults of ``for_heads`` with 16-token phase-0 KV tiles."""
+    p = FastTreeParams.for_heads(hq, hk, 128)
+    p.set_kv_tile_sizes([16, p.TSKs[1]])
+    return p
+
+
 def phase0_kv16(out_path=None):
     """16-token KV tiles in the shared phase (``TSKs = [16, 32]``) against the default
     plan, with the wide tiles' register cap (:data:`WIDE_TILE_MAX_REGISTERS`) at each
@@ -439,9 +446,8 @@ def phase0_kv16(out_path=None):
         b = q.shape[0]
         meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, device=dev)
         runs = _launch_runs(meta.plan, q, k, v, [(contextlib.nullcontext(), {})])
-        p = FastTreeParams.for_heads(hq, hk, 128)
-        p.set_kv_tile_sizes([16, 32])
-        meta16, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128, params=p, device=dev)
+        meta16, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, 128,
+                                         params=phase0_kv16_params(hq, hk), device=dev)
         runs += _launch_runs(meta16.plan, q, k, v,
                              [(_patched("WIDE_TILE_MAX_REGISTERS", cap), {})
                               for cap in PHASE0_KV16_CAPS])

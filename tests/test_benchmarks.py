@@ -474,3 +474,25 @@ def test_plan_space_plans_decode_like_the_reference():
         assert ((o.float() - ref).norm() / ref.norm()).item() <= 2e-3
     layouts = {(p.phases, p.num_vnodes, p.kv_split_sizes) for p in plans}
     assert len(layouts) >= 4
+
+
+def test_phase0_kv16_sweep_builds_16_token_shared_tiles():
+    # The sweep's second plan takes 16-token KV tiles in its shared phase where the
+    # default plan takes 32 (else the sweep would time the same launches twice), and its
+    # first cap is the library's.
+    import importlib
+
+    from benchmarks.sweep import PHASE0_KV16_CAPS, phase0_kv16_params
+    from treecache import fasttree_preparation, generate_tree_from_spec, qkv_preparation
+
+    td = importlib.import_module("kernels.tree_decode")
+    assert PHASE0_KV16_CAPS[0] == td.WIDE_TILE_MAX_REGISTERS
+    nodes = generate_tree_from_spec("1,4,64 256,64,8")
+    q, _, _, _, _, _, ptrs = qkv_preparation(nodes, 32, 8, 128, "cpu", torch.float16,
+                                             build_cache=False)
+    p = phase0_kv16_params(32, 8)
+    default = fasttree_preparation(nodes, ptrs, q.shape[0], 32, 8, 128, device="cpu")[0].plan
+    tiled = fasttree_preparation(nodes, ptrs, q.shape[0], 32, 8, 128, params=p,
+                                 device="cpu")[0].plan
+    assert default.phases[0].kv_tile == 32
+    assert tiled.phases[0].kv_tile == 16 and tiled.phases[0].q_tile == default.phases[0].q_tile
