@@ -10,7 +10,8 @@ warp, as at head_dim 128). Both decode into a poisoned output and are checked ag
 the float32 reference; then each is timed in turn, ``--rounds`` times: CUDA-graph replay
 and ``do_bench`` (eager) on a GPU, wall time on the CPU. Reported per case: both
 plans' KV tiles, errors and median times, and the ratio new / old; at the end the
-geometric means of the ratios with and without GQA. This is the A/B behind the v35
+geometric means of the ratios with and without GQA. ``--out`` is rewritten after
+every case (``complete`` is false until the last). This is the A/B behind the v35
 entries of benchmarks/RESULTS.md (``--quick``: the tiny cases, a CPU smoke run).
 """
 
@@ -27,7 +28,8 @@ from treecache import FastTreeParams, fasttree_preparation, qkv_preparation, tre
 from treecache.fasttree import tree_plan_input
 from treecache.plan import SUPPORTED_HEAD_DIMS, path_token_indices
 
-from .kernel import HEAD_DIM, _patched, _progress, ab_report, ab_row_line, ab_summary, ab_times, rel_err
+from .kernel import (HEAD_DIM, _patched, _progress, ab_report, ab_row_line, ab_summary,
+                     ab_times, ab_write, rel_err)
 from .suite import quick_cases, suite_cases
 
 # The package re-exports a function named tree_decode; fetch the module itself.
@@ -80,7 +82,8 @@ def summary(rows) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--head-dim", type=int, default=64, choices=SUPPORTED_HEAD_DIMS)
-    ap.add_argument("--out", default=None, help="write a JSON file here")
+    ap.add_argument("--out", default=None,
+                    help="write a JSON file here (after every case; complete: true at the end)")
     ap.add_argument("--only", default=None, help="substring filter on case names")
     ap.add_argument("--rounds", type=int, default=2, help="timing rounds (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny cases (CPU smoke test)")
@@ -98,6 +101,7 @@ def main(argv=None):
         rows.append(r)
         print(ab_row_line(r, f"kv tiles {r['kv_tiles']['old']} -> {r['kv_tiles']['new']}"),
               flush=True)
+        ab_write(rows, summary(rows), args.out, device, False, head_dim=args.head_dim)
     ab_report(rows, summary(rows), args.out, device, head_dim=args.head_dim)
     return rows
 

@@ -169,15 +169,23 @@ def ab_row_line(r: dict, label: str) -> str:
             f"error {r['err']['new']:.1e}")
 
 
-def ab_report(rows, lines, out, device, **meta) -> None:
-    """Print an A/B's summary ``lines``; with ``out``, write them, the ``rows``, the
-    device's name and ``meta`` to that JSON file."""
-    for line in lines:
-        print(line)
+def ab_write(rows, lines, out, device, complete: bool, **meta) -> None:
+    """With ``out``, write an A/B's ``rows``, summary ``lines``, the device's name,
+    ``meta`` and ``complete`` (False while cases remain) to that JSON file. The A/B
+    modules write it after every case, so that a run cut short keeps the cases it
+    timed."""
     if out:
         Path(out).write_text(json.dumps(dict(
             device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-            **meta, rows=rows, summary=lines), indent=1))
+            **meta, complete=complete, rows=rows, summary=lines), indent=1))
+
+
+def ab_report(rows, lines, out, device, **meta) -> None:
+    """Print an A/B's summary ``lines``; with ``out``, write them, the ``rows``, the
+    device's name and ``meta`` to that JSON file, marked complete."""
+    for line in lines:
+        print(line)
+    ab_write(rows, lines, out, device, True, **meta)
 
 
 def _flash_varlen(q, k_tree, v_tree, slots, device):

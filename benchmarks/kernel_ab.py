@@ -11,7 +11,8 @@ each is timed in turn, ``--rounds`` times: CUDA-graph replay and ``do_bench`` (e
 L2 flushed) on a GPU, wall time on the CPU. ``--stage2-only`` keeps the cases whose
 plan launches stage 2 (neither a finishing phase nor every request direct). Reported
 per case: the plan's modes, both errors and median times and the ratio new / old; at
-the end the geometric means of the ratios. This is the A/B behind the v36 merge entry
+the end the geometric means of the ratios. ``--out`` is rewritten after every case
+(``complete`` is false until the last), so a run cut short keeps what it timed. This is the A/B behind the v36 merge entry
 of benchmarks/RESULTS.md (``--quick``: the tiny cases, a CPU smoke run).
 """
 
@@ -29,7 +30,8 @@ from treecache import fasttree_preparation, qkv_preparation, tree_stats
 from treecache.fasttree import tree_plan_input
 from treecache.plan import path_token_indices
 
-from .kernel import HEAD_DIM, _progress, ab_report, ab_row_line, ab_summary, ab_times, rel_err
+from .kernel import (HEAD_DIM, _progress, ab_report, ab_row_line, ab_summary, ab_times,
+                     ab_write, rel_err)
 from .suite import quick_cases, suite_cases
 
 # The package re-exports a function named tree_decode; fetch the module itself.
@@ -91,7 +93,8 @@ def summary(rows) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", required=True, help="a copy of kernels/tree_decode.py")
-    ap.add_argument("--out", default=None, help="write a JSON file here")
+    ap.add_argument("--out", default=None,
+                    help="write a JSON file here (after every case; complete: true at the end)")
     ap.add_argument("--only", default=None, help="substring filter on case names")
     ap.add_argument("--stage2-only", action="store_true",
                     help="only the cases whose plan launches stage 2")
@@ -109,6 +112,7 @@ def main(argv=None):
     if args.only:
         cases = [c for c in cases if args.only in c[0]]
     rows = []
+    meta = dict(dtype=str(dtype).replace("torch.", ""), old=args.old)
     for name, nodes, (hq, hk) in _progress(cases, len(cases), "cases"):
         r = run_case(name, nodes, hq, hk, device, dtype, old, args.rounds, args.stage2_only)
         if r is None:
@@ -116,8 +120,8 @@ def main(argv=None):
         rows.append(r)
         kind = "finish" if r["finish"] else "stage2" if r["stage2"] else "direct"
         print(ab_row_line(r, kind), flush=True)
-    ab_report(rows, summary(rows), args.out, device, dtype=str(dtype).replace("torch.", ""),
-              old=args.old)
+        ab_write(rows, summary(rows), args.out, device, False, **meta)
+    ab_report(rows, summary(rows), args.out, device, **meta)
     return rows
 
 

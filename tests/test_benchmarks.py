@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -160,6 +161,7 @@ def test_kernel_ab_runs_two_versions_of_the_kernels_on_one_plan(tmp_path):
     assert data["old"] == str(old) and len(data["rows"]) == 4
     # (On a GPU a graph line comes first.)
     assert any(line.startswith("all, eager: new / old =") for line in data["summary"])
+    assert data["complete"] is True
     staged = ab_main(["--quick", "--old", str(old), "--rounds", "1", "--stage2-only"])
     assert [r["case"] for r in staged] == [r["case"] for r in rows if r["stage2"]]
     bad = tmp_path / "empty.py"
@@ -496,3 +498,29 @@ def test_phase0_kv16_sweep_builds_16_token_shared_tiles():
                                  device="cpu")[0].plan
     assert default.phases[0].kv_tile == 32
     assert tiled.phases[0].kv_tile == 16 and tiled.phases[0].q_tile == default.phases[0].q_tile
+
+
+def test_ab_runs_cut_short_keep_the_cases_they_timed(tmp_path, monkeypatch):
+    # Both A/B modules write their JSON after every case: a run that stops in its third
+    # case leaves the first two rows, marked incomplete.
+    import benchmarks.head_dim_ab as hd_ab
+    import benchmarks.kernel_ab as k_ab
+
+    for mod, args in ((hd_ab, ["--head-dim", "64"]), (k_ab, ["--old", k_ab.td_new.__file__])):
+        real, calls = mod.run_case, []
+
+        def cut(*a, real=real, calls=calls, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        monkeypatch.setattr(mod, "run_case", cut)
+        out = tmp_path / f"{mod.__name__}.json"
+        with pytest.raises(KeyboardInterrupt):
+            mod.main(["--quick", "--rounds", "1", "--out", str(out), *args])
+        data = json.loads(out.read_text())
+        assert data["complete"] is False and len(data["rows"]) == 2
+        # The summary of the rows so far (groups of at most the two cases).
+        assert data["summary"] and all(re.search(r"\(geomean of [12] cases", line)
+                                       for line in data["summary"])
