@@ -674,6 +674,7 @@ def main(argv=None):
                        with_baselines=not args.no_baselines, ablations=args.ablations,
                        head_dim=args.head_dim)
         results.append(dict(res, suite_index=index))
+        _write_json(Path(args.out), name, results, complete=False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return _write_outputs(Path(args.out), name, results)
@@ -693,10 +694,14 @@ def parse_shard(text: str) -> tuple[int, int]:
 def merge_results(paths) -> tuple[str, list[dict]]:
     """The device name and the results of several ``results.json`` files (parts of one
     run), in suite order (``suite_index``); ValueError if they name different devices,
-    hold a case twice or were run with other dtypes or head dims."""
+    hold a case twice, were run with other dtypes or head dims, or one stopped before its
+    last case."""
     names, results = set(), []
     for p in paths:
         data = json.loads(Path(p).read_text())
+        if not data.get("complete", True):
+            raise ValueError(f"{p} holds a run that stopped before its last case "
+                             f"({len(data['results'])} cases): run that part again")
         names.add(data["device"])
         results += data["results"]
     if len(names) != 1:
@@ -710,11 +715,19 @@ def merge_results(paths) -> tuple[str, list[dict]]:
     return names.pop(), results
 
 
-def _write_outputs(out: Path, name: str, results: list[dict]) -> list[dict]:
-    """results.json, results.md (table and summary lines) and results.png under ``out``;
-    prints the table and the summary."""
+def _write_json(out: Path, name: str, results: list[dict], complete: bool) -> None:
+    """``out``/results.json: the device's name, the results and whether the run reached
+    its last case (the run rewrites it after every case, so that a run stopped early
+    keeps the cases it measured; :func:`merge_results` refuses such a part)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(dict(device=name, results=results), indent=1))
+    (out / "results.json").write_text(json.dumps(
+        dict(device=name, complete=complete, results=results), indent=1))
+
+
+def _write_outputs(out: Path, name: str, results: list[dict]) -> list[dict]:
+    """results.json (complete), results.md (table and summary lines) and results.png
+    under ``out``; prints the table and the summary."""
+    _write_json(out, name, results, complete=True)
     md = markdown(results, name)
     summary = summarize(results)
     (out / "results.md").write_text(md + "\n" + "\n".join(summary) + "\n")

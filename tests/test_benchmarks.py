@@ -89,6 +89,32 @@ def test_sharded_quick_runs_merge_into_one(tmp_path):
               str(tmp_path / "x")])
 
 
+def test_a_run_stopped_early_keeps_its_cases_and_is_not_merged(tmp_path, monkeypatch):
+    # results.json is written after every case: a run stopped in its third case holds the
+    # first two, marked incomplete, and a merge refuses it; a whole run is complete.
+    import benchmarks.kernel as bk
+
+    whole = main(["--quick", "--shard", "2/2", "--out", str(tmp_path / "p2")])
+    assert json.loads((tmp_path / "p2" / "results.json").read_text())["complete"] is True
+    real, calls = bk.run_case, []
+
+    def cut(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bk, "run_case", cut)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--quick", "--out", str(tmp_path / "p1")])
+    data = json.loads((tmp_path / "p1" / "results.json").read_text())
+    assert data["complete"] is False and len(data["results"]) == 2
+    assert [r["suite_index"] for r in data["results"]] == [0, 1] and len(whole) >= 1
+    with pytest.raises(ValueError, match="stopped before its last case .2 cases."):
+        main(["--merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out",
+              str(tmp_path / "x")])
+
+
 def test_other_head_dim_runs_without_the_seed_and_with_its_own_roofline(tmp_path):
     from benchmarks.kernel import roofline_bytes
 
