@@ -12,8 +12,9 @@ L2 flushed) on a GPU, wall time on the CPU. ``--stage2-only`` keeps the cases wh
 plan launches stage 2 (neither a finishing phase nor every request direct). Reported
 per case: the plan's modes, both errors and median times and the ratio new / old; at
 the end the geometric means of the ratios. ``--out`` is rewritten after every case
-(``complete`` is false until the last), so a run cut short keeps what it timed. This is the A/B behind the v36 merge entry
-of benchmarks/RESULTS.md (``--quick``: the tiny cases, a CPU smoke run).
+(``complete`` is false until the last), so a run cut short keeps what it timed. This
+is the A/B behind the v36 merge entry of benchmarks/RESULTS.md (``--quick``: the tiny
+cases, a CPU smoke run).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_a_run_stopped_early_keeps_its_cases_and_is_not_merged(tmp_path, monkeyp
     # first two, marked incomplete, and a merge refuses it; a whole run is complete.
     import benchmarks.kernel as bk
 
-    whole = main(["--quick", "--shard", "2/2", "--out", str(tmp_path / "p2")])
+    main(["--quick", "--shard", "2/2", "--out", str(tmp_path / "p2")])
     assert json.loads((tmp_path / "p2" / "results.json").read_text())["complete"] is True
     real, calls = bk.run_case, []
 
@@ -109,7 +109,7 @@ def test_a_run_stopped_early_keeps_its_cases_and_is_not_merged(tmp_path, monkeyp
         main(["--quick", "--out", str(tmp_path / "p1")])
     data = json.loads((tmp_path / "p1" / "results.json").read_text())
     assert data["complete"] is False and len(data["results"]) == 2
-    assert [r["suite_index"] for r in data["results"]] == [0, 1] and len(whole) >= 1
+    assert [r["suite_index"] for r in data["results"]] == [0, 1]
     with pytest.raises(ValueError, match="stopped before its last case .2 cases."):
         main(["--merge", str(tmp_path / "p1"), str(tmp_path / "p2"), "--out",
               str(tmp_path / "x")])
