@@ -52,11 +52,6 @@ def load_kernels(path: str):
     return mod
 
 
-def runs_stage2(plan) -> bool:
-    """Whether the plan's decode launches stage 2."""
-    return not plan.finish and (plan.needs_stage2 or not plan.direct)
-
-
 def run_case(name, nodes, hq, hk, device, dtype, old, rounds, stage2_only=False):
     """One case's row (see the module), or None where ``stage2_only`` drops it."""
     b = tree_stats(nodes)["num_requests"]
@@ -65,14 +60,15 @@ def run_case(name, nodes, hq, hk, device, dtype, old, rounds, stage2_only=False)
                                              generator=gen, build_cache=False)
     meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, HEAD_DIM, device=device)
     plan = meta.plan
-    if stage2_only and not runs_stage2(plan):
+    stage2 = td_new.runs_stage2(**plan.launch_modes)
+    if stage2_only and not stage2:
         return None
     sm = 1.0 / math.sqrt(HEAD_DIM)
     inp = tree_plan_input(nodes, ptrs, b)
     slots = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
     ref = reference_decode(q, k, v, [torch.from_numpy(s).to(device) for s in slots], sm)
     row = dict(case=name, hq=hq, hk=hk, finish=plan.finish, direct=plan.direct,
-               stage2=runs_stage2(plan), err={})
+               stage2=stage2, err={})
     calls = {}
     for which, mod in (("old", old), ("new", td_new)):
         o = torch.full_like(q, float("nan"))

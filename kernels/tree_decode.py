@@ -1201,6 +1201,13 @@ def tree_decode(
     return o
 
 
+def runs_stage2(direct: bool, needs_stage2: bool, finish: bool) -> bool:
+    """Whether a decode with these launch modes (``DecodePlan.launch_modes``) launches
+    stage 2: not when phase 1 merges (``finish``), nor when every request's output is
+    written directly by stage 1 (``direct`` without ``needs_stage2``)."""
+    return not finish and (needs_stage2 or not direct)
+
+
 def tree_decode_launcher(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1258,7 +1265,7 @@ def tree_decode_launcher(
     group, hk = q.shape[1] // k.shape[1], k.shape[1]
     groups = _phase_groups(phases, group, hk, finish)
     dependent_ok = _dependent_launch_ok(q.device)
-    with_stage2 = not finish and (needs_stage2 or not direct)
+    with_stage2 = runs_stage2(direct, needs_stage2, finish)
     chained = not finish and len(groups) == 2 and CHAIN_PHASES and dependent_ok
     pdl = (with_stage2 or chained or finish) and bool(groups) and dependent_ok
 
@@ -1469,7 +1476,8 @@ def _check_args(q, k, v, o, mid_o, mid_lse) -> None:
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension")
     scaled = scaled_partials(mid_o, q.dtype)
-    if (mid_o.dtype not in (torch.float32, q.dtype) and not scaled) or mid_lse.dtype != torch.float32:
+    if ((mid_o.dtype not in (torch.float32, q.dtype) and not scaled)
+            or mid_lse.dtype != torch.float32):
         raise ValueError(
             f"mid_o must be float32 or q's dtype {q.dtype} (or float16 for bfloat16 q; got "
             f"{mid_o.dtype}) and mid_lse float32 (got {mid_lse.dtype})")

@@ -89,14 +89,10 @@ def test_sharded_quick_runs_merge_into_one(tmp_path):
               str(tmp_path / "x")])
 
 
-def test_a_run_stopped_early_keeps_its_cases_and_is_not_merged(tmp_path, monkeypatch):
-    # results.json is written after every case: a run stopped in its third case holds the
-    # first two, marked incomplete, and a merge refuses it; a whole run is complete.
-    import benchmarks.kernel as bk
-
-    main(["--quick", "--shard", "2/2", "--out", str(tmp_path / "p2")])
-    assert json.loads((tmp_path / "p2" / "results.json").read_text())["complete"] is True
-    real, calls = bk.run_case, []
+def _stop_in_third_case(monkeypatch, module) -> None:
+    """Make ``module.run_case`` raise KeyboardInterrupt on its third call (a run stopped
+    by hand or by a time limit)."""
+    real, calls = module.run_case, []
 
     def cut(*a, **kw):
         calls.append(1)
@@ -104,7 +100,17 @@ def test_a_run_stopped_early_keeps_its_cases_and_is_not_merged(tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(bk, "run_case", cut)
+    monkeypatch.setattr(module, "run_case", cut)
+
+
+def test_a_run_stopped_early_keeps_its_cases_and_is_not_merged(tmp_path, monkeypatch):
+    # results.json is written after every case: a run stopped in its third case holds the
+    # first two, marked incomplete, and a merge refuses it; a whole run is complete.
+    import benchmarks.kernel as bk
+
+    main(["--quick", "--shard", "2/2", "--out", str(tmp_path / "p2")])
+    assert json.loads((tmp_path / "p2" / "results.json").read_text())["complete"] is True
+    _stop_in_third_case(monkeypatch, bk)
     with pytest.raises(KeyboardInterrupt):
         main(["--quick", "--out", str(tmp_path / "p1")])
     data = json.loads((tmp_path / "p1" / "results.json").read_text())
@@ -533,15 +539,7 @@ def test_ab_runs_cut_short_keep_the_cases_they_timed(tmp_path, monkeypatch):
     import benchmarks.kernel_ab as k_ab
 
     for mod, args in ((hd_ab, ["--head-dim", "64"]), (k_ab, ["--old", k_ab.td_new.__file__])):
-        real, calls = mod.run_case, []
-
-        def cut(*a, real=real, calls=calls, **kw):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return real(*a, **kw)
-
-        monkeypatch.setattr(mod, "run_case", cut)
+        _stop_in_third_case(monkeypatch, mod)
         out = tmp_path / f"{mod.__name__}.json"
         with pytest.raises(KeyboardInterrupt):
             mod.main(["--quick", "--rounds", "1", "--out", str(out), *args])

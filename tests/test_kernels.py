@@ -1089,3 +1089,26 @@ def test_launch_hooks_detected():
         finally:
             td._knobs.runtime.launch_enter_hook = chain
     assert not td._hooks_active()
+
+
+@pytest.mark.parametrize("direct, needs_stage2, finish, expected", [
+    (False, True, False, True), (True, True, False, True), (True, False, False, False),
+    (False, True, True, False), (True, False, True, False)])
+def test_launch_set_has_a_stage2_launch_exactly_where_runs_stage2_says(
+        direct, needs_stage2, finish, expected):
+    # A plan's modes decide stage 2 in one place (runs_stage2, which the A/B module's
+    # --stage2-only filter also reads): the prepared launches follow it.
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    q, k, v = make_qkv(3, 8, 4, 2, 64, torch.float16)
+    idx = [torch.zeros(64, dtype=torch.int32) for _ in range(9)]
+    names = ("kv_indices", "vnode_kv_start", "vnode_kv_len", "vnode_q_start",
+             "vnode_q_len", "mid_q_rows", "req_mid_start", "req_mid_len", "req_mid_rows")
+    modes = dict(direct=direct, needs_stage2=needs_stage2, finish=finish)
+    assert td.runs_stage2(**modes) is expected
+    launch = td.tree_decode_launcher(
+        q, k, v, torch.empty_like(q), phases=[Phase(0, 3, 4, 32), Phase(3, 5, 1, 16)],
+        sm_scale=0.1, mid_o=torch.zeros(64, 4, 64), mid_lse=torch.zeros(64, 4),
+        **dict(zip(names, idx)), **modes)
+    assert (launch.stage2 is not None) is expected
