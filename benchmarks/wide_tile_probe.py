@@ -8,6 +8,13 @@ does) or through tensor descriptors (the Hopper bulk copy engine). No tree, no p
 it bounds what the phase's tile choices can give before the library's kernel is changed.
 Each configuration is checked against a float32 reference (chunks merged by their
 log-sum-exps). Times are ``do_bench`` medians (L2 flushed).
+
+``python -m benchmarks.wide_tile_probe --warp-specialize-check [--out FILE]`` needs no
+GPU: it compiles the probe kernel for an H100 (sm_90) with and without Triton's
+``warp_specialize`` loop flag, for pointer and descriptor loads, and reports whether
+the flag produced warp-specialised code (a ``ttg.warp_specialize`` region in the
+TritonGPU IR, or any change to the compiled binary) and whether the dots became
+Hopper's warpgroup MMA; a Blackwell (sm_100) compile with the flag is the control.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ B, HQ, HK, D, T, CHUNK = 1024, 32, 8, 128, 2048, 1024
 def _probe_kernel(Q, K, V, MidO, MidLSE, KDesc, VDesc, stride_qb, stride_qh, stride_kt,
                   stride_kh, rows_per_chunk, chunk, qk_scale,
                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, DESC: tl.constexpr, STAGES: tl.constexpr):
+                  D: tl.constexpr, DESC: tl.constexpr, STAGES: tl.constexpr,
+                  WS: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     h = tl.program_id(2)
@@ -43,7 +51,7 @@ def _probe_kernel(Q, K, V, MidO, MidLSE, KDesc, VDesc, stride_qb, stride_qh, str
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     start = pid_c * chunk
-    for n0 in tl.range(start, start + chunk, BLOCK_N, num_stages=STAGES):
+    for n0 in tl.range(start, start + chunk, BLOCK_N, num_stages=STAGES, warp_specialize=WS):
         if DESC:
             kt = tl.trans(KDesc.load([n0, h * D]))
             v = VDesc.load([n0, h * D])
@@ -63,10 +71,78 @@ def _probe_kernel(Q, K, V, MidO, MidLSE, KDesc, VDesc, stride_qb, stride_qh, str
     tl.store(MidLSE + r, m_i + tl.log2(l_i))
 
 
+def compile_offline(desc: bool, ws: bool, block_m: int = 128, block_n: int = 64,
+                     warps: int = 8, stages: int = 3, capability: int = 90) -> dict:
+    """Compile the probe kernel for an NVIDIA GPU of ``capability`` (90: H100, 100:
+    B200) without a GPU (Triton's bundled ``ptxas``; not under Triton's interpreter) and
+    describe the result:
+    ``ws_region`` (a warp-specialised region in the TritonGPU IR), ``wgmma`` (warpgroup
+    MMA), ``tma`` (bulk tensor copies), ``async_copies`` (asynchronous copies of the
+    pipelined pointer loads), ``cubin_sha`` (a digest of the binary)."""
+    import hashlib
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = "*fp16"
+    desc_t = f"tensordesc<fp16[{block_n}, {D}]>"
+    sig = dict(Q=ptr, K=ptr, V=ptr, MidO=ptr, MidLSE="*fp32",
+               KDesc=desc_t if desc else "constexpr", VDesc=desc_t if desc else "constexpr",
+               stride_qb="i32", stride_qh="i32", stride_kt="i32", stride_kh="i32",
+               rows_per_chunk="i32", chunk="i32", qk_scale="fp32", GROUP="constexpr",
+               BLOCK_M="constexpr", BLOCK_N="constexpr", D="constexpr", DESC="constexpr",
+               STAGES="constexpr", WS="constexpr")
+    consts = dict(GROUP=HQ // HK, BLOCK_M=block_m, BLOCK_N=block_n, D=D, DESC=desc,
+                  STAGES=stages, WS=ws)
+    if not desc:
+        consts.update(KDesc=None, VDesc=None)
+    # Pointers and integers 16-divisible, as Triton specialises them at launch (else the
+    # loads could not become asynchronous copies).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_probe_kernel.arg_names)
+             if sig[name] in (ptr, "*fp32", "i32")}
+    compiled = triton.compile(ASTSource(_probe_kernel, sig, consts, attrs),
+                              target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    ttgir = compiled.asm["ttgir"]
+    return dict(capability=capability, descriptors=desc, warp_specialize=ws,
+                block_m=block_m, block_n=block_n, warps=warps, stages=stages,
+                triton=triton.__version__,
+                ws_region="ttg.warp_specialize" in ttgir,
+                wgmma="warp_group_dot" in ttgir, tma="async_tma" in ttgir,
+                async_copies=ttgir.count("async_copy_global_to_local"),
+                cubin_sha=hashlib.sha256(compiled.asm["cubin"]).hexdigest()[:16])
+
+
+def warp_specialize_check(out=None) -> list[dict]:
+    """:func:`compile_offline` for the H100 with and without the flag, pointer and
+    descriptor loads (``same_code``: the flag left the binary unchanged), and with it
+    for a Blackwell target as a control."""
+    rows = []
+    for desc in (False, True):
+        off, on = (compile_offline(desc, ws) for ws in (False, True))
+        on["same_code"] = off["cubin_sha"] == on["cubin_sha"]
+        rows += [off, on]
+    # The control: on a Blackwell target the flag does specialise (with descriptors), so
+    # a False above is the compiler's answer for the H100, not a blind check.
+    rows.append(compile_offline(True, True, capability=100))
+    for rec in rows:
+        print(json.dumps(rec), flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"compiled": "offline, no GPU", "results": rows}, f, indent=1)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--warp-specialize-check", action="store_true",
+                    help="no GPU: compile for sm_90 with and without the warp_specialize "
+                         "loop flag and compare (sm_100 as a control)")
     args = ap.parse_args(argv)
+    if args.warp_specialize_check:
+        warp_specialize_check(args.out)
+        return
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     dev = torch.device("cuda")
