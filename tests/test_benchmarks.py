@@ -249,7 +249,8 @@ def test_masked_probe_inline_configs():
                                     "benchmarks.replan_ab",
                                     "benchmarks.driver_call_probe",
                                     "benchmarks.head_dim_ab",
-                                    "benchmarks.kernel_ab"])
+                                    "benchmarks.kernel_ab",
+                                    "benchmarks.ws_attention_probe"])
 def test_benchmark_modules_import(module):
     import importlib
 
@@ -548,3 +549,52 @@ def test_ab_runs_cut_short_keep_the_cases_they_timed(tmp_path, monkeypatch):
         # The summary of the rows so far (groups of at most the two cases).
         assert data["summary"] and all(re.search(r"\(geomean of [12] cases", line)
                                        for line in data["summary"])
+
+
+def _compiled_offline(tmp_path, module, *args):
+    """Run ``python -m module *args --out FILE`` in a process of its own (the tests'
+    interpreter mode replaces the compiler's path) and return the JSON's results."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compiled.json"
+    subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], check=True,
+                   env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   capture_output=True)
+    return json.loads(out.read_text())["results"]
+
+
+def test_wide_tile_probe_compiles_offline_and_sees_warp_specialisation(tmp_path):
+    # No GPU: Triton compiles for the H100 and for Blackwell with its bundled ptxas.
+    rows = _compiled_offline(tmp_path, "benchmarks.wide_tile_probe", "--warp-specialize-check")
+    h100 = [r for r in rows if r["capability"] == 90]
+    assert len(h100) == 4 and all(r["wgmma"] for r in h100)
+    pointers = [r for r in h100 if not r["descriptors"]]
+    assert all(r["async_copies"] > 0 and not r["tma"] for r in pointers)
+    assert all(r["tma"] and r["async_copies"] == 0 for r in h100 if r["descriptors"])
+    # Each load path compiles to its own binary; the flag's rows say whether it changed it.
+    assert pointers[0]["cubin_sha"] != h100[2]["cubin_sha"]
+    for off, on in (h100[0:2], h100[2:4]):
+        assert on["warp_specialize"] and not off["warp_specialize"]
+        assert on["same_code"] == (on["cubin_sha"] == off["cubin_sha"])
+    (control,) = [r for r in rows if r["capability"] == 100]
+    assert control["ws_region"] and not control["wgmma"]
+
+
+def test_warp_specialised_probe_compiles_offline_for_the_h100(tmp_path):
+    # The Gluon kernel's first four configurations: 64-row tiles, 64-token KV tiles, two
+    # or three ring buffers, with and without the overlapped order.
+    rows = _compiled_offline(tmp_path, "benchmarks.ws_attention_probe", "--compile-only",
+                             "--first", "4")
+    assert [(r["buffers"], r["overlap"]) for r in rows] == [(2, False), (3, False), (2, True),
+                                                           (3, True)]
+    assert all(r["ok"] and r["ws_region"] and "STACK:0" in r["usage"] for r in rows)
+    # A third buffer adds one 64 x 128 float16 tile of K and one of V (and two barriers).
+    for two, three in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert 2 * 64 * 128 * 2 <= three["shared"] - two["shared"] <= 2 * 64 * 128 * 2 + 64
+    # The overlapped order peels a first scores product and a last product with V: each
+    # product of the loop appears twice in the PTX.
+    assert rows[2]["wgmma"] == 2 * rows[0]["wgmma"] > 0
