@@ -6,7 +6,8 @@ query rows per KV head against 2,048 contiguous tokens in two KV chunks of 1,024
 GFLOP), a kernel written in Gluon (Triton's lower-level language) with the structure of
 FlashAttention-3 on the H100: one producer warp issues the K and V tile copies (TMA) into
 a ring of shared-memory buffers, guarded by mbarriers, and the consumer warpgroups run
-the two products as warpgroup MMAs with the online softmax between them. Triton 3.6 and
+the two products as warpgroup MMAs with the online softmax between them (one consumer
+partition, or two warpgroups of 64 rows sharing the ring). Triton 3.6 and
 the newest Triton do not specialise warps of a ``tl`` kernel on the H100
 (``python -m benchmarks.wide_tile_probe --warp-specialize-check``), so this is the way
 to measure what warp specialisation gives here. Each configuration is checked against a
@@ -41,11 +42,19 @@ from .wide_tile_probe import B, CHUNK, D, HK, HQ, T
 # ``async_load`` (and refuse the old name).
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
-#: (rows a program, KV tile, consumer warps, buffers in the K/V ring, programs an SM,
-#: FlashAttention-3's overlap of the products and the softmax within a warpgroup)
-CONFIGS = [(64, 64, 4, 2, 2, False), (64, 64, 4, 3, 2, False), (64, 64, 4, 2, 2, True),
-           (64, 64, 4, 3, 2, True), (64, 32, 4, 4, 2, True), (64, 32, 4, 6, 2, True),
-           (64, 128, 4, 2, 1, True), (128, 64, 8, 3, 1, False), (128, 64, 8, 3, 1, True)]
+#: (rows a consumer warpgroup set, KV tile, consumer warps, buffers in the K/V ring,
+#: programs an SM, FlashAttention-3's overlap of the products and the softmax within a
+#: warpgroup, consumers: 1 = the default partition alone, 2 = two warpgroups of 4 warps
+#: sharing the ring, a program of twice the rows)
+CONFIGS = [(64, 64, 4, 2, 2, False, 1), (64, 64, 4, 3, 2, False, 1), (64, 64, 4, 2, 2, True, 1),
+           (64, 64, 4, 3, 2, True, 1), (64, 32, 4, 4, 2, True, 1), (64, 32, 4, 6, 2, True, 1),
+           (64, 128, 4, 2, 1, True, 1), (128, 64, 8, 3, 1, False, 1), (128, 64, 8, 3, 1, True, 1),
+           (64, 64, 4, 3, 1, True, 2), (64, 64, 4, 4, 1, True, 2), (64, 128, 4, 2, 1, True, 2),
+           (64, 128, 4, 3, 1, True, 2), (64, 64, 4, 3, 1, False, 2)]
+
+#: Registers a thread of the worker consumer warpgroup asks for (two consumers); the
+#: default partition gets what the cap leaves after it and the producer's 24.
+CONSUMER_REGS = 240
 
 
 @gluon.jit
@@ -163,7 +172,91 @@ def _ws_kernel(Q, k_desc, v_desc, MidO, MidLSE, stride_qb, stride_qh, rows_per_c
     gl.store(MidLSE + r, lse)
 
 
-def _args(q, k, v, mid_o, mid_lse, block_m, block_n, nbuf, overlap):
+@gluon.jit
+def _store_rows(acc, m_i, l_i, MidO, MidLSE, row0, pid_c, rows_per_chunk, h,
+                GROUP: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
+                num_kv_heads: gl.constexpr):
+    o_layout: gl.constexpr = acc.type.layout
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    r = pid_c * rows_per_chunk + (rows // GROUP) * (GROUP * num_kv_heads) + h * GROUP + rows % GROUP
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    gl.store(MidO + gl.expand_dims(r * D, 1) + gl.expand_dims(d, 0),
+             (acc / gl.expand_dims(l_o, 1)).to(gl.float16))
+    lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, o_layout))
+    gl.store(MidLSE + r, lse)
+
+
+@gluon.jit
+def _consumer_half(q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO, MidLSE,
+                   row0, pid_c, rows_per_chunk, h, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, D: gl.constexpr, OVERLAP: gl.constexpr,
+                   WARPS: gl.constexpr, num_kv_heads: gl.constexpr):
+    acc, m_i, l_i = _consumer(q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale,
+                              BLOCK_M, BLOCK_N, D, OVERLAP, WARPS)
+    _store_rows(acc, m_i, l_i, MidO, MidLSE, row0, pid_c, rows_per_chunk, h, GROUP, BLOCK_M,
+                D, num_kv_heads)
+
+
+@gluon.jit
+def _ws2_kernel(Q, k_desc, v_desc, MidO, MidLSE, stride_qb, stride_qh, rows_per_chunk, chunk,
+                qk_scale, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                D: gl.constexpr, NBUF: gl.constexpr, q_layout: gl.constexpr,
+                OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr, NUM_KV: gl.constexpr,
+                num_warps: gl.constexpr):
+    """Two consumer warpgroups (the default partition and a worker) of ``BLOCK_M`` rows
+    each share one K/V ring: a program covers ``2 * BLOCK_M`` rows and loads each K/V
+    tile once for both."""
+    pid_m = gl.program_id(0)
+    pid_c = gl.program_id(1)
+    h = gl.program_id(2)
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
+    row0 = pid_m * (2 * BLOCK_M)
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
+    q0 = gl.load(Q + gl.expand_dims((rows // GROUP) * stride_qb + (h * GROUP + rows % GROUP)
+                                    * stride_qh, 1) + gl.expand_dims(d, 0))
+    rows = rows + BLOCK_M
+    q1 = gl.load(Q + gl.expand_dims((rows // GROUP) * stride_qb + (h * GROUP + rows % GROUP)
+                                    * stride_qh, 1) + gl.expand_dims(d, 0))
+    q0_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], q_layout, q0)
+    q1_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], q_layout, q1)
+    k_bufs = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_N, D], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_N, D], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NBUF):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
+    fence_async_shared()
+    n_iters = chunk // BLOCK_N
+    gl.static_assert(num_warps == 4)
+    gl.warp_specialize([
+        (_consumer_half, (q0_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO,
+                          MidLSE, row0, pid_c, rows_per_chunk, h, GROUP, BLOCK_M, BLOCK_N, D,
+                          OVERLAP, num_warps, NUM_KV)),
+        (_consumer_half, (q1_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO,
+                          MidLSE, row0 + BLOCK_M, pid_c, rows_per_chunk, h, GROUP, BLOCK_M,
+                          BLOCK_N, D, OVERLAP, 4, NUM_KV)),
+        (_producer, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, pid_c * chunk, n_iters,
+                     h * D, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def _kernel_for(consumers: int):
+    return _ws_kernel if consumers == 1 else _ws2_kernel
+
+
+def _grid_rows(block_m: int, consumers: int) -> int:
+    return B * (HQ // HK) // (block_m * consumers)
+
+
+def _warps_total(warps: int, consumers: int) -> int:
+    """Consumer warps of a program (the producer's warpgroup comes on top)."""
+    return warps * consumers
+
+
+def _args(q, k, v, mid_o, mid_lse, block_m, block_n, nbuf, overlap, consumers=1):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], gl.float16)
@@ -173,6 +266,7 @@ def _args(q, k, v, mid_o, mid_lse, block_m, block_n, nbuf, overlap):
             D ** -0.5 * 1.4426950408889634)
     consts = dict(GROUP=HQ // HK, BLOCK_M=block_m, BLOCK_N=block_n, D=D, NBUF=nbuf,
                   OVERLAP=overlap,
+                  **(dict(CONSUMER_REGS=CONSUMER_REGS, NUM_KV=HK) if consumers == 2 else {}),
                   q_layout=gl.NVMMASharedLayout.get_default_for([block_m, D], gl.float16))
     return args, consts
 
@@ -194,11 +288,11 @@ def compile_only(configs=CONFIGS) -> list[dict]:
     k = torch.empty(T, HK, D, dtype=torch.float16)
     mid_o = torch.empty(2 * B * HQ, D, dtype=torch.float16)
     mid_lse = torch.empty(2 * B * HQ)
-    fn = _ws_kernel
-    names = fn.arg_names
     out = []
-    for bm, bn, warps, nbuf, per_sm, overlap in configs:
-        args, consts = _args(q, k, k, mid_o, mid_lse, bm, bn, nbuf, overlap)
+    for bm, bn, warps, nbuf, per_sm, overlap, consumers in configs:
+        fn = _kernel_for(consumers)
+        names = fn.arg_names
+        args, consts = _args(q, k, k, mid_o, mid_lse, bm, bn, nbuf, overlap, consumers)
         sig = {n: mangle_type(a) for n, a in zip(names, args)}
         sig.update({n: "constexpr" for n in consts})
         sig["num_warps"] = "constexpr"
@@ -206,11 +300,14 @@ def compile_only(configs=CONFIGS) -> list[dict]:
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names[:len(args)])
                  if sig[n].startswith("*") or sig[n] == "i32"}
         rec = dict(block_m=bm, block_n=bn, warps=warps, buffers=nbuf, per_sm=per_sm,
-                   overlap=overlap, maxnreg=_maxnreg(warps, per_sm))
+                   overlap=overlap, consumers=consumers,
+                   maxnreg=_maxnreg(_warps_total(warps, consumers), per_sm))
         try:
             c = triton.compile(GluonASTSource(fn, sig, consts, attrs),
                                target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=warps, maxnreg=_maxnreg(warps, per_sm)))
+                               options=dict(num_warps=warps,
+                                            maxnreg=_maxnreg(_warps_total(warps, consumers),
+                                                             per_sm)))
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                 f.write(c.asm["cubin"])
             tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -290,17 +387,19 @@ def main(argv=None):
     rec.update(us=us, tflops=flop / us / 1e6)
     print(json.dumps(rec), flush=True)
     results.append(rec)
-    for bm, bn, warps, nbuf, per_sm, overlap in CONFIGS:
+    for bm, bn, warps, nbuf, per_sm, overlap, consumers in CONFIGS:
         mid_o = torch.full((nchunks * rows, D), float("nan"), device=dev, dtype=torch.float16)
         mid_lse = torch.full((nchunks * rows,), float("nan"), device=dev)
-        kargs, consts = _args(q, k, v, mid_o, mid_lse, bm, bn, nbuf, overlap)
+        kargs, consts = _args(q, k, v, mid_o, mid_lse, bm, bn, nbuf, overlap, consumers)
+        kernel = _kernel_for(consumers)
+        cap = _maxnreg(_warps_total(warps, consumers), per_sm)
         rec = dict(kernel="gluon, warp-specialised", block_m=bm, block_n=bn, warps=warps,
-                   buffers=nbuf, per_sm=per_sm, overlap=overlap,
-                   maxnreg=_maxnreg(warps, per_sm))
+                   buffers=nbuf, per_sm=per_sm, overlap=overlap, consumers=consumers,
+                   maxnreg=cap)
 
         def fn():
-            _ws_kernel[(B * g // bm, nchunks, HK)](*kargs, **consts, num_warps=warps,
-                                                   maxnreg=_maxnreg(warps, per_sm))
+            kernel[(_grid_rows(bm, consumers), nchunks, HK)](*kargs, **consts,
+                                                             num_warps=warps, maxnreg=cap)
 
         try:
             fn()
