@@ -50,7 +50,7 @@ CONFIGS = [(64, 64, 4, 2, 2, False, 1), (64, 64, 4, 3, 2, False, 1), (64, 64, 4,
            (64, 64, 4, 3, 2, True, 1), (64, 32, 4, 4, 2, True, 1), (64, 32, 4, 6, 2, True, 1),
            (64, 128, 4, 2, 1, True, 1), (128, 64, 8, 3, 1, False, 1), (128, 64, 8, 3, 1, True, 1),
            (64, 64, 4, 3, 1, True, 2), (64, 64, 4, 4, 1, True, 2), (64, 128, 4, 2, 1, True, 2),
-           (64, 128, 4, 3, 1, True, 2), (64, 64, 4, 3, 1, False, 2)]
+           (64, 32, 4, 6, 1, True, 2), (64, 64, 4, 3, 1, False, 2)]
 
 #: Registers a thread of the worker consumer warpgroup asks for (two consumers); the
 #: default partition gets what the cap leaves after it and the producer's 24.
@@ -136,106 +136,112 @@ def _consumer(q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale,
 
 
 @gluon.jit
-def _ws_kernel(Q, k_desc, v_desc, MidO, MidLSE, stride_qb, stride_qh, rows_per_chunk, chunk,
-               qk_scale, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-               D: gl.constexpr, NBUF: gl.constexpr, q_layout: gl.constexpr,
-               OVERLAP: gl.constexpr, num_warps: gl.constexpr):
-    pid_m = gl.program_id(0)
-    pid_c = gl.program_id(1)
-    h = gl.program_id(2)
+def _q_tile(Q, row0, h, stride_qb, stride_qh, q_layout: gl.constexpr, GROUP: gl.constexpr,
+            BLOCK_M: gl.constexpr, D: gl.constexpr, num_warps: gl.constexpr):
+    """Rows ``row0 .. row0 + BLOCK_M`` of KV head ``h`` (row r: request r // GROUP, query
+    head h * GROUP + r % GROUP) in shared memory."""
     blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
     d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
-    req = rows // GROUP
-    head = h * GROUP + rows % GROUP
-    q = gl.load(Q + gl.expand_dims(req * stride_qb + head * stride_qh, 1) + gl.expand_dims(d, 0))
-    q_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], q_layout, q)
+    offs = (rows // GROUP) * stride_qb + (h * GROUP + rows % GROUP) * stride_qh
+    q = gl.load(Q + gl.expand_dims(offs, 1) + gl.expand_dims(d, 0))
+    return gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], q_layout, q)
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, MidO, MidLSE, row0, pid_c, rows_per_chunk, h,
+                GROUP: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
+                NUM_KV: gl.constexpr, WARPS: gl.constexpr):
+    """The normalised partials and log-sum-exps of rows ``row0 .. row0 + BLOCK_M`` in
+    the mid rows of KV chunk ``pid_c``, stored from a blocked layout (16-byte vectors
+    a thread; straight from the MMA layout each thread would store 4-byte pieces)."""
+    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout))
+    out = gl.convert_layout(acc / gl.expand_dims(l_o, 1), blocked)
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
+    r = (pid_c * rows_per_chunk + (rows // GROUP) * (GROUP * NUM_KV) + h * GROUP
+         + rows % GROUP)
+    gl.store(MidO + gl.expand_dims(r * D, 1) + gl.expand_dims(d, 0), out.to(gl.float16))
+    gl.store(MidLSE + r, gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, blocked)))
+
+
+@gluon.jit
+def _consumer_rows(q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO, MidLSE,
+                   row0, pid_c, rows_per_chunk, h, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, D: gl.constexpr, OVERLAP: gl.constexpr,
+                   WARPS: gl.constexpr, NUM_KV: gl.constexpr):
+    acc, m_i, l_i = _consumer(q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale,
+                              BLOCK_M, BLOCK_N, D, OVERLAP, WARPS)
+    _store_rows(acc, m_i, l_i, MidO, MidLSE, row0, pid_c, rows_per_chunk, h, GROUP, BLOCK_M,
+                D, NUM_KV, WARPS)
+
+
+@gluon.jit
+def _ring(k_desc, v_desc, NBUF: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+          CONSUMERS: gl.constexpr):
+    """The K/V ring and its barriers: ``ready`` (the producer's copies landed) and
+    ``empty`` (every consumer is done with the slot)."""
     k_bufs = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_N, D], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_N, D], v_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NBUF):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    fence_async_shared()  # q's store and the barriers' init before the async proxy reads
+        mbarrier.init(empty.index(i), count=CONSUMERS)
+    # The queries' stores and the barriers' init before the async proxy reads them.
+    fence_async_shared()
+    return k_bufs, v_bufs, ready, empty
+
+
+@gluon.jit
+def _ws_kernel(Q, k_desc, v_desc, MidO, MidLSE, stride_qb, stride_qh, rows_per_chunk, chunk,
+               qk_scale, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               D: gl.constexpr, NBUF: gl.constexpr, q_layout: gl.constexpr,
+               OVERLAP: gl.constexpr, NUM_KV: gl.constexpr, num_warps: gl.constexpr):
+    """One consumer partition of ``num_warps`` warps over ``BLOCK_M`` rows."""
+    pid_m = gl.program_id(0)
+    pid_c = gl.program_id(1)
+    h = gl.program_id(2)
+    row0 = pid_m * BLOCK_M
+    q_smem = _q_tile(Q, row0, h, stride_qb, stride_qh, q_layout, GROUP, BLOCK_M, D, num_warps)
+    k_bufs, v_bufs, ready, empty = _ring(k_desc, v_desc, NBUF, BLOCK_N, D, 1)
     n_iters = chunk // BLOCK_N
     acc, m_i, l_i = gl.warp_specialize([
-        (_consumer, (q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale,
-                     BLOCK_M, BLOCK_N, D, OVERLAP, num_warps)),
+        (_consumer, (q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, BLOCK_M,
+                     BLOCK_N, D, OVERLAP, num_warps)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, pid_c * chunk, n_iters,
                      h * D, BLOCK_N)),
     ], [1], [24])
-    out = gl.convert_layout(acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout)), 1), blocked)
-    lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, blocked))
-    r = pid_c * rows_per_chunk + req * (GROUP * gl.num_programs(2)) + head
-    gl.store(MidO + gl.expand_dims(r * D, 1) + gl.expand_dims(d, 0), out.to(gl.float16))
-    gl.store(MidLSE + r, lse)
-
-
-@gluon.jit
-def _store_rows(acc, m_i, l_i, MidO, MidLSE, row0, pid_c, rows_per_chunk, h,
-                GROUP: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr,
-                num_kv_heads: gl.constexpr):
-    o_layout: gl.constexpr = acc.type.layout
-    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    r = pid_c * rows_per_chunk + (rows // GROUP) * (GROUP * num_kv_heads) + h * GROUP + rows % GROUP
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    gl.store(MidO + gl.expand_dims(r * D, 1) + gl.expand_dims(d, 0),
-             (acc / gl.expand_dims(l_o, 1)).to(gl.float16))
-    lse = gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, o_layout))
-    gl.store(MidLSE + r, lse)
-
-
-@gluon.jit
-def _consumer_half(q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO, MidLSE,
-                   row0, pid_c, rows_per_chunk, h, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, D: gl.constexpr, OVERLAP: gl.constexpr,
-                   WARPS: gl.constexpr, num_kv_heads: gl.constexpr):
-    acc, m_i, l_i = _consumer(q_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale,
-                              BLOCK_M, BLOCK_N, D, OVERLAP, WARPS)
+    # After the region the ring's shared memory is free for the epilogue's layout change.
     _store_rows(acc, m_i, l_i, MidO, MidLSE, row0, pid_c, rows_per_chunk, h, GROUP, BLOCK_M,
-                D, num_kv_heads)
+                D, NUM_KV, num_warps)
 
 
 @gluon.jit
 def _ws2_kernel(Q, k_desc, v_desc, MidO, MidLSE, stride_qb, stride_qh, rows_per_chunk, chunk,
                 qk_scale, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 D: gl.constexpr, NBUF: gl.constexpr, q_layout: gl.constexpr,
-                OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr, NUM_KV: gl.constexpr,
+                OVERLAP: gl.constexpr, NUM_KV: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                 num_warps: gl.constexpr):
     """Two consumer warpgroups (the default partition and a worker) of ``BLOCK_M`` rows
     each share one K/V ring: a program covers ``2 * BLOCK_M`` rows and loads each K/V
     tile once for both."""
+    gl.static_assert(num_warps == 4)
     pid_m = gl.program_id(0)
     pid_c = gl.program_id(1)
     h = gl.program_id(2)
-    blocked: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, blocked))
     row0 = pid_m * (2 * BLOCK_M)
-    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, blocked))
-    q0 = gl.load(Q + gl.expand_dims((rows // GROUP) * stride_qb + (h * GROUP + rows % GROUP)
-                                    * stride_qh, 1) + gl.expand_dims(d, 0))
-    rows = rows + BLOCK_M
-    q1 = gl.load(Q + gl.expand_dims((rows // GROUP) * stride_qb + (h * GROUP + rows % GROUP)
-                                    * stride_qh, 1) + gl.expand_dims(d, 0))
-    q0_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], q_layout, q0)
-    q1_smem = gl.allocate_shared_memory(gl.float16, [BLOCK_M, D], q_layout, q1)
-    k_bufs = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_N, D], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_N, D], v_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NBUF):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # both consumers release a slot
-    fence_async_shared()
+    q0_smem = _q_tile(Q, row0, h, stride_qb, stride_qh, q_layout, GROUP, BLOCK_M, D, num_warps)
+    q1_smem = _q_tile(Q, row0 + BLOCK_M, h, stride_qb, stride_qh, q_layout, GROUP, BLOCK_M, D,
+                      num_warps)
+    k_bufs, v_bufs, ready, empty = _ring(k_desc, v_desc, NBUF, BLOCK_N, D, 2)
     n_iters = chunk // BLOCK_N
-    gl.static_assert(num_warps == 4)
     gl.warp_specialize([
-        (_consumer_half, (q0_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO,
+        (_consumer_rows, (q0_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO,
                           MidLSE, row0, pid_c, rows_per_chunk, h, GROUP, BLOCK_M, BLOCK_N, D,
                           OVERLAP, num_warps, NUM_KV)),
-        (_consumer_half, (q1_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO,
+        (_consumer_rows, (q1_smem, k_bufs, v_bufs, ready, empty, n_iters, qk_scale, MidO,
                           MidLSE, row0 + BLOCK_M, pid_c, rows_per_chunk, h, GROUP, BLOCK_M,
                           BLOCK_N, D, OVERLAP, 4, NUM_KV)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, ready, empty, pid_c * chunk, n_iters,
@@ -265,8 +271,8 @@ def _args(q, k, v, mid_o, mid_lse, block_m, block_n, nbuf, overlap, consumers=1)
     args = (q, k_desc, v_desc, mid_o, mid_lse, q.stride(0), q.stride(1), B * HQ, CHUNK,
             D ** -0.5 * 1.4426950408889634)
     consts = dict(GROUP=HQ // HK, BLOCK_M=block_m, BLOCK_N=block_n, D=D, NBUF=nbuf,
-                  OVERLAP=overlap,
-                  **(dict(CONSUMER_REGS=CONSUMER_REGS, NUM_KV=HK) if consumers == 2 else {}),
+                  OVERLAP=overlap, NUM_KV=HK,
+                  **(dict(CONSUMER_REGS=CONSUMER_REGS) if consumers == 2 else {}),
                   q_layout=gl.NVMMASharedLayout.get_default_for([block_m, D], gl.float16))
     return args, consts
 
