@@ -250,7 +250,8 @@ def test_masked_probe_inline_configs():
                                     "benchmarks.driver_call_probe",
                                     "benchmarks.head_dim_ab",
                                     "benchmarks.kernel_ab",
-                                    "benchmarks.ws_attention_probe"])
+                                    "benchmarks.ws_attention_probe",
+                                    "benchmarks.compile_report"])
 def test_benchmark_modules_import(module):
     import importlib
 
@@ -551,9 +552,9 @@ def test_ab_runs_cut_short_keep_the_cases_they_timed(tmp_path, monkeypatch):
                                        for line in data["summary"])
 
 
-def _compiled_offline(tmp_path, module, *args):
+def _compiled_offline(tmp_path, module, *args, key="results"):
     """Run ``python -m module *args --out FILE`` in a process of its own (the tests'
-    interpreter mode replaces the compiler's path) and return the JSON's results."""
+    interpreter mode replaces the compiler's path) and return the JSON's ``key``."""
     import json
     import os
     import subprocess
@@ -564,7 +565,7 @@ def _compiled_offline(tmp_path, module, *args):
     subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], check=True,
                    env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    capture_output=True)
-    return json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())[key]
 
 
 def test_wide_tile_probe_compiles_offline_and_sees_warp_specialisation(tmp_path):
@@ -579,7 +580,7 @@ def test_wide_tile_probe_compiles_offline_and_sees_warp_specialisation(tmp_path)
     assert pointers[0]["cubin_sha"] != h100[2]["cubin_sha"]
     for off, on in (h100[0:2], h100[2:4]):
         assert on["warp_specialize"] and not off["warp_specialize"]
-        assert on["same_code"] == (on["cubin_sha"] == off["cubin_sha"])
+        assert not off["ws_region"]  # no flag, no warp-specialised region
     (control,) = [r for r in rows if r["capability"] == 100]
     assert control["ws_region"] and not control["wgmma"]
 
@@ -598,3 +599,31 @@ def test_warp_specialised_probe_compiles_offline_for_the_h100(tmp_path):
     # The overlapped order peels a first scores product and a last product with V: each
     # product of the loop appears twice in the PTX.
     assert rows[2]["wgmma"] == 2 * rows[0]["wgmma"] > 0
+
+
+def test_compile_report_compiles_the_library_launches_as_on_an_h100(tmp_path):
+    rows = _compiled_offline(tmp_path, "benchmarks.compile_report", "--case",
+                             "1,2,64 8,256,32", "--heads", "32/8", "--heads", "32/32",
+                             key="rows")
+    by_heads = {h: [r for r in rows if r["heads"] == h] for h in ("32/8", "32/32")}
+    assert all(by_heads.values()) and len(rows) == sum(map(len, by_heads.values()))
+    for launches in by_heads.values():
+        assert [r["launch"] for r in launches] == list(range(len(launches)))
+        first = launches[0]
+        # The shared-prefix phase first, 64-row tiles of 32 tokens, triggering the
+        # dependent launch after it as on compute capability 9.
+        assert first["kernel"] == "stage 1" and first["modes"]["BLOCK_M0"] == 64
+        assert first["modes"]["BLOCK_N0"] == 32 and first["modes"]["PDL_TRIGGER"]
+        for r in launches:
+            assert 0 < r["registers"] <= (r["register_cap"] or 255)
+            assert r["spill_stack"] >= 0 and r["shared"] >= 0
+            if r["kernel"] == "stage 1":
+                # The launcher's shared-memory model keeps the buffers under its budget:
+                # it must not undercount what the compiler allocates (by more than
+                # small scratch).
+                assert r["shared"] <= r["shared_estimate"] + 1024
+    # At 32/8 the wide tiles are capped at 128 registers (four programs an SM) and take
+    # the model's 64x128 query tile plus two stages of 32x128 K and V tiles.
+    wide = by_heads["32/8"][0]
+    assert wide["register_cap"] == 128 and wide["registers"] <= 128
+    assert wide["shared"] == wide["shared_estimate"] == (64 * 128 + 2 * 2 * 32 * 128) * 2
