@@ -715,10 +715,11 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     warps_arg, stages_arg = num_warps, num_stages
     launches = [default_launch(*blk, group=group) for blk in blocks]
     total = sum(ph.num_vnodes for ph in phases)
+    few_finish = bool(finish is not None and FEW_FINISH_MAX_PROGRAMS
+                      and total * hk <= FEW_FINISH_MAX_PROGRAMS)
     if num_warps is None:
         num_warps = max(w for w, _ in launches)
-        if (finish is not None and FEW_FINISH_MAX_PROGRAMS
-                and total * hk <= FEW_FINISH_MAX_PROGRAMS):
+        if few_finish:
             num_warps = max(num_warps, int(FEW_FINISH_WARPS))
     if num_stages is None:
         num_stages = min(st for _, st in launches)
@@ -769,7 +770,10 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     )
     if pdl_wait or wait_at_end:
         consts["launch_pdl"] = True
-    cap = _register_cap(blocks if two else blocks[:1], num_warps, q.device.type)
+    # A finishing launch of few programs is the plan's last (nothing runs beside it) and
+    # holds at most two programs an SM: a register cap would only make it spill.
+    cap = (None if few_finish and not FEW_FINISH_REGISTER_CAP else
+           _register_cap(blocks if two else blocks[:1], num_warps, q.device.type))
     if cap is not None:
         consts["maxnreg"] = cap
 
@@ -823,6 +827,15 @@ class _Stage1:
 #: plans of 256 programs; 1.04-1.24x slower on those of 1,024 and more.
 FEW_FINISH_MAX_PROGRAMS = 256
 FEW_FINISH_WARPS = 4
+#: Whether such a finishing launch keeps the wide tiles' register cap
+#: (:data:`WIDE_TILE_MAX_REGISTERS`). False: it runs uncapped. Its programs (at most
+#: 256 on 132 SMs) fit without the cap, which only made them spill: the finishing
+#: launch of the speculative-decoding case at 32/8 (64-row tiles, 168 programs) spills
+#: 232 bytes a thread under the cap and none without it (compiled for sm_90 with
+#: Triton 3.6, ``python -m benchmarks.compile_report``). Measured on an H100
+#: (benchmarks/RESULTS.md, v38): that case 0.84x of its time replayed, 0.87x eager; no
+#: other launch of the 51 benchmark cases changes.
+FEW_FINISH_REGISTER_CAP = False
 
 #: Prepared launches call Triton's compiled kernel directly after their first call
 #: (:class:`_KernelLaunch`); False: every call goes through the JIT. Measured on an
@@ -1316,7 +1329,8 @@ def launch_form(phases: Sequence[Phase], group: int, num_kv_heads: int,
                 finish: bool = False) -> tuple:
     """What :func:`tree_decode_launcher` decides from ``phases``, less their sizes: the
     tile shapes and masking of the non-empty phases, how they are grouped into launches
-    and whether a finishing launch takes :data:`FEW_FINISH_WARPS`. Plans whose phases
+    and whether a finishing launch takes :data:`FEW_FINISH_WARPS` (and, unless
+    :data:`FEW_FINISH_REGISTER_CAP`, runs without the register cap). Plans whose phases
     have the same form (and the same tensors and modes) get the same launches but for
     the grids and the vnode offsets and counts passed to them: see
     :meth:`_LaunchSet.resized`."""

@@ -880,6 +880,39 @@ def test_few_program_finish_launch_warps(monkeypatch, hq, hk):
     assert warps(1) == small
 
 
+def test_few_program_finish_launch_runs_without_the_register_cap(monkeypatch):
+    # Wide tiles (64 rows: 16 queries x a GQA group of 4) on 4 warps get the register
+    # cap on CUDA, except a finishing launch of at most FEW_FINISH_MAX_PROGRAMS programs
+    # (the plan's last, at most two programs an SM), unless FEW_FINISH_REGISTER_CAP.
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    assert td.FEW_FINISH_REGISTER_CAP is False and td.WIDE_TILE_MAX_REGISTERS == 128
+    cap = td._register_cap
+    monkeypatch.setattr(td, "_register_cap",  # as prepared for CUDA tensors
+                        lambda shapes, warps, device_type: cap(shapes, warps, "cuda"))
+    hq, hk = 32, 8
+    q, k, v = make_qkv(2, 8, hq, hk, 128, torch.float16)
+    idx = torch.zeros(1024, dtype=torch.int32)
+    mid_o = torch.zeros(4, hq, 128)
+    mid_lse = torch.zeros(4, hq)
+
+    def consts(num_vnodes, finish=True):
+        ph = Phase(0, num_vnodes, 16, 32)
+        launch = td._stage1_launcher(
+            q, k, v, mid_o, mid_lse, idx, idx, idx, idx, idx, idx, ph, 0.1,
+            o=torch.empty_like(q), req_mid_len=idx, finish=(idx, idx) if finish else None)
+        return launch.kernels[0].consts
+
+    limit = td.FEW_FINISH_MAX_PROGRAMS // hk
+    few = consts(limit)
+    assert few["num_warps"] == 4 and few["BLOCK_M0"] == 64 and "maxnreg" not in few
+    assert consts(limit + 1)["maxnreg"] == 128
+    assert consts(limit, finish=False)["maxnreg"] == 128
+    monkeypatch.setattr(td, "FEW_FINISH_REGISTER_CAP", True)
+    assert consts(limit)["maxnreg"] == 128
+
+
 def _launch_set_layout(launch):
     """Every launch of a prepared set as plain values (tensors by identity)."""
     def one(kernel):
