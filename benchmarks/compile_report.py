@@ -7,7 +7,9 @@ launches of compute capability 9 included) and compiles each launch for sm_90 wi
 Triton's bundled ``ptxas``, specialised as Triton's JIT would specialise it at launch.
 Per launch it prints the kernel, the tile shapes and modes, the warps, pipeline stages
 and register cap, then the registers a thread, the spill stack (bytes a thread), the
-shared memory and, for stage 1, the launcher's own shared-memory estimate. With the
+shared memory and, for stage 1, the launcher's own shared-memory estimate; spill
+instructions are counted inside the kernel's loops and elsewhere (a spill outside the
+loops costs little). With the
 GPU machine's Triton (3.6) the registers and spills match what the H100 reports for
 the same launches (``n_regs`` / ``n_spills``, v37 and v38 in ``RESULTS.md``); other
 Triton versions compile other code. ``--quick``: the benchmark's tiny CPU cases.
@@ -21,6 +23,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 
@@ -78,8 +81,32 @@ def _signature(launch, per_call: dict):
     return sig, consts, attrs
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH = re.compile(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)")
+
+
+def spill_sites(sass: str) -> dict:
+    """Local-memory stores and loads (``STL`` / ``LDL``: spills) of a kernel's SASS,
+    counted inside its loops (the address ranges of backward branches) and outside."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for addr, ins in code:
+        b = _BRANCH.search(ins)
+        if b and int(b.group(1), 16) <= addr:
+            loops.append((int(b.group(1), 16), addr))
+    inside = outside = 0
+    for addr, ins in code:
+        if re.search(r"\b(STL|LDL)(\.[A-Z0-9.]+)?\b", ins):
+            if any(lo <= addr <= hi for lo, hi in loops):
+                inside += 1
+            else:
+                outside += 1
+    return dict(spill_ops_in_loops=inside, spill_ops_elsewhere=outside)
+
+
 def _usage(cubin: bytes) -> dict:
-    """Registers and spill stack a thread of a compiled kernel (``cuobjdump``)."""
+    """Registers and spill stack a thread of a compiled kernel (``cuobjdump``), and
+    where its spill instructions are (:func:`spill_sites`)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -87,10 +114,13 @@ def _usage(cubin: bytes) -> dict:
     try:
         words = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout.split()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
     finally:
         os.unlink(f.name)
     fields = dict(w.split(":", 1) for w in words if w.startswith(("REG:", "STACK:")))
-    return dict(registers=int(fields["REG"]), spill_stack=int(fields["STACK"]))
+    return dict(registers=int(fields["REG"]), spill_stack=int(fields["STACK"]),
+                **spill_sites(sass))
 
 
 def compile_launch(launch, per_call: dict) -> dict:
@@ -168,7 +198,9 @@ def main(argv=None):
             rows.append(rec)
             print(f"{name[:40]} {hq}/{hk} #{i} {rec['kernel']}: {rec['warps']} warps, "
                   f"{rec['stages']} stages, cap {rec['register_cap']}: {rec['registers']} "
-                  f"registers, {rec['spill_stack']} B spill stack, {rec['shared']} B shared "
+                  f"registers, {rec['spill_stack']} B spill stack "
+                  f"({rec['spill_ops_in_loops']} spill instructions in loops, "
+                  f"{rec['spill_ops_elsewhere']} elsewhere), {rec['shared']} B shared "
                   f"{rec['modes']}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

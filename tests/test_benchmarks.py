@@ -617,6 +617,8 @@ def test_compile_report_compiles_the_library_launches_as_on_an_h100(tmp_path):
         for r in launches:
             assert 0 < r["registers"] <= (r["register_cap"] or 255)
             assert r["spill_stack"] >= 0 and r["shared"] >= 0
+            spill_ops = r["spill_ops_in_loops"] + r["spill_ops_elsewhere"]
+            assert (spill_ops > 0) == (r["spill_stack"] > 0)
             if r["kernel"] == "stage 1":
                 # The launcher's shared-memory model keeps the buffers under its budget:
                 # it must not undercount what the compiler allocates (by more than
@@ -627,3 +629,21 @@ def test_compile_report_compiles_the_library_launches_as_on_an_h100(tmp_path):
     wide = by_heads["32/8"][0]
     assert wide["register_cap"] == 128 and wide["registers"] <= 128
     assert wide["shared"] == wide["shared_estimate"] == (64 * 128 + 2 * 2 * 32 * 128) * 2
+
+
+def test_spill_sites_counts_local_memory_instructions_inside_and_outside_loops():
+    from benchmarks.compile_report import spill_sites
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;          /* 0x00000a0000017a02 */
+        /*0010*/                   STL [R1], R2 ;                  /* 0x0000000201007387 */
+        /*0020*/                   LDL.LU R3, [R1] ;               /* 0x0000000001037983 */
+        /*0030*/               @P0 BRA 0x10 ;                      /* 0xfffffffc00000947 */
+        /*0040*/                   STL [R1+0x4], R5 ;              /* 0x0000040501007387 */
+        /*0050*/                   EXIT ;                          /* 0x000000000000794d */
+        /*0060*/                   BRA 0x60;                       /* 0xfffffffc00fc7947 */
+    """
+    # The backward branch at 0x30 closes the loop 0x10-0x30 (a store and a load); the
+    # store at 0x40 comes after it; the trailing self-branch holds no spill.
+    assert spill_sites(sass) == dict(spill_ops_in_loops=2, spill_ops_elsewhere=1)
+    assert spill_sites("") == dict(spill_ops_in_loops=0, spill_ops_elsewhere=0)
