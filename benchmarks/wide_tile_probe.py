@@ -133,6 +133,34 @@ def warp_specialize_check(out=None) -> list[dict]:
     return rows
 
 
+def root_problem(dev):
+    """The probe's inputs on ``dev`` (fixed seed) and the float32 reference:
+    ``(q, k, v, ref, flop)``."""
+    g = HQ // HK
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, HQ, D, device=dev, dtype=torch.float16, generator=gen)
+    k = torch.randn(T, HK, D, device=dev, dtype=torch.float16, generator=gen)
+    v = torch.randn(T, HK, D, device=dev, dtype=torch.float16, generator=gen)
+    s = torch.einsum("bhd,thd->bht", q.float(), k.float().repeat_interleave(g, 1)) * D ** -0.5
+    ref = torch.einsum("bht,thd->bhd", s.softmax(-1), v.float().repeat_interleave(g, 1))
+    return q, k, v, ref, 4 * B * HQ * T * D
+
+
+def poisoned_partials(dev):
+    """NaN-filled partial outputs and log-sum-exps for the probe's chunks x rows."""
+    n = (T // CHUNK) * B * HQ
+    return (torch.full((n, D), float("nan"), device=dev, dtype=torch.float16),
+            torch.full((n,), float("nan"), device=dev))
+
+
+def merged_error(mid_o, mid_lse, ref) -> float:
+    """Relative error of the chunks' partials merged by their log-sum-exps (base 2)."""
+    nchunks = T // CHUNK
+    w = torch.softmax(mid_lse.view(nchunks, B, HQ) * 0.6931471805599453, dim=0)
+    out = (mid_o.view(nchunks, B, HQ, D).float() * w[..., None]).sum(0)
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -147,21 +175,14 @@ def main(argv=None):
 
     dev = torch.device("cuda")
     g = HQ // HK
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(B, HQ, D, device=dev, dtype=torch.float16, generator=gen)
-    k = torch.randn(T, HK, D, device=dev, dtype=torch.float16, generator=gen)
-    v = torch.randn(T, HK, D, device=dev, dtype=torch.float16, generator=gen)
-    s = torch.einsum("bhd,thd->bht", q.float(), k.float().repeat_interleave(g, 1)) * D ** -0.5
-    ref = torch.einsum("bht,thd->bhd", s.softmax(-1), v.float().repeat_interleave(g, 1))
-    flop = 4 * B * HQ * T * D
+    q, k, v, ref, flop = root_problem(dev)
     nchunks, rows = T // CHUNK, B * HQ
     results = []
     for desc, bm, bn, warps, stages in itertools.product(
             (False, True), (64, 128), (32, 64, 128), (4, 8), (2, 3)):
         if bm == 64 and warps == 8:
             continue
-        mid_o = torch.full((nchunks * rows, D), float("nan"), device=dev, dtype=torch.float16)
-        mid_lse = torch.full((nchunks * rows,), float("nan"), device=dev)
+        mid_o, mid_lse = poisoned_partials(dev)
         kd = vd = None
         if desc:
             kd, vd = (TensorDescriptor(t.view(T, HK * D), [T, HK * D], [HK * D, 1], [bn, D])
@@ -176,9 +197,7 @@ def main(argv=None):
 
         rec = dict(descriptors=desc, block_m=bm, block_n=bn, warps=warps, stages=stages)
         fn()
-        w = torch.softmax(mid_lse.view(nchunks, B, HQ) * 0.6931471805599453, dim=0)
-        out = (mid_o.view(nchunks, B, HQ, D).float() * w[..., None]).sum(0)
-        rec["rel_err"] = ((out - ref).abs().max() / ref.abs().max()).item()
+        rec["rel_err"] = merged_error(mid_o, mid_lse, ref)
         us = _bench(fn, dev)
         rec.update(us=us, tflops=flop / us / 1e6)
         print(json.dumps(rec), flush=True)

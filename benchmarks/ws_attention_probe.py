@@ -354,30 +354,17 @@ def main(argv=None):
         return
 
     from .kernel import _bench
-    from .wide_tile_probe import _probe_kernel
+    from .wide_tile_probe import _probe_kernel, merged_error, poisoned_partials, root_problem
 
     dev = torch.device("cuda")
     g = HQ // HK
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(B, HQ, D, device=dev, dtype=torch.float16, generator=gen)
-    k = torch.randn(T, HK, D, device=dev, dtype=torch.float16, generator=gen)
-    v = torch.randn(T, HK, D, device=dev, dtype=torch.float16, generator=gen)
-    s = torch.einsum("bhd,thd->bht", q.float(), k.float().repeat_interleave(g, 1)) * D ** -0.5
-    ref = torch.einsum("bht,thd->bhd", s.softmax(-1), v.float().repeat_interleave(g, 1))
-    flop = 4 * B * HQ * T * D
+    q, k, v, ref, flop = root_problem(dev)
     nchunks, rows = T // CHUNK, B * HQ
-
-    def check(mid_o, mid_lse):
-        w = torch.softmax(mid_lse.view(nchunks, B, HQ) * 0.6931471805599453, dim=0)
-        out = (mid_o.view(nchunks, B, HQ, D).float() * w[..., None]).sum(0)
-        return ((out - ref).abs().max() / ref.abs().max()).item()
-
     results = []
     # The v14 probe's best tl configuration, timed in the same run.
     from triton.tools.tensor_descriptor import TensorDescriptor as TlDescriptor
 
-    mid_o = torch.full((nchunks * rows, D), float("nan"), device=dev, dtype=torch.float16)
-    mid_lse = torch.full((nchunks * rows,), float("nan"), device=dev)
+    mid_o, mid_lse = poisoned_partials(dev)
     kd, vd = (TlDescriptor(t.view(T, HK * D), [T, HK * D], [HK * D, 1], [128, D]) for t in (k, v))
 
     def tl_fn():
@@ -388,14 +375,13 @@ def main(argv=None):
 
     tl_fn()
     rec = dict(kernel="tl (v14 best)", block_m=128, block_n=128, warps=8, buffers=3,
-               rel_err=check(mid_o, mid_lse))
+               rel_err=merged_error(mid_o, mid_lse, ref))
     us = _bench(tl_fn, dev)
     rec.update(us=us, tflops=flop / us / 1e6)
     print(json.dumps(rec), flush=True)
     results.append(rec)
     for bm, bn, warps, nbuf, per_sm, overlap, consumers in CONFIGS:
-        mid_o = torch.full((nchunks * rows, D), float("nan"), device=dev, dtype=torch.float16)
-        mid_lse = torch.full((nchunks * rows,), float("nan"), device=dev)
+        mid_o, mid_lse = poisoned_partials(dev)
         kargs, consts = _args(q, k, v, mid_o, mid_lse, bm, bn, nbuf, overlap, consumers)
         kernel = _kernel_for(consumers)
         cap = _maxnreg(_warps_total(warps, consumers), per_sm)
@@ -414,19 +400,22 @@ def main(argv=None):
             rec.update(error=f"{type(e).__name__}: {str(e)[-600:]}")
             print(json.dumps(rec), flush=True)
             results.append(rec)
+            _write(args.out, results, complete=False)
             continue
-        rec["rel_err"] = check(mid_o, mid_lse)
+        rec["rel_err"] = merged_error(mid_o, mid_lse, ref)
         us = _bench(fn, dev)
         rec.update(us=us, tflops=flop / us / 1e6)
         print(json.dumps(rec), flush=True)
         results.append(rec)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "results": results}, f,
-                          indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+        _write(args.out, results, complete=False)  # a run cut short keeps its rows
+    _write(args.out, results, complete=True)
+
+
+def _write(out, results, complete: bool) -> None:
+    if out:
+        with open(out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "complete": complete,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
