@@ -161,6 +161,28 @@ def merged_error(mid_o, mid_lse, ref) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
+def probe_launch(q, k, v, mid_o, mid_lse, desc: bool, block_m: int, block_n: int,
+                 warps: int, stages: int):
+    """``fn()``: the probe kernel over the root at one configuration (pointer or
+    tensor-descriptor loads), writing ``mid_o`` and ``mid_lse``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    kd = vd = None
+    if desc:
+        kd, vd = (TensorDescriptor(t.view(T, HK * D), [T, HK * D], [HK * D, 1], [block_n, D])
+                  for t in (k, v))
+    g = HQ // HK
+
+    def fn():
+        _probe_kernel[(B * g // block_m, T // CHUNK, HK)](
+            q, k, v, mid_o, mid_lse, kd, vd, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), B * HQ, CHUNK, D ** -0.5 * 1.4426950408889634, GROUP=g,
+            BLOCK_M=block_m, BLOCK_N=block_n, D=D, DESC=desc, STAGES=stages,
+            num_warps=warps, num_stages=stages)
+
+    return fn
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -171,30 +193,15 @@ def main(argv=None):
     if args.warp_specialize_check:
         warp_specialize_check(args.out)
         return
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     dev = torch.device("cuda")
-    g = HQ // HK
     q, k, v, ref, flop = root_problem(dev)
-    nchunks, rows = T // CHUNK, B * HQ
     results = []
     for desc, bm, bn, warps, stages in itertools.product(
             (False, True), (64, 128), (32, 64, 128), (4, 8), (2, 3)):
         if bm == 64 and warps == 8:
             continue
         mid_o, mid_lse = poisoned_partials(dev)
-        kd = vd = None
-        if desc:
-            kd, vd = (TensorDescriptor(t.view(T, HK * D), [T, HK * D], [HK * D, 1], [bn, D])
-                      for t in (k, v))
-
-        def fn():
-            _probe_kernel[(B * g // bm, nchunks, HK)](
-                q, k, v, mid_o, mid_lse, kd, vd, q.stride(0), q.stride(1), k.stride(0),
-                k.stride(1), rows, CHUNK, D ** -0.5 * 1.4426950408889634, GROUP=g,
-                BLOCK_M=bm, BLOCK_N=bn, D=D, DESC=desc, STAGES=stages, num_warps=warps,
-                num_stages=stages)
-
+        fn = probe_launch(q, k, v, mid_o, mid_lse, desc, bm, bn, warps, stages)
         rec = dict(descriptors=desc, block_m=bm, block_n=bn, warps=warps, stages=stages)
         fn()
         rec["rel_err"] = merged_error(mid_o, mid_lse, ref)

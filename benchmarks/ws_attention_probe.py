@@ -354,25 +354,15 @@ def main(argv=None):
         return
 
     from .kernel import _bench
-    from .wide_tile_probe import _probe_kernel, merged_error, poisoned_partials, root_problem
+    from .wide_tile_probe import merged_error, poisoned_partials, probe_launch, root_problem
 
     dev = torch.device("cuda")
-    g = HQ // HK
     q, k, v, ref, flop = root_problem(dev)
-    nchunks, rows = T // CHUNK, B * HQ
+    nchunks = T // CHUNK
     results = []
     # The v14 probe's best tl configuration, timed in the same run.
-    from triton.tools.tensor_descriptor import TensorDescriptor as TlDescriptor
-
     mid_o, mid_lse = poisoned_partials(dev)
-    kd, vd = (TlDescriptor(t.view(T, HK * D), [T, HK * D], [HK * D, 1], [128, D]) for t in (k, v))
-
-    def tl_fn():
-        _probe_kernel[(B * g // 128, nchunks, HK)](
-            q, k, v, mid_o, mid_lse, kd, vd, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            rows, CHUNK, D ** -0.5 * 1.4426950408889634, GROUP=g, BLOCK_M=128, BLOCK_N=128, D=D,
-            DESC=True, STAGES=3, num_warps=8, num_stages=3)
-
+    tl_fn = probe_launch(q, k, v, mid_o, mid_lse, True, 128, 128, 8, 3)
     tl_fn()
     rec = dict(kernel="tl (v14 best)", block_m=128, block_n=128, warps=8, buffers=3,
                rel_err=merged_error(mid_o, mid_lse, ref))

@@ -850,6 +850,20 @@ def test_default_launch_rule():
     assert default_launch(16, 32, 64, group=4) == (1, 2)
 
 
+def _direct_launch_consts(td, hq, hk, num_vnodes, q_tile, finish):
+    """The compile-time constants of a direct-mode stage-1 launch of one phase of
+    ``num_vnodes`` vnodes (``q_tile`` queries, 32-token KV tiles, head dim 128), finishing
+    or not, prepared from CPU tensors."""
+    q, k, v = make_qkv(2, 8, hq, hk, 128, torch.float16)
+    idx = torch.zeros(1024, dtype=torch.int32)
+    ph = Phase(0, num_vnodes, q_tile, 32)
+    launch = td._stage1_launcher(
+        q, k, v, torch.zeros(4, hq, 128), torch.zeros(4, hq), idx, idx, idx, idx, idx, idx,
+        ph, 0.1, o=torch.empty_like(q), req_mid_len=idx,
+        finish=(idx, idx) if finish else None)
+    return launch.kernels[0].consts
+
+
 @pytest.mark.parametrize("hq,hk", [(16, 1), (32, 8), (8, 8)])
 def test_few_program_finish_launch_warps(monkeypatch, hq, hk):
     # A finishing launch of at most FEW_FINISH_MAX_PROGRAMS programs (vnodes x KV heads)
@@ -860,17 +874,9 @@ def test_few_program_finish_launch_warps(monkeypatch, hq, hk):
     td = importlib.import_module("kernels.tree_decode")
     assert td.FEW_FINISH_MAX_PROGRAMS == 256 and td.FEW_FINISH_WARPS == 4
     small = 1 if hq // hk > 1 else 2
-    q, k, v = make_qkv(2, 8, hq, hk, 128, torch.float16)
-    idx = torch.zeros(1024, dtype=torch.int32)
-    mid_o = torch.zeros(4, hq, 128)
-    mid_lse = torch.zeros(4, hq)
 
     def warps(num_vnodes, finish=True):
-        ph = Phase(0, num_vnodes, 1, 32)
-        launch = td._stage1_launcher(
-            q, k, v, mid_o, mid_lse, idx, idx, idx, idx, idx, idx, ph, 0.1,
-            o=torch.empty_like(q), req_mid_len=idx, finish=(idx, idx) if finish else None)
-        return launch.kernels[0].consts["num_warps"]
+        return _direct_launch_consts(td, hq, hk, num_vnodes, 1, finish)["num_warps"]
 
     limit = td.FEW_FINISH_MAX_PROGRAMS // hk
     assert warps(limit) == 4
@@ -892,17 +898,9 @@ def test_few_program_finish_launch_runs_without_the_register_cap(monkeypatch):
     monkeypatch.setattr(td, "_register_cap",  # as prepared for CUDA tensors
                         lambda shapes, warps, device_type: cap(shapes, warps, "cuda"))
     hq, hk = 32, 8
-    q, k, v = make_qkv(2, 8, hq, hk, 128, torch.float16)
-    idx = torch.zeros(1024, dtype=torch.int32)
-    mid_o = torch.zeros(4, hq, 128)
-    mid_lse = torch.zeros(4, hq)
 
     def consts(num_vnodes, finish=True):
-        ph = Phase(0, num_vnodes, 16, 32)
-        launch = td._stage1_launcher(
-            q, k, v, mid_o, mid_lse, idx, idx, idx, idx, idx, idx, ph, 0.1,
-            o=torch.empty_like(q), req_mid_len=idx, finish=(idx, idx) if finish else None)
-        return launch.kernels[0].consts
+        return _direct_launch_consts(td, hq, hk, num_vnodes, 16, finish)
 
     limit = td.FEW_FINISH_MAX_PROGRAMS // hk
     few = consts(limit)
