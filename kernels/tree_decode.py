@@ -134,6 +134,17 @@ def stage1_block_sizes(q_tile: int, kv_tile: int, group: int, head_dim: int,
 SMALL_TILE_WIDE_HEAD_DIM = 256
 
 
+def stage1_shared_bytes(shapes, stages: int, elem_size: int) -> int:
+    """Shared memory a stage-1 kernel of the tile ``shapes`` (``(BLOCK_M, BLOCK_N,
+    BLOCK_D)`` each) takes with ``stages`` pipeline stages: a shape's query tile and
+    ``stages`` K and V tiles. A kernel of two shapes runs them in exclusive branches, so
+    the compiler lets their buffers share memory: the larger shape's bytes (before v38
+    the estimate added both, which cut the merged launches at head_dim 256 to one stage;
+    ``python -m benchmarks.compile_report`` compares the estimate with the compiled
+    kernels)."""
+    return max((bm * bd + 2 * stages * bn * bd) * elem_size for bm, bn, bd in shapes)
+
+
 def default_launch(block_m: int, block_n: int, block_d: int, group: int = 1) -> tuple[int, int]:
     """``(num_warps, num_stages)`` of a stage-1 launch for these block sizes and GQA group.
 
@@ -723,14 +734,13 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
             num_warps = max(num_warps, int(FEW_FINISH_WARPS))
     if num_stages is None:
         num_stages = min(st for _, st in launches)
-    # Shared memory: the compiled kernel holds the buffers of the KV loop of each tile
-    # shape it contains side by side; keep their estimate under
-    # the limit with fewer pipeline stages, else launch the phases separately.
+    # Shared memory (stage1_shared_bytes): keep the estimate under the budget with fewer
+    # pipeline stages, else launch the phases separately.
     block_d = blocks[0][2]
     shapes = set(blocks) if two else {blocks[0]}
 
     def smem(stages):
-        return sum((bm * bd + 2 * stages * bn * bd) * esz for bm, bn, bd in shapes)
+        return stage1_shared_bytes(shapes, stages, esz)
 
     while num_stages > 1 and smem(num_stages) > SMEM_BUDGET:
         num_stages -= 1

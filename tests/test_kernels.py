@@ -911,6 +911,30 @@ def test_few_program_finish_launch_runs_without_the_register_cap(monkeypatch):
     assert consts(limit)["maxnreg"] == 128
 
 
+def test_two_shape_launch_keeps_two_stages_at_head_dim_256():
+    # The two tile shapes of a merged launch run in exclusive branches, so their buffers
+    # share memory: the estimate is the larger shape's bytes, and at head_dim 256 the
+    # merged launch of 64- and 16-row tiles keeps two pipeline stages (the sum, 168 KiB,
+    # was over SMEM_BUDGET and cut it to one).
+    import importlib
+
+    td = importlib.import_module("kernels.tree_decode")
+    big, small = (64, 32, 256), (16, 32, 256)
+    assert td.stage1_shared_bytes({big, small}, 2, 2) == (64 * 256 + 2 * 2 * 32 * 256) * 2
+    assert td.stage1_shared_bytes({small}, 2, 2) == (16 * 256 + 2 * 2 * 32 * 256) * 2
+    assert td.stage1_shared_bytes({big, small}, 2, 2) <= td.SMEM_BUDGET
+    hq = hk = 32
+    q, k, v = make_qkv(2, 8, hq, hk, 256, torch.float16)
+    idx = torch.zeros(1024, dtype=torch.int32)
+    phases = (Phase(0, 2, 64, 32), Phase(2, 2, 16, 32))
+    launch = td._stage1_launcher(q, k, v, torch.zeros(4, hq, 256), torch.zeros(4, hq), idx,
+                                 idx, idx, idx, idx, idx, phases, 0.1)
+    (kernel,) = launch.kernels
+    c = kernel.consts
+    assert c["TWO_SHAPES"] and (c["BLOCK_M0"], c["BLOCK_M1"]) == (64, 16)
+    assert c["num_stages"] == 2
+
+
 def _launch_set_layout(launch):
     """Every launch of a prepared set as plain values (tensors by identity)."""
     def one(kernel):
