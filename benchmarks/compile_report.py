@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the library's launches on an H100, without a GPU.
 
-``python -m benchmarks.compile_report [--case SUBSTR] [--heads 32/8] [--quick] [--out FILE]``
+``python -m benchmarks.compile_report [--case SUBSTR] [--heads 32/8] [--head-dim 128]
+[--quick] [--out FILE]``
 builds each benchmark case's default plan on the CPU, prepares its launches as they are
 prepared on an H100 (the wide tiles' register cap and the programmatic dependent
 launches of compute capability 9 included) and compiles each launch for sm_90 with
@@ -142,12 +143,11 @@ def compile_launch(launch, per_call: dict) -> dict:
                **_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared)
     if stage1:
         c = launch.consts
-        esz = 2 if per_call[0].dtype in (torch.float16, torch.bfloat16) else 4
-        shapes = {(c["BLOCK_M0"], c["BLOCK_N0"])}
+        shapes = {(c["BLOCK_M0"], c["BLOCK_N0"], c["BLOCK_D"])}
         if c["TWO_SHAPES"]:
-            shapes.add((c["BLOCK_M1"], c["BLOCK_N1"]))
-        rec["shared_estimate"] = sum((bm * c["BLOCK_D"] + 2 * rec["stages"] * bn * c["BLOCK_D"])
-                                     * esz for bm, bn in shapes)
+            shapes.add((c["BLOCK_M1"], c["BLOCK_N1"], c["BLOCK_D"]))
+        rec["shared_estimate"] = td.stage1_shared_bytes(shapes, rec["stages"],
+                                                        per_call[0].element_size())
     return rec
 
 
@@ -180,6 +180,7 @@ def main(argv=None):
     ap.add_argument("--heads", action="append", default=None,
                     help="only these head layouts, e.g. 32/8 (repeatable)")
     ap.add_argument("--quick", action="store_true", help="the benchmark's tiny CPU cases")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim of the cases (128)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     from .suite import quick_cases, suite_cases
@@ -191,9 +192,9 @@ def main(argv=None):
             continue
         if args.heads and f"{hq}/{hk}" not in args.heads:
             continue
-        plan, launches = case_launches(nodes, hq, hk)
+        plan, launches = case_launches(nodes, hq, hk, head_dim=args.head_dim)
         for i, (launch, per_call) in enumerate(launches):
-            rec = dict(case=name, heads=f"{hq}/{hk}", launch=i,
+            rec = dict(case=name, heads=f"{hq}/{hk}", head_dim=args.head_dim, launch=i,
                        phases=[list(p) for p in plan.phases], **compile_launch(launch, per_call))
             rows.append(rec)
             print(f"{name[:40]} {hq}/{hk} #{i} {rec['kernel']}: {rec['warps']} warps, "

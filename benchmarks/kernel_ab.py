@@ -52,18 +52,19 @@ def load_kernels(path: str):
     return mod
 
 
-def run_case(name, nodes, hq, hk, device, dtype, old, rounds, stage2_only=False):
+def run_case(name, nodes, hq, hk, device, dtype, old, rounds, stage2_only=False,
+             head_dim=HEAD_DIM):
     """One case's row (see the module), or None where ``stage2_only`` drops it."""
     b = tree_stats(nodes)["num_requests"]
     gen = torch.Generator(device="cpu").manual_seed(3)
-    q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, HEAD_DIM, device, dtype,
+    q, _, _, _, k, v, ptrs = qkv_preparation(nodes, hq, hk, head_dim, device, dtype,
                                              generator=gen, build_cache=False)
-    meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, HEAD_DIM, device=device)
+    meta, _ = fasttree_preparation(nodes, ptrs, b, hq, hk, head_dim, device=device)
     plan = meta.plan
     stage2 = td_new.runs_stage2(**plan.launch_modes)
     if stage2_only and not stage2:
         return None
-    sm = 1.0 / math.sqrt(HEAD_DIM)
+    sm = 1.0 / math.sqrt(head_dim)
     inp = tree_plan_input(nodes, ptrs, b)
     slots = path_token_indices(inp.parent, inp.seqlen, inp.tok_ptr, inp.req_end)
     ref = reference_decode(q, k, v, [torch.from_numpy(s).to(device) for s in slots], sm)
@@ -92,12 +93,15 @@ def main(argv=None):
     ap.add_argument("--old", required=True, help="a copy of kernels/tree_decode.py")
     ap.add_argument("--out", default=None,
                     help="write a JSON file here (after every case; complete: true at the end)")
-    ap.add_argument("--only", default=None, help="substring filter on case names")
+    ap.add_argument("--only", action="append", default=None,
+                    help="substring filter on case names (repeatable: any of them)")
     ap.add_argument("--stage2-only", action="store_true",
                     help="only the cases whose plan launches stage 2")
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"),
                     help="input dtype on a GPU (the CPU runs float32)")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (default 3)")
+    ap.add_argument("--head-dim", type=int, default=HEAD_DIM,
+                    help=f"head dim of the cases (default {HEAD_DIM})")
     ap.add_argument("--quick", action="store_true", help="tiny cases (CPU smoke test)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
@@ -107,11 +111,12 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     cases = quick_cases() if args.quick else suite_cases(extra=True)
     if args.only:
-        cases = [c for c in cases if args.only in c[0]]
+        cases = [c for c in cases if any(s in c[0] for s in args.only)]
     rows = []
-    meta = dict(dtype=str(dtype).replace("torch.", ""), old=args.old)
+    meta = dict(dtype=str(dtype).replace("torch.", ""), old=args.old, head_dim=args.head_dim)
     for name, nodes, (hq, hk) in _progress(cases, len(cases), "cases"):
-        r = run_case(name, nodes, hq, hk, device, dtype, old, args.rounds, args.stage2_only)
+        r = run_case(name, nodes, hq, hk, device, dtype, old, args.rounds, args.stage2_only,
+                     args.head_dim)
         if r is None:
             continue
         rows.append(r)
