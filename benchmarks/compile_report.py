@@ -46,7 +46,7 @@ def as_on_h100():
     cap that :func:`kernels.tree_decode._register_cap` gives CUDA launches, and the
     programmatic dependent launches of compute capability 9."""
     cap, dep = td._register_cap, td._dependent_launch_ok
-    td._register_cap = lambda shapes, warps, device_type: cap(shapes, warps, "cuda")
+    td._register_cap = lambda shapes, warps, device_type, **kw: cap(shapes, warps, "cuda", **kw)
     td._dependent_launch_ok = lambda device: True
     try:
         yield

@@ -260,11 +260,11 @@ def small_tile_regs(out_path=None):
             w, st = orig_launch(bm, bn, bd, group)
             return w, (stages if bm <= 16 and stages is not None else st)
 
-        def cap(shapes, num_warps, device_type):
+        def cap(shapes, num_warps, device_type, **kw):
             if (regs is not None and device_type == "cuda" and len(set(shapes)) == 1
                     and shapes[0][0] <= 16):
                 return regs
-            return orig_cap(shapes, num_warps, device_type)
+            return orig_cap(shapes, num_warps, device_type, **kw)
 
         with _patched("default_launch", launch), _patched("_register_cap", cap):
             yield

@@ -726,8 +726,7 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     warps_arg, stages_arg = num_warps, num_stages
     launches = [default_launch(*blk, group=group) for blk in blocks]
     total = sum(ph.num_vnodes for ph in phases)
-    few_finish = bool(finish is not None and FEW_FINISH_MAX_PROGRAMS
-                      and total * hk <= FEW_FINISH_MAX_PROGRAMS)
+    few_finish = finish is not None and _few_programs(total * hk)
     if num_warps is None:
         num_warps = max(w for w, _ in launches)
         if few_finish:
@@ -780,10 +779,8 @@ def _stage1_launcher(q, k, v, mid_o, mid_lse, kv_indices, vnode_kv_start, vnode_
     )
     if pdl_wait or wait_at_end:
         consts["launch_pdl"] = True
-    # A finishing launch of few programs is the plan's last (nothing runs beside it) and
-    # holds at most two programs an SM: a register cap would only make it spill.
-    cap = (None if few_finish and not FEW_FINISH_REGISTER_CAP else
-           _register_cap(blocks if two else blocks[:1], num_warps, q.device.type))
+    cap = _register_cap(blocks if two else blocks[:1], num_warps, q.device.type,
+                        few_finish=few_finish)
     if cap is not None:
         consts["maxnreg"] = cap
 
@@ -846,6 +843,12 @@ FEW_FINISH_WARPS = 4
 #: (benchmarks/RESULTS.md, v38): that case 0.84x of its time replayed, 0.87x eager; no
 #: other launch of the 51 benchmark cases changes.
 FEW_FINISH_REGISTER_CAP = False
+
+
+def _few_programs(programs: int) -> bool:
+    """Whether a finishing launch of ``programs`` programs (vnodes x KV heads) counts as
+    few (:data:`FEW_FINISH_MAX_PROGRAMS`): more warps, and no register cap."""
+    return bool(FEW_FINISH_MAX_PROGRAMS and programs <= FEW_FINISH_MAX_PROGRAMS)
 
 #: Prepared launches call Triton's compiled kernel directly after their first call
 #: (:class:`_KernelLaunch`); False: every call goes through the JIT. Measured on an
@@ -1065,13 +1068,18 @@ OFF32_LIMIT = 2 ** 31
 WIDE_TILE_MAX_REGISTERS = 128
 
 
-def _register_cap(shapes, num_warps: int, device_type: str) -> int | None:
+def _register_cap(shapes, num_warps: int, device_type: str,
+                  few_finish: bool = False) -> int | None:
     """``maxnreg`` of a stage-1 launch: :data:`WIDE_TILE_MAX_REGISTERS` for a CUDA
     launch of one tile shape ``(BLOCK_M, BLOCK_N, BLOCK_D)`` with >= 64 rows and a head
     dim of at most 128 on 4 warps (one warpgroup per program, the shared-prefix
-    phase), else None (a 256-wide accumulator alone needs 128 registers a thread)."""
+    phase), else None (a 256-wide accumulator alone needs 128 registers a thread).
+    ``few_finish``: a finishing launch of few programs (:func:`_few_programs`), the
+    plan's last with at most two programs an SM, where the cap would only make it
+    spill: None unless :data:`FEW_FINISH_REGISTER_CAP`."""
     if (not WIDE_TILE_MAX_REGISTERS or device_type != "cuda" or len(set(shapes)) != 1
-            or shapes[0][0] < 64 or shapes[0][2] > 128 or num_warps != 4):
+            or shapes[0][0] < 64 or shapes[0][2] > 128 or num_warps != 4
+            or (few_finish and not FEW_FINISH_REGISTER_CAP)):
         return None
     return int(WIDE_TILE_MAX_REGISTERS)
 
@@ -1346,8 +1354,7 @@ def launch_form(phases: Sequence[Phase], group: int, num_kv_heads: int,
     :meth:`_LaunchSet.resized`."""
     live = [ph for ph in phases if ph.num_vnodes > 0]
     merged = not finish and merge_phases(live, group, num_kv_heads)
-    few = bool(finish and len(live) == 2 and FEW_FINISH_MAX_PROGRAMS
-               and live[1].num_vnodes * num_kv_heads <= FEW_FINISH_MAX_PROGRAMS)
+    few = bool(finish and len(live) == 2 and _few_programs(live[1].num_vnodes * num_kv_heads))
     return (tuple((ph.q_tile, ph.kv_tile, bool(ph.masked)) for ph in live), merged, few)
 
 

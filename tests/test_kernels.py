@@ -896,7 +896,7 @@ def test_few_program_finish_launch_runs_without_the_register_cap(monkeypatch):
     assert td.FEW_FINISH_REGISTER_CAP is False and td.WIDE_TILE_MAX_REGISTERS == 128
     cap = td._register_cap
     monkeypatch.setattr(td, "_register_cap",  # as prepared for CUDA tensors
-                        lambda shapes, warps, device_type: cap(shapes, warps, "cuda"))
+                        lambda shapes, warps, device_type, **kw: cap(shapes, warps, "cuda", **kw))
     hq, hk = 32, 8
 
     def consts(num_vnodes, finish=True):
