@@ -54,22 +54,23 @@ def as_on_h100():
         td._register_cap, td._dependent_launch_ok = cap, dep
 
 
-def _signature(launch, per_call: dict):
+def jit_signature(fn, args, consts: dict):
     """The signature, constants and divisibility attributes Triton's JIT would compile
-    ``launch`` (a prepared :class:`kernels.tree_decode._KernelLaunch`) under, with
-    ``per_call`` giving the tensors of its per-call positions."""
+    the kernel ``fn`` (``tl`` or Gluon) under for the positional ``args`` (a value for
+    each parameter not in ``consts``, in order; CPU tensors will do) and the
+    compile-time ``consts`` (entries that are not parameters, such as launch options,
+    are left out)."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    fn = launch.fn
     names = fn.arg_names
-    consts = {n: v for n, v in launch.consts.items() if n in names}
+    consts = {n: v for n, v in consts.items() if n in names}
     sig, attrs = {}, {}
     for i, name in enumerate(names):
         if name in consts:
             sig[name] = "constexpr"
             continue
-        arg = per_call[i] if i in launch.slots else launch.args[i]
+        arg = args[i]
         specialize = not fn.params[i].do_not_specialize
         ty, key = native_specialize_impl(BaseBackend, arg, False, specialize, True)
         if ty == "constexpr":  # an integer 1, which the JIT makes a constant
@@ -105,7 +106,7 @@ def spill_sites(sass: str) -> dict:
     return dict(spill_ops_in_loops=inside, spill_ops_elsewhere=outside)
 
 
-def _usage(cubin: bytes) -> dict:
+def cubin_usage(cubin: bytes) -> dict:
     """Registers and spill stack a thread of a compiled kernel (``cuobjdump``), and
     where its spill instructions are (:func:`spill_sites`)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -129,7 +130,8 @@ def compile_launch(launch, per_call: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig, consts, attrs = _signature(launch, per_call)
+    args = [per_call[i] if i in launch.slots else a for i, a in enumerate(launch.args)]
+    sig, consts, attrs = jit_signature(launch.fn, args, launch.consts)
     options = {k: launch.consts[k] for k in ("num_warps", "num_stages", "maxnreg", "launch_pdl")
                if k in launch.consts}
     compiled = triton.compile(ASTSource(launch.fn, sig, consts, attrs),
@@ -140,7 +142,7 @@ def compile_launch(launch, per_call: dict) -> dict:
                register_cap=options.get("maxnreg"),
                modes={k: launch.consts[k] for k in (_STAGE1_MODES if stage1 else _STAGE2_MODES)
                       if k in launch.consts},
-               **_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared)
+               **cubin_usage(compiled.asm["cubin"]), shared=compiled.metadata.shared)
     if stage1:
         c = launch.consts
         shapes = {(c["BLOCK_M0"], c["BLOCK_N0"], c["BLOCK_D"])}

@@ -83,23 +83,23 @@ def compile_offline(desc: bool, ws: bool, block_m: int = 128, block_n: int = 64,
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
-    ptr = "*fp16"
-    desc_t = f"tensordesc<fp16[{block_n}, {D}]>"
-    sig = dict(Q=ptr, K=ptr, V=ptr, MidO=ptr, MidLSE="*fp32",
-               KDesc=desc_t if desc else "constexpr", VDesc=desc_t if desc else "constexpr",
-               stride_qb="i32", stride_qh="i32", stride_kt="i32", stride_kh="i32",
-               rows_per_chunk="i32", chunk="i32", qk_scale="fp32", GROUP="constexpr",
-               BLOCK_M="constexpr", BLOCK_N="constexpr", D="constexpr", DESC="constexpr",
-               STAGES="constexpr", WS="constexpr")
-    consts = dict(GROUP=HQ // HK, BLOCK_M=block_m, BLOCK_N=block_n, D=D, DESC=desc,
-                  STAGES=stages, WS=ws)
-    if not desc:
-        consts.update(KDesc=None, VDesc=None)
-    # Pointers and integers 16-divisible, as Triton specialises them at launch (else the
-    # loads could not become asynchronous copies).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_probe_kernel.arg_names)
-             if sig[name] in (ptr, "*fp32", "i32")}
+    from .compile_report import jit_signature
+
+    # CPU tensors of the GPU run's shapes, specialised as the JIT would at launch (the
+    # pointers and integers 16-divisible, else the loads could not become asynchronous
+    # copies).
+    q = torch.empty(B, HQ, D, dtype=torch.float16)
+    k = torch.empty(T, HK, D, dtype=torch.float16)
+    mid_o, mid_lse = poisoned_partials(torch.device("cpu"))
+    kd = (TensorDescriptor(k.view(T, HK * D), [T, HK * D], [HK * D, 1], [block_n, D])
+          if desc else None)
+    args = (q, k, k, mid_o, mid_lse, kd, kd, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), B * HQ, CHUNK, D ** -0.5 * 1.4426950408889634)
+    sig, consts, attrs = jit_signature(_probe_kernel, args, dict(
+        GROUP=HQ // HK, BLOCK_M=block_m, BLOCK_N=block_n, D=D, DESC=desc, STAGES=stages,
+        WS=ws))
     compiled = triton.compile(ASTSource(_probe_kernel, sig, consts, attrs),
                               target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=warps, num_stages=stages))

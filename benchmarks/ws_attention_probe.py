@@ -282,13 +282,10 @@ def compile_only(configs=CONFIGS) -> list[dict]:
     arguments; not under Triton's interpreter) and report its register cap and use,
     shared memory, whether it holds a warp-specialised region and how many warpgroup
     MMA instructions its PTX has."""
-    import os
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
+
+    from .compile_report import cubin_usage, jit_signature
 
     q = torch.empty(B, HQ, D, dtype=torch.float16)
     k = torch.empty(T, HK, D, dtype=torch.float16)
@@ -297,14 +294,8 @@ def compile_only(configs=CONFIGS) -> list[dict]:
     out = []
     for bm, bn, warps, nbuf, per_sm, overlap, consumers in configs:
         fn = _kernel_for(consumers)
-        names = fn.arg_names
         args, consts = _args(q, k, k, mid_o, mid_lse, bm, bn, nbuf, overlap, consumers)
-        sig = {n: mangle_type(a) for n, a in zip(names, args)}
-        sig.update({n: "constexpr" for n in consts})
-        sig["num_warps"] = "constexpr"
-        consts = dict(consts, num_warps=warps)
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names[:len(args)])
-                 if sig[n].startswith("*") or sig[n] == "i32"}
+        sig, consts, attrs = jit_signature(fn, args, dict(consts, num_warps=warps))
         rec = dict(block_m=bm, block_n=bn, warps=warps, buffers=nbuf, per_sm=per_sm,
                    overlap=overlap, consumers=consumers,
                    maxnreg=_maxnreg(_warps_total(warps, consumers), per_sm))
@@ -314,17 +305,11 @@ def compile_only(configs=CONFIGS) -> list[dict]:
                                options=dict(num_warps=warps,
                                             maxnreg=_maxnreg(_warps_total(warps, consumers),
                                                              per_sm)))
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(c.asm["cubin"])
-            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                                "cuobjdump")
-            usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True,
-                                   text=True).stdout.split()
-            os.unlink(f.name)
+            use = cubin_usage(c.asm["cubin"])
             rec.update(ok=True, shared=c.metadata.shared,
                        ws_region="ttg.warp_specialize" in c.asm["ttgir"],
                        wgmma=c.asm["ptx"].count("wgmma.mma_async"),
-                       usage=" ".join(u for u in usage if u.startswith(("REG:", "STACK:"))))
+                       usage=f"REG:{use['registers']} STACK:{use['spill_stack']}")
         except Exception as e:  # report and go on: this is a probe
             rec.update(ok=False, error=f"{type(e).__name__}: {str(e)[-600:]}")
         print(json.dumps(rec), flush=True)
